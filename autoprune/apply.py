@@ -1,0 +1,112 @@
+"""Apply a policy end to end: prune, recalibrate, (fine-tune), measure and write the results.
+
+This is what `autoprune apply` runs and what `autoprune export --weights` reuses: the pruned
+model (``pruned.pt`` and ``model.pt2``), its achieved policy, and a metrics JSON comparing the
+dense and pruned models on FLOPs, params, measured latency and accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from autoprune.artifacts import OutputDir, export_program, pruned_payload
+from autoprune.costs import measure_latency
+from autoprune.evaluate import recalibrate_bn
+from autoprune.finetune import FinetuneConfig, finetune
+from autoprune.models import ModelSpec
+from autoprune.policy import Policy
+from autoprune.task import PruningTask
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def apply_policy(
+    task: PruningTask,
+    policy: Policy,
+    out_dir: str | Path,
+    finetune_cfg: FinetuneConfig | None = None,
+    test: bool = True,
+    latency_batches: tuple[int, ...] = (1,),
+    latency_device: str = "cpu",
+    program: bool = True,
+    quiet: bool = False,
+) -> dict:
+    """Prune the task's dense model with ``policy`` and write model, policy and metrics.
+
+    Returns the metrics dict written to ``metrics.json``.
+    """
+    kept = task.kept(policy)  # validates the policy before any work
+    achieved = Policy.from_kept(task.table, kept, **{k: v for k, v in policy.meta.items()
+                                                     if k not in ("format", "version")})
+    model = task.prune(kept)
+    dense_cost, counted = task.dense_costs, task.counted_costs(model)
+    closed = task.cost_ratios(kept)
+    metrics: dict = {
+        "model": task.config.model,
+        "dataset": task.config.dataset,
+        "granularity": task.table.granularity,
+        "flops_kind": "effective" if task.table.granularity == "unstructured" else "dense",
+        "dense": {"flops": dense_cost.flops, "params": dense_cost.params},
+        "pruned": {"flops": counted.flops, "params": counted.params},
+        "ratios": {"flops": counted.flops / dense_cost.flops, "params": counted.params / dense_cost.params},
+        "closed_form_ratios": closed,
+    }
+    _log(f"pruned: FLOPs x{metrics['ratios']['flops']:.3f}, params x{metrics['ratios']['params']:.3f}", quiet)
+
+    metrics["dense"]["proxy_acc"] = task.dense_accuracy()
+    metrics["pruned"]["proxy_acc_before_bn"] = task.evaluate(model, recalibrate=False).accuracy
+    recalibrate_bn(model, task._calib, task.config.calib_batch_size, task.device)
+    metrics["pruned"]["proxy_acc"] = task.evaluate(model, recalibrate=False).accuracy
+    _log(f"proxy accuracy (search-val): dense {metrics['dense']['proxy_acc']:.2%}, pruned "
+         f"{metrics['pruned']['proxy_acc_before_bn']:.2%} before / {metrics['pruned']['proxy_acc']:.2%} "
+         "after BN recalibration", quiet)
+    if test:
+        metrics["dense"]["test_acc"] = task.test_accuracy(task.dense)
+        metrics["pruned"]["test_acc"] = task.test_accuracy(model)
+        _log(f"test accuracy: dense {metrics['dense']['test_acc']:.2%}, pruned "
+             f"{metrics['pruned']['test_acc']:.2%}", quiet)
+    if finetune_cfg is not None and (finetune_cfg.epochs > 0 or finetune_cfg.steps):
+        teacher = task.dense if finetune_cfg.distill > 0 else None
+        finetune(model, task.splits, finetune_cfg, teacher=teacher, device=task.device,
+                 progress=not quiet)
+        metrics["finetune"] = asdict(finetune_cfg)
+        metrics["pruned"]["proxy_acc_finetuned"] = task.evaluate(model, recalibrate=False).accuracy
+        if test:
+            metrics["pruned"]["test_acc_finetuned"] = task.test_accuracy(model)
+            _log(f"after fine-tuning: test accuracy {metrics['pruned']['test_acc_finetuned']:.2%}", quiet)
+
+    model = task.pruner.finalize(model.cpu())
+    dense_cpu = task.dense
+    metrics["latency"] = {}
+    for batch in latency_batches:
+        d = measure_latency(dense_cpu, task.table.input_shape, latency_device, batch)
+        p = measure_latency(model, task.table.input_shape, latency_device, batch)
+        metrics["latency"][f"batch{batch}"] = {
+            "device": latency_device, "threads": d.threads, "runs": d.runs,
+            "dense_ms": d.median_s * 1e3, "pruned_ms": p.median_s * 1e3, "ratio": p.median_s / d.median_s,
+        }
+        _log(f"latency ({latency_device}, batch {batch}, {d.threads} threads, median of {d.runs}): "
+             f"dense {d.median_s * 1e3:.2f} ms, pruned {p.median_s * 1e3:.2f} ms "
+             f"(x{p.median_s / d.median_s:.3f})", quiet)
+    task.dense.to(task.device)
+
+    info = task.splits.info
+    spec = ModelSpec(info.num_classes, info.in_channels, info.image_size)
+    achieved.meta.update({"model": task.config.model, "weights": task.weights_id,
+                          "achieved": metrics["ratios"]})
+    with OutputDir(out_dir) as tmp:
+        import torch
+
+        torch.save(pruned_payload(model, task.table, kept, achieved, task.config.model, spec,
+                                  task.config.exclude), tmp / "pruned.pt")
+        if program:
+            export_program(model, task.example, tmp / "model.pt2")
+        achieved.save(tmp / "policy.json", task.table)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

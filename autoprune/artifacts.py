@@ -1,0 +1,115 @@
+"""Saving and reloading pruned models without pickled code.
+
+``pruned.pt`` holds only tensors and plain data (it loads with ``weights_only=True``): the model
+name and input spec, the kept width of every unit, the policy and the state_dict. Reloading
+rebuilds the dense architecture, slims it to those widths and loads the weights strictly, so
+nothing from the file is ever executed.
+
+``model.pt2`` is a ``torch.export`` program with a dynamic batch dimension, for users who have
+plain PyTorch and no autoprune: ``torch.export.load("model.pt2").module()(x)``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoprune.checkpoints import read_checkpoint
+from autoprune.errors import AutopruneError
+from autoprune.models import ModelSpec, build_model
+from autoprune.policy import Policy
+from autoprune.pruning import pruner_for
+from autoprune.units import UnitTable, build_unit_table
+
+FORMAT = "autoprune.pruned"
+VERSION = 1
+
+
+def pruned_payload(model: nn.Module, table: UnitTable, kept, policy: Policy, model_name: str,
+                   spec: ModelSpec, exclude=()) -> dict:
+    """The weights-only-safe dict that :func:`load_pruned` turns back into the model."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_name,
+        "spec": {"num_classes": spec.num_classes, "in_channels": spec.in_channels,
+                 "image_size": spec.image_size},
+        "input_shape": list(table.input_shape),
+        "granularity": table.granularity,
+        "round_to": table.round_to,
+        "exclude": list(exclude),
+        "kept": {u.name: int(k) for u, k in zip(table.units, kept)},
+        "policy": policy.to_dict(table),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def load_pruned(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by :func:`save_model_files` (state_dict loaded strictly)."""
+    payload = read_checkpoint(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise AutopruneError(f"{path} is not an autoprune pruned model (format {FORMAT!r})")
+    spec = ModelSpec(**payload["spec"])
+    dense = build_model(payload["model"], spec)
+    example = torch.zeros(payload["input_shape"])
+    table = build_unit_table(dense, example, payload["granularity"], tuple(payload["exclude"]),
+                             payload["round_to"])
+    try:
+        kept = [payload["kept"][u.name] for u in table.units]
+    except KeyError as err:
+        raise AutopruneError(f"{path} was saved from another version of {payload['model']}: "
+                             f"unit {err} is unknown") from None
+    if table.granularity == "channel":
+        # Which channels were removed no longer matters: the saved tensors replace them all.
+        order = [np.arange(u.size) for u in table.units]
+        model = pruner_for(table).apply(dense, table, order, kept)
+    else:
+        model = dense
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval(), payload
+
+
+def export_program(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """Write a ``torch.export`` program of ``model`` with a dynamic batch dimension."""
+    model = model.eval().cpu()
+    x = torch.cat([example.cpu()] * 2)  # batch 2, so the batch dimension can be made dynamic
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return Path(path)
+
+
+class OutputDir:
+    """Write files into a private temporary folder and move them into place only on success.
+
+    Used as a context manager: if anything fails inside the block, the destination gets nothing.
+    """
+
+    def __init__(self, dest: str | Path) -> None:
+        self.dest = Path(dest)
+
+    def __enter__(self) -> Path:
+        parent = self.dest.parent
+        if not parent.exists():
+            raise AutopruneError(f"output folder's parent {parent} does not exist")
+        if self.dest.exists() and not self.dest.is_dir():
+            raise AutopruneError(f"{self.dest} exists and is not a folder")
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=parent))
+        except OSError as err:
+            raise AutopruneError(f"cannot write into {parent}: {err.strerror}") from None
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.dest.mkdir(exist_ok=True)
+                for f in sorted(self.tmp.iterdir()):
+                    f.replace(self.dest / f.name)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,170 @@
+"""Importance criteria: which channels (or weights) of a unit go first.
+
+A criterion scores the elements of one unit; the lowest scores are removed. Scores are computed
+once on the dense model and cached as a ranking, so an episode only takes the first k indices of
+each ranking. Channel scores come from Torch-Pruning's group importances (so coupled layers are
+scored together); weight scores for unstructured granularity are computed here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoprune.data import TensorSplit
+from autoprune.errors import AutopruneError
+from autoprune.registry import Registry
+from autoprune.units import UnitTable
+
+
+class Importance(ABC):
+    """Scores the elements of a unit; higher means more important (kept longer).
+
+    Subclasses implement :meth:`channel_scores` (one score per root channel of a dependency
+    group) and, where it makes sense, :meth:`weight_scores` (one per weight entry). Criteria that
+    need gradients set ``needs_grad``; the ranking then runs one backward pass over the
+    calibration data first.
+    """
+
+    needs_grad = False
+    supports_unstructured = True
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    @abstractmethod
+    def channel_scores(self, group) -> torch.Tensor:
+        """Scores for each root channel of a Torch-Pruning group with full indices."""
+
+    def weight_scores(self, module: nn.Module) -> torch.Tensor:
+        """Scores shaped like ``module.weight``; the default is |w|."""
+        return module.weight.detach().abs()
+
+
+IMPORTANCE: Registry[type[Importance]] = Registry("importance")
+
+
+class _TorchPruning(Importance):
+    """Adapter over a Torch-Pruning importance object."""
+
+    def make(self):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def channel_scores(self, group) -> torch.Tensor:
+        scores = self.make()(group)
+        if scores is None:  # a group without weights to score: keep the order as traced
+            return torch.arange(len(group[0].idxs), dtype=torch.float32).flip(0)
+        return scores.detach().float().cpu()
+
+
+@IMPORTANCE.register("l1", help="L1 norm of each channel's weights across the coupled group")
+class L1(_TorchPruning):
+    def make(self):
+        import torch_pruning as tp
+
+        return tp.importance.GroupMagnitudeImportance(p=1, normalizer=None)
+
+
+@IMPORTANCE.register("l2", help="L2 norm of each channel's weights across the coupled group")
+class L2(_TorchPruning):
+    def make(self):
+        import torch_pruning as tp
+
+        return tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
+
+    def weight_scores(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.detach().pow(2)
+
+
+@IMPORTANCE.register("bn_scale", help="|gamma| of the BatchNorm after the channel (network slimming)")
+class BNScale(_TorchPruning):
+    supports_unstructured = False
+
+    def make(self):
+        import torch_pruning as tp
+
+        return tp.importance.BNScaleImportance(normalizer=None)
+
+
+@IMPORTANCE.register("fpgm", help="distance to the geometric median of the layer's filters (FPGM)")
+class FPGM(_TorchPruning):
+    supports_unstructured = False
+
+    def make(self):
+        import torch_pruning as tp
+
+        return tp.importance.FPGMImportance(normalizer=None)
+
+
+@IMPORTANCE.register("taylor", help="first-order Taylor |w * dL/dw| on the calibration batches")
+class Taylor(_TorchPruning):
+    needs_grad = True
+
+    def make(self):
+        import torch_pruning as tp
+
+        return tp.importance.GroupTaylorImportance(normalizer=None)
+
+    def weight_scores(self, module: nn.Module) -> torch.Tensor:
+        return (module.weight.detach() * module.weight.grad).abs()
+
+
+@IMPORTANCE.register("random", help="seeded random order: the floor any criterion should beat")
+class Random(Importance):
+    def channel_scores(self, group) -> torch.Tensor:
+        raise NotImplementedError  # ranked directly in rank_units
+
+    def weight_scores(self, module: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _backward(model: nn.Module, calib: TensorSplit, batch_size: int = 64) -> None:
+    """Accumulate dL/dw over the calibration data on the dense model, in eval mode."""
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    for x, y in calib.batches(batch_size):
+        (loss_fn(model(x), y) / len(calib)).backward()
+
+
+def rank_units(
+    table: UnitTable,
+    model: nn.Module,
+    importance: str | Importance = "l1",
+    calib: TensorSplit | None = None,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Per unit, its element indices from least to most important.
+
+    For channel units the indices are root channels; for unstructured units they index the
+    flattened weight. The dense model's gradients are cleared again after gradient criteria.
+    """
+    crit = IMPORTANCE.get(importance)(seed) if isinstance(importance, str) else importance
+    name = importance if isinstance(importance, str) else type(crit).__name__.lower()
+    if table.granularity == "unstructured" and not crit.supports_unstructured:
+        raise AutopruneError(f"importance {name!r} scores channels; with unstructured granularity "
+                             "use l1, l2, taylor or random")
+    if isinstance(crit, Random):
+        rng = np.random.default_rng(seed)
+        return [rng.permutation(u.size) for u in table.units]
+    if crit.needs_grad:
+        if calib is None:
+            raise ValueError(f"importance {name!r} needs calibration data")
+        _backward(model, calib)
+    try:
+        modules = dict(model.named_modules())
+        ranks = []
+        for u in table.units:
+            if table.granularity == "unstructured":
+                scores = crit.weight_scores(modules[u.name]).flatten()
+            else:
+                scores = crit.channel_scores(table._groups[u.index])
+            # stable sort: ties keep index order, so rankings are reproducible
+            ranks.append(np.argsort(scores.numpy(), kind="stable"))
+        return ranks
+    finally:
+        if crit.needs_grad:
+            model.zero_grad(set_to_none=True)

@@ -1,0 +1,402 @@
+"""Prunable units: what one action decides, traced once from the dense model.
+
+``channel`` granularity takes its units from Torch-Pruning's ``DependencyGraph``: one unit is one
+group of coupled output channels (a conv, its BatchNorm, the next layers' inputs; convs joined by
+a residual add, a depthwise conv or a concat share one group). ``unstructured`` granularity has
+one unit per conv/linear weight tensor.
+
+Tracing happens once per model. The result, a :class:`UnitTable`, holds everything an episode
+needs without touching the graph again: each unit's channel count, the layers it couples, the
+coefficients of the closed-form cost model, and, for slimming, which indices of which module each
+root channel maps to.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoprune.errors import AutopruneError
+from autoprune.registry import Registry
+
+GRANULARITIES: Registry[str] = Registry("granularity")
+GRANULARITIES.register("channel", help="coupled output channels, physically slimmed")("channel")
+GRANULARITIES.register("unstructured", help="individual weights of each conv/linear, masked")(
+    "unstructured"
+)
+
+KIND_CODES = {"conv": 0, "dwconv": 1, "linear": 2, "norm": 3, "other": 4}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One parametrised module of the dense model, as the cost model sees it.
+
+    MACs and weight parameters scale with (kept outputs x kept inputs); ``bias_params`` (biases,
+    norm scales) scale with kept outputs alone. A depthwise conv's cost follows its outputs only.
+    """
+
+    name: str
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    macs: int
+    weight_params: int
+    bias_params: int
+    order: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One decision of the search: the sparsity of a group of coupled channels or of one weight.
+
+    Attributes:
+        index: position in network order (the order the env visits units).
+        name: the root module's qualified name; stable across runs and used in policies.
+        kind: ``conv``, ``dwconv`` or ``linear`` (the root layer's kind).
+        size: prunable elements: channels (channel granularity) or weights (unstructured).
+        members: modules whose outputs this unit prunes (the coupled layers).
+        consumers: modules whose inputs shrink with it.
+        layer: the root layer, whose shape gives the unit's state features.
+        macs: dense MACs of the layers whose outputs it prunes.
+        params: dense parameters of those layers.
+        touched_macs: dense MACs of every layer it shrinks (members and consumers).
+    """
+
+    index: int
+    name: str
+    kind: str
+    size: int
+    members: tuple[str, ...]
+    consumers: tuple[str, ...]
+    layer: Layer
+    macs: int
+    params: int
+    touched_macs: int = 0
+
+
+@dataclass(frozen=True)
+class _DepRecord:
+    """One module-dimension a unit's root channels map onto (from a Torch-Pruning group item)."""
+
+    target: str
+    handler: object  # a Torch-Pruning pruning function (bound method)
+    pruning_dim: int
+    is_param: bool
+    target_idxs: np.ndarray
+    root_idxs: np.ndarray
+
+
+@dataclass
+class UnitTable:
+    """The traced model: layers, units and the coefficients of the closed-form cost model.
+
+    ``out_mult[u, l]`` is how many output channels of layer ``l`` go per channel removed from
+    unit ``u`` (1 for a plain member, H*W for a conv feeding a flatten, ...); ``in_mult`` the same
+    for input channels. For unstructured tables these are unused: unit ``u`` is layer
+    ``unit_layer[u]``.
+    """
+
+    granularity: str
+    layers: tuple[Layer, ...]
+    units: tuple[Unit, ...]
+    round_to: int
+    out_mult: np.ndarray
+    in_mult: np.ndarray
+    unit_layer: np.ndarray
+    other_params: int
+    input_shape: tuple[int, ...]
+    dense_macs: int = 0
+    dense_params: int = 0
+    _deps: list[list[_DepRecord]] = field(default_factory=list, repr=False)
+    _groups: list = field(default_factory=list, repr=False)  # Torch-Pruning groups, full indices
+
+    @property
+    def names(self) -> list[str]:
+        return [u.name for u in self.units]
+
+    def index_of(self, name: str) -> int:
+        for u in self.units:
+            if u.name == name:
+                return u.index
+        raise KeyError(name)
+
+    # -- widths ---------------------------------------------------------------------------------
+    def min_kept(self, u: int) -> int:
+        """Fewest elements unit ``u`` may keep: one channel, or ``round_to`` when that fits."""
+        size = self.units[u].size
+        return min(self.round_to, size) if self.granularity == "channel" else 1
+
+    def kept(self, u: int, sparsity: float) -> int:
+        """Elements unit ``u`` keeps at ``sparsity``, rounded to ``round_to`` and never below one.
+
+        Rounding is to the nearest multiple, so an achieved sparsity re-applied gives back the same
+        width.
+        """
+        size = self.units[u].size
+        keep = (1.0 - float(sparsity)) * size
+        r = self.round_to if self.granularity == "channel" else 1
+        if r > 1:
+            keep = np.floor(keep / r + 0.5) * r
+        keep = int(np.floor(keep + 0.5))
+        return max(self.min_kept(u), min(size, keep))
+
+    def kept_all(self, sparsities: Sequence[float]) -> np.ndarray:
+        return np.array([self.kept(u, s) for u, s in enumerate(sparsities)], dtype=np.int64)
+
+    def achieved(self, u: int, kept: int) -> float:
+        return 1.0 - kept / self.units[u].size
+
+    def sizes(self) -> np.ndarray:
+        return np.array([u.size for u in self.units], dtype=np.int64)
+
+    # -- slimming ---------------------------------------------------------------------------------
+    def removal_plan(self, removed: dict[int, np.ndarray]) -> dict[tuple[str, object], tuple]:
+        """Module-level indices to prune for the given root indices, merged across units.
+
+        Args:
+            removed: unit index -> root channel indices to remove (original coordinates).
+
+        Returns:
+            ``(target, handler) -> (pruning_dim, is_param, sorted target indices)``. Indices are
+            merged per module dimension before anything is pruned, so a concat's consumer loses
+            the right inputs whichever unit is applied first.
+        """
+        plan: dict[tuple[str, object], tuple] = {}
+        for u, root in removed.items():
+            if len(root) == 0:
+                continue
+            for dep in self._deps[u]:
+                hit = np.isin(dep.root_idxs, root)
+                if not hit.any():
+                    continue
+                key = (dep.target, dep.handler)
+                idxs = set(dep.target_idxs[hit].tolist())
+                if key in plan:
+                    idxs |= set(plan[key][2])
+                plan[key] = (dep.pruning_dim, dep.is_param, sorted(idxs))
+        return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# tracing
+# ------------------------------------------------------------------------------------------------
+def _layer_kind(m: nn.Module) -> str:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return "dwconv" if (m.groups == m.out_channels and m.groups > 1) else "conv"
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+        return "norm"
+    return "other"
+
+
+def _hw(shape: torch.Size) -> tuple[int, int]:
+    if len(shape) >= 4:
+        return int(shape[-2]), int(shape[-1])
+    return 1, 1
+
+
+def trace_layers(model: nn.Module, example: torch.Tensor) -> tuple[list[Layer], int]:
+    """One forward pass with hooks: every module holding parameters, in execution order.
+
+    Returns the layers and the count of parameters outside them (left unpruned by the cost model).
+    """
+    records: dict[str, dict] = {}
+    hooks = []
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            if name in records or not isinstance(output, torch.Tensor):
+                return
+            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else output
+            records[name] = {"in": x.shape, "out": output.shape, "order": len(records)}
+
+        return fn
+
+    owners = {}
+    for name, m in model.named_modules():
+        direct = list(m.parameters(recurse=False))
+        if direct:
+            owners[name] = m
+            hooks.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    layers, in_layers = [], 0
+    for name, rec in sorted(records.items(), key=lambda kv: kv[1]["order"]):
+        m = owners[name]
+        kind = _layer_kind(m)
+        weight = getattr(m, "weight", None)
+        n_weight = weight.numel() if isinstance(weight, torch.Tensor) else 0
+        own = sum(p.numel() for p in m.parameters(recurse=False))
+        in_layers += own
+        if kind in ("conv", "dwconv"):
+            k = m.kernel_size[0]
+            out_hw = _hw(rec["out"])
+            cin, cout = m.in_channels, m.out_channels
+            macs = out_hw[0] * out_hw[1] * cout * (cin // m.groups) * int(np.prod(m.kernel_size))
+            stride = m.stride[0]
+        elif kind == "linear":
+            k, stride = 1, 1
+            cin, cout = m.in_features, m.out_features
+            tokens = int(np.prod(rec["out"][1:-1])) if len(rec["out"]) > 2 else 1
+            macs = tokens * cin * cout
+            out_hw = (1, 1)
+        else:
+            k, stride, macs = 1, 1, 0
+            cout = cin = int(rec["out"][1]) if len(rec["out"]) > 1 else n_weight
+            out_hw = _hw(rec["out"])
+            n_weight = 0  # norms and the like scale with their channels alone
+        layers.append(
+            Layer(name, kind, cin, cout, k, stride, _hw(rec["in"]), out_hw, int(macs),
+                  int(n_weight), int(own - n_weight), rec["order"])
+        )
+    total = sum(p.numel() for p in model.parameters())
+    return layers, total - in_layers
+
+
+def classifier_name(layers: Sequence[Layer]) -> str | None:
+    """The last conv/linear executed: its outputs are the class scores and are never pruned."""
+    prunable = [lay for lay in layers if lay.kind in ("conv", "dwconv", "linear")]
+    return prunable[-1].name if prunable else None
+
+
+def _excluded(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def build_unit_table(
+    model: nn.Module,
+    example: torch.Tensor,
+    granularity: str = "channel",
+    exclude: Sequence[str] = (),
+    round_to: int = 1,
+) -> UnitTable:
+    """Trace ``model`` once and return its units in network order.
+
+    Args:
+        model: the dense model; it is read, never modified.
+        example: one input batch (its shape fixes the feature-map sizes of the cost model).
+        granularity: ``channel`` or ``unstructured``.
+        exclude: module-name patterns (fnmatch) whose outputs are never pruned.
+        round_to: widths are multiples of this (channel granularity).
+    """
+    GRANULARITIES.get(granularity)
+    if round_to < 1:
+        raise AutopruneError(f"round_to must be >= 1, got {round_to}")
+    model.eval()
+    layers, other = trace_layers(model, example)
+    by_name = {lay.name: i for i, lay in enumerate(layers)}
+    head = classifier_name(layers)
+    skip = [lay.name for lay in layers if _excluded(lay.name, exclude)] + ([head] if head else [])
+    if granularity == "unstructured":
+        table = _unstructured_table(layers, skip[:-1] if head else skip, other, example)
+    else:
+        table = _channel_table(model, example, layers, by_name, skip, other, round_to)
+    table.dense_macs = int(sum(lay.macs for lay in layers))
+    table.dense_params = int(sum(lay.weight_params + lay.bias_params for lay in layers) + other)
+    if not table.units:
+        raise AutopruneError("the model has no prunable units (everything excluded?)")
+    return table
+
+
+def _unstructured_table(layers, skip, other, example) -> UnitTable:
+    units = []
+    for lay in layers:
+        if lay.kind not in ("conv", "dwconv", "linear") or lay.name in skip:
+            continue
+        units.append(
+            Unit(len(units), lay.name, lay.kind, lay.weight_params, (lay.name,), (), lay,
+                 lay.macs, lay.weight_params + lay.bias_params, lay.macs)
+        )
+    n = len(units)
+    unit_layer = np.array([[lay.name for lay in layers].index(u.name) for u in units], dtype=np.int64)
+    empty = np.zeros((n, len(layers)))
+    return UnitTable("unstructured", tuple(layers), tuple(units), 1, empty, empty.copy(),
+                     unit_layer, other, tuple(example.shape))
+
+
+def _channel_table(model, example, layers, by_name, skip, other, round_to) -> UnitTable:
+    import torch_pruning as tp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dg = tp.DependencyGraph().build_dependency(model, example, verbose=False)
+    modules = dict(model.named_modules())
+    ignored = [modules[n] for n in skip]
+    name_of = dg._module2name
+    param_name = getattr(dg, "_param_to_name", {})
+
+    raw = []
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+        size = len(group[0].idxs)
+        members, consumers, deps = [], [], []
+        for item in group:
+            dep, idxs = item.dep, item.idxs
+            target = dep.target.module
+            is_param = isinstance(target, nn.Parameter)
+            tname = param_name.get(target) if is_param else name_of.get(target)
+            if tname is None:
+                continue  # an op of the graph (add, concat, ...), not a module of the model
+            deps.append(
+                _DepRecord(tname, dep.handler, dep.target.pruning_dim, is_param,
+                           np.asarray(idxs, dtype=np.int64),
+                           np.asarray(item.root_idxs, dtype=np.int64))
+            )
+            if dg.is_out_channel_pruning_fn(dep.handler) and not is_param:
+                members.append(tname)
+            elif dg.is_in_channel_pruning_fn(dep.handler) and not is_param:
+                consumers.append(tname)
+        prunable = [m for m in members
+                    if m in by_name and layers[by_name[m]].kind in ("conv", "dwconv", "linear")]
+        if size < 2 or not prunable:
+            continue
+        raw.append((size, members, consumers, deps, prunable, group))
+
+    # Network order: a unit sits where its first conv/linear member runs; that member names it.
+    raw.sort(key=lambda r: min(layers[by_name[m]].order for m in r[4]))
+    n_units, n_layers = len(raw), len(layers)
+    out_mult = np.zeros((n_units, n_layers))
+    in_mult = np.zeros((n_units, n_layers))
+    units, all_deps, groups = [], [], []
+    for u, (size, members, consumers, deps, prunable, group) in enumerate(raw):
+        for dep in deps:
+            if dep.target not in by_name:
+                continue
+            layer = layers[by_name[dep.target]]
+            per_channel = len(dep.target_idxs) / size
+            if layer.kind in ("dwconv", "norm", "other") or dep.target in members:
+                out_mult[u, by_name[dep.target]] = per_channel
+            else:
+                in_mult[u, by_name[dep.target]] = per_channel
+        root = min(prunable, key=lambda m: layers[by_name[m]].order)
+        root_layer = layers[by_name[root]]
+        member_layers = [layers[by_name[m]] for m in members if m in by_name]
+        touched = {m for m in members + consumers if m in by_name}
+        units.append(
+            Unit(u, root, root_layer.kind, size, tuple(members),
+                 tuple(c for c in consumers if c not in members), root_layer,
+                 int(sum(lay.macs for lay in member_layers)),
+                 int(sum(lay.weight_params + lay.bias_params for lay in member_layers)),
+                 int(sum(layers[by_name[m]].macs for m in touched)))
+        )
+        all_deps.append(deps)
+        groups.append(group)
+    return UnitTable("channel", tuple(layers), tuple(units), round_to, out_mult, in_mult,
+                     np.zeros(0, dtype=np.int64), other, tuple(example.shape),
+                     _deps=all_deps, _groups=groups)
