@@ -13,9 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from autoprune.artifacts import OutputDir, export_program, pruned_payload
-from autoprune.costs import measure_latency
 from autoprune.evaluate import recalibrate_bn
 from autoprune.finetune import FinetuneConfig, finetune
+from autoprune.latency import default_threads, measure_ratio
 from autoprune.models import ModelSpec
 from autoprune.policy import Policy
 from autoprune.task import PruningTask
@@ -34,6 +34,7 @@ def apply_policy(
     test: bool = True,
     latency_batches: tuple[int, ...] = (1,),
     latency_device: str = "cpu",
+    latency_threads: int | None = None,
     program: bool = True,
     quiet: bool = False,
 ) -> dict:
@@ -84,16 +85,17 @@ def apply_policy(
     model = task.pruner.finalize(model.cpu())
     dense_cpu = task.dense
     metrics["latency"] = {}
+    threads = latency_threads or default_threads(latency_device)
     for batch in latency_batches:
-        d = measure_latency(dense_cpu, task.table.input_shape, latency_device, batch)
-        p = measure_latency(model, task.table.input_shape, latency_device, batch)
+        ratio, d, p = measure_ratio(dense_cpu, model, task.table.input_shape, latency_device, batch,
+                                    threads, pairs=30)
         metrics["latency"][f"batch{batch}"] = {
-            "device": latency_device, "threads": d.threads, "runs": d.runs,
-            "dense_ms": d.median_s * 1e3, "pruned_ms": p.median_s * 1e3, "ratio": p.median_s / d.median_s,
+            "device": latency_device, "threads": threads, "runs": d.runs,
+            "dense_ms": d.median_s * 1e3, "pruned_ms": p.median_s * 1e3, "ratio": ratio,
         }
-        _log(f"latency ({latency_device}, batch {batch}, {d.threads} threads, median of {d.runs}): "
-             f"dense {d.median_s * 1e3:.2f} ms, pruned {p.median_s * 1e3:.2f} ms "
-             f"(x{p.median_s / d.median_s:.3f})", quiet)
+        _log(f"latency ({latency_device}, batch {batch}, {threads} thread(s), {d.runs} alternated "
+             f"runs): dense {d.median_s * 1e3:.2f} ms, pruned {p.median_s * 1e3:.2f} ms "
+             f"(median ratio x{ratio:.3f})", quiet)
     task.dense.to(task.device)
 
     info = task.splits.info

@@ -190,7 +190,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                             batch_size=args.finetune_batch_size, seed=args.seed)
     metrics = apply_policy(task, policy, args.output, ft, test=not args.no_test,
                            latency_batches=tuple(args.latency_batch), latency_device=args.latency_device,
-                           quiet=args.quiet)
+                           latency_threads=args.latency_threads, quiet=args.quiet)
     print(f"wrote {args.output}/pruned.pt, model.pt2, policy.json, metrics.json "
           f"(FLOPs x{metrics['ratios']['flops']:.3f}, params x{metrics['ratios']['params']:.3f})")
     return 0
@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-batch", type=int, action="append", default=None,
                    help="batch size for latency (repeatable; default 1)")
     p.add_argument("--latency-device", default="cpu")
+    p.add_argument("--latency-threads", type=int, default=None,
+                   help="intra-op threads for latency (default 1 on CPU)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_apply)
 

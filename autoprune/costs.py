@@ -13,8 +13,7 @@ density, which is what a sparse kernel could save, not what dense hardware runs.
 
 from __future__ import annotations
 
-import statistics
-import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -51,19 +50,24 @@ def closed_form(table: UnitTable, kept: np.ndarray) -> Costs:
     macs = np.array([lay.macs for lay in table.layers], dtype=np.float64)
     wp = np.array([lay.weight_params for lay in table.layers], dtype=np.float64)
     bp = np.array([lay.bias_params for lay in table.layers], dtype=np.float64)
-    removed = table.sizes() - kept
     if table.granularity == "unstructured":
         density = np.ones(len(table.layers))
         density[table.unit_layer] = kept / table.sizes()
         return Costs(float(macs @ density), float(wp @ density + bp.sum() + table.other_params))
-    f_out, f_in = _fractions(table, removed)
+    f_out, f_in = layer_fractions(table, kept)
     return Costs(
         float(macs @ (f_out * f_in)),
         float(wp @ (f_out * f_in) + bp @ f_out + table.other_params),
     )
 
 
-def _fractions(table: UnitTable, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def layer_fractions(table: UnitTable, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, the kept fraction of its outputs and of its inputs (channel granularity).
+
+    A depthwise conv's (and a norm's) input fraction is reported as 1: its cost follows its
+    outputs alone.
+    """
+    removed = table.sizes() - np.asarray(kept, dtype=np.float64)
     cache = table.__dict__.setdefault("_cost_cache", {})
     if "outc" not in cache:
         cache["outc"] = np.array([lay.out_channels for lay in table.layers], dtype=np.float64)
@@ -133,63 +137,37 @@ def count_effective_flops(model: nn.Module, example: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# latency
+# cost models: the closed form the action wall calls many times per step
 # ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Latency:
-    """A latency measurement: median seconds per batch over ``runs`` timed runs."""
+class CostModel(ABC):
+    """The cost of a policy as a fraction of the dense model's, from kept widths alone.
 
-    median_s: float
-    iqr_s: float
-    runs: int
-    device: str
-    batch_size: int
-    threads: int
-
-
-def measure_latency(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    device: str = "cpu",
-    batch_size: int = 1,
-    threads: int | None = None,
-    runs: int = 30,
-    warmup: int = 5,
-) -> Latency:
-    """Median wall time of one forward pass over ``runs`` timed runs after ``warmup`` untimed ones.
-
-    Each run is timed on its own (CUDA synchronised before and after), so the median and spread
-    are over single forward passes, the figure a deployment sees.
-
-    Args:
-        model: the model to time (moved to ``device``; evaluated under ``no_grad``).
-        input_shape: one sample's shape, with or without the batch dimension.
-        device: ``cpu`` or ``cuda[:i]``.
-        batch_size: images per forward pass.
-        threads: intra-op threads on CPU (default: torch's current setting).
-        runs: timed runs (at least 30 for a stable median).
-        warmup: untimed runs first.
+    ``ratio`` must be cheap (the action wall calls it tens of times per step) and monotone: keeping
+    fewer elements of any unit never raises the cost.
     """
-    shape = tuple(input_shape[-3:]) if len(input_shape) >= 3 else tuple(input_shape[1:])
-    before = torch.get_num_threads()
-    threads = threads or before
-    cuda = device.startswith("cuda")
-    model = model.to(device).eval()
-    x = torch.randn(batch_size, *shape, device=device)
-    times = []
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            for i in range(warmup + runs):
-                if cuda:
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                model(x)
-                if cuda:
-                    torch.cuda.synchronize(device)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(before)
-    q1, q3 = np.percentile(times, [25, 75])
-    return Latency(statistics.median(times), float(q3 - q1), len(times), device, batch_size, threads)
+
+    metric: str
+
+    @abstractmethod
+    def ratio(self, kept: np.ndarray) -> float:
+        """Predicted cost of keeping ``kept[u]`` elements of unit ``u``, relative to dense."""
+
+
+class FlopsCost(CostModel):
+    metric = "flops"
+
+    def __init__(self, table: UnitTable) -> None:
+        self.table, self.dense = table, float(table.dense_macs)
+
+    def ratio(self, kept: np.ndarray) -> float:
+        return closed_form(self.table, kept).flops / self.dense
+
+
+class ParamsCost(CostModel):
+    metric = "params"
+
+    def __init__(self, table: UnitTable) -> None:
+        self.table, self.dense = table, float(table.dense_params)
+
+    def ratio(self, kept: np.ndarray) -> float:
+        return closed_form(self.table, kept).params / self.dense

@@ -141,6 +141,7 @@ class PruningTask:
             table.round_to = 8 if min(u.size for u in table.units) >= 32 else 1
         self.table: UnitTable = table
         self.ranks = rank_units(table, self.dense, config.importance, self.splits.calib, config.seed)
+        table._groups = []  # the traced graph (autograd nodes) is not needed once ranked
         self.pruner = pruner_for(table)
         self.dense_costs: Costs = dense_costs(table)
         self.dense.to(self.device)
@@ -149,6 +150,11 @@ class PruningTask:
         if self.device != "cpu":
             self._val = type(self._val)(self._val.x.to(self.device), self._val.y)
             self._calib = type(self._calib)(self._calib.x.to(self.device), self._calib.y)
+
+    def __deepcopy__(self, memo) -> PruningTask:
+        # A task is read-only after construction (the dense model is never mutated), so copies,
+        # e.g. Gymnasium's env checker re-making an env from its spec, can share it.
+        return self
 
     # -- policies -------------------------------------------------------------------------------
     def kept(self, policy: Policy) -> np.ndarray:

@@ -65,3 +65,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Baselines and downloads go to a per-session folder, never the user's cache."""
     monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_task(digits, trained_tiny):
+    from autoprune.task import PruningTask, TaskConfig
+
+    return PruningTask(TaskConfig(model="tiny", dataset="digits"), splits=digits, dense=trained_tiny)

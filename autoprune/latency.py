@@ -1,0 +1,332 @@
+"""Latency: measuring it, and predicting it from kept widths for latency budgets.
+
+:func:`measure_latency` times real forward passes; :func:`measure_ratio` times two models in
+alternation and takes the median of the per-pair ratios, which stays stable (about 1%) on a
+shared machine whose absolute timings drift by tens of percent between seconds.
+
+:class:`LatencyModel` is what the action wall uses for a ``latency`` budget, since measuring a
+model at every step would be far too slow. It is a lookup table in the manner of NetAdapt: every
+conv/linear layer shape of the network is timed on its own over a grid of kept input and output
+fractions (minimum of repeated runs, made monotone). A policy's latency ratio is predicted as
+
+    1 - a * (1 - L(kept) / L(dense)) - b * (1 - A(kept) / A(dense))
+
+where L sums the layers' table lookups and A is the activation volume, which stands for the
+memory-bound work (BatchNorm, ReLU, adds) that shrinks with output widths. The non-negative a and
+b are fitted on paired measurements of real slimmed networks at a dozen policies, so the
+prediction is 1 at the dense model by construction. Everything is measured once per (model,
+input shape, device, batch size, threads, torch version) and cached on disk as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoprune.costs import CostModel, layer_fractions
+from autoprune.data import default_cache_dir
+from autoprune.units import Layer, UnitTable
+
+GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A latency measurement: median seconds per batch over ``runs`` timed runs."""
+
+    median_s: float
+    iqr_s: float
+    runs: int
+    device: str
+    batch_size: int
+    threads: int
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: str, runs: int, warmup: int) -> list[float]:
+    times = []
+    for i in range(warmup + runs):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _input(input_shape: tuple[int, ...], batch_size: int, device: str) -> torch.Tensor:
+    shape = tuple(input_shape[-3:]) if len(input_shape) >= 3 else tuple(input_shape[1:])
+    return torch.randn(batch_size, *shape, device=device)
+
+
+def default_threads(device: str) -> int:
+    """One intra-op thread on CPU: single-stream inference, the most repeatable figure."""
+    return 1 if device == "cpu" else torch.get_num_threads()
+
+
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    device: str = "cpu",
+    batch_size: int = 1,
+    threads: int | None = None,
+    runs: int = 30,
+    warmup: int = 5,
+) -> Latency:
+    """Median wall time of one forward pass over ``runs`` timed runs after ``warmup`` untimed ones.
+
+    Each run is timed on its own (CUDA synchronised before and after), so the median and spread
+    are over single forward passes, the figure a deployment sees.
+
+    Args:
+        model: the model to time (moved to ``device``; run under ``inference_mode``).
+        input_shape: one sample's shape, with or without the batch dimension.
+        device: ``cpu`` or ``cuda[:i]``.
+        batch_size: images per forward pass.
+        threads: intra-op threads on CPU (default: torch's current setting).
+        runs: timed runs (at least 30 for a stable median).
+        warmup: untimed runs first.
+    """
+    before = torch.get_num_threads()
+    threads = threads or before
+    model = model.to(device).eval()
+    x = _input(input_shape, batch_size, device)
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            times = _time(lambda: model(x), device, runs, warmup)
+    finally:
+        torch.set_num_threads(before)
+    q1, q3 = np.percentile(times, [25, 75])
+    return Latency(statistics.median(times), float(q3 - q1), len(times), device, batch_size, threads)
+
+
+def measure_ratio(base: nn.Module, other: nn.Module, input_shape: tuple[int, ...],
+                  device: str = "cpu", batch_size: int = 1, threads: int | None = None,
+                  pairs: int = 30, warmup: int = 3) -> tuple[float, Latency, Latency]:
+    """Latency of ``other`` relative to ``base``: the median over ``pairs`` alternated runs.
+
+    Returns the ratio and both models' latencies (medians of their runs in the same session).
+    """
+    before = torch.get_num_threads()
+    threads = threads or before
+    base, other = base.to(device).eval(), other.to(device).eval()
+    x = _input(input_shape, batch_size, device)
+    ta, tb = [], []
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + pairs):
+                a = _time(lambda: base(x), device, 1, 0)[0]
+                b = _time(lambda: other(x), device, 1, 0)[0]
+                if i >= warmup:
+                    ta.append(a)
+                    tb.append(b)
+    finally:
+        torch.set_num_threads(before)
+    ratio = statistics.median(np.asarray(tb) / np.asarray(ta))
+
+    def summary(ts):
+        q1, q3 = np.percentile(ts, [25, 75])
+        return Latency(statistics.median(ts), float(q3 - q1), len(ts), device, batch_size, threads)
+
+    return float(ratio), summary(ta), summary(tb)
+
+
+# ------------------------------------------------------------------------------------------------
+# the lookup-table model
+# ------------------------------------------------------------------------------------------------
+def _signature(layer: Layer) -> str | None:
+    if layer.kind not in ("conv", "dwconv", "linear"):
+        return None
+    return (f"{layer.kind}:{layer.in_channels}:{layer.out_channels}:{layer.kernel}:{layer.stride}:"
+            f"{layer.in_hw[0]}x{layer.in_hw[1]}")
+
+
+def _layer_module(layer: Layer, cin: int, cout: int) -> tuple[nn.Module, tuple[int, ...]]:
+    if layer.kind == "linear":
+        return nn.Linear(cin, cout), (cin,)
+    if layer.kind == "dwconv":
+        return nn.Conv2d(cout, cout, layer.kernel, layer.stride, layer.kernel // 2, groups=cout,
+                         bias=False), (cout, *layer.in_hw)
+    return (nn.Conv2d(cin, cout, layer.kernel, layer.stride, layer.kernel // 2, bias=False),
+            (cin, *layer.in_hw))
+
+
+def _width(n: int, f: float) -> int:
+    return max(1, int(round(n * f)))
+
+
+def _bilinear(arr: np.ndarray, grid: np.ndarray, fi: float, fo: float) -> float:
+    rows = np.array([np.interp(fo, grid, arr[i]) for i in range(arr.shape[0])])
+    return float(np.interp(fi, grid, rows))
+
+
+@dataclass
+class LatencyModel(CostModel):
+    """Predicted latency ratio of a slimmed network from its kept widths (see module docstring).
+
+    Attributes:
+        luts: per layer signature, seconds over (input fraction x output fraction) of GRID
+            (one row for depthwise convs, whose cost follows their outputs alone).
+        coef: the fitted (a, b).
+        dense_s: the dense model's measured latency, seconds per batch.
+        fit_error: (max, mean) relative error of the fit on its calibration policies.
+    """
+
+    table: UnitTable
+    device: str
+    batch_size: int
+    threads: int
+    luts: dict[str, list[list[float]]]
+    coef: tuple[float, float]
+    dense_s: float
+    fit_error: tuple[float, float]
+    metric: str = "latency"
+    _sigs: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._sigs = [_signature(lay) for lay in self.table.layers]
+        self._act = np.array([lay.out_channels * lay.out_hw[0] * lay.out_hw[1]
+                              for lay in self.table.layers], dtype=np.float64)
+        self._arrays = {k: np.asarray(v) for k, v in self.luts.items()}
+        self._grid = np.asarray(GRID)
+        dense = self.table.sizes()
+        self._l0, self._a0 = self._raw(dense)
+
+    def _raw(self, kept: np.ndarray) -> tuple[float, float]:
+        f_out, f_in = layer_fractions(self.table, kept)
+        lut = 0.0
+        for sig, fo, fi in zip(self._sigs, f_out, f_in):
+            if sig is None:
+                continue
+            arr = self._arrays[sig]
+            lut += float(np.interp(fo, self._grid, arr[0])) if arr.shape[0] == 1 else \
+                _bilinear(arr, self._grid, fi, fo)
+        return lut, float(self._act @ f_out)
+
+    def features(self, kept: np.ndarray) -> tuple[float, float]:
+        """(1 - L/L0, 1 - A/A0): how much of the table time and activation volume is gone."""
+        lut, act = self._raw(kept)
+        return 1.0 - lut / self._l0, 1.0 - act / self._a0
+
+    def ratio(self, kept: np.ndarray) -> float:
+        dl, da = self.features(kept)
+        return 1.0 - self.coef[0] * dl - self.coef[1] * da
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads,
+                "luts": self.luts, "coef": list(self.coef), "dense_s": self.dense_s,
+                "fit_error": list(self.fit_error), "grid": list(GRID)}
+
+
+def _cache_key(table: UnitTable, device: str, batch_size: int, threads: int) -> str:
+    shape = "|".join(f"{lay.name}:{_signature(lay)}" for lay in table.layers)
+    units = "|".join(f"{u.name}:{u.size}" for u in table.units)
+    key = f"v2#{shape}#{units}#{table.input_shape}#{device}#{batch_size}#{threads}#{torch.__version__}"
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _measure_luts(table: UnitTable, device: str, batch_size: int, runs: int, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    sigs = {}
+    for lay in table.layers:
+        sig = _signature(lay)
+        if sig is not None and sig not in sigs:
+            sigs[sig] = lay
+    luts = {}
+    for sig, lay in tqdm(sigs.items(), desc="latency table", disable=not progress, leave=False):
+        in_grid = (1.0,) if lay.kind == "dwconv" else GRID
+        rows = []
+        for fi in in_grid:
+            row = []
+            for fo in GRID:
+                module, shape = _layer_module(lay, _width(lay.in_channels, fi), _width(lay.out_channels, fo))
+                module = module.to(device).eval()
+                x = torch.randn(batch_size, *shape, device=device)
+                with torch.inference_mode():
+                    # the minimum is the run least disturbed by the rest of the machine
+                    row.append(min(_time(lambda m=module, x=x: m(x), device, runs, 2)))
+            rows.append(row)
+        # a narrower layer is never slower: make the table monotone along both axes
+        arr = np.maximum.accumulate(np.maximum.accumulate(np.asarray(rows), axis=1), axis=0)
+        luts[sig] = arr.tolist()
+    return luts
+
+
+def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str = "cpu",
+                        batch_size: int = 1, threads: int | None = None, cache_dir: Path | None = None,
+                        progress: bool = True, calibration_policies: int = 12) -> LatencyModel:
+    """Measure (or load from the cache) the latency model of ``dense``.
+
+    Args:
+        table: the dense model's unit table (channel granularity).
+        dense: the dense model.
+        prune: ``kept -> slimmed model`` (the task's pruner), for calibration measurements.
+        device, batch_size, threads: what the latency is measured for (threads default to 1 on
+            CPU, see :func:`default_threads`).
+        cache_dir: where the JSON table is kept (default: the autoprune cache dir).
+        progress: show a progress bar while measuring.
+        calibration_policies: slimmed models measured to fit the coefficients.
+    """
+    threads = threads or default_threads(device)
+    key = _cache_key(table, device, batch_size, threads)
+    path = (cache_dir or default_cache_dir()) / "latency" / f"{key}.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return LatencyModel(table, device, batch_size, threads, data["luts"], tuple(data["coef"]),
+                            data["dense_s"], tuple(data["fit_error"]))
+    if progress:
+        print(f"note: measuring a latency table for this model ({device}, batch {batch_size}, "
+              f"{threads} thread(s)) once; cached at {path}", file=sys.stderr)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        luts = _measure_luts(table, device, batch_size, 12, progress)
+    finally:
+        torch.set_num_threads(before)
+    model = LatencyModel(table, device, batch_size, threads, luts, (1.0, 0.0), 1.0, (0.0, 0.0))
+
+    # Calibrate on real slimmed networks: uniform levels and random policies, each timed in
+    # alternation with the dense model.
+    rng = np.random.default_rng(0)
+    n = len(table.units)
+    policies = [np.full(n, s) for s in (0.2, 0.4, 0.6, 0.8)]
+    policies += [rng.uniform(0.0, 0.8, n) for _ in range(max(0, calibration_policies - len(policies)))]
+    feats, measured, dense_times = [], [], []
+    from tqdm.auto import tqdm
+
+    for sparsity in tqdm(policies, desc="latency calibration", disable=not progress, leave=False):
+        kept = table.kept_all(sparsity)
+        ratio, lat_dense, _ = measure_ratio(dense, prune(kept), table.input_shape, device, batch_size,
+                                            threads, pairs=20)
+        feats.append(model.features(kept))
+        measured.append(ratio)
+        dense_times.append(lat_dense.median_s)
+    X, y = np.asarray(feats), 1.0 - np.asarray(measured)
+    from scipy.optimize import nnls
+
+    coef, _ = nnls(X, y)
+    errors = np.abs((1.0 - X @ coef) / np.asarray(measured) - 1.0)
+    result = LatencyModel(table, device, batch_size, threads, luts, (float(coef[0]), float(coef[1])),
+                          float(np.median(dense_times)), (float(errors.max()), float(errors.mean())))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result.to_json()))
+    tmp.replace(path)
+    return result

@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmark scripts: locating ../shared and building the CIFAR-10 tasks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tarfile
+from datetime import date
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    path = Path(os.environ.get("AUTOPRUNE_SHARED", REPO.parent / "shared"))
+    if not (path / "models").is_dir():
+        sys.exit(f"benchmarks need the CIFAR-10 fixtures: {path} is absent (set AUTOPRUNE_SHARED)")
+    return path
+
+
+def cifar_dir() -> Path:
+    """The shared CIFAR-10 JPEG folder, unpacked once into ~/.cache/autoprune-data."""
+    dest = Path.home() / ".cache" / "autoprune-data"
+    folder = dest / "cifar10-jpeg"
+    if not (folder / "test").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(shared_dir() / "data" / "cifar10-jpeg.tar.gz") as tar:
+            tar.extractall(dest, filter="data")
+    return folder
+
+
+def fixture(name: str) -> Path:
+    return shared_dir() / "models" / f"{name}_cifar10.pt"
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, "
+            f"torch {torch.__version__}, {date.today().isoformat()}")

@@ -1,0 +1,178 @@
+"""``LayerSparsityEnv``: AMC's layer-by-layer pruning as a Gymnasium environment.
+
+One episode visits every unit in network order. At each step the agent picks the unit's sparsity
+(an action in [-1, 1], rescaled to [min_sparsity, max_sparsity]); the action wall clips it so the
+budget stays reachable; the state carries the achieved sparsity. After the last unit the policy
+is applied to a fresh copy of the dense model (physical slimming, or masks), BatchNorm is
+recalibrated, proxy accuracy is measured on search-val, and the reward is computed. Earlier steps
+give reward 0. The last step's ``info`` holds the policy, proxy accuracy, cost ratios and the
+reward's parts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from autoprune.budget import Budget, parse_budget
+from autoprune.costs import CostModel, FlopsCost, ParamsCost, closed_form
+from autoprune.envs.rewards import REWARDS, Outcome
+from autoprune.envs.state import N_FEATURES, observation, rest_flops, static_features
+from autoprune.envs.wall import ActionWall
+from autoprune.errors import AutopruneError
+from autoprune.policy import Policy
+from autoprune.task import PruningTask, TaskConfig
+
+
+def make_cost_model(task: PruningTask, budget: Budget, latency_batch: int = 1,
+                    latency_threads: int | None = None, progress: bool = True) -> CostModel:
+    """The cost model of ``budget.metric`` for ``task`` (latency: measured once, cached)."""
+    if budget.metric == "flops":
+        return FlopsCost(task.table)
+    if budget.metric == "params":
+        return ParamsCost(task.table)
+    if task.table.granularity != "channel":
+        raise AutopruneError("a latency budget needs channel granularity: masked weights run "
+                             "as fast as dense ones on dense hardware")
+    from autoprune.latency import build_latency_model
+
+    return build_latency_model(task.table, task.dense, task.prune, task.device, latency_batch,
+                               latency_threads, progress=progress)
+
+
+class LayerSparsityEnv(gym.Env):
+    """Choose each unit's sparsity in turn; the reward is accuracy minus a cost penalty.
+
+    Args:
+        task: a built :class:`~autoprune.task.PruningTask`; if ``None``, one is built from
+            ``task_kwargs`` (the fields of :class:`~autoprune.task.TaskConfig`).
+        budget: ``0.5flops``, ``0.3params``, ``0.7latency``, ``2xflops``, ``50%flops``.
+        reward: a name in :data:`~autoprune.envs.rewards.REWARDS`.
+        reward_lambda: the penalty weight of ``acc-penalty``.
+        min_sparsity, max_sparsity: the range actions are rescaled to.
+        latency_batch, latency_threads: what latency budgets are measured for.
+        progress: let the task and latency table show progress bars.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, task: PruningTask | None = None, budget: str | Budget = "0.5flops",
+                 reward: str = "acc", reward_lambda: float = 1.0, min_sparsity: float = 0.0,
+                 max_sparsity: float = 0.8, latency_batch: int = 1,
+                 latency_threads: int | None = None, progress: bool = False,
+                 **task_kwargs: Any) -> None:
+        super().__init__()
+        self.budget = budget if isinstance(budget, Budget) else parse_budget(budget)
+        self.reward_fn = REWARDS.get(reward)
+        self.reward_name, self.reward_lambda = reward, reward_lambda
+        if not 0.0 <= min_sparsity <= max_sparsity < 1.0:
+            raise AutopruneError(f"need 0 <= min_sparsity <= max_sparsity < 1, got "
+                                 f"{min_sparsity:g} and {max_sparsity:g}")
+        if task is None:
+            try:
+                config = TaskConfig(**task_kwargs)
+            except TypeError as err:
+                raise AutopruneError(f"LayerSparsity-v0: {err}") from None
+            task = PruningTask(config, progress=progress)
+        elif task_kwargs:
+            raise TypeError(f"pass either task or task settings, not both: {sorted(task_kwargs)}")
+        self.task = task
+        self.table = task.table
+        self.n_units = len(self.table.units)
+        self.cost = make_cost_model(task, self.budget, latency_batch, latency_threads, progress)
+        self.wall = ActionWall(self.table, self.cost, self.budget.ratio, min_sparsity, max_sparsity)
+        self.wall.check_feasible()
+        self.min_sparsity, self.max_sparsity = min_sparsity, max_sparsity
+        self.latency_batch, self.latency_threads = latency_batch, latency_threads
+        self._static = static_features(self.table)
+        self._rest = rest_flops(self.table)
+        self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.observation_space = spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
+        self._t = 0
+        self._kept = self.table.sizes().copy()
+        self._requested = np.zeros(self.n_units)
+        self.episodes = 0
+
+    # -- pure helpers ---------------------------------------------------------------------------
+    def action_to_sparsity(self, action) -> float:
+        a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
+        return self.min_sparsity + (a + 1.0) / 2.0 * (self.max_sparsity - self.min_sparsity)
+
+    def sparsity_to_action(self, sparsity: float) -> np.ndarray:
+        span = max(self.max_sparsity - self.min_sparsity, 1e-12)
+        a = 2.0 * (float(sparsity) - self.min_sparsity) / span - 1.0
+        return np.array([np.clip(a, -1.0, 1.0)], dtype=np.float32)
+
+    def _obs(self) -> np.ndarray:
+        t = self._t
+        current = closed_form(self.table, self._kept).flops
+        reduced = 1.0 - current / self.table.dense_macs
+        previous = self.table.achieved(t - 1, int(self._kept[t - 1])) if t > 0 else 0.0
+        return observation(self._static, t, reduced, self._rest[t], previous)
+
+    # -- gymnasium API ----------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._t = 0
+        self._kept = self.table.sizes().copy()
+        self._requested = np.zeros(self.n_units)
+        self._started = time.perf_counter()
+        return self._obs(), {"unit": self.table.units[0].name, "step": 0}
+
+    def step(self, action):
+        t = self._t
+        decision = self.wall.decide(self._kept, t, self.action_to_sparsity(action))
+        self._kept[t] = decision.kept
+        self._requested[t] = decision.requested
+        info = {"unit": self.table.units[t].name, "step": t, "requested": decision.requested,
+                "sparsity": decision.achieved, "kept": decision.kept, "clipped": decision.clipped}
+        if t + 1 < self.n_units:
+            self._t = t + 1
+            return self._obs(), 0.0, False, False, info
+        reward, summary = self.finish(self._kept)
+        info.update(summary)
+        self.episodes += 1
+        return self._obs(), reward, True, False, info
+
+    def finish(self, kept: np.ndarray) -> tuple[float, dict]:
+        """Apply, evaluate and score the policy of ``kept`` widths; returns reward and summary."""
+        kept = np.asarray(kept, dtype=np.int64)
+        start = time.perf_counter()
+        model = self.task.prune(kept)
+        evaluation = self.task.evaluate(model)
+        ratios = self.task.cost_ratios(kept)
+        if self.budget.metric == "latency":
+            from autoprune.latency import measure_ratio
+
+            ratios["latency_predicted"] = self.cost.ratio(kept)
+            ratios["latency"], _, _ = measure_ratio(self.task.dense, model, self.table.input_shape,
+                                                    self.task.device, self.cost.batch_size,
+                                                    self.cost.threads, pairs=15)
+        outcome = Outcome(evaluation.accuracy, ratios[self.budget.metric], self.budget.ratio,
+                          closed_form(self.table, kept).flops)
+        reward, parts = self.reward_fn(outcome, self.reward_lambda)
+        policy = Policy.from_kept(self.table, kept)
+        summary = {
+            "policy": policy.sparsity,
+            "widths": [int(k) for k in kept],
+            "accuracy": evaluation.accuracy,
+            "ratios": ratios,
+            "budget": str(self.budget),
+            "within_budget": bool(ratios[self.budget.metric] <= self.budget.ratio * (
+                1.03 if self.budget.metric == "latency" else 1.0) + 1e-9),
+            "reward": reward,
+            "reward_parts": parts,
+            "eval_seconds": time.perf_counter() - start,
+        }
+        return float(reward), summary
+
+    def feasible_policy(self, sparsity) -> np.ndarray:
+        """Run the wall over a whole requested policy at once (what one episode would do)."""
+        kept = self.table.sizes().copy()
+        for t in range(self.n_units):
+            kept[t] = self.wall.decide(kept, t, float(sparsity[t])).kept
+        return kept

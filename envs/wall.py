@@ -1,0 +1,84 @@
+"""AMC's action wall: clip each unit's sparsity so the budget stays reachable.
+
+Before unit ``t`` is decided, every unit after it is assumed to take its maximum sparsity. If the
+requested sparsity would then still exceed the budget, the sparsity is raised to the smallest
+value that meets it. By induction every finished episode meets the budget (exactly, for costs
+with a closed form), whatever the agent asks for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from autoprune.costs import CostModel
+from autoprune.errors import AutopruneError
+from autoprune.units import UnitTable
+
+
+@dataclass(frozen=True)
+class WallDecision:
+    """What the wall made of one request."""
+
+    requested: float  # sparsity asked for (after rescaling the action)
+    kept: int  # elements kept after rounding and clipping
+    achieved: float  # 1 - kept / size
+    clipped: bool  # the wall raised the sparsity
+
+
+class ActionWall:
+    """Keeps a budget reachable while units are decided one by one.
+
+    Args:
+        table: the unit table (sizes, rounding).
+        cost: the budget's cost model.
+        budget: the fraction of the dense cost that may be kept.
+        min_sparsity, max_sparsity: the range every unit's sparsity is taken from.
+    """
+
+    def __init__(self, table: UnitTable, cost: CostModel, budget: float,
+                 min_sparsity: float, max_sparsity: float) -> None:
+        self.table, self.cost, self.budget = table, cost, budget
+        self.min_sparsity, self.max_sparsity = min_sparsity, max_sparsity
+        self.floor = np.array([table.kept(u.index, max_sparsity) for u in table.units], dtype=np.int64)
+        self.lowest = cost.ratio(self.floor)
+        # tolerance for float round-off in the closed form, far below one channel's worth
+        self.eps = 1e-9
+
+    def check_feasible(self) -> None:
+        """Refuse a budget that even maximum sparsity everywhere cannot meet."""
+        if self.lowest > self.budget + self.eps:
+            raise AutopruneError(
+                f"budget {self.budget:g}{self.cost.metric} is out of reach: with max sparsity "
+                f"{self.max_sparsity:g} on every unit the model keeps {self.lowest:.4f} of its "
+                f"dense {self.cost.metric}; ask for at least {self.lowest:.4f}{self.cost.metric} "
+                "or raise --max-sparsity"
+            )
+
+    def decide(self, kept: np.ndarray, t: int, requested: float) -> WallDecision:
+        """Clip unit ``t``'s requested sparsity given the kept widths of units before it.
+
+        ``kept[:t]`` holds decided widths; entries from ``t`` on are ignored.
+        """
+        probe = kept.copy()
+        probe[t + 1 :] = self.floor[t + 1 :]
+
+        def feasible(s: float) -> bool:
+            probe[t] = self.table.kept(t, s)
+            return self.cost.ratio(probe) <= self.budget + self.eps
+
+        s = float(np.clip(requested, self.min_sparsity, self.max_sparsity))
+        clipped = False
+        if not feasible(s):
+            clipped = True
+            lo, hi = s, self.max_sparsity  # infeasible at lo, feasible at hi (by induction)
+            for _ in range(50):  # kept(s) is a step function: 50 halvings find its step exactly
+                mid = 0.5 * (lo + hi)
+                if feasible(mid):
+                    hi = mid
+                else:
+                    lo = mid
+            s = hi
+        k = self.table.kept(t, s)
+        return WallDecision(float(requested), int(k), self.table.achieved(t, k), clipped)
