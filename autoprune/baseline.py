@@ -27,7 +27,8 @@ def baseline_path(model_name: str, splits: Splits, cache_dir: Path | None = None
     key = json.dumps([model_name, splits.identity, splits.seed, splits.sizes, vars(BASELINE_RECIPE)],
                      sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    safe = model_name.replace(":", "_").replace("/", "_")
+    module, sep, fn = model_name.rpartition(":")
+    safe = f"{Path(module).stem}.{fn}" if sep else model_name
     return (cache_dir or default_cache_dir()) / "baselines" / f"{safe}-{splits.info.name}-{digest}.pt"
 
 

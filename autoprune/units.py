@@ -95,6 +95,7 @@ class _DepRecord:
     is_param: bool
     target_idxs: np.ndarray
     root_idxs: np.ndarray
+    is_out: bool = True  # prunes the target's outputs (else its inputs)
 
 
 @dataclass
@@ -156,6 +157,30 @@ class UnitTable:
 
     def achieved(self, u: int, kept: int) -> float:
         return 1.0 - kept / self.units[u].size
+
+    def channel_weight_stats(self, model: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per unit, per root channel: (sum of |w|, sum of w^2) over every conv/linear weight slice
+        the channel owns, and the element count, as ``(sums, counts)`` arrays of shape (2, C), (C,).
+        """
+        modules = dict(model.named_modules())
+        stats = []
+        for u, deps in zip(self.units, self._deps):
+            sums, counts = np.zeros((2, u.size)), np.zeros(u.size)
+            for dep in deps:
+                m = modules.get(dep.target)
+                if dep.is_param or not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                    continue
+                w = m.weight.detach()
+                dw = m.groups == m.out_channels and m.groups > 1 if isinstance(m, nn.Conv2d) else False
+                per = w if (dep.is_out or dw) else w.transpose(0, 1)
+                if not dep.is_out and isinstance(m, nn.Conv2d) and m.groups > 1 and not dw:
+                    continue  # grouped conv inputs: left to the outputs' slices
+                sl = per[torch.as_tensor(dep.target_idxs)].flatten(1)
+                np.add.at(sums[0], dep.root_idxs, sl.abs().sum(1).cpu().numpy())
+                np.add.at(sums[1], dep.root_idxs, sl.pow(2).sum(1).cpu().numpy())
+                np.add.at(counts, dep.root_idxs, sl.shape[1])
+            stats.append((sums, np.maximum(counts, 1)))
+        return stats
 
     def sizes(self) -> np.ndarray:
         return np.array([u.size for u in self.units], dtype=np.int64)
@@ -356,7 +381,8 @@ def _channel_table(model, example, layers, by_name, skip, other, round_to) -> Un
             deps.append(
                 _DepRecord(tname, dep.handler, dep.target.pruning_dim, is_param,
                            np.asarray(idxs, dtype=np.int64),
-                           np.asarray(item.root_idxs, dtype=np.int64))
+                           np.asarray(item.root_idxs, dtype=np.int64),
+                           bool(dg.is_out_channel_pruning_fn(dep.handler)))
             )
             if dg.is_out_channel_pruning_fn(dep.handler) and not is_param:
                 members.append(tname)

@@ -162,6 +162,7 @@ class LayerSparsityEnv(gym.Env):
             "accuracy": evaluation.accuracy,
             "ratios": ratios,
             "budget": str(self.budget),
+            "budget_metric": self.budget.metric,
             "within_budget": bool(ratios[self.budget.metric] <= self.budget.ratio * (
                 1.03 if self.budget.metric == "latency" else 1.0) + 1e-9),
             "reward": reward,

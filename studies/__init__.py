@@ -1,1 +1,1 @@
-"""autoprune.studies."""
+"""autoprune.studies: Optuna storage, the study runner, trial <-> policy records, and the CLI."""

@@ -1,0 +1,147 @@
+"""One-shot baselines: classic per-layer allocations, evaluated through the same env.
+
+Each picks every unit's sparsity from one global knob, found by bisection so the policy meets the
+budget, then plays it as a single episode (through the action wall and the same evaluation as any
+search), so comparisons are like for like.
+
+* ``uniform``: the same sparsity everywhere (the hand-tuned ratio users would otherwise use).
+* ``global``: one magnitude threshold across the network, on each channel's mean |w| over the
+  coupled layers (each weight's |w| for unstructured units).
+* ``erk``: Erdos-Renyi-Kernel densities (Evci et al. 2020), density ~ (sum of dims) / (product).
+* ``lamp``: one threshold on LAMP scores (Lee et al. 2021), w^2 over the sum of w^2 of every
+  element at least as large in the same unit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import optuna
+
+from autoprune.agents.base import SEARCHERS, Episode, Searcher, run_policy
+from autoprune.envs import LayerSparsityEnv
+
+
+def _meets(env: LayerSparsityEnv, sparsity: np.ndarray) -> bool:
+    kept = env.table.kept_all(np.clip(sparsity, env.min_sparsity, env.max_sparsity))
+    return env.cost.ratio(kept) <= env.budget.ratio + 1e-9
+
+
+def _bisect(env: LayerSparsityEnv, policy_of: Callable[[float], np.ndarray], lo: float, hi: float,
+            iters: int = 60) -> np.ndarray:
+    """Smallest knob in [lo, hi] whose policy meets the budget (policies grow sparser with it)."""
+    if _meets(env, policy_of(lo)):
+        return np.clip(policy_of(lo), env.min_sparsity, env.max_sparsity)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if _meets(env, policy_of(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return np.clip(policy_of(hi), env.min_sparsity, env.max_sparsity)
+
+
+def uniform_sparsity(env: LayerSparsityEnv) -> float:
+    """The least uniform sparsity that meets the budget (max_sparsity if none below does)."""
+    n = env.n_units
+    return float(_bisect(env, lambda s: np.full(n, s), env.min_sparsity, env.max_sparsity)[0])
+
+
+def _element_scores(env: LayerSparsityEnv, squared: bool) -> list[np.ndarray]:
+    """Per unit, each element's magnitude: channel mean |w| (or sum w^2), or each weight's."""
+    table, model = env.table, env.task.dense
+    if table.granularity == "unstructured":
+        mods = dict(model.named_modules())
+        out = []
+        for u in table.units:
+            w = mods[u.name].weight.detach().flatten().cpu().numpy().astype(np.float64)
+            out.append(w * w if squared else np.abs(w))
+        return out
+    stats = table.channel_weight_stats(model)
+    return [sums[1] if squared else sums[0] / counts for sums, counts in stats]
+
+
+def _threshold_policy(env: LayerSparsityEnv, scores: list[np.ndarray]) -> np.ndarray:
+    """Bisect one global threshold over per-unit element scores (lower scores are removed)."""
+    sorted_scores = [np.sort(s) for s in scores]
+    sizes = np.array([len(s) for s in scores], dtype=np.float64)
+
+    def policy(log_tau: float) -> np.ndarray:
+        tau = np.exp(log_tau)
+        return np.array([np.searchsorted(s, tau) for s in sorted_scores]) / sizes
+
+    everything = np.concatenate(scores)
+    positive = everything[everything > 0]
+    lo = np.log(positive.min()) - 1 if positive.size else -30.0
+    hi = np.log(everything.max()) + 1 if everything.max() > 0 else 0.0
+    return _bisect(env, policy, lo, hi)
+
+
+def lamp_scores(scores: list[np.ndarray]) -> list[np.ndarray]:
+    """LAMP: each squared magnitude over the sum of those at least as large in its unit."""
+    out = []
+    for s in scores:
+        order = np.argsort(s, kind="stable")
+        sorted_s = s[order]
+        tail = np.cumsum(sorted_s[::-1])[::-1]  # sum of elements >= each, in sorted order
+        lamp = np.empty_like(s)
+        lamp[order] = sorted_s / np.maximum(tail, 1e-30)
+        out.append(lamp)
+    return out
+
+
+class Baseline(Searcher):
+    """A deterministic one-shot policy (see module docstring)."""
+
+    uses_trial = False
+    one_shot = True
+
+    def policy(self, env: LayerSparsityEnv) -> np.ndarray:
+        raise NotImplementedError
+
+    def episode(self, env: LayerSparsityEnv, trial: optuna.Trial | None) -> Episode:
+        return run_policy(env, self.policy(env))
+
+
+@SEARCHERS.register("uniform", help="the same sparsity for every unit, the least that meets the budget")
+class Uniform(Baseline):
+    name = "uniform"
+
+    def policy(self, env):
+        return np.full(env.n_units, uniform_sparsity(env))
+
+
+@SEARCHERS.register("global", help="one global magnitude threshold across all units")
+class GlobalMagnitude(Baseline):
+    name = "global"
+
+    def policy(self, env):
+        return _threshold_policy(env, _element_scores(env, squared=False))
+
+
+@SEARCHERS.register("lamp", help="one global threshold on LAMP scores (layer-adaptive magnitude)")
+class LAMP(Baseline):
+    name = "lamp"
+
+    def policy(self, env):
+        return _threshold_policy(env, lamp_scores(_element_scores(env, squared=True)))
+
+
+@SEARCHERS.register("erk", help="Erdos-Renyi-Kernel densities scaled to meet the budget")
+class ERK(Baseline):
+    name = "erk"
+
+    def policy(self, env):
+        raw = []
+        for u in env.table.units:
+            lay = u.layer
+            k = lay.kernel if lay.kind != "linear" else 1
+            dims = [lay.in_channels, lay.out_channels] + ([k, k] if lay.kind != "linear" else [])
+            raw.append(sum(dims) / float(np.prod(dims)))
+        raw = np.asarray(raw) / max(raw)
+
+        def policy(log_eps: float) -> np.ndarray:
+            return 1.0 - np.minimum(1.0, np.exp(-log_eps) * raw / raw.min())
+
+        return _bisect(env, policy, -1e-9, 20.0)

@@ -1,0 +1,234 @@
+"""Reinforcement-learning searchers: AMC's DDPG on stable-baselines3, and TD3/SAC variants.
+
+stable-baselines3 owns the networks, the replay buffer and the gradient updates; this module
+supplies AMC's episode logic around them (He et al., ECCV 2018, and mit-han-lab/amc):
+
+* warm-up episodes of uniformly random actions (AMC used 100; here ``min(100, episodes // 4)``,
+  at least 5, unless ``warmup`` is given), with no updates;
+* exploration by a truncated normal around the actor's action, sigma 0.5 of the sparsity range,
+  decaying by x0.95 per episode after warm-up (SAC explores with its own stochastic policy);
+* the episode's final reward given to every step of the episode, stored in the replay buffer;
+  sampled rewards have a moving-average baseline subtracted (:class:`BaselineReplayBuffer`);
+* discount 1, actor and critic 300-300, learning rates 1e-4 (actor) / 1e-3 (critic), tau 0.01,
+  batch 64, one gradient step per transition after warm-up.
+
+Where stable-baselines3 needed extending: it applies one learning rate to every optimiser, so
+``_update_learning_rate`` is overridden to give the actor and the critic their own; and the
+baseline is subtracted in the replay buffer's ``sample``. The agent's state (networks, optimisers,
+replay buffer, noise and random states, episode counter) is saved after every episode as tensors
+and plain data, loadable with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from stable_baselines3 import DDPG, SAC, TD3
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.logger import configure
+
+from autoprune.agents.base import SEARCHERS, Episode, Searcher
+from autoprune.envs import LayerSparsityEnv
+
+STATE_FILE = "agent.pt"
+
+
+class BaselineReplayBuffer(ReplayBuffer):
+    """A replay buffer whose sampled rewards have a moving-average baseline subtracted (AMC).
+
+    The baseline follows the mean reward of each sampled batch:
+    ``b <- b + alpha * (mean(batch) - b)``.
+    """
+
+    def __init__(self, *args, baseline_alpha: float = 0.5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.baseline_alpha = baseline_alpha
+        self.baseline: float | None = None
+
+    def sample(self, batch_size: int, env=None):
+        data = super().sample(batch_size, env)
+        mean = float(data.rewards.mean())
+        self.baseline = mean if self.baseline is None else \
+            self.baseline + self.baseline_alpha * (mean - self.baseline)
+        return data._replace(rewards=data.rewards - self.baseline)
+
+
+class _SplitLearningRates:
+    """Mixin: the actor and the critic each get their own learning rate (AMC: 1e-4 / 1e-3)."""
+
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-3
+
+    def _update_learning_rate(self, optimizers) -> None:
+        super()._update_learning_rate(optimizers)  # logs, and sets the schedule's rate everywhere
+        for opt, lr in ((self.actor.optimizer, self.actor_lr), (self.critic.optimizer, self.critic_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+
+class AMCDDPG(_SplitLearningRates, DDPG):
+    """DDPG with AMC's split learning rates."""
+
+
+class AMCTD3(_SplitLearningRates, TD3):
+    """TD3 (twin critics, delayed and smoothed targets) with AMC's split learning rates."""
+
+
+class AMCSAC(_SplitLearningRates, SAC):
+    """SAC with AMC's split learning rates; it explores through its own stochastic policy."""
+
+
+class RLSearcher(Searcher):
+    """An off-policy agent that picks each unit's sparsity in turn (see module docstring).
+
+    Options (keyword arguments): ``warmup`` episodes, ``sigma`` (initial exploration, fraction of
+    the sparsity range), ``sigma_decay``, ``buffer_size``, ``batch_size``.
+    """
+
+    uses_trial = False
+    algo: type = AMCDDPG
+    explore_with_noise = True
+
+    def setup(self, env: LayerSparsityEnv, study: optuna.Study, episodes: int) -> None:
+        opts = self.options
+        self.warmup = int(opts.get("warmup") or min(100, max(5, episodes // 4)))
+        self.sigma0 = float(opts.get("sigma", 0.5))
+        self.sigma_decay = float(opts.get("sigma_decay", 0.95))
+        self.batch_size = int(opts.get("batch_size", 64))
+        buffer = int(opts.get("buffer_size", max(2000, env.n_units * (episodes + 10))))
+        kwargs = dict(
+            learning_rate=1e-3, buffer_size=buffer, learning_starts=0, batch_size=self.batch_size,
+            tau=0.01, gamma=1.0, replay_buffer_class=BaselineReplayBuffer,
+            policy_kwargs={"net_arch": {"pi": [300, 300], "qf": [300, 300]}},
+            seed=self.seed, device="cpu", verbose=0,
+        )
+        if self.algo is AMCSAC:
+            kwargs["policy_kwargs"] = {"net_arch": {"pi": [300, 300], "qf": [300, 300]}}
+        self.model = self.algo("MlpPolicy", env, **kwargs)
+        self.model.set_logger(configure(None, []))  # driven by hand: no learn(), no log files
+        self.episode_index = 0
+        self.rng = np.random.default_rng(self.seed)
+
+    # -- acting -----------------------------------------------------------------------------------
+    @property
+    def sigma(self) -> float:
+        """Exploration sigma in action units ([-1, 1] spans the sparsity range, hence x2)."""
+        return 2.0 * self.sigma0 * self.sigma_decay ** max(0, self.episode_index - self.warmup)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        if self.episode_index < self.warmup:
+            return self.rng.uniform(-1.0, 1.0, size=(1,)).astype(np.float32)
+        if not self.explore_with_noise:
+            action, _ = self.model.predict(obs, deterministic=False)
+            return np.asarray(action, dtype=np.float32).reshape(1)
+        mu, _ = self.model.predict(obs, deterministic=True)
+        return np.array([self._truncated_normal(float(np.asarray(mu).reshape(-1)[0]))], np.float32)
+
+    def _truncated_normal(self, mu: float) -> float:
+        from scipy.stats import truncnorm
+
+        s = self.sigma
+        a, b = (-1.0 - mu) / s, (1.0 - mu) / s
+        return float(truncnorm.rvs(a, b, loc=mu, scale=s, random_state=self.rng))
+
+    def episode(self, env: LayerSparsityEnv, trial: optuna.Trial | None) -> Episode:
+        obs, _ = env.reset()
+        steps, requested, info, reward, done = [], [], {}, 0.0, False
+        while not done:
+            action = self.act(obs)
+            next_obs, reward, done, _, info = env.step(action)
+            steps.append((obs, action, next_obs, done))
+            requested.append(info["requested"])
+            obs = next_obs
+        buffer = self.model.replay_buffer
+        for o, a, o2, d in steps:  # AMC: the final reward for every step of the episode
+            buffer.add(o[None], o2[None], a[None], np.array([reward]), np.array([d]), [{}])
+        if self.episode_index >= self.warmup:  # batches are drawn with replacement
+            self.model.train(gradient_steps=len(steps), batch_size=self.batch_size)
+        self.episode_index += 1
+        return Episode(np.asarray(requested), float(reward), info)
+
+    # -- persistence --------------------------------------------------------------------------------
+    def _torch_state(self) -> dict:
+        state_dicts, variables = self.model._get_torch_save_params()
+        out = {name: operator.attrgetter(name)(self.model).state_dict() for name in state_dicts}
+        out.update({f"var:{name}": operator.attrgetter(name)(self.model).detach().clone()
+                    for name in variables})
+        return out
+
+    def save(self, directory: Path, pending: dict | None = None) -> None:
+        buf = self.model.replay_buffer
+        payload = {
+            "torch": self._torch_state(),
+            "buffer": {k: torch.from_numpy(getattr(buf, k).copy()) for k in
+                       ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")},
+            "buffer_pos": int(buf.pos),
+            "buffer_full": bool(buf.full),
+            "baseline": buf.baseline,
+            "episode_index": self.episode_index,
+            "n_updates": int(self.model._n_updates),
+            "rng": json.dumps(self.rng.bit_generator.state),
+            "np_global": _np_state(),
+            "torch_rng": torch.get_rng_state(),
+            "pending": json.dumps(pending) if pending is not None else None,
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (STATE_FILE + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(directory / STATE_FILE)  # atomic: a kill leaves the previous episode's state
+
+    def load(self, directory: Path) -> dict | None:
+        path = directory / STATE_FILE
+        if not path.is_file():
+            return None
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        for name, value in payload["torch"].items():
+            if name.startswith("var:"):
+                operator.attrgetter(name[4:])(self.model).data.copy_(value)
+            else:
+                operator.attrgetter(name)(self.model).load_state_dict(value)
+        buf = self.model.replay_buffer
+        for k, v in payload["buffer"].items():
+            getattr(buf, k)[...] = v.numpy()
+        buf.pos, buf.full, buf.baseline = payload["buffer_pos"], payload["buffer_full"], payload["baseline"]
+        self.episode_index = payload["episode_index"]
+        self.model._n_updates = payload["n_updates"]
+        self.rng.bit_generator.state = json.loads(payload["rng"])
+        _set_np_state(payload["np_global"])
+        torch.set_rng_state(payload["torch_rng"])
+        return json.loads(payload["pending"]) if payload["pending"] else None
+
+
+def _np_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _set_np_state(s: dict) -> None:
+    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                         s["cached"]))
+
+
+@SEARCHERS.register("ddpg", help="AMC's DDPG agent (stable-baselines3), layer by layer")
+class DDPGSearcher(RLSearcher):
+    name = "ddpg"
+    algo = AMCDDPG
+
+
+@SEARCHERS.register("td3", help="TD3 in AMC's episode scheme (twin critics, delayed updates)")
+class TD3Searcher(RLSearcher):
+    name = "td3"
+    algo = AMCTD3
+
+
+@SEARCHERS.register("sac", help="SAC in AMC's episode scheme (entropy-driven exploration)")
+class SACSearcher(RLSearcher):
+    name = "sac"
+    algo = AMCSAC
+    explore_with_noise = False

@@ -1,0 +1,105 @@
+"""Optuna samplers as searchers: each trial's parameters are the per-unit sparsities.
+
+The parameters ``s/<unit>`` are requested sparsities in [min_sparsity, max_sparsity]; they pass
+through the env's action wall like any agent's actions, so every trial meets the budget. The
+uniform policy that meets the budget is enqueued as the first trial, so every sampler starts
+from the baseline it must beat.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import optuna
+
+from autoprune.agents.base import SEARCHERS, Episode, Searcher, param_name, run_policy
+from autoprune.envs import LayerSparsityEnv
+
+
+class SamplerSearcher(Searcher):
+    """A searcher whose policies come from an Optuna sampler."""
+
+    uses_trial = True
+
+    def make_sampler(self, env: LayerSparsityEnv, seed: int) -> optuna.samplers.BaseSampler:
+        raise NotImplementedError
+
+    def sampler(self, env: LayerSparsityEnv, n_existing: int) -> optuna.samplers.BaseSampler:
+        with warnings.catch_warnings():  # GP's and QMC's options are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return self.make_sampler(env, self.seed + n_existing)
+
+    def setup(self, env: LayerSparsityEnv, study: optuna.Study, episodes: int) -> None:
+        if not study.trials:
+            from autoprune.agents.baselines import uniform_sparsity
+
+            s = uniform_sparsity(env)
+            study.enqueue_trial({param_name(u.name): s for u in env.table.units},
+                                user_attrs={"enqueued": "uniform"})
+
+    def episode(self, env: LayerSparsityEnv, trial: optuna.Trial | None) -> Episode:
+        assert trial is not None
+        requested = [trial.suggest_float(param_name(u.name), env.min_sparsity, env.max_sparsity)
+                     for u in env.table.units]
+        return run_policy(env, requested)
+
+
+def _startup(env: LayerSparsityEnv) -> int:
+    return min(10, max(4, env.n_units // 3))
+
+
+@SEARCHERS.register("tpe", help="Optuna TPE, multivariate (the default searcher)")
+class TPE(SamplerSearcher):
+    name = "tpe"
+
+    def make_sampler(self, env, seed):
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=_startup(env))
+
+
+@SEARCHERS.register("cmaes", help="Optuna CMA-ES (the cmaes package)")
+class CMAES(SamplerSearcher):
+    name = "cmaes"
+
+    def make_sampler(self, env, seed):
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1,
+                                            warn_independent_sampling=False)
+
+
+@SEARCHERS.register("gp", help="Optuna Gaussian-process Bayesian optimisation")
+class GP(SamplerSearcher):
+    name = "gp"
+
+    def make_sampler(self, env, seed):
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=_startup(env),
+                                         deterministic_objective=True, warn_independent_sampling=False)
+
+
+@SEARCHERS.register("qmc", help="Optuna quasi-Monte Carlo (scrambled Sobol)")
+class QMC(SamplerSearcher):
+    name = "qmc"
+
+    def make_sampler(self, env, seed):
+        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=self.seed,
+                                          warn_independent_sampling=False,
+                                          warn_asynchronous_seeding=False)
+
+
+@SEARCHERS.register("random", help="Optuna random search over per-unit sparsities")
+class RandomSearch(SamplerSearcher):
+    name = "random"
+
+    def make_sampler(self, env, seed):
+        return optuna.samplers.RandomSampler(seed=seed)
+
+
+@SEARCHERS.register("nsga2", help="NSGA-II on two objectives (proxy accuracy up, cost down)")
+class NSGA2(SamplerSearcher):
+    name = "nsga2"
+    directions = ("maximize", "minimize")
+
+    def make_sampler(self, env, seed):
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, min(50, env.n_units)))
+
+    def values(self, episode: Episode) -> list[float]:
+        s = episode.summary
+        return [s["accuracy"], s["ratios"][s["budget_metric"]]]

@@ -1,0 +1,105 @@
+"""Search quality on a CIFAR-10 fixture: searchers against baselines at equal episode budgets.
+
+    python -m benchmarks.search_quality --model resnet56 --budget 0.5flops --episodes 100 \\
+        --searchers uniform,erk,lamp,global,random,tpe,ddpg --seeds 0,1,2
+
+Every searcher runs on the same task (same split, same BN recalibration, same importance), each
+(searcher, seed) in its own study of one SQLite file. The best trial of each study (by reward,
+within budget) is pruned again, BN-recalibrated and scored on the 10,000 test images. Prints a
+markdown table (mean and spread over seeds) and writes every figure to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+from autoprune.agents import SEARCHERS
+from autoprune.envs import LayerSparsityEnv
+from autoprune.evaluate import recalibrate_bn
+from autoprune.studies.runner import SearchConfig, run_search
+from autoprune.task import PruningTask, TaskConfig
+from benchmarks.common import cifar_dir, fixture, machine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet56")
+    ap.add_argument("--budget", default="0.5flops")
+    ap.add_argument("--episodes", type=int, default=100)
+    ap.add_argument("--searchers", default="uniform,erk,lamp,global,random,tpe,ddpg")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--search-val-size", type=int, default=1000)
+    ap.add_argument("--calib-batches", type=int, default=10)
+    ap.add_argument("--importance", default="l1")
+    ap.add_argument("--storage", default="sqlite:///benchmarks-search.db")
+    ap.add_argument("--out", default=None, help="JSON file for every figure")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    task = PruningTask(TaskConfig(model=args.model, weights=str(fixture(args.model)), dataset="imagefolder",
+                                  data_dir=str(cifar_dir()), search_val_size=args.search_val_size,
+                                  calib_batches=args.calib_batches, importance=args.importance),
+                       progress=False)
+    env = LayerSparsityEnv(task, budget=args.budget)
+    print(f"# {args.model} {args.budget}: {len(task.table.units)} units, search-val "
+          f"{len(task.splits.search_val)}, {args.episodes} episodes per search; {machine()}", flush=True)
+    dense_test = task.test_accuracy(task.dense)
+    rows = []
+    for name in args.searchers.split(","):
+        SEARCHERS.get(name)
+        seeds = [0] if SEARCHERS.get(name).one_shot else [int(s) for s in args.seeds.split(",")]
+        for seed in seeds:
+            start = time.perf_counter()
+            result = run_search(env, SearchConfig(
+                searcher=name, episodes=args.episodes, seed=seed, storage=args.storage, resume=True,
+                study_name=f"{args.model}-{env.budget.slug}-{args.importance}-{name}-s{seed}",
+                progress=False))
+            best = result.best
+            model = task.prune(best.user_attrs["widths"])
+            recalibrate_bn(model, task.splits.calib, task.config.calib_batch_size)
+            row = {"searcher": name, "seed": seed, "trial": best.number,
+                   "episodes": len(result.study.trials), "proxy_acc": best.user_attrs["accuracy"],
+                   "test_acc": task.test_accuracy(model), "ratios": best.user_attrs["ratios"],
+                   "policy": best.user_attrs["policy"], "seconds": time.perf_counter() - start}
+            rows.append(row)
+            print(f"{name:8s} seed {seed}: proxy {row['proxy_acc']:.4f} test {row['test_acc']:.4f} "
+                  f"flops {row['ratios']['flops']:.3f} ({row['seconds']:.0f}s)", flush=True)
+    print(table(rows, dense_test))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine(),
+                                              "dense_test": dense_test, "rows": rows}, indent=1))
+
+
+def sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def table(rows: list[dict], dense_test: float) -> str:
+    uniform = [r["test_acc"] for r in rows if r["searcher"] == "uniform"]
+    lines = [f"dense test accuracy {dense_test:.2%}", "",
+             "| searcher | seeds | proxy acc (mean ± sd) | test acc (mean ± sd) | vs uniform (test, points) "
+             "| FLOPs ratio |", "|---|---|---|---|---|---|"]
+    names = list(dict.fromkeys(r["searcher"] for r in rows))
+    for name in names:
+        rs = [r for r in rows if r["searcher"] == name]
+        p = [r["proxy_acc"] for r in rs]
+        t = [r["test_acc"] for r in rs]
+        delta = (statistics.mean(t) - uniform[0]) * 100 if uniform else float("nan")
+        lines.append(f"| {name} | {len(rs)} | {statistics.mean(p):.2%} ± {sd(p):.2%} | "
+                     f"{statistics.mean(t):.2%} ± {sd(t):.2%} | {delta:+.2f} | "
+                     f"{statistics.mean(r['ratios']['flops'] for r in rs):.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

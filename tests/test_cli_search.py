@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from autoprune.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_search_end_to_end_on_the_offline_default(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "search", "--model", "resnet20", "--budget", "0.5flops",
+                         "--episodes", "4", "-q")
+    assert code == 0, err
+    assert "no --dataset given: using the bundled offline 'digits' set" in err
+    assert "training a dense resnet20 baseline" in err
+    assert "study 'resnet20-digits-0.5flops-tpe' in sqlite:///autoprune.db: 4 trials" in out
+    assert "autoprune export resnet20-digits-0.5flops-tpe" in out and "autoprune dashboard" in out
+    study = optuna.load_study(study_name="resnet20-digits-0.5flops-tpe",
+                              storage=f"sqlite:///{tmp_path}/autoprune.db")
+    assert len(study.trials) == 4
+    assert all(t.user_attrs["ratios"]["flops"] <= 0.5 + 1e-9 for t in study.trials)
+    assert study.user_attrs["weights"].startswith("baseline-sha256:")
+    # the cached baseline is reused: no second training
+    code, out, err = run(capsys, "search", "--model", "resnet20", "--budget", "2xflops",
+                         "--episodes", "2", "--searcher", "uniform", "-q")
+    assert code == 0 and "training a dense" not in err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--budget", "half"], "accepted forms: 0.5flops"),
+    (["--searcher", "bayes"], "unknown searcher 'bayes'"),
+    (["--reward", "acc2"], "unknown reward 'acc2'"),
+    (["--model", "resnet7"], "unknown model 'resnet7'"),
+    (["--storage", "mongodb"], "cannot read storage"),
+    (["--episodes", "0"], "--episodes must be at least 1"),
+    (["--budget", "0.001flops", "--model", "resnet20"], "out of reach"),
+])
+def test_search_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "search", "--episodes", "2", "-q", *argv)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if not line.startswith("note:")]
+    assert len(lines) == 1 and match in lines[0], err
+    assert not (tmp_path / "autoprune.db").exists()
+
+
+def test_read_only_directory_for_the_database(capsys, tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    # chmod means nothing to root; an immutable folder refuses everyone
+    locked = shutil.which("chattr") and subprocess.run(["chattr", "+i", str(ro)]).returncode == 0
+    if not locked:
+        ro.chmod(0o555)
+    monkeypatch.chdir(tmp_path)
+    try:
+        code, _, err = run(capsys, "search", "--storage", f"sqlite:///{ro}/x.db", "-q")
+        assert code == 2 and "is read-only" in err and len(err.strip().splitlines()) == 1
+        assert list(ro.iterdir()) == []
+    finally:
+        if locked:
+            subprocess.run(["chattr", "-i", str(ro)])
+        ro.chmod(0o755)

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autoprune.agents import SEARCHERS
+from autoprune.envs import LayerSparsityEnv
+from autoprune.errors import AutopruneError
+from autoprune.studies.runner import SearchConfig, run_search
+
+FAST_RL = {"ddpg", "td3", "sac"}
+
+
+def _run(env, tmp_path, searcher, episodes=6, **kw):
+    options = {"warmup": 2} if searcher in FAST_RL else {}
+    config = SearchConfig(searcher=searcher, episodes=episodes, storage=f"sqlite:///{tmp_path}/s.db",
+                          progress=False, searcher_options=options, **kw)
+    return run_search(env, config)
+
+
+@pytest.mark.parametrize("searcher", SEARCHERS.names())
+def test_every_searcher_records_episodes_that_meet_the_budget(tiny_task, tmp_path, searcher):
+    env = LayerSparsityEnv(tiny_task, budget="0.5flops")
+    result = _run(env, tmp_path, searcher)
+    study = result.study
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    expected = 1 if SEARCHERS.get(searcher).one_shot else 6
+    assert len(trials) == expected == result.new_trials
+    for t in trials:
+        a = t.user_attrs
+        assert a["ratios"]["flops"] <= 0.5 + 1e-9 and a["within_budget"]
+        assert set(a["policy"]) == set(tiny_task.table.names)
+        assert set(t.params) == {f"s/{n}" for n in tiny_task.table.names}
+        assert 0.0 <= a["accuracy"] <= 1.0 and a["searcher"] == searcher
+    attrs = study.user_attrs
+    for key in ("model", "weights", "dataset", "split_seed", "budget", "granularity", "importance",
+                "reward", "dense_accuracy", "versions", "command", "searcher"):
+        assert key in attrs, key
+    assert attrs["budget"] == "0.5flops" and attrs["searcher"] == searcher
+    assert result.best is not None
+    if searcher == "nsga2":
+        assert len(study.directions) == 2
+        assert trials[0].values[1] == trials[0].user_attrs["ratios"]["flops"]
+
+
+def test_samplers_start_from_the_uniform_policy(tiny_task, tmp_path):
+    env = LayerSparsityEnv(tiny_task, budget="0.5flops")
+    study = _run(env, tmp_path, "tpe", episodes=2).study
+    first = study.trials[0]
+    assert first.user_attrs.get("enqueued") == "uniform"
+    assert len(set(first.params.values())) == 1
+
+
+def test_baselines_differ_from_uniform_and_meet_budget(tiny_task, tmp_path):
+    env = LayerSparsityEnv(tiny_task, budget="0.5flops")
+    policies = {}
+    for name in ("uniform", "global", "erk", "lamp"):
+        t = _run(env, tmp_path, name).study.trials[0]
+        policies[name] = t.user_attrs["policy"]
+        # the knob is tight: not far under the budget either
+        assert 0.45 <= t.user_attrs["ratios"]["flops"] <= 0.5
+    assert len({tuple(p.values()) for p in policies.values()}) == 4
+
+
+def test_existing_study_needs_resume_and_the_same_task(tiny_task, tmp_path):
+    env = LayerSparsityEnv(tiny_task, budget="0.5flops")
+    _run(env, tmp_path, "random", episodes=3)
+    with pytest.raises(AutopruneError, match="already exists.*--resume"):
+        _run(env, tmp_path, "random", episodes=5)
+    result = _run(env, tmp_path, "random", episodes=5, resume=True)
+    assert result.new_trials == 2 and len(result.study.trials) == 5
+    other = LayerSparsityEnv(tiny_task, budget="0.4flops")
+    with pytest.raises(AutopruneError, match="budget"):
+        _run(other, tmp_path, "random", episodes=5, resume=True,
+             study_name="tiny-digits-0.5flops-random")
+
+
+def test_rl_agent_checkpoint_restores_state(tiny_task, tmp_path):
+    from autoprune.agents.rl import DDPGSearcher
+
+    env = LayerSparsityEnv(tiny_task, budget="0.5flops")
+    result = _run(env, tmp_path, "ddpg", episodes=5)
+    saved = DDPGSearcher(seed=0, warmup=2)
+    saved.setup(env, result.study, 5)
+    pending = saved.load(result.state_dir)
+    assert saved.episode_index == 5
+    assert pending["user_attrs"]["uid"] == result.study.trials[-1].user_attrs["uid"]
+    assert saved.model.replay_buffer.size() == 5 * env.n_units
+    assert saved.model._n_updates > 0
+
+
+def test_unreachable_and_bad_storage(tiny_task, tmp_path):
+    from autoprune.studies.storage import open_storage
+
+    with pytest.raises(AutopruneError, match="cannot open storage postgresql://u:\\*\\*\\*@"):
+        open_storage("postgresql://u:secret@127.0.0.1:9/nodb")
+    with pytest.raises(AutopruneError, match="cannot read storage"):
+        open_storage("autoprune.db")
+    (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(AutopruneError, match="not a readable SQLite database"):
+        open_storage(f"sqlite:///{tmp_path}/junk.db")
+    with pytest.raises(AutopruneError, match="does not exist"):
+        open_storage(f"sqlite:///{tmp_path}/no/such/dir/x.db")
+    assert optuna.storages.RDBStorage  # the real storage classes are used, nothing mocked
