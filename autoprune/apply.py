@@ -36,6 +36,7 @@ def apply_policy(
     latency_device: str = "cpu",
     latency_threads: int | None = None,
     program: bool = True,
+    onnx: bool = False,
     quiet: bool = False,
 ) -> dict:
     """Prune the task's dense model with ``policy`` and write model, policy and metrics.
@@ -109,6 +110,13 @@ def apply_policy(
                                   task.config.exclude), tmp / "pruned.pt")
         if program:
             export_program(model, task.example, tmp / "model.pt2")
+        if onnx:
+            from autoprune.artifacts import export_onnx
+
+            metrics["onnx"] = export_onnx(model, task.example, tmp / "model.onnx",
+                                          task.splits.search_val.x[:64])
+            metrics["onnx"]["path"] = "model.onnx"
+            _log(f"ONNX: onnxruntime matches PyTorch within {metrics['onnx']['max_abs_diff']:.2g}", quiet)
         achieved.save(tmp / "policy.json", task.table)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

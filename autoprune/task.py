@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -92,23 +93,22 @@ def _check_device(device: str) -> str:
 
 
 def load_dense_model(config: TaskConfig, info: DatasetInfo, splits: Splits | None = None,
-                     progress: bool = True) -> tuple[nn.Module, str]:
-    """The dense model and the identity of its weights (sha256 of the file, or how it was made)."""
+                     progress: bool = True) -> tuple[nn.Module, str, str | None]:
+    """The dense model, the identity of its weights (sha256 of the file, or how they were made)
+    and the weights file's path (None for torchvision's pretrained weights)."""
     spec = ModelSpec(info.num_classes, info.in_channels, info.image_size, config.pretrained)
     model = build_model(config.model, spec)
     if config.weights:
         load_weights(model, config.weights)
-        identity = "sha256:" + file_sha256(config.weights)
-    elif config.pretrained:
-        identity = f"torchvision:{config.model}:DEFAULT"
-    else:
-        if splits is None:
-            raise AutopruneError("no --weights given and no data to train a baseline on")
-        from autoprune.baseline import ensure_baseline
+        return model.eval(), "sha256:" + file_sha256(config.weights), str(Path(config.weights).resolve())
+    if config.pretrained:
+        return model.eval(), f"torchvision:{config.model}:DEFAULT", None
+    if splits is None:
+        raise AutopruneError("no --weights given and no data to train a baseline on")
+    from autoprune.baseline import ensure_baseline
 
-        path = ensure_baseline(model, config.model, splits, config.device, progress)
-        identity = "baseline-sha256:" + file_sha256(path)
-    return model.eval(), identity
+    path = ensure_baseline(model, config.model, splits, config.device, progress)
+    return model.eval(), "baseline-sha256:" + file_sha256(path), str(path)
 
 
 class PruningTask:
@@ -130,9 +130,10 @@ class PruningTask:
             config.calib_batches, config.calib_batch_size,
         )
         if dense is None:
-            dense, self.weights_id = load_dense_model(config, self.splits.info, self.splits, progress)
+            dense, self.weights_id, self.weights_path = load_dense_model(
+                config, self.splits.info, self.splits, progress)
         else:
-            self.weights_id = "in-memory"
+            self.weights_id, self.weights_path = "in-memory", None
         self.dense = dense.eval()
         self.example = self.splits.example_input(1)
         table = build_unit_table(self.dense, self.example, config.granularity, config.exclude,

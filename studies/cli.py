@@ -20,7 +20,7 @@ def add_commands(sub) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--budget", default="0.5flops",
                    help="0.5flops, 0.3params, 0.7latency, 2xflops or 50%%flops (default 0.5flops)")
-    g.add_argument("--searcher", default="tpe", help=f"one of: {', '.join(_searchers())} (default tpe)")
+    g.add_argument("--searcher", default="tpe", help=f"{_searchers()} (default tpe)")
     g.add_argument("--episodes", type=int, default=60, help="complete trials the study should hold")
     g.add_argument("--reward", default="acc", help="acc (AMC R_err), acc-log-flops, acc-penalty")
     g.add_argument("--reward-lambda", type=float, default=1.0, help="penalty weight of acc-penalty")
@@ -40,11 +40,54 @@ def add_commands(sub) -> None:
     add_eval_args(p)
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser("export", help="write a study's best policy (and, with weights, the pruned model)")
+    p.add_argument("study", help="study name (see `autoprune studies`)")
+    p.add_argument("--storage", default="sqlite:///autoprune.db")
+    p.add_argument("--trial", type=int, default=None, help="export this trial instead of the best")
+    p.add_argument("--pick", default="accuracy",
+                   help="two-objective studies: the Pareto point with the best accuracy (default), "
+                        "the lowest cost, or the knee")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="policy file (.json or .yaml)")
+    p.add_argument("--format", default="autoprune", help="autoprune (default), torch-pruning, nni")
+    m = p.add_argument_group("pruned model (with --weights or --model-dir)")
+    m.add_argument("--weights", default=None, help="the dense weights the study searched")
+    m.add_argument("--model-dir", default=None, help="where the model files go "
+                   "(default: <output stem>_model next to the policy file)")
+    m.add_argument("--data-dir", default=None, help="the dataset's folder, if it moved since the search")
+    m.add_argument("--finetune-epochs", type=float, default=0.0)
+    m.add_argument("--finetune-lr", type=float, default=0.01)
+    m.add_argument("--finetune-batch-size", type=int, default=128)
+    m.add_argument("--distill", type=float, default=0.0, help="distillation weight from the dense model")
+    m.add_argument("--onnx", action="store_true", help="also write model.onnx, checked in onnxruntime")
+    m.add_argument("--device", default="cpu")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
 
-def _searchers() -> list[str]:
+    p = sub.add_parser("studies", help="list the studies in a storage")
+    p.add_argument("--storage", default="sqlite:///autoprune.db")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_studies)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage")
+    p.add_argument("--storage", default="sqlite:///autoprune.db")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("report", help="trials CSV, markdown summary and plots of a study")
+    p.add_argument("study")
+    p.add_argument("--storage", default="sqlite:///autoprune.db")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_report)
+
+
+def _searchers() -> str:
+    """The registered searchers for --help; importing them costs seconds, so only when asked."""
+    if not {"-h", "--help"} & set(sys.argv):
+        return "a registered searcher, e.g. tpe, ddpg, uniform"
     from autoprune.agents import SEARCHERS
 
-    return SEARCHERS.names()
+    return "one of: " + ", ".join(SEARCHERS.names())
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -106,3 +149,71 @@ def summary(result, env, storage: str) -> str:
                  f"(or: optuna-dashboard {storage})")
     lines.append(f"export:    autoprune export {study.study_name} --storage {storage} -o policy.json")
     return "\n".join(lines)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autoprune.studies.export import (
+        FORMATS,
+        choose_trial,
+        export_model,
+        load_study,
+        policy_document,
+        write_policy,
+    )
+
+    if args.format not in FORMATS:
+        raise AutopruneError(f"unknown --format {args.format!r}; choose one of: {', '.join(FORMATS)}")
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise AutopruneError(f"cannot write {out}: folder {out.parent} does not exist")
+    study = load_study(args.study, args.storage)
+    trial = choose_trial(study, args.trial, args.pick)
+    doc = policy_document(study, trial)
+    if args.weights or args.model_dir:
+        from autoprune.finetune import FinetuneConfig
+
+        model_dir = Path(args.model_dir) if args.model_dir else out.with_name(out.stem + "_model")
+        ft = None
+        if args.finetune_epochs > 0:
+            ft = FinetuneConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, distill=args.distill,
+                                batch_size=args.finetune_batch_size, seed=doc.get("split_seed") or 0)
+        metrics = export_model(study, trial, model_dir, args.weights, args.data_dir, args.device, ft,
+                               args.onnx, quiet=args.quiet)
+        doc["exported_model"] = {"dir": str(model_dir), "test_accuracy": metrics["pruned"].get(
+            "test_acc_finetuned", metrics["pruned"].get("test_acc"))}
+        print(f"wrote {model_dir}/: pruned.pt, model.pt2{', model.onnx' if args.onnx else ''}, "
+              f"policy.json, metrics.json")
+    write_policy(doc, out, args.format)
+    a = trial.user_attrs
+    print(f"wrote {out} ({args.format}): trial {trial.number} of {study.study_name!r}, proxy accuracy "
+          f"{a['accuracy']:.2%}, " + ", ".join(f"{k} {v:.3f}" for k, v in a["ratios"].items()))
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    import json
+
+    from autoprune.studies.report import format_studies, list_studies
+
+    rows = list_studies(args.storage)
+    print(json.dumps(rows, indent=2) if args.json else format_studies(rows))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from autoprune.studies.report import serve_dashboard
+
+    serve_dashboard(args.storage, args.host, args.port)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from autoprune.studies.export import load_study
+    from autoprune.studies.report import write_report
+
+    study = load_study(args.study, args.storage)
+    written = write_report(study, args.output)
+    print(f"wrote {args.output}/: " + ", ".join(written))
+    return 0

@@ -74,3 +74,11 @@ def best_trial(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> 
 def policy_of(trial: FrozenTrial) -> dict[str, float]:
     """The achieved per-unit sparsities of a trial."""
     return dict(trial.user_attrs["policy"])
+
+
+def pareto_front(trials: list[FrozenTrial], metric: str) -> list[FrozenTrial]:
+    """Trials not dominated on (proxy accuracy up, ``metric`` ratio down), sorted by cost."""
+    pts = [(t.user_attrs["accuracy"], t.user_attrs["ratios"][metric], t) for t in trials]
+    front = [p for p in pts if not any(q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1])
+                                       for q in pts)]
+    return [t for _, _, t in sorted(front, key=lambda p: (p[1], -p[0]))]

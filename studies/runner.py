@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -123,7 +124,9 @@ def study_attributes(env: LayerSparsityEnv, config: SearchConfig) -> dict:
         "calib_images": len(task.splits.calib),
         "calib_batches": task.config.calib_batches,
         "calib_batch_size": task.config.calib_batch_size,
-        "data_dir": str(task.config.data_dir) if task.config.data_dir else None,
+        "data_dir": str(Path(task.config.data_dir).expanduser().resolve()) if task.config.data_dir else None,
+        "weights_path": task.weights_path,
+        "pretrained": task.config.pretrained,
         "exclude": list(task.config.exclude),
         "bn_recalibration": task.config.bn_recalibration,
         "episode_finetune_steps": task.config.episode_finetune_steps,
@@ -176,6 +179,11 @@ def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, 
                                 sampler=searcher.sampler(env, 0))
     for key, value in attrs.items():
         study.set_user_attr(key, value)
+    metric = env.budget.metric
+    with warnings.catch_warnings():  # names shown by the dashboard; the API is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["proxy accuracy", f"{metric} ratio"] if len(searcher.directions) == 2
+                               else [f"reward ({env.reward_name})"])
     return study
 
 

@@ -1,0 +1,241 @@
+"""Reports on studies: the table of studies, and a study's CSV, markdown summary and plots.
+
+The plots put a study next to its *siblings*: studies in the same storage that searched the same
+task (model, weights, data, split, budget, granularity, importance), so a searched policy is shown
+against the one-shot baselines and other searchers evaluated the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from autoprune.errors import AutopruneError
+from autoprune.studies.export import policy_document
+from autoprune.studies.records import best_trial, completed, is_finite, pareto_front
+from autoprune.studies.storage import open_storage
+
+SIBLING_KEYS = ("model", "weights", "dataset", "data", "split_seed", "budget", "granularity",
+                "importance", "round_to", "search_val_size", "bn_recalibration")
+BASELINES = ("uniform", "global", "erk", "lamp")
+
+
+def list_studies(storage_url: str) -> list[dict]:
+    """One row per study: name, searcher, model, dataset, budget, trials and the best result."""
+    storage = open_storage(storage_url)
+    rows = []
+    try:
+        frozen = storage.get_all_studies()
+    except Exception as err:
+        raise AutopruneError(f"cannot read studies from {storage_url}: {str(err).splitlines()[0][:200]}") \
+            from None
+    for fs in frozen:
+        study = optuna.load_study(study_name=fs.study_name, storage=storage)
+        a = study.user_attrs
+        done = completed(study)
+        best = best_trial(study, done) if done and "policy" in done[0].user_attrs else None
+        rows.append({
+            "study": fs.study_name, "searcher": a.get("searcher", "-"), "model": a.get("model", "-"),
+            "dataset": a.get("dataset", "-"), "budget": a.get("budget", "-"),
+            "trials": len(done), "all_trials": len(study.trials),
+            "best_reward": best.user_attrs.get("reward") if best else None,
+            "best_accuracy": best.user_attrs.get("accuracy") if best else None,
+            "best_trial": best.number if best else None,
+        })
+    return rows
+
+
+def format_studies(rows: list[dict]) -> str:
+    if not rows:
+        return "no studies"
+    df = pd.DataFrame(rows)
+    df["trials"] = [f"{r['trials']}/{r['all_trials']}" for r in rows]
+    df["best_reward"] = [f"{v:+.4f}" if v is not None else "-" for v in df["best_reward"]]
+    df["best_accuracy"] = [f"{v:.2%}" if v is not None else "-" for v in df["best_accuracy"]]
+    df["best_trial"] = [str(int(v)) if pd.notna(v) else "-" for v in df["best_trial"]]
+    return df.drop(columns=["all_trials"]).to_string(index=False)
+
+
+def siblings(study: optuna.Study) -> list[optuna.Study]:
+    """Studies in the same storage that searched the same task (``study`` itself included)."""
+    storage = study._storage
+    mine = {k: study.user_attrs.get(k) for k in SIBLING_KEYS}
+    out = []
+    for fs in storage.get_all_studies():
+        if fs.study_name == study.study_name:
+            out.append(study)
+        elif all(fs.user_attrs.get(k) == v for k, v in mine.items()):
+            out.append(optuna.load_study(study_name=fs.study_name, storage=storage))
+    return out
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: outcome, costs and every unit's achieved sparsity."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        row = {"number": t.number, "state": t.state.name, "searcher": a.get("searcher"),
+               "reward": a.get("reward"), "proxy_accuracy": a.get("accuracy"),
+               "within_budget": a.get("within_budget"), "seconds": a.get("seconds"),
+               "retry_of": a.get("retry_of")}
+        row.update({f"{k}_ratio": v for k, v in (a.get("ratios") or {}).items()})
+        row.update({f"s/{k}": v for k, v in (a.get("policy") or {}).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _scatter_points(study: optuna.Study, metric: str):
+    trials = [t for t in completed(study) if is_finite(t) and "ratios" in t.user_attrs]
+    return ([t.user_attrs["ratios"][metric] for t in trials],
+            [t.user_attrs["accuracy"] for t in trials], trials)
+
+
+def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
+    """Write trials.csv, summary.md and the PNG plots for ``study`` into ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from autoprune.artifacts import OutputDir
+
+    if not completed(study) or "policy" not in completed(study)[0].user_attrs:
+        raise AutopruneError(f"study {study.study_name!r} has no complete autoprune trial to report on")
+    a = study.user_attrs
+    metric = a.get("budget_metric", "flops")
+    budget_ratio = a.get("budget_ratio")
+    sibs = siblings(study)
+    best = best_trial(study)
+    written = {}
+    with OutputDir(out_dir) as tmp:
+        trials_frame(study).to_csv(tmp / "trials.csv", index=False)
+        written["trials.csv"] = Path(out_dir) / "trials.csv"
+
+        # 1. proxy accuracy against cost, every sibling study, Pareto front, baselines marked
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for sib in sibs:
+            name = sib.user_attrs.get("searcher", sib.study_name)
+            xs, ys, _ = _scatter_points(sib, metric)
+            if name in BASELINES:
+                ax.scatter(xs, ys, marker="*", s=220, edgecolor="black", zorder=5, label=f"{name} (baseline)")
+            else:
+                ax.scatter(xs, ys, s=14, alpha=0.55, label=name)
+        _, _, trials = _scatter_points(study, metric)
+        front = pareto_front(trials, metric)
+        ax.plot([t.user_attrs["ratios"][metric] for t in front], [t.user_attrs["accuracy"] for t in front],
+                "k--", lw=1, label="Pareto front (this study)")
+        if budget_ratio:
+            ax.axvline(budget_ratio, color="red", lw=1, ls=":", label=f"budget {a.get('budget')}")
+        ax.set_xlabel(f"{metric} ratio (pruned / dense)")
+        ax.set_ylabel("proxy accuracy (search-val, after BN recalibration)")
+        ax.set_title(f"{a.get('model')} on {a.get('dataset')}: accuracy against cost")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(tmp / "accuracy_vs_cost.png", dpi=120)
+        plt.close(fig)
+
+        # 2. the best policy's per-unit sparsity (AMC's figure)
+        names = list(best.user_attrs["policy"])
+        values = [best.user_attrs["policy"][n] for n in names]
+        fig, ax = plt.subplots(figsize=(max(7, 0.28 * len(names)), 4.5))
+        ax.bar(range(len(names)), values, color="tab:blue", label=f"trial {best.number}")
+        uniform = _baseline_policy(sibs, "uniform")
+        if uniform:
+            ax.plot(range(len(names)), [uniform.get(n, float("nan")) for n in names], "r_", ms=12, mew=2,
+                    label="uniform baseline")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=90, fontsize=7)
+        ax.set_ylabel("sparsity (fraction removed)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"best policy: {study.study_name}, proxy acc {best.user_attrs['accuracy']:.2%}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(tmp / "policy.png", dpi=120)
+        plt.close(fig)
+
+        # 3. reward over episodes, per searcher
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for sib in sibs:
+            done = [t for t in completed(sib) if is_finite(t) and "reward" in t.user_attrs]
+            if len(done) < 2:
+                continue
+            rewards = [t.user_attrs["reward"] for t in done]
+            running = pd.Series(rewards).cummax()
+            label = sib.user_attrs.get("searcher", sib.study_name)
+            line = ax.plot(range(len(rewards)), running, lw=2, label=f"{label} (best so far)")[0]
+            ax.scatter(range(len(rewards)), rewards, s=8, alpha=0.35, color=line.get_color())
+        ax.set_xlabel("episode")
+        ax.set_ylabel(f"reward ({a.get('reward')})")
+        ax.set_title("reward over episodes")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(tmp / "reward.png", dpi=120)
+        plt.close(fig)
+
+        (tmp / "summary.md").write_text(summary_markdown(study, best, sibs))
+    for name in ("accuracy_vs_cost.png", "policy.png", "reward.png", "summary.md"):
+        written[name] = Path(out_dir) / name
+    return written
+
+
+def _baseline_policy(sibs, name: str) -> dict | None:
+    for sib in sibs:
+        if sib.user_attrs.get("searcher") == name and completed(sib):
+            return completed(sib)[0].user_attrs.get("policy")
+    return None
+
+
+def summary_markdown(study: optuna.Study, best, sibs) -> str:
+    a = study.user_attrs
+    doc = policy_document(study, best)
+    lines = [f"# {study.study_name}", "",
+             f"- model `{a.get('model')}`, weights `{a.get('weights')}`",
+             f"- data `{a.get('dataset')}` ({a.get('data')}), split seed {a.get('split_seed')}, "
+             f"search-val {a.get('search_val_size')} images",
+             f"- budget **{a.get('budget')}**, granularity {a.get('granularity')}, importance "
+             f"{a.get('importance')}, reward {a.get('reward')}, searcher {a.get('searcher')}",
+             f"- dense proxy accuracy {a.get('dense_accuracy', float('nan')):.2%}",
+             f"- trials: {len(completed(study))} complete of {len(study.trials)} "
+             f"({sum(t.state == TrialState.FAIL for t in study.trials)} failed)", "",
+             "## Best trial", "",
+             f"trial {best.number}: proxy accuracy **{best.user_attrs['accuracy']:.2%}**, reward "
+             f"{best.user_attrs['reward']:+.4f}, cost ratios "
+             + ", ".join(f"{k} {v:.3f}" for k, v in best.user_attrs["ratios"].items()), "",
+             "| unit | sparsity | kept |", "|---|---|---|"]
+    lines += [f"| {u['name']} | {u['sparsity']:.3f} | {u['kept']} |" for u in doc["units"]]
+    lines += ["", "## Same task, other searchers (this storage)", "",
+              "| study | searcher | trials | best proxy accuracy | best reward |", "|---|---|---|---|---|"]
+    for sib in sibs:
+        b = best_trial(sib)
+        if b is None:
+            continue
+        lines.append(f"| {sib.study_name} | {sib.user_attrs.get('searcher')} | {len(completed(sib))} | "
+                     f"{b.user_attrs['accuracy']:.2%} | {b.user_attrs['reward']:+.4f} |")
+    lines += ["", "Plots: `accuracy_vs_cost.png`, `policy.png`, `reward.png`; every trial: `trials.csv`.",
+              "", "```", json.dumps({"command": a.get("command"), "versions": a.get("versions")}, indent=1),
+              "```", ""]
+    return "\n".join(lines)
+
+
+def serve_dashboard(storage_url: str, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve optuna-dashboard on ``storage_url`` until interrupted (loopback unless told otherwise)."""
+    import sys
+
+    from optuna_dashboard import run_server
+
+    storage = open_storage(storage_url)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the dashboard has no authentication and listens on {host}; anyone who can "
+              "reach this port can read and annotate the studies", file=sys.stderr)
+    print(f"optuna-dashboard on {storage_url}: http://{host}:{port}/ (Ctrl-C to stop)", file=sys.stderr,
+          flush=True)
+    try:
+        run_server(storage, host=host, port=port)
+    except OSError as err:
+        raise AutopruneError(f"cannot serve the dashboard on {host}:{port}: {err.strerror}") from None
