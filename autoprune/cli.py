@@ -252,7 +252,9 @@ def _add_study_commands(sub) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if getattr(args, "latency_batch", "unset") is None:
         args.latency_batch = [1]
     try:

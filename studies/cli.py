@@ -36,6 +36,9 @@ def add_commands(sub) -> None:
                    help="default: <model>-<dataset>-<budget>-<searcher>")
     s.add_argument("--resume", action="store_true", help="continue an existing study")
     s.add_argument("--state-dir", default=None, help="where RL agents keep their checkpoints")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes on one study (samplers; journal or PostgreSQL storage)")
+    s.add_argument("--worker-quota", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_eval_args(p)
     p.set_defaults(func=cmd_search)
@@ -109,6 +112,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     REWARDS.get(args.reward)
     if args.episodes < 1:
         raise AutopruneError("--episodes must be at least 1")
+    if args.workers < 1:
+        raise AutopruneError("--workers must be at least 1")
+    from autoprune.studies.runner import check_workers
+
+    check_workers(args.searcher, args.storage, args.workers)
     check_storage(args.storage)
     args.dataset = _default_dataset(args)
     config = task_config(args)
@@ -122,11 +130,33 @@ def cmd_search(args: argparse.Namespace) -> int:
         searcher=args.searcher, episodes=args.episodes, seed=args.seed, storage=args.storage,
         study_name=args.study_name, resume=args.resume, state_dir=args.state_dir,
         searcher_options=options, progress=not args.quiet,
-        command=" ".join(shlex.quote(a) for a in ["autoprune", *sys.argv[1:]]),
+        command=" ".join(shlex.quote(a) for a in ["autoprune", *args.argv]),
     )
-    result = run_search(env, search)
-    print(summary(result, env, args.storage))
+    if args.workers > 1:
+        from autoprune.studies.runner import run_workers
+
+        result = run_workers(env, search, args.workers, _worker_command(args.argv))
+    else:
+        result = run_search(env, search, quota=args.worker_quota)
+    if args.worker_quota is None:
+        print(summary(result, env, args.storage))
     return 0
+
+
+def _worker_command(argv: list[str]) -> list[str]:
+    """This command line without --workers (and the flags the parent sets for each worker)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--workers", "--study-name", "--worker-quota"):
+            skip = True
+            continue
+        if a.startswith(("--workers=", "--study-name=", "--worker-quota=")) or a in ("--resume", "-q", "--quiet"):
+            continue
+        out.append(a)
+    return [sys.executable, "-m", "autoprune.cli", *out]
 
 
 def summary(result, env, storage: str) -> str:
@@ -145,8 +175,10 @@ def summary(result, env, storage: str) -> str:
     width = max(len(n) for n in a["policy"])
     for (name, s), k, u in zip(a["policy"].items(), a["widths"], env.table.units):
         lines.append(f"  {name:<{width}}  {s:6.3f}  {u.size:>6} -> {k}")
-    lines.append(f"dashboard: autoprune dashboard --storage {storage}   "
-                 f"(or: optuna-dashboard {storage})")
+    from autoprune.studies.storage import journal_path, storage_kind
+
+    plain = str(journal_path(storage)) if storage_kind(storage) == "journal" else storage
+    lines.append(f"dashboard: autoprune dashboard --storage {storage}   (or: optuna-dashboard {plain})")
     lines.append(f"export:    autoprune export {study.study_name} --storage {storage} -o policy.json")
     return "\n".join(lines)
 

@@ -156,8 +156,8 @@ def _study_exists(storage, name: str) -> bool:
 def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, name: str,
                storage=None) -> optuna.Study:
     """Create the study, or load it for ``--resume`` after checking it is the same search."""
+    attrs = study_attributes(env, config)  # evaluates the dense model: fail before writing anything
     storage = storage or open_storage(config.storage)
-    attrs = study_attributes(env, config)
     if _study_exists(storage, name):
         if not config.resume:
             n = len(optuna.load_study(study_name=name, storage=storage).trials)
@@ -255,7 +255,9 @@ def recover(study: optuna.Study, searcher: Searcher, state_dir: Path, quiet: boo
 def _fail_heartbeat_stale(study: optuna.Study):
     """Trials of other hosts whose heartbeats stopped (RDB storages), failed and retried."""
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():  # marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     stale = [t for t in study.get_trials(deepcopy=False) if t.number in before - after]
     for t in stale:
@@ -342,6 +344,7 @@ def run_search(env: LayerSparsityEnv, config: SearchConfig, quota: int | None = 
     episodes = 1 if searcher.one_shot else config.episodes
     if episodes < 1:
         raise AutopruneError("--episodes must be at least 1")
+    env.task.dense_accuracy()  # a model that cannot be evaluated fails here, before any file is made
     with sqlite_study_lock(config.storage, name) as exclusive:
         return _run(env, config, searcher, name, episodes, quota, storage, exclusive)
 
@@ -401,3 +404,81 @@ def _show_best(bar, best) -> None:
     reward = best.user_attrs.get("reward")
     bar.set_postfix_str(f"best reward {reward:+.4f}, best proxy acc {acc:.2%} (trial {best.number})"
                         if reward is not None and not math.isnan(reward) else "")
+
+
+# ------------------------------------------------------------------------------------------------
+# several worker processes on one study
+# ------------------------------------------------------------------------------------------------
+def split_quota(remaining: int, workers: int) -> list[int]:
+    """Episodes per worker, so the total comes out exactly ``remaining``."""
+    return [remaining // workers + (i < remaining % workers) for i in range(workers)]
+
+
+def check_workers(searcher_name: str, storage: str, workers: int) -> None:
+    """Refuse a worker count the searcher or the storage cannot serve (before any real work)."""
+    if workers <= 1:
+        return
+    cls = SEARCHERS.get(searcher_name)
+    if not cls.uses_trial or cls.one_shot:
+        raise AutopruneError(
+            f"--workers needs a sampler searcher (tpe, cmaes, gp, qmc, random, nsga2): {searcher_name} "
+            + ("learns from its own episodes in order" if not cls.one_shot else "is a single episode")
+        )
+    if storage_kind(storage) == "sqlite":
+        raise AutopruneError(
+            "SQLite serves one writer, so several workers would fail on locked-database errors; use "
+            "--storage journal:///FILE.log (one host) or a PostgreSQL URL (several hosts)"
+        )
+
+
+def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int, worker_cmd: list[str]) -> SearchResult:
+    """Run ``workers`` processes of ``worker_cmd`` on one study, each with its share of the episodes.
+
+    This process creates (or resumes) the study first, so the workers never race to create it,
+    then starts the workers with ``--resume --worker-quota K`` and shows one progress bar for all.
+    """
+    import subprocess
+    import tempfile
+
+    check_workers(config.searcher, config.storage, workers)
+    searcher = SEARCHERS.get(config.searcher)(seed=config.seed, **config.searcher_options)
+    task = env.task
+    name = config.study_name or default_study_name(task.config.model, task.config.dataset,
+                                                   env.budget.slug, config.searcher)
+    study = open_study(env, searcher, config, name)
+    state_dir = Path(config.state_dir) if config.state_dir else default_state_dir(config.storage, name)
+    searcher.setup(env, study, config.episodes)
+    recover(study, searcher, state_dir, quiet=not config.progress)
+    done, _ = _counts(study)
+    quotas = [q for q in split_quota(max(0, config.episodes - done), workers) if q > 0]
+    logs, procs = [], []
+    for quota in quotas:
+        log = tempfile.TemporaryFile(mode="w+")
+        cmd = worker_cmd + ["--study-name", name, "--resume", "--worker-quota", str(quota), "-q"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log))
+        logs.append(log)
+    bar = tqdm(total=config.episodes, initial=done, desc=f"{config.searcher} {name} x{len(procs)} workers",
+               unit="ep", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(1.0)
+            now, _ = _counts(study)
+            bar.update(now - bar.n)
+            _show_best(bar, best_trial(study))
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    finally:
+        bar.close()
+    failures = []
+    for p, log in zip(procs, logs):
+        if p.returncode != 0:
+            log.seek(0)
+            lines = [line for line in log.read().splitlines() if line.strip()]
+            failures.append(f"worker {p.pid} exited {p.returncode}: {lines[-1] if lines else 'no output'}")
+        log.close()
+    if failures:
+        raise AutopruneError("; ".join(failures))
+    final, _ = _counts(study)
+    return SearchResult(study, best_trial(study), final - done, state_dir)

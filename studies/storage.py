@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import tempfile
+import warnings
 from pathlib import Path
 
 import optuna
@@ -105,15 +106,17 @@ def open_storage(url: str = DEFAULT_STORAGE) -> optuna.storages.BaseStorage:
             if str(path) != ":memory:":
                 _check_sqlite(path)
             return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
-            engine_kwargs={"pool_pre_ping": True},
-        )
+        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                engine_kwargs={"pool_pre_ping": True},
+            )
     except AutopruneError:
         raise
-    except ModuleNotFoundError as err:
-        raise AutopruneError(f"storage {url!r} needs the {err.name!r} package "
-                             "(for PostgreSQL: pip install 'autoprune[postgres]')") from None
+    except ImportError:
+        raise AutopruneError(f"storage {_redact(url)} needs its database driver; for PostgreSQL: "
+                             "pip install 'autoprune[postgres]' (psycopg)") from None
     except Exception as err:  # sqlalchemy OperationalError, ArgumentError, ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AutopruneError(f"cannot open storage {_redact(url)}: {first[:200]}") from None
