@@ -40,3 +40,13 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, "
             f"torch {torch.__version__}, {date.today().isoformat()}")
+
+
+def make_task(model: str, search_val_size: int = 1000, calib_batches: int = 10, importance: str = "l1",
+              progress: bool = False):
+    """The pruning task every benchmark shares: a fixture, the JPEG CIFAR-10 folder, split seed 0."""
+    from autoprune.task import PruningTask, TaskConfig
+
+    return PruningTask(TaskConfig(model=model, weights=str(fixture(model)), dataset="imagefolder",
+                                  data_dir=str(cifar_dir()), search_val_size=search_val_size,
+                                  calib_batches=calib_batches, importance=importance), progress=progress)

@@ -17,8 +17,7 @@ import torch
 
 from autoprune.envs import LayerSparsityEnv
 from autoprune.evaluate import accuracy
-from autoprune.task import PruningTask, TaskConfig
-from benchmarks.common import cifar_dir, fixture, machine
+from benchmarks.common import machine, make_task
 
 
 def main() -> None:
@@ -31,9 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    task = PruningTask(TaskConfig(model=args.model, weights=str(fixture(args.model)),
-                                  dataset="imagefolder", data_dir=str(cifar_dir()),
-                                  search_val_size=args.search_val_size))
+    task = make_task(args.model, args.search_val_size)
     env = LayerSparsityEnv(task, budget=args.budget)
     print(f"# {args.model} {args.budget}, {len(task.table.units)} units, search-val "
           f"{len(task.splits.search_val)} images, calib {len(task.splits.calib)} images; {machine()}")

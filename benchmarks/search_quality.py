@@ -24,8 +24,7 @@ from autoprune.agents import SEARCHERS
 from autoprune.envs import LayerSparsityEnv
 from autoprune.evaluate import recalibrate_bn
 from autoprune.studies.runner import SearchConfig, run_search
-from autoprune.task import PruningTask, TaskConfig
-from benchmarks.common import cifar_dir, fixture, machine
+from benchmarks.common import machine, make_task
 
 
 def main() -> None:
@@ -45,10 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    task = PruningTask(TaskConfig(model=args.model, weights=str(fixture(args.model)), dataset="imagefolder",
-                                  data_dir=str(cifar_dir()), search_val_size=args.search_val_size,
-                                  calib_batches=args.calib_batches, importance=args.importance),
-                       progress=False)
+    task = make_task(args.model, args.search_val_size, args.calib_batches, args.importance)
     env = LayerSparsityEnv(task, budget=args.budget)
     print(f"# {args.model} {args.budget}: {len(task.table.units)} units, search-val "
           f"{len(task.splits.search_val)}, {args.episodes} episodes per search; {machine()}", flush=True)

@@ -72,3 +72,11 @@ def tiny_task(digits, trained_tiny):
     from autoprune.task import PruningTask, TaskConfig
 
     return PruningTask(TaskConfig(model="tiny", dataset="digits"), splits=digits, dense=trained_tiny)
+
+
+@pytest.fixture
+def tiny_weights(trained_tiny, tmp_path):
+    """The trained TinyNet's state_dict in a file, for commands that take --weights."""
+    path = tmp_path / "tiny.pt"
+    torch.save(trained_tiny.state_dict(), path)
+    return path

@@ -34,13 +34,6 @@ def test_inspect_json(capsys):
     assert data["units"][0]["unit"] == "conv1" and data["units"][0]["width"] == 64
 
 
-@pytest.fixture
-def tiny_weights(trained_tiny, tmp_path):
-    path = tmp_path / "tiny.pt"
-    torch.save(trained_tiny.state_dict(), path)
-    return path
-
-
 def test_apply_writes_model_policy_and_metrics(capsys, tmp_path, tiny_weights):
     (tmp_path / "p.json").write_text(json.dumps({"stem.0": 0.5, "branch_a.0": 0.25}))
     out_dir = tmp_path / "out"

@@ -48,24 +48,3 @@ def test_search_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path
     lines = [line for line in err.strip().splitlines() if not line.startswith("note:")]
     assert len(lines) == 1 and match in lines[0], err
     assert not (tmp_path / "autoprune.db").exists()
-
-
-def test_read_only_directory_for_the_database(capsys, tmp_path, monkeypatch):
-    import shutil
-    import subprocess
-
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    # chmod means nothing to root; an immutable folder refuses everyone
-    locked = shutil.which("chattr") and subprocess.run(["chattr", "+i", str(ro)]).returncode == 0
-    if not locked:
-        ro.chmod(0o555)
-    monkeypatch.chdir(tmp_path)
-    try:
-        code, _, err = run(capsys, "search", "--storage", f"sqlite:///{ro}/x.db", "-q")
-        assert code == 2 and "is read-only" in err and len(err.strip().splitlines()) == 1
-        assert list(ro.iterdir()) == []
-    finally:
-        if locked:
-            subprocess.run(["chattr", "-i", str(ro)])
-        ro.chmod(0o755)

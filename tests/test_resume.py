@@ -20,13 +20,6 @@ from tests.conftest import REPO
 TINY = f"{REPO / 'tests' / 'tinynets.py'}:tiny"
 
 
-@pytest.fixture
-def tiny_weights(trained_tiny, tmp_path):
-    path = tmp_path / "tiny.pt"
-    torch.save(trained_tiny.state_dict(), path)
-    return path
-
-
 def _states(db) -> list[str]:
     """Trial states in order; a running trial with all five TinyNet parameters reads RUNNING+."""
     try:

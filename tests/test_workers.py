@@ -8,20 +8,12 @@ from collections import Counter
 
 import optuna
 import pytest
-import torch
 from optuna.trial import TrialState
 
 from autoprune.cli import main
 from tests.conftest import REPO
 
 TINY = f"{REPO / 'tests' / 'tinynets.py'}:tiny"
-
-
-@pytest.fixture
-def tiny_weights(trained_tiny, tmp_path):
-    path = tmp_path / "tiny.pt"
-    torch.save(trained_tiny.state_dict(), path)
-    return path
 
 
 def _four_workers(capsys, storage: str, study: str, weights, episodes: int = 16):
