@@ -114,7 +114,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise AutopruneError("--episodes must be at least 1")
     if args.workers < 1:
         raise AutopruneError("--workers must be at least 1")
-    from autoprune.studies.runner import check_workers
+    from autoprune.studies.workers import check_workers
 
     check_workers(args.searcher, args.storage, args.workers)
     check_storage(args.storage)
@@ -133,7 +133,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         command=" ".join(shlex.quote(a) for a in ["autoprune", *args.argv]),
     )
     if args.workers > 1:
-        from autoprune.studies.runner import run_workers
+        from autoprune.studies.workers import run_workers
 
         result = run_workers(env, search, args.workers, _worker_command(args.argv))
     else:

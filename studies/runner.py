@@ -9,18 +9,12 @@ exactly the requested number of complete trials.
 
 from __future__ import annotations
 
-import fcntl
 import math
-import os
-import socket
 import sys
-import threading
 import time
 import uuid
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -31,9 +25,9 @@ from autoprune.agents import SEARCHERS, Searcher
 from autoprune.envs import LayerSparsityEnv
 from autoprune.errors import AutopruneError
 from autoprune.studies.records import add_record, best_trial, completed, episode_attrs, frozen_record
+from autoprune.studies.recovery import Heartbeat, recover, sqlite_study_lock, worker_id
 from autoprune.studies.storage import (
     DEFAULT_STORAGE,
-    GRACE_PERIOD,
     open_storage,
     sqlite_path,
     storage_kind,
@@ -80,10 +74,6 @@ def model_slug(model: str) -> str:
 
 def default_study_name(model: str, dataset: str, budget: str, searcher: str) -> str:
     return f"{model_slug(model)}-{dataset}-{budget}-{searcher}"
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def default_state_dir(storage: str, study_name: str) -> Path:
@@ -173,6 +163,9 @@ def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, 
                     f"study {name!r} was made with {key}={stored[key]!r}, this run has "
                     f"{key}={attrs[key]!r}; resume with the same settings or pick another --study-name"
                 )
+        for key, value in attrs.items():  # a run killed while creating the study left some out
+            if key not in stored:
+                study.set_user_attr(key, value)
         sampler = searcher.sampler(env, len(study.trials))
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     study = optuna.create_study(storage=storage, study_name=name, directions=list(searcher.directions),
@@ -188,139 +181,9 @@ def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, 
 
 
 # ------------------------------------------------------------------------------------------------
-# recovery after a kill
-# ------------------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _is_stale(trial, host: str, exclusive: bool) -> bool:
-    """A running trial nobody is working on.
-
-    With exclusive access (SQLite, one process per study) every running trial is stale. Otherwise
-    a trial is stale if its worker process on this host is gone, or, when it was killed before it
-    could say which worker it belongs to, if it started longer than the grace period ago.
-    """
-    if exclusive:
-        return True
-    worker = trial.user_attrs.get("worker", "")
-    if not worker:
-        started = trial.datetime_start
-        return started is not None and (datetime.now() - started).total_seconds() > GRACE_PERIOD
-    w_host, _, pid = worker.rpartition(":")
-    if w_host != host or not pid.isdigit():
-        return False
-    return int(pid) != os.getpid() and not _pid_alive(int(pid))
-
-
-def recover(study: optuna.Study, searcher: Searcher, state_dir: Path, quiet: bool = False,
-            exclusive: bool = False) -> list[int]:
-    """Fail stale running trials (retrying sampler ones) and re-add an RL agent's pending episode.
-
-    Returns the numbers of the trials that were failed.
-    """
-    host = socket.gethostname()
-    failed = []
-    storage = study._storage
-    if hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval():
-        failed += [t.number for t in _fail_heartbeat_stale(study)]
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _is_stale(trial, host, exclusive):
-            study.tell(trial.number, state=TrialState.FAIL)
-            failed.append(trial.number)
-            # a trial killed before its first suggestion still carries its enqueued parameters
-            params = trial.params or trial.system_attrs.get("fixed_params")
-            if params and searcher.uses_trial:
-                study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
-    if failed and not quiet:
-        print(f"note: failed {len(failed)} trial(s) left running by a killed worker "
-              f"({', '.join(map(str, failed))}); sampler trials are retried with the same parameters",
-              file=sys.stderr)
-    pending = searcher.load(state_dir)
-    if pending is not None:
-        uid = pending["user_attrs"]["uid"]
-        if not any(t.user_attrs.get("uid") == uid for t in completed(study)):
-            add_record(study, pending)
-            if not quiet:
-                print("note: recorded the agent's last episode, saved before the kill", file=sys.stderr)
-    return failed
-
-
-def _fail_heartbeat_stale(study: optuna.Study):
-    """Trials of other hosts whose heartbeats stopped (RDB storages), failed and retried."""
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    with warnings.catch_warnings():  # marked experimental in Optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    stale = [t for t in study.get_trials(deepcopy=False) if t.number in before - after]
-    for t in stale:
-        if t.params and "retry_of" not in t.user_attrs:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-    return stale
-
-
-class _Heartbeat:
-    """Sends a running trial's heartbeats on RDB storages, so other workers can see it is alive."""
-
-    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
-        storage = study._storage
-        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "record_heartbeat") else None
-        self.storage, self.trial_id = storage, trial._trial_id
-        self.stop = threading.Event()
-
-    def __enter__(self):
-        if self.interval:
-            self.storage.record_heartbeat(self.trial_id)
-            self.thread = threading.Thread(target=self._beat, daemon=True)
-            self.thread.start()
-        return self
-
-    def _beat(self) -> None:
-        while not self.stop.wait(self.interval):
-            self.storage.record_heartbeat(self.trial_id)
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-
-
-@contextmanager
-def sqlite_study_lock(storage_url: str, study_name: str):
-    """Hold an exclusive lock on a SQLite study for this process (yields False for other storages).
-
-    SQLite serves one writer: a second process on the same study is refused with a pointer to
-    the storages made for several workers, and the lock-holder may treat every running trial it
-    finds as left behind by a killed run.
-    """
-    if storage_kind(storage_url) != "sqlite" or str(sqlite_path(storage_url)) == ":memory:":
-        yield False
-        return
-    db = sqlite_path(storage_url).resolve()
-    lock_path = db.with_name(f".{db.name}.{study_name.replace('/', '_')}.lock")
-    with open(lock_path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AutopruneError(
-                f"another process is already searching study {study_name!r} in {db}; SQLite serves "
-                "one worker: for several, use --storage journal:///FILE.log or a PostgreSQL URL"
-            ) from None
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-# ------------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------------
-def _counts(study: optuna.Study) -> tuple[int, int]:
+def trial_counts(study: optuna.Study) -> tuple[int, int]:
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
     done = sum(t.state == TrialState.COMPLETE for t in trials)
     return done, len(trials) - done
@@ -354,25 +217,25 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
     state_dir = Path(config.state_dir) if config.state_dir else default_state_dir(config.storage, name)
     searcher.setup(env, study, episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive)
-    done, _ = _counts(study)
+    done, _ = trial_counts(study)
     todo = max(0, episodes - done) if quota is None else min(quota, max(0, episodes - done))
     names = env.table.names
     best = best_trial(study)
     bar = tqdm(total=episodes, initial=done, desc=f"{config.searcher} {name}", unit="ep",
                disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
-    _show_best(bar, best)
+    show_best(bar, best)
     me = worker_id()
     new = 0
     try:
         while new < todo:
-            if quota is None and sum(_counts(study)) >= episodes:
+            if quota is None and sum(trial_counts(study)) >= episodes:
                 break  # other hosts are finishing the last episodes
             start = time.perf_counter()
             uid = uuid.uuid4().hex
             if searcher.uses_trial:
                 trial = study.ask()
                 trial.set_user_attr("worker", me)
-                with _Heartbeat(study, trial):
+                with Heartbeat(study, trial):
                     ep = searcher.episode(env, trial)
                     for key, value in episode_attrs(ep, config.searcher, done + new, uid,
                                                     time.perf_counter() - start).items():
@@ -391,94 +254,16 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
             candidate = frozen if frozen is not None else completed(study)[-1]
             if best is None or best_trial(study, [best, candidate]) is candidate:
                 best = candidate
-            _show_best(bar, best)
+            show_best(bar, best)
     finally:
         bar.close()
     return SearchResult(study, best_trial(study), new, state_dir)
 
 
-def _show_best(bar, best) -> None:
+def show_best(bar, best) -> None:
     if best is None:
         return
     acc = best.user_attrs.get("accuracy")
     reward = best.user_attrs.get("reward")
     bar.set_postfix_str(f"best reward {reward:+.4f}, best proxy acc {acc:.2%} (trial {best.number})"
                         if reward is not None and not math.isnan(reward) else "")
-
-
-# ------------------------------------------------------------------------------------------------
-# several worker processes on one study
-# ------------------------------------------------------------------------------------------------
-def split_quota(remaining: int, workers: int) -> list[int]:
-    """Episodes per worker, so the total comes out exactly ``remaining``."""
-    return [remaining // workers + (i < remaining % workers) for i in range(workers)]
-
-
-def check_workers(searcher_name: str, storage: str, workers: int) -> None:
-    """Refuse a worker count the searcher or the storage cannot serve (before any real work)."""
-    if workers <= 1:
-        return
-    cls = SEARCHERS.get(searcher_name)
-    if not cls.uses_trial or cls.one_shot:
-        raise AutopruneError(
-            f"--workers needs a sampler searcher (tpe, cmaes, gp, qmc, random, nsga2): {searcher_name} "
-            + ("learns from its own episodes in order" if not cls.one_shot else "is a single episode")
-        )
-    if storage_kind(storage) == "sqlite":
-        raise AutopruneError(
-            "SQLite serves one writer, so several workers would fail on locked-database errors; use "
-            "--storage journal:///FILE.log (one host) or a PostgreSQL URL (several hosts)"
-        )
-
-
-def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int, worker_cmd: list[str]) -> SearchResult:
-    """Run ``workers`` processes of ``worker_cmd`` on one study, each with its share of the episodes.
-
-    This process creates (or resumes) the study first, so the workers never race to create it,
-    then starts the workers with ``--resume --worker-quota K`` and shows one progress bar for all.
-    """
-    import subprocess
-    import tempfile
-
-    check_workers(config.searcher, config.storage, workers)
-    searcher = SEARCHERS.get(config.searcher)(seed=config.seed, **config.searcher_options)
-    task = env.task
-    name = config.study_name or default_study_name(task.config.model, task.config.dataset,
-                                                   env.budget.slug, config.searcher)
-    study = open_study(env, searcher, config, name)
-    state_dir = Path(config.state_dir) if config.state_dir else default_state_dir(config.storage, name)
-    searcher.setup(env, study, config.episodes)
-    recover(study, searcher, state_dir, quiet=not config.progress)
-    done, _ = _counts(study)
-    quotas = [q for q in split_quota(max(0, config.episodes - done), workers) if q > 0]
-    logs, procs = [], []
-    for quota in quotas:
-        log = tempfile.TemporaryFile(mode="w+")
-        cmd = worker_cmd + ["--study-name", name, "--resume", "--worker-quota", str(quota), "-q"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log))
-        logs.append(log)
-    bar = tqdm(total=config.episodes, initial=done, desc=f"{config.searcher} {name} x{len(procs)} workers",
-               unit="ep", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
-    try:
-        while any(p.poll() is None for p in procs):
-            time.sleep(1.0)
-            now, _ = _counts(study)
-            bar.update(now - bar.n)
-            _show_best(bar, best_trial(study))
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        raise
-    finally:
-        bar.close()
-    failures = []
-    for p, log in zip(procs, logs):
-        if p.returncode != 0:
-            log.seek(0)
-            lines = [line for line in log.read().splitlines() if line.strip()]
-            failures.append(f"worker {p.pid} exited {p.returncode}: {lines[-1] if lines else 'no output'}")
-        log.close()
-    if failures:
-        raise AutopruneError("; ".join(failures))
-    final, _ = _counts(study)
-    return SearchResult(study, best_trial(study), final - done, state_dir)

@@ -39,7 +39,7 @@ def _search_cmd(db, weights, searcher, episodes):
     return cmd + (["--warmup", "3"] if searcher == "ddpg" else [])
 
 
-def _kill_after(proc, db, complete: int, delay: float, timeout: float = 180) -> None:
+def _kill_after(proc, db, complete: int, delay: float, timeout: float = 300) -> None:
     """SIGKILL ``proc`` ``delay`` seconds after the study first holds ``complete`` finished trials."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -50,10 +50,10 @@ def _kill_after(proc, db, complete: int, delay: float, timeout: float = 180) -> 
             proc.wait()
             return
         if proc.poll() is not None:
-            pytest.fail(f"search ended before it could be killed: {proc.stderr.read()}")
+            pytest.fail(f"search ended (exit {proc.returncode}) before it could be killed: {proc.stderr.read()}")
         time.sleep(0.02)
     proc.kill()
-    pytest.fail("search made no progress")
+    pytest.fail(f"search made no progress in {timeout}s: states {_states(db)}")
 
 
 @pytest.mark.parametrize("searcher", ["tpe", "ddpg"])
@@ -73,10 +73,11 @@ def test_five_random_sigkills_then_resume(tmp_path, tiny_weights, searcher):
     assert done.returncode == 0, done.stderr
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
     complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == episodes
+    summary = [(t.number, t.state.name, t.user_attrs.get("retry_of")) for t in study.trials]
+    assert len(complete) == episodes, summary
     uids = [t.user_attrs["uid"] for t in complete]
-    assert len(set(uids)) == len(uids)
-    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert len(set(uids)) == len(uids), summary
+    assert not study.get_trials(states=(TrialState.RUNNING,)), summary
     failed = study.get_trials(states=(TrialState.FAIL,))
     by_number = {t.number: t for t in study.trials}
     for t in complete:
@@ -95,7 +96,7 @@ def test_pending_rl_episode_is_recorded_on_resume(tiny_task, tmp_path):
     from autoprune.agents.rl import DDPGSearcher
     from autoprune.envs import LayerSparsityEnv
     from autoprune.studies.records import episode_attrs, frozen_record
-    from autoprune.studies.runner import recover
+    from autoprune.studies.recovery import recover
 
     env = LayerSparsityEnv(tiny_task, budget="0.5flops")
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/p.db", study_name="p")

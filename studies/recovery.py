@@ -1,0 +1,159 @@
+"""Recovering from a killed search, and keeping one process per SQLite study.
+
+A trial left ``RUNNING`` by a dead worker is failed; a sampler's trial is retried with the same
+parameters (enqueued, so the next ask picks it up); an RL agent's episode saved with its
+checkpoint but not yet in the study is added. Who is dead is told by the worker's process id on
+this host, by RDB heartbeats across hosts, or, for SQLite, by holding the study's lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from autoprune.agents import Searcher
+from autoprune.errors import AutopruneError
+from autoprune.studies.records import add_record, completed
+from autoprune.studies.storage import GRACE_PERIOD, sqlite_path, storage_kind
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# ------------------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(trial, host: str, exclusive: bool) -> bool:
+    """A running trial nobody is working on.
+
+    With exclusive access (SQLite, one process per study) every running trial is stale. Otherwise
+    a trial is stale if its worker process on this host is gone, or, when it was killed before it
+    could say which worker it belongs to, if it started longer than the grace period ago.
+    """
+    if exclusive:
+        return True
+    worker = trial.user_attrs.get("worker", "")
+    if not worker:
+        started = trial.datetime_start
+        return started is not None and (datetime.now() - started).total_seconds() > GRACE_PERIOD
+    w_host, _, pid = worker.rpartition(":")
+    if w_host != host or not pid.isdigit():
+        return False
+    return int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+
+def recover(study: optuna.Study, searcher: Searcher, state_dir: Path, quiet: bool = False,
+            exclusive: bool = False) -> list[int]:
+    """Fail stale running trials (retrying sampler ones) and re-add an RL agent's pending episode.
+
+    Returns the numbers of the trials that were failed.
+    """
+    host = socket.gethostname()
+    failed = []
+    storage = study._storage
+    if hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval():
+        failed += [t.number for t in _fail_heartbeat_stale(study)]
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _is_stale(trial, host, exclusive):
+            study.tell(trial.number, state=TrialState.FAIL)
+            failed.append(trial.number)
+            # a trial killed before its first suggestion still carries its enqueued parameters
+            params = trial.params or trial.system_attrs.get("fixed_params")
+            if params and searcher.uses_trial:
+                study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+    if failed and not quiet:
+        print(f"note: failed {len(failed)} trial(s) left running by a killed worker "
+              f"({', '.join(map(str, failed))}); sampler trials are retried with the same parameters",
+              file=sys.stderr)
+    pending = searcher.load(state_dir)
+    if pending is not None:
+        uid = pending["user_attrs"]["uid"]
+        if not any(t.user_attrs.get("uid") == uid for t in completed(study)):
+            add_record(study, pending)
+            if not quiet:
+                print("note: recorded the agent's last episode, saved before the kill", file=sys.stderr)
+    return failed
+
+
+def _fail_heartbeat_stale(study: optuna.Study):
+    """Trials of other hosts whose heartbeats stopped (RDB storages), failed and retried."""
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():  # marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    stale = [t for t in study.get_trials(deepcopy=False) if t.number in before - after]
+    for t in stale:
+        if t.params and "retry_of" not in t.user_attrs:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    return stale
+
+
+class Heartbeat:
+    """Sends a running trial's heartbeats on RDB storages, so other workers can see it is alive."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        storage = study._storage
+        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "record_heartbeat") else None
+        self.storage, self.trial_id = storage, trial._trial_id
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        if self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self.thread = threading.Thread(target=self._beat, daemon=True)
+            self.thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.storage.record_heartbeat(self.trial_id)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+
+
+@contextmanager
+def sqlite_study_lock(storage_url: str, study_name: str):
+    """Hold an exclusive lock on a SQLite study for this process (yields False for other storages).
+
+    SQLite serves one writer: a second process on the same study is refused with a pointer to
+    the storages made for several workers, and the lock-holder may treat every running trial it
+    finds as left behind by a killed run.
+    """
+    if storage_kind(storage_url) != "sqlite" or str(sqlite_path(storage_url)) == ":memory:":
+        yield False
+        return
+    db = sqlite_path(storage_url).resolve()
+    lock_path = db.with_name(f".{db.name}.{study_name.replace('/', '_')}.lock")
+    with open(lock_path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AutopruneError(
+                f"another process is already searching study {study_name!r} in {db}; SQLite serves "
+                "one worker: for several, use --storage journal:///FILE.log or a PostgreSQL URL"
+            ) from None
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
