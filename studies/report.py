@@ -116,7 +116,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
         written["trials.csv"] = Path(out_dir) / "trials.csv"
 
         # 1. proxy accuracy against cost, every sibling study, Pareto front, baselines marked
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig, ax = plt.subplots(figsize=(9, 5))
         for sib in sibs:
             name = sib.user_attrs.get("searcher", sib.study_name)
             xs, ys, _ = _scatter_points(sib, metric)
@@ -133,7 +133,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
         ax.set_xlabel(f"{metric} ratio (pruned / dense)")
         ax.set_ylabel("proxy accuracy (search-val, after BN recalibration)")
         ax.set_title(f"{a.get('model')} on {a.get('dataset')}: accuracy against cost")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(tmp / "accuracy_vs_cost.png", dpi=120)
@@ -159,7 +159,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
         plt.close(fig)
 
         # 3. reward over episodes, per searcher
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for sib in sibs:
             done = [t for t in completed(sib) if is_finite(t) and "reward" in t.user_attrs]
             if len(done) < 2:
@@ -172,7 +172,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
         ax.set_xlabel("episode")
         ax.set_ylabel(f"reward ({a.get('reward')})")
         ax.set_title("reward over episodes")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(tmp / "reward.png", dpi=120)

@@ -128,3 +128,15 @@ def test_unstructured_costs_are_effective_and_masks_finalize():
     assert torch.allclose(pruned(x), y)
     w = pruned.stem[0].weight
     assert (w == 0).float().mean() == pytest.approx(0.75, abs=0.02)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "densenet121"])
+def test_uniform_half_policy_on_depthwise_and_concat_networks(name):
+    """Depthwise convs (MobileNetV2) and dense concatenations (DenseNet-121) take a uniform 0.5 policy."""
+    model, x, table = _setup(name)
+    kept = Policy.uniform(table, 0.5).kept(table)
+    pruned = pruner_for(table).apply(model, table, rank_units(table, model, "l1"), kept)
+    out = pruned(torch.randn(2, *x.shape[1:]))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert closed_form(table, kept).flops == pytest.approx(count_flops(pruned, x), rel=0.01)
+    assert count_params(pruned) < 0.35 * count_params(model)
