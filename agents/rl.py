@@ -4,7 +4,8 @@ stable-baselines3 owns the networks, the replay buffer and the gradient updates;
 supplies AMC's episode logic around them (He et al., ECCV 2018, and mit-han-lab/amc):
 
 * warm-up episodes of uniformly random actions (AMC used 100; here ``min(100, episodes // 4)``,
-  at least 5, unless ``warmup`` is given), with no updates;
+  at least 5, unless ``warmup`` is given), with no updates; the replay buffer keeps the last
+  2,000 episodes' transitions;
 * exploration by a truncated normal around the actor's action, sigma 0.5 of the sparsity range,
   decaying by x0.95 per episode after warm-up (SAC explores with its own stochastic policy);
 * the episode's final reward given to every step of the episode, stored in the replay buffer;
@@ -34,6 +35,8 @@ from stable_baselines3.common.logger import configure
 
 from autoprune.agents.base import SEARCHERS, Episode, Searcher
 from autoprune.envs import LayerSparsityEnv
+from autoprune.errors import AutopruneError
+from autoprune.fileio import atomic_torch_save
 
 STATE_FILE = "agent.pt"
 
@@ -96,19 +99,20 @@ class RLSearcher(Searcher):
 
     def setup(self, env: LayerSparsityEnv, study: optuna.Study, episodes: int) -> None:
         opts = self.options
-        self.warmup = int(opts.get("warmup") or min(100, max(5, episodes // 4)))
+        warmup = opts.get("warmup")
+        self.warmup = int(warmup) if warmup is not None else min(100, max(5, episodes // 4))
         self.sigma0 = float(opts.get("sigma", 0.5))
         self.sigma_decay = float(opts.get("sigma_decay", 0.95))
         self.batch_size = int(opts.get("batch_size", 64))
-        buffer = int(opts.get("buffer_size", max(2000, env.n_units * (episodes + 10))))
+        # A fixed size, not one that follows --episodes: a resumed search may ask for more episodes
+        buffer = int(opts.get("buffer_size", env.n_units * 2000))
+        self.study_uid = study.user_attrs.get("study_uid")
         kwargs = dict(
             learning_rate=1e-3, buffer_size=buffer, learning_starts=0, batch_size=self.batch_size,
             tau=0.01, gamma=1.0, replay_buffer_class=BaselineReplayBuffer,
             policy_kwargs={"net_arch": {"pi": [300, 300], "qf": [300, 300]}},
             seed=self.seed, device="cpu", verbose=0,
         )
-        if self.algo is AMCSAC:
-            kwargs["policy_kwargs"] = {"net_arch": {"pi": [300, 300], "qf": [300, 300]}}
         self.model = self.algo("MlpPolicy", env, **kwargs)
         self.model.set_logger(configure(None, []))  # driven by hand: no learn(), no log files
         self.episode_index = 0
@@ -171,6 +175,8 @@ class RLSearcher(Searcher):
             "buffer_full": bool(buf.full),
             "baseline": buf.baseline,
             "episode_index": self.episode_index,
+            "warmup": self.warmup,
+            "study_uid": self.study_uid,
             "n_updates": int(self.model._n_updates),
             "rng": json.dumps(self.rng.bit_generator.state),
             "np_global": _np_state(),
@@ -178,25 +184,34 @@ class RLSearcher(Searcher):
             "pending": json.dumps(pending) if pending is not None else None,
         }
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (STATE_FILE + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(directory / STATE_FILE)  # atomic: a kill leaves the previous episode's state
+        atomic_torch_save(payload, directory / STATE_FILE)  # a kill leaves the previous episode's state
 
     def load(self, directory: Path) -> dict | None:
         path = directory / STATE_FILE
         if not path.is_file():
             return None
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated or foreign file
+            raise AutopruneError(f"cannot read the agent checkpoint {path} ({type(err).__name__}); "
+                                 "move it aside to restart the agent from scratch") from None
+        if payload.get("study_uid") != self.study_uid:
+            raise AutopruneError(f"the agent checkpoint in {directory} belongs to another study; "
+                                 "pass a different --state-dir or move it aside")
+        buf = self.model.replay_buffer
+        if payload["buffer"]["observations"].shape != buf.observations.shape:
+            raise AutopruneError(f"the agent checkpoint in {directory} was made for another model "
+                                 "(replay buffer shape differs); move it aside")
         for name, value in payload["torch"].items():
             if name.startswith("var:"):
                 operator.attrgetter(name[4:])(self.model).data.copy_(value)
             else:
                 operator.attrgetter(name)(self.model).load_state_dict(value)
-        buf = self.model.replay_buffer
         for k, v in payload["buffer"].items():
             getattr(buf, k)[...] = v.numpy()
         buf.pos, buf.full, buf.baseline = payload["buffer_pos"], payload["buffer_full"], payload["baseline"]
         self.episode_index = payload["episode_index"]
+        self.warmup = payload["warmup"]
         self.model._n_updates = payload["n_updates"]
         self.rng.bit_generator.state = json.loads(payload["rng"])
         _set_np_state(payload["np_global"])

@@ -21,7 +21,7 @@ from torch import nn
 
 from autoprune.checkpoints import read_checkpoint
 from autoprune.errors import AutopruneError
-from autoprune.models import ModelSpec, build_model
+from autoprune.models import MODELS, ModelSpec, build_model
 from autoprune.policy import Policy
 from autoprune.pruning import pruner_for
 from autoprune.units import UnitTable, build_unit_table
@@ -49,16 +49,29 @@ def pruned_payload(model: nn.Module, table: UnitTable, kept, policy: Policy, mod
     }
 
 
-def load_pruned(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by :func:`save_model_files` (state_dict loaded strictly)."""
+def load_pruned(path: str | Path, allow_import: bool = False) -> tuple[nn.Module, dict]:
+    """Rebuild a model written by ``autoprune apply``/``export`` (state_dict loaded strictly).
+
+    The file names its architecture. A registered model is built from the registry; a user model
+    (``package.module:function``) means importing and running that module's code, which this
+    refuses unless ``allow_import`` is set: a file from elsewhere must not choose what runs.
+    """
     payload = read_checkpoint(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise AutopruneError(f"{path} is not an autoprune pruned model (format {FORMAT!r})")
-    spec = ModelSpec(**payload["spec"])
-    dense = build_model(payload["model"], spec)
-    example = torch.zeros(payload["input_shape"])
-    table = build_unit_table(dense, example, payload["granularity"], tuple(payload["exclude"]),
-                             payload["round_to"])
+    try:
+        name, spec_fields = str(payload["model"]), dict(payload["spec"])
+        input_shape, granularity = list(payload["input_shape"]), str(payload["granularity"])
+        exclude, round_to = tuple(payload["exclude"]), int(payload["round_to"])
+        spec = ModelSpec(**spec_fields)
+    except (KeyError, TypeError, ValueError) as err:
+        raise AutopruneError(f"{path} is an incomplete autoprune pruned model ({err})") from None
+    if name not in MODELS and not allow_import:
+        raise AutopruneError(f"{path} is a pruned {name!r}, a user model: loading it imports and runs "
+                             "that code; pass allow_import=True if you trust the file")
+    dense = build_model(name, spec)
+    example = torch.zeros(input_shape)
+    table = build_unit_table(dense, example, granularity, exclude, round_to)
     try:
         kept = [payload["kept"][u.name] for u in table.units]
     except KeyError as err:

@@ -18,6 +18,7 @@ from torch import nn
 from autoprune.checkpoints import load_weights
 from autoprune.data import Splits, default_cache_dir
 from autoprune.evaluate import accuracy
+from autoprune.fileio import atomic_torch_save
 from autoprune.finetune import FinetuneConfig, finetune
 
 BASELINE_RECIPE = FinetuneConfig(epochs=15, lr=0.05, batch_size=64, weight_decay=5e-4)
@@ -47,7 +48,6 @@ def ensure_baseline(model: nn.Module, model_name: str, splits: Splits, device: s
     acc = accuracy(model, splits.search_val, device=device)
     print(f"note: baseline search-val accuracy {acc:.2%}", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(path)  # atomic: a killed first run never leaves a half-written baseline
+    # atomic: a killed first run never leaves a half-written baseline, nor do two runs at once
+    atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, path)
     return path

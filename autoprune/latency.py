@@ -32,8 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.costs import CostModel, layer_fractions
+from autoprune.costs import COST_MODELS, CostModel, layer_fractions
 from autoprune.data import default_cache_dir
+from autoprune.errors import AutopruneError
+from autoprune.fileio import atomic_write_text
 from autoprune.units import Layer, UnitTable
 
 GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
@@ -176,6 +178,7 @@ def _bilinear(arr: np.ndarray, grid: np.ndarray, fi: float, fo: float) -> float:
     return float(np.interp(fi, grid, rows))
 
 
+@COST_MODELS.register("latency", help="measured latency, predicted by a calibrated lookup table")
 @dataclass
 class LatencyModel(CostModel):
     """Predicted latency ratio of a slimmed network from its kept widths (see module docstring).
@@ -198,6 +201,16 @@ class LatencyModel(CostModel):
     fit_error: tuple[float, float]
     metric: str = "latency"
     _sigs: list = field(default_factory=list, repr=False)
+
+    @classmethod
+    def build(cls, task, batch_size: int = 1, threads: int | None = None, progress: bool = True,
+              **options) -> LatencyModel:
+        """Measured once per model, device, batch size and thread count, then read from the cache."""
+        if task.table.granularity != "channel":
+            raise AutopruneError("a latency budget needs channel granularity: masked weights run "
+                                 "as fast as dense ones on dense hardware")
+        return build_latency_model(task.table, task.dense, task.prune, task.device, batch_size, threads,
+                                   progress=progress)
 
     def __post_init__(self) -> None:
         self._sigs = [_signature(lay) for lay in self.table.layers]
@@ -269,6 +282,15 @@ def _measure_luts(table: UnitTable, device: str, batch_size: int, runs: int, pro
     return luts
 
 
+def _read_cache(path: Path) -> dict | None:
+    """The cached table, or None if absent or unreadable (then it is measured again)."""
+    try:
+        data = json.loads(path.read_text())
+        return data if {"luts", "coef", "dense_s", "fit_error"} <= set(data) else None
+    except (OSError, ValueError):
+        return None
+
+
 def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str = "cpu",
                         batch_size: int = 1, threads: int | None = None, cache_dir: Path | None = None,
                         progress: bool = True, calibration_policies: int = 12) -> LatencyModel:
@@ -287,10 +309,10 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     threads = threads or default_threads(device)
     key = _cache_key(table, device, batch_size, threads)
     path = (cache_dir or default_cache_dir()) / "latency" / f"{key}.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return LatencyModel(table, device, batch_size, threads, data["luts"], tuple(data["coef"]),
-                            data["dense_s"], tuple(data["fit_error"]))
+    cached = _read_cache(path)
+    if cached is not None:
+        return LatencyModel(table, device, batch_size, threads, cached["luts"], tuple(cached["coef"]),
+                            cached["dense_s"], tuple(cached["fit_error"]))
     if progress:
         print(f"note: measuring a latency table for this model ({device}, batch {batch_size}, "
               f"{threads} thread(s)) once; cached at {path}", file=sys.stderr)
@@ -326,7 +348,5 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     result = LatencyModel(table, device, batch_size, threads, luts, (float(coef[0]), float(coef[1])),
                           float(np.median(dense_times)), (float(errors.max()), float(errors.mean())))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result.to_json()))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result.to_json()))
     return result

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from autoprune.errors import AutopruneError
+from autoprune.fileio import atomic_write_text
 from autoprune.units import UnitTable
 
 FORMAT = "autoprune.policy"
@@ -29,10 +30,16 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class Policy:
-    """``sparsity[unit name]``: the fraction of the unit removed, in [0, 1)."""
+    """``sparsity[unit name]``: the fraction of the unit removed, in [0, 1).
+
+    ``widths`` (optional) holds exact kept widths, as achieved policies record them: for a unit of
+    millions of weights a sparsity written with a few decimals does not pin the width down, the
+    width does.
+    """
 
     sparsity: dict[str, float]
     meta: dict = field(default_factory=dict)
+    widths: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def uniform(cls, table: UnitTable, sparsity: float, **meta) -> Policy:
@@ -42,12 +49,16 @@ class Policy:
     def from_kept(cls, table: UnitTable, kept, **meta) -> Policy:
         """The achieved policy of per-unit kept widths."""
         return cls({u.name: table.achieved(u.index, int(k)) for u, k in zip(table.units, kept)},
-                   dict(meta))
+                   dict(meta), {u.name: int(k) for u, k in zip(table.units, kept)})
 
-    def kept(self, table: UnitTable) -> np.ndarray:
-        """Kept widths per unit of ``table``; unknown units or bad values are user errors."""
-        known = set(table.names)
-        unknown = [n for n in self.sparsity if n not in known]
+    def _check_against(self, table: UnitTable) -> None:
+        for key, have in (("granularity", table.granularity), ("round_to", table.round_to)):
+            want = self.meta.get(key)
+            if want is not None and want != have:
+                flag = "--granularity" if key == "granularity" else "--round-to"
+                raise AutopruneError(f"the policy was made with {key} {want!r}, this model is set up "
+                                     f"with {have!r}; pass {flag} {want}")
+        unknown = [n for n in {**self.sparsity, **self.widths} if n not in set(table.names)]
         if unknown:
             raise AutopruneError(
                 f"policy names {len(unknown)} unit(s) this model does not have (first: "
@@ -59,21 +70,36 @@ class Policy:
                 raise AutopruneError(
                     f"policy sparsity for {name!r} is {s!r}; sparsities are numbers in [0, 1)"
                 )
-        return np.array([table.kept(u.index, self.sparsity.get(u.name, 0.0)) for u in table.units],
-                        dtype=np.int64)
+
+    def kept(self, table: UnitTable) -> np.ndarray:
+        """Kept widths per unit of ``table``; unknown units or bad values are user errors."""
+        self._check_against(table)
+        out = []
+        for u in table.units:
+            if u.name in self.widths:
+                k = self.widths[u.name]
+                if not isinstance(k, int) or isinstance(k, bool) or not table.min_kept(u.index) <= k <= u.size:
+                    raise AutopruneError(f"policy width for {u.name!r} is {k!r}; it must be a whole "
+                                         f"number in [{table.min_kept(u.index)}, {u.size}]")
+                out.append(k)
+            else:
+                out.append(table.kept(u.index, self.sparsity.get(u.name, 0.0)))
+        return np.array(out, dtype=np.int64)
 
     def to_dict(self, table: UnitTable | None = None) -> dict:
+        kept = dict(zip(table.names, self.kept(table).tolist())) if table is not None else self.widths
         units = []
         for name, s in self.sparsity.items():
-            entry = {"name": name, "sparsity": round(float(s), 6)}
+            entry = {"name": name, "sparsity": round(float(s), 10)}
             if table is not None:
-                u = table.units[table.index_of(name)]
-                entry |= {"size": u.size, "kept": table.kept(u.index, s)}
+                entry["size"] = table.units[table.index_of(name)].size
+            if name in kept:
+                entry["kept"] = int(kept[name])
             units.append(entry)
         head = {"format": FORMAT, "version": VERSION}
-        if table is not None:
-            head |= {"granularity": table.granularity, "round_to": table.round_to}
-        return head | {k: v for k, v in self.meta.items() if k not in ("units",)} | {"units": units}
+        shape = {"granularity": table.granularity, "round_to": table.round_to} if table is not None else {}
+        meta = {k: v for k, v in self.meta.items() if k not in ("units", "format", "version", *shape)}
+        return head | shape | meta | {"units": units}
 
     def save(self, path: str | Path, table: UnitTable | None = None) -> Path:
         """Write the policy atomically (JSON, or YAML when the suffix says so)."""
@@ -85,17 +111,15 @@ class Policy:
             text = yaml.safe_dump(data, sort_keys=False)
         else:
             text = json.dumps(data, indent=2) + "\n"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, text)
 
     @classmethod
     def from_dict(cls, data: object, source: str = "policy") -> Policy:
         if not isinstance(data, Mapping):
             raise AutopruneError(f"{source} is not a policy (expected a JSON object)")
         if "units" in data:
-            if data.get("format", FORMAT) != FORMAT or int(data.get("version", VERSION)) > VERSION:
+            version = data.get("version", VERSION)
+            if data.get("format", FORMAT) != FORMAT or not isinstance(version, int) or version > VERSION:
                 raise AutopruneError(
                     f"{source} has format {data.get('format')!r} version {data.get('version')!r}; "
                     f"this autoprune reads {FORMAT!r} up to version {VERSION}"
@@ -106,7 +130,8 @@ class Policy:
             ):
                 raise AutopruneError(f"{source}: 'units' must be a list of {{name, sparsity}} objects")
             meta = {k: v for k, v in data.items() if k != "units"}
-            return cls({str(e["name"]): e["sparsity"] for e in units}, meta)
+            widths = {str(e["name"]): e["kept"] for e in units if "kept" in e}
+            return cls({str(e["name"]): e["sparsity"] for e in units}, meta, widths)
         return cls({str(k): v for k, v in data.items()}, {})
 
     @classmethod

@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
+from autoprune.fileio import atomic_write_text
 from autoprune.policy import FORMAT, VERSION, Policy
 from autoprune.studies.records import best_trial, completed, is_finite, pareto_front
 from autoprune.studies.storage import open_storage
@@ -135,18 +136,7 @@ def write_policy(doc: dict, path: str | Path, fmt: str = "autoprune") -> Path:
         text = yaml.safe_dump(data, sort_keys=False)
     else:
         text = json.dumps(data, indent=2) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise AutopruneError(f"cannot write {path}: {err.strerror}") from None
-    return path
-
-
-def policy_from_document(doc: dict) -> Policy:
-    return Policy.from_dict(doc, "export")
+    return atomic_write_text(path, text)
 
 
 def export_model(study: optuna.Study, trial: FrozenTrial, model_dir: str | Path,
@@ -183,11 +173,10 @@ def export_model(study: optuna.Study, trial: FrozenTrial, model_dir: str | Path,
     )
     task = PruningTask(config, progress=not quiet)
     doc = policy_document(study, trial)
-    policy = Policy({u["name"]: u["sparsity"] for u in doc["units"]},
-                    {k: v for k, v in doc.items() if k not in ("units", "format", "version")})
-    kept = policy.kept(task.table)
-    if [int(k) for k in kept] != [u["kept"] for u in doc["units"]]:
-        raise AutopruneError("the rebuilt model's units do not reproduce the trial's widths; was "
+    # the recorded widths are exact; the sparsities are the same widths as fractions
+    policy = Policy.from_dict(doc, f"trial {trial.number}")
+    if task.identity()["units_digest"] != s.get("units_digest", task.identity()["units_digest"]):
+        raise AutopruneError("the rebuilt model's units are not the ones the study searched; was "
                              "the model definition changed since the search?")
     policy.meta.update({"study": study.study_name, "trial": trial.number})
     return apply_policy(task, policy, model_dir, finetune, test=True, latency_batches=latency_batches,

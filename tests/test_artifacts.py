@@ -54,3 +54,21 @@ def test_exported_program_runs_in_plain_torch(tmp_path):
                          text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok (1, 10)"
+
+
+def test_a_pruned_user_model_is_not_imported_unless_allowed(tmp_path):
+    from autoprune.errors import AutopruneError
+    from tests.conftest import REPO
+
+    name = f"{REPO / 'tests' / 'tinynets.py'}:tiny"
+    dense = build_model(name, ModelSpec(10, 1, 8))
+    x = torch.randn(1, 1, 8, 8)
+    table = build_unit_table(dense, x)
+    kept = Policy.uniform(table, 0.25).kept(table)
+    model = pruner_for(table).apply(dense, table, rank_units(table, dense, "l1"), kept)
+    torch.save(pruned_payload(model, table, kept, Policy.from_kept(table, kept), name, ModelSpec(10, 1, 8)),
+               tmp_path / "p.pt")
+    with pytest.raises(AutopruneError, match="allow_import=True"):
+        load_pruned(tmp_path / "p.pt")
+    again, _ = load_pruned(tmp_path / "p.pt", allow_import=True)
+    assert torch.allclose(again(x), model(x))

@@ -56,3 +56,33 @@ def test_malformed_policies_are_user_errors(table, tmp_path, content, match):
     (tmp_path / "p.json").write_text(content)
     with pytest.raises(AutopruneError, match=match):
         Policy.load(tmp_path / "p.json").kept(table)
+
+
+def test_widths_survive_a_round_trip_on_units_of_millions_of_weights(tmp_path):
+    from autoprune.models import ModelSpec, build_model
+
+    big = build_unit_table(build_model("resnet18", ModelSpec(10, 3, 32)), torch.zeros(1, 3, 32, 32),
+                           "unstructured")
+    assert max(u.size for u in big.units) > 2_000_000
+    import numpy as np
+
+    kept = np.array([u.size - 1 - i for i, u in enumerate(big.units)])  # odd widths everywhere
+    path = Policy.from_kept(big, kept).save(tmp_path / "p.json", big)
+    assert (Policy.load(path).kept(big) == kept).all()
+
+
+def test_a_policy_for_another_granularity_or_rounding_is_refused(table, tmp_path):
+    p = Policy({u.name: 0.5 for u in table.units}, {"granularity": "unstructured"})
+    with pytest.raises(AutopruneError, match="--granularity unstructured"):
+        p.kept(table)
+    q = Policy({u.name: 0.5 for u in table.units}, {"round_to": 8})
+    with pytest.raises(AutopruneError, match="--round-to 8"):
+        q.kept(table)
+
+
+def test_a_unit_left_alone_stays_whole_whatever_round_to():
+    from tests.tinynets import TinyNet
+
+    t = build_unit_table(TinyNet(width=10), torch.randn(1, 1, 8, 8), round_to=8)
+    for u in t.units:
+        assert t.kept(u.index, 0.0) == u.size

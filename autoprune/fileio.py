@@ -1,0 +1,44 @@
+"""Atomic file writes: a file is either the old one or the complete new one, never half of it.
+
+Every write goes to a uniquely named temporary file in the destination's folder, then
+``os.replace`` moves it into place; two processes writing the same cache never tear it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from autoprune.errors import AutopruneError
+
+
+def _atomic(path: str | Path, write) -> Path:
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise AutopruneError(f"cannot write {path}: {err.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise AutopruneError(f"cannot write {path}: {err.strerror}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return _atomic(path, lambda f: f.write(text.encode()))
+
+
+def atomic_torch_save(obj, path: str | Path) -> Path:
+    """``torch.save(obj, path)`` atomically."""
+    return _atomic(path, lambda f: torch.save(obj, f))
