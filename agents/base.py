@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +29,11 @@ class Episode:
         requested: per-unit sparsity the searcher asked for (before the wall).
         reward: the env's reward.
         summary: the last step's info (policy, accuracy, ratios, reward parts, ...).
-        values: the objective value(s) recorded in the study.
     """
 
     requested: np.ndarray
     reward: float
     summary: dict
-    values: list[float] = field(default_factory=list)
 
 
 def param_name(unit: str) -> str:

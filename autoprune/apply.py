@@ -62,9 +62,10 @@ def apply_policy(
     _log(f"pruned: FLOPs x{metrics['ratios']['flops']:.3f}, params x{metrics['ratios']['params']:.3f}", quiet)
 
     metrics["dense"]["proxy_acc"] = task.dense_accuracy()
-    metrics["pruned"]["proxy_acc_before_bn"] = task.evaluate(model, recalibrate=False).accuracy
-    recalibrate_bn(model, task._calib, task.config.calib_batch_size, task.device)
-    metrics["pruned"]["proxy_acc"] = task.evaluate(model, recalibrate=False).accuracy
+    metrics["pruned"]["proxy_acc_before_bn"] = task.proxy_accuracy(model)
+    if task.config.bn_recalibration:  # what the search scored, so what export writes
+        recalibrate_bn(model, task.splits.calib, task.config.calib_batch_size, task.device)
+    metrics["pruned"]["proxy_acc"] = task.proxy_accuracy(model)
     _log(f"proxy accuracy (search-val): dense {metrics['dense']['proxy_acc']:.2%}, pruned "
          f"{metrics['pruned']['proxy_acc_before_bn']:.2%} before / {metrics['pruned']['proxy_acc']:.2%} "
          "after BN recalibration", quiet)
@@ -78,7 +79,7 @@ def apply_policy(
         finetune(model, task.splits, finetune_cfg, teacher=teacher, device=task.device,
                  progress=not quiet)
         metrics["finetune"] = asdict(finetune_cfg)
-        metrics["pruned"]["proxy_acc_finetuned"] = task.evaluate(model, recalibrate=False).accuracy
+        metrics["pruned"]["proxy_acc_finetuned"] = task.proxy_accuracy(model)
         if test:
             metrics["pruned"]["test_acc_finetuned"] = task.test_accuracy(model)
             _log(f"after fine-tuning: test accuracy {metrics['pruned']['test_acc_finetuned']:.2%}", quiet)

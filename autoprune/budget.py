@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from autoprune.errors import AutopruneError
 
-BUDGET_METRICS = ("flops", "params", "latency")
 _FORMS = "0.5flops, 0.3params, 0.7latency, 2xflops (keep 1/2), 50%flops"
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(x|%)?\s*(flops|macs|params|latency)\s*$", re.I)
 

@@ -14,28 +14,23 @@ from collections.abc import Sequence
 
 from autoprune.errors import AutopruneError
 
-
 # ------------------------------------------------------------------------------------------------
 # shared options
 # ------------------------------------------------------------------------------------------------
+# Where each extension point's registry lives, imported only when its names are needed.
+_REGISTRIES = {
+    "model": ("autoprune.models", "MODELS"),
+    "dataset": ("autoprune.data", "DATASETS"),
+    "importance": ("autoprune.importance", "IMPORTANCE"),
+    "granularity": ("autoprune.units", "GRANULARITIES"),
+}
+
+
 def _names(kind: str) -> list[str]:
-    if kind == "model":
-        from autoprune.models import MODELS
+    import importlib
 
-        return MODELS.names()
-    if kind == "dataset":
-        from autoprune.data import DATASETS
-
-        return DATASETS.names()
-    if kind == "importance":
-        from autoprune.importance import IMPORTANCE
-
-        return IMPORTANCE.names()
-    if kind == "granularity":
-        from autoprune.units import GRANULARITIES
-
-        return GRANULARITIES.names()
-    raise KeyError(kind)
+    module, attr = _REGISTRIES[kind]
+    return getattr(importlib.import_module(module), attr).names()
 
 
 def add_model_args(p: argparse.ArgumentParser, weights_required: bool = False) -> None:
@@ -49,7 +44,8 @@ def add_model_args(p: argparse.ArgumentParser, weights_required: bool = False) -
     g.add_argument("--dataset", default=None,
                    help="digits (bundled, offline default), cifar10, cifar100, imagefolder")
     g.add_argument("--data-dir", metavar="DIR", help="where the dataset lives or is downloaded to")
-    g.add_argument("--seed", type=int, default=0, help="split seed (search-val, calibration)")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seeds which training images form search-val and calibration (default 0)")
 
 
 def add_unit_args(p: argparse.ArgumentParser) -> None:
@@ -102,7 +98,7 @@ def task_config(args: argparse.Namespace):
         pretrained=args.pretrained,
         dataset=args.dataset,
         data_dir=args.data_dir,
-        seed=args.seed,
+        seed=args.split_seed,
         granularity=args.granularity,
         importance=args.importance,
         exclude=tuple(args.exclude),
@@ -159,7 +155,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.weights:
         load_weights(model, args.weights)
     example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
-    table = build_unit_table(model, example, config.granularity, config.exclude, config.round_to or 1)
+    table = build_unit_table(model, example, config.granularity, config.exclude,
+                             1 if config.round_to is None else config.round_to)
     if config.round_to is None:
         table.round_to = 8 if min(u.size for u in table.units) >= 32 else 1
     if args.json:
@@ -182,12 +179,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
     _check_model_name(args.model)
     args.dataset = _default_dataset(args)
     config = task_config(args)
+    if any(b < 1 for b in args.latency_batch) or args.finetune_batch_size < 1:
+        raise AutopruneError("--latency-batch and --finetune-batch-size must be at least 1")
+    from autoprune.task import check_device
+
+    check_device(args.latency_device)
     policy = Policy.load(args.policy)  # a malformed policy fails before any model is built
     task = PruningTask(config, progress=not args.quiet)
     ft = None
     if args.finetune_epochs > 0:
         ft = FinetuneConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, distill=args.distill,
-                            batch_size=args.finetune_batch_size, seed=args.seed)
+                            batch_size=args.finetune_batch_size, seed=args.split_seed)
     metrics = apply_policy(task, policy, args.output, ft, test=not args.no_test,
                            latency_batches=tuple(args.latency_batch), latency_device=args.latency_device,
                            latency_threads=args.latency_threads, quiet=args.quiet)
@@ -202,22 +204,23 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoprune",
+        allow_abbrev=False,  # worker command lines are rewritten flag by flag: no abbreviations
         description="Find how much to prune each layer of a trained model to meet a FLOPs, "
                     "parameter or latency budget.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("models", help="list registered models, datasets and importance criteria")
+    p = sub.add_parser("models", allow_abbrev=False, help="list registered models, datasets and importance criteria")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("inspect", help="show a model's prunable units and what each costs")
+    p = sub.add_parser("inspect", allow_abbrev=False, help="show a model's prunable units and what each costs")
     add_model_args(p)
     add_unit_args(p)
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("apply", help="prune a model with a policy file and measure the result")
+    p = sub.add_parser("apply", allow_abbrev=False, help="prune a model with a policy file and measure the result")
     add_model_args(p)
     add_unit_args(p)
     add_eval_args(p)

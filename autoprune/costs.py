@@ -21,9 +21,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from autoprune.registry import Registry
 from autoprune.units import UnitTable
-
-METRICS = ("flops", "params", "latency")
 
 
 @dataclass(frozen=True)
@@ -148,11 +147,20 @@ class CostModel(ABC):
 
     metric: str
 
+    @classmethod
+    def build(cls, task, **options) -> CostModel:
+        """The cost model of a :class:`~autoprune.task.PruningTask` (closed forms need only its table)."""
+        return cls(task.table)
+
     @abstractmethod
     def ratio(self, kept: np.ndarray) -> float:
         """Predicted cost of keeping ``kept[u]`` elements of unit ``u``, relative to dense."""
 
 
+COST_MODELS: Registry = Registry("budget metric")
+
+
+@COST_MODELS.register("flops", help="MACs of conv and linear layers (effective for unstructured)")
 class FlopsCost(CostModel):
     metric = "flops"
 
@@ -163,6 +171,7 @@ class FlopsCost(CostModel):
         return closed_form(self.table, kept).flops / self.dense
 
 
+@COST_MODELS.register("params", help="parameters (non-zero ones for unstructured)")
 class ParamsCost(CostModel):
     metric = "params"
 

@@ -86,9 +86,6 @@ class TensorSplit:
         for i in range(0, len(self.y), batch_size):
             yield self.x[i : i + batch_size], self.y[i : i + batch_size]
 
-    def head(self, n: int) -> TensorSplit:
-        return TensorSplit(self.x[:n], self.y[:n])
-
 
 @dataclass
 class Splits:
@@ -264,12 +261,13 @@ def _imagefolder(data_dir: Path | None, download: bool) -> RawDataset:
     held_out = next((data_dir / s for s in ("val", "test") if (data_dir / s).is_dir()), None)
     if held_out is None:
         raise AutopruneError(f"{data_dir} has train/ but neither val/ nor test/")
-    probe = ImageFolder(data_dir / "train")
-    if len(probe) == 0:
-        raise AutopruneError(f"{data_dir / 'train'} holds no images")
-    with Image.open(probe.samples[0][0]) as im:
-        width, height = im.size
-        channels = len(im.getbands())
+    try:
+        probe = ImageFolder(data_dir / "train")
+        with Image.open(probe.samples[0][0]) as im:
+            width, height = im.size
+    except (FileNotFoundError, IndexError, OSError) as err:
+        raise AutopruneError(f"{data_dir / 'train'} holds no readable images in class folders "
+                             f"({type(err).__name__})") from None
     small = max(width, height) <= 64
     if small:
         mean, std = (CIFAR_MEAN, CIFAR_STD) if (width, height) == (32, 32) else (IMAGENET_MEAN, IMAGENET_STD)
@@ -278,11 +276,9 @@ def _imagefolder(data_dir: Path | None, download: bool) -> RawDataset:
     else:
         plain, aug = _large_transforms(IMAGENET_MEAN, IMAGENET_STD)
         size = 224
-    loader = _rgb_loader if channels >= 3 else None
-    kw = {"loader": loader} if loader else {}
-    train = ImageFolder(data_dir / "train", transform=plain, **kw)
-    train_aug = ImageFolder(data_dir / "train", transform=aug, **kw)
-    test = ImageFolder(held_out, transform=plain, **kw)
+    train = ImageFolder(data_dir / "train", transform=plain, loader=_rgb_loader)
+    train_aug = ImageFolder(data_dir / "train", transform=aug, loader=_rgb_loader)
+    test = ImageFolder(held_out, transform=plain, loader=_rgb_loader)
     if test.classes != train.classes:
         raise AutopruneError(f"{held_out} and {data_dir / 'train'} have different class folders")
     info = DatasetInfo("imagefolder", len(train.classes), 3, size, tuple(train.classes))

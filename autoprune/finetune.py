@@ -58,6 +58,8 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
 
     A non-finite loss stops training with a user error rather than writing a broken model.
     """
+    if cfg.batch_size < 1 or (cfg.steps is not None and cfg.steps < 1) or cfg.lr <= 0:
+        raise AutopruneError("fine-tuning needs a batch size and steps of at least 1 and a positive lr")
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
@@ -70,7 +72,7 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
     )
     loader = splits.train_loader(min(cfg.batch_size, len(splits.train)), seed=cfg.seed)
     if len(loader) == 0:
-        raise AutopruneError("the training split is smaller than one batch; lower --batch-size")
+        raise AutopruneError("the training split is smaller than one batch; lower --finetune-batch-size")
     total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * len(loader)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
     bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", leave=False)

@@ -114,11 +114,15 @@ class Taylor(_TorchPruning):
 
 @IMPORTANCE.register("random", help="seeded random order: the floor any criterion should beat")
 class Random(Importance):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.rng = np.random.default_rng(seed)  # units are scored in order: same seed, same ranks
+
     def channel_scores(self, group) -> torch.Tensor:
-        raise NotImplementedError  # ranked directly in rank_units
+        return torch.from_numpy(self.rng.random(len(group[0].idxs)))
 
     def weight_scores(self, module: nn.Module) -> torch.Tensor:
-        raise NotImplementedError
+        return torch.from_numpy(self.rng.random(module.weight.numel())).view_as(module.weight)
 
 
 def _backward(model: nn.Module, calib: TensorSplit, batch_size: int = 64) -> None:
@@ -147,9 +151,6 @@ def rank_units(
     if table.granularity == "unstructured" and not crit.supports_unstructured:
         raise AutopruneError(f"importance {name!r} scores channels; with unstructured granularity "
                              "use l1, l2, taylor or random")
-    if isinstance(crit, Random):
-        rng = np.random.default_rng(seed)
-        return [rng.permutation(u.size) for u in table.units]
     if crit.needs_grad:
         if calib is None:
             raise ValueError(f"importance {name!r} needs calibration data")

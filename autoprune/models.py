@@ -134,6 +134,8 @@ def _adapt_stem(model: nn.Module, spec: ModelSpec, stem_kernel: int | None = Non
     )
     if kernel == conv.kernel_size[0] and spec.in_channels == conv.in_channels:
         new.weight.data.copy_(conv.weight.data)  # keep pretrained stem weights when they fit
+        if conv.bias is not None:
+            new.bias.data.copy_(conv.bias.data)
     _replace(model, name, new)
 
 
@@ -168,7 +170,7 @@ def _torchvision(arch: str, stem_kernel: int | None = None, small: Callable | No
             small(model)
         return model
 
-    build.__doc__ = f"torchvision {arch}" + (" (small-input stem below 64 px)")
+    build.__doc__ = f"torchvision {arch}, small-input stem at 64 px and below"
     return build
 
 
@@ -231,7 +233,11 @@ def _call_user_factory(factory: Callable[..., nn.Module], spec: ModelSpec) -> nn
     except (TypeError, ValueError):
         params = {}
     kwargs = {k: v for k, v in vars(spec).items() if k in params}
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except Exception as err:
+        raise AutopruneError(f"the model factory {getattr(factory, '__name__', factory)!r} raised "
+                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     if not isinstance(model, nn.Module):
         raise AutopruneError(f"{factory!r} returned {type(model).__name__}, not an nn.Module")
     return model

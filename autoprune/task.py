@@ -9,7 +9,7 @@ importance ranking, and the pruner. An episode is then ``prune(kept)`` followed 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +81,9 @@ class Evaluation:
 
     accuracy: float
     recalibrated: bool
-    extra: dict = field(default_factory=dict)
 
 
-def _check_device(device: str) -> str:
+def check_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AutopruneError(f"--device {device} asked for, but torch sees no CUDA device")
     if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
@@ -124,7 +123,7 @@ class PruningTask:
     def __init__(self, config: TaskConfig, splits: Splits | None = None,
                  dense: nn.Module | None = None, progress: bool = True) -> None:
         self.config = config
-        self.device = _check_device(config.device)
+        self.device = check_device(config.device)
         self.splits = splits or make_splits(
             config.dataset, config.data_dir, config.seed, config.search_val_size,
             config.calib_batches, config.calib_batch_size,
@@ -137,7 +136,7 @@ class PruningTask:
         self.dense = dense.eval()
         self.example = self.splits.example_input(1)
         table = build_unit_table(self.dense, self.example, config.granularity, config.exclude,
-                                 config.round_to or 1)
+                                 1 if config.round_to is None else config.round_to)
         if config.round_to is None:
             table.round_to = 8 if min(u.size for u in table.units) >= 32 else 1
         self.table: UnitTable = table
@@ -188,6 +187,10 @@ class PruningTask:
             recalibrate_bn(model, self._calib, self.config.calib_batch_size, self.device)
         acc = accuracy(model, self._val, self.config.eval_batch_size, self.device)
         return Evaluation(acc, recal)
+
+    def proxy_accuracy(self, model: nn.Module) -> float:
+        """Accuracy on search-val as the model stands: no fine-tuning, no recalibration."""
+        return accuracy(model, self._val, self.config.eval_batch_size, self.device)
 
     def test_accuracy(self, model: nn.Module) -> float:
         """Top-1 on the held-out test split (final reports only)."""

@@ -145,6 +145,8 @@ class UnitTable:
         width.
         """
         size = self.units[u].size
+        if sparsity <= 0.0:
+            return size  # a unit left alone stays whole, whatever round_to says
         keep = (1.0 - float(sparsity)) * size
         r = self.round_to if self.granularity == "channel" else 1
         if r > 1:

@@ -19,7 +19,7 @@ import numpy as np
 from gymnasium import spaces
 
 from autoprune.budget import Budget, parse_budget
-from autoprune.costs import CostModel, FlopsCost, ParamsCost, closed_form
+from autoprune.costs import COST_MODELS, CostModel, closed_form
 from autoprune.envs.rewards import REWARDS, Outcome
 from autoprune.envs.state import N_FEATURES, observation, rest_flops, static_features
 from autoprune.envs.wall import ActionWall
@@ -31,17 +31,10 @@ from autoprune.task import PruningTask, TaskConfig
 def make_cost_model(task: PruningTask, budget: Budget, latency_batch: int = 1,
                     latency_threads: int | None = None, progress: bool = True) -> CostModel:
     """The cost model of ``budget.metric`` for ``task`` (latency: measured once, cached)."""
-    if budget.metric == "flops":
-        return FlopsCost(task.table)
-    if budget.metric == "params":
-        return ParamsCost(task.table)
-    if task.table.granularity != "channel":
-        raise AutopruneError("a latency budget needs channel granularity: masked weights run "
-                             "as fast as dense ones on dense hardware")
-    from autoprune.latency import build_latency_model
+    import autoprune.latency  # noqa: F401  (registers the latency cost model)
 
-    return build_latency_model(task.table, task.dense, task.prune, task.device, latency_batch,
-                               latency_threads, progress=progress)
+    return COST_MODELS.get(budget.metric).build(task, batch_size=latency_batch, threads=latency_threads,
+                                                progress=progress)
 
 
 class LayerSparsityEnv(gym.Env):
@@ -94,7 +87,6 @@ class LayerSparsityEnv(gym.Env):
         self.observation_space = spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
         self._t = 0
         self._kept = self.table.sizes().copy()
-        self._requested = np.zeros(self.n_units)
         self.episodes = 0
 
     # -- pure helpers ---------------------------------------------------------------------------
@@ -119,15 +111,12 @@ class LayerSparsityEnv(gym.Env):
         super().reset(seed=seed)
         self._t = 0
         self._kept = self.table.sizes().copy()
-        self._requested = np.zeros(self.n_units)
-        self._started = time.perf_counter()
         return self._obs(), {"unit": self.table.units[0].name, "step": 0}
 
     def step(self, action):
         t = self._t
         decision = self.wall.decide(self._kept, t, self.action_to_sparsity(action))
         self._kept[t] = decision.kept
-        self._requested[t] = decision.requested
         info = {"unit": self.table.units[t].name, "step": t, "requested": decision.requested,
                 "sparsity": decision.achieved, "kept": decision.kept, "clipped": decision.clipped}
         if t + 1 < self.n_units:

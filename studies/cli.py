@@ -12,7 +12,7 @@ from autoprune.errors import AutopruneError
 def add_commands(sub) -> None:
     from autoprune.cli import add_eval_args, add_model_args, add_unit_args
 
-    p = sub.add_parser("search", help="search per-unit sparsities that meet a budget",
+    p = sub.add_parser("search", allow_abbrev=False, help="search per-unit sparsities that meet a budget",
                        description="Search per-unit sparsities that meet a budget; every episode is "
                                    "one trial of an Optuna study.")
     add_model_args(p)
@@ -22,6 +22,8 @@ def add_commands(sub) -> None:
                    help="0.5flops, 0.3params, 0.7latency, 2xflops or 50%%flops (default 0.5flops)")
     g.add_argument("--searcher", default="tpe", help=f"{_searchers()} (default tpe)")
     g.add_argument("--episodes", type=int, default=60, help="complete trials the study should hold")
+    g.add_argument("--seed", type=int, default=0,
+                   help="the searcher's seed (the data split has its own, --split-seed)")
     g.add_argument("--reward", default="acc", help="acc (AMC R_err), acc-log-flops, acc-penalty")
     g.add_argument("--reward-lambda", type=float, default=1.0, help="penalty weight of acc-penalty")
     g.add_argument("--min-sparsity", type=float, default=0.0)
@@ -39,11 +41,13 @@ def add_commands(sub) -> None:
     s.add_argument("--workers", type=int, default=1,
                    help="worker processes on one study (samplers; journal or PostgreSQL storage)")
     s.add_argument("--worker-quota", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_eval_args(p)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("export", help="write a study's best policy (and, with weights, the pruned model)")
+    p = sub.add_parser("export", allow_abbrev=False,
+                       help="write a study's best policy (and, with weights, the pruned model)")
     p.add_argument("study", help="study name (see `autoprune studies`)")
     p.add_argument("--storage", default="sqlite:///autoprune.db")
     p.add_argument("--trial", type=int, default=None, help="export this trial instead of the best")
@@ -66,18 +70,18 @@ def add_commands(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("studies", help="list the studies in a storage")
+    p = sub.add_parser("studies", allow_abbrev=False, help="list the studies in a storage")
     p.add_argument("--storage", default="sqlite:///autoprune.db")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_studies)
 
-    p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage")
+    p = sub.add_parser("dashboard", allow_abbrev=False, help="serve optuna-dashboard on the study storage")
     p.add_argument("--storage", default="sqlite:///autoprune.db")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_dashboard)
 
-    p = sub.add_parser("report", help="trials CSV, markdown summary and plots of a study")
+    p = sub.add_parser("report", allow_abbrev=False, help="trials CSV, markdown summary and plots of a study")
     p.add_argument("study")
     p.add_argument("--storage", default="sqlite:///autoprune.db")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
@@ -125,9 +129,11 @@ def cmd_search(args: argparse.Namespace) -> int:
                            min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity,
                            latency_batch=args.latency_batch, latency_threads=args.latency_threads,
                            progress=not args.quiet)
-    options = {"warmup": args.warmup} if args.warmup else {}
+    options = {"warmup": args.warmup} if args.warmup is not None else {}
     search = SearchConfig(
-        searcher=args.searcher, episodes=args.episodes, seed=args.seed, storage=args.storage,
+        # each worker samples with its own seed, or they would all draw the same policies
+        searcher=args.searcher, storage=args.storage, episodes=args.episodes,
+        seed=args.seed + 7919 * (args.worker_index + 1) if args.worker_index is not None else args.seed,
         study_name=args.study_name, resume=args.resume, state_dir=args.state_dir,
         searcher_options=options, progress=not args.quiet,
         command=" ".join(shlex.quote(a) for a in ["autoprune", *args.argv]),
@@ -150,10 +156,11 @@ def _worker_command(argv: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if a in ("--workers", "--study-name", "--worker-quota"):
+        if a in ("--workers", "--study-name", "--worker-quota", "--worker-index"):
             skip = True
             continue
-        if a.startswith(("--workers=", "--study-name=", "--worker-quota=")) or a in ("--resume", "-q", "--quiet"):
+        if a.startswith(("--workers=", "--study-name=", "--worker-quota=", "--worker-index=")) or \
+                a in ("--resume", "-q", "--quiet"):
             continue
         out.append(a)
     return [sys.executable, "-m", "autoprune.cli", *out]

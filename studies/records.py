@@ -23,7 +23,7 @@ from autoprune.agents.base import Episode, param_name
 def episode_attrs(ep: Episode, searcher: str, index: int, uid: str, seconds: float) -> dict:
     s = ep.summary
     return {
-        "policy": {k: round(float(v), 6) for k, v in s["policy"].items()},
+        "policy": {k: round(float(v), 10) for k, v in s["policy"].items()},
         "widths": s["widths"],
         "accuracy": s["accuracy"],
         "ratios": s["ratios"],

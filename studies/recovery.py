@@ -76,9 +76,10 @@ def recover(study: optuna.Study, searcher: Searcher, state_dir: Path, quiet: boo
         if _is_stale(trial, host, exclusive):
             study.tell(trial.number, state=TrialState.FAIL)
             failed.append(trial.number)
-            # a trial killed before its first suggestion still carries its enqueued parameters
-            params = trial.params or trial.system_attrs.get("fixed_params")
-            if params and searcher.uses_trial:
+            # a trial killed before (or during) its suggestions still carries its enqueued parameters
+            params = {**(trial.system_attrs.get("fixed_params") or {}), **trial.params}
+            # retried once: a policy that kills its worker every time must not loop forever
+            if params and searcher.uses_trial and "retry_of" not in trial.user_attrs:
                 study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
     if failed and not quiet:
         print(f"note: failed {len(failed)} trial(s) left running by a killed worker "
@@ -103,7 +104,7 @@ def _fail_heartbeat_stale(study: optuna.Study):
     after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     stale = [t for t in study.get_trials(deepcopy=False) if t.number in before - after]
     for t in stale:
-        if t.params and "retry_of" not in t.user_attrs:
+        if t.params and "retry_of" not in t.user_attrs and "error" not in t.user_attrs:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
     return stale
 

@@ -36,7 +36,8 @@ from autoprune.studies.storage import (
 # Study attributes that must match for --resume to continue a study.
 IDENTITY_KEYS = ("model", "weights", "dataset", "data", "split_seed", "granularity", "importance",
                  "round_to", "units_digest", "budget", "reward", "reward_lambda", "searcher",
-                 "min_sparsity", "max_sparsity", "search_val_size", "bn_recalibration")
+                 "min_sparsity", "max_sparsity", "search_val_size", "bn_recalibration",
+                 "calib_batches", "calib_batch_size", "episode_finetune_steps")
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,13 @@ def default_study_name(model: str, dataset: str, budget: str, searcher: str) -> 
     return f"{model_slug(model)}-{dataset}-{budget}-{searcher}"
 
 
-def default_state_dir(storage: str, study_name: str) -> Path:
-    """Where agents keep their checkpoints: beside a file storage, else in the working directory."""
+def default_state_dir(storage: str, study: optuna.Study) -> Path:
+    """Where agents keep their checkpoints: beside a file storage, else in the working directory.
+
+    The folder is named after the study *and* its unique id, so a study made again under an old
+    name (a deleted database, another file in the same folder) never picks up a stale agent.
+    """
+    study_name = f"{study.study_name}-{study.user_attrs.get('study_uid', 'x')[:8]}"
     kind = storage_kind(storage)
     if kind == "sqlite" and str(sqlite_path(storage)) != ":memory:":
         base = sqlite_path(storage).resolve().parent
@@ -166,12 +172,15 @@ def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, 
         for key, value in attrs.items():  # a run killed while creating the study left some out
             if key not in stored:
                 study.set_user_attr(key, value)
+        if "study_uid" not in stored:
+            study.set_user_attr("study_uid", uuid.uuid4().hex)
         sampler = searcher.sampler(env, len(study.trials))
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     study = optuna.create_study(storage=storage, study_name=name, directions=list(searcher.directions),
                                 sampler=searcher.sampler(env, 0))
     for key, value in attrs.items():
         study.set_user_attr(key, value)
+    study.set_user_attr("study_uid", uuid.uuid4().hex)
     metric = env.budget.metric
     with warnings.catch_warnings():  # names shown by the dashboard; the API is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -214,7 +223,7 @@ def run_search(env: LayerSparsityEnv, config: SearchConfig, quota: int | None = 
 
 def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> SearchResult:
     study = open_study(env, searcher, config, name, storage)
-    state_dir = Path(config.state_dir) if config.state_dir else default_state_dir(config.storage, name)
+    state_dir = Path(config.state_dir) if config.state_dir else default_state_dir(config.storage, study)
     searcher.setup(env, study, episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive)
     done, _ = trial_counts(study)
@@ -236,7 +245,13 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
                 trial = study.ask()
                 trial.set_user_attr("worker", me)
                 with Heartbeat(study, trial):
-                    ep = searcher.episode(env, trial)
+                    try:
+                        ep = searcher.episode(env, trial)
+                    except AutopruneError as err:
+                        # recorded as failed, not left running: a resume must not replay it
+                        trial.set_user_attr("error", str(err))
+                        study.tell(trial, state=TrialState.FAIL)
+                        raise
                     for key, value in episode_attrs(ep, config.searcher, done + new, uid,
                                                     time.perf_counter() - start).items():
                         trial.set_user_attr(key, value)

@@ -61,15 +61,16 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int, worke
     name = config.study_name or default_study_name(task.config.model, task.config.dataset,
                                                    env.budget.slug, config.searcher)
     study = open_study(env, searcher, config, name)
-    state_dir = Path(config.state_dir) if config.state_dir else default_state_dir(config.storage, name)
+    state_dir = Path(config.state_dir) if config.state_dir else default_state_dir(config.storage, study)
     searcher.setup(env, study, config.episodes)
     recover(study, searcher, state_dir, quiet=not config.progress)
     done, _ = trial_counts(study)
     quotas = [q for q in split_quota(max(0, config.episodes - done), workers) if q > 0]
     logs, procs = [], []
-    for quota in quotas:
+    for index, quota in enumerate(quotas):
         log = tempfile.TemporaryFile(mode="w+")
-        cmd = worker_cmd + ["--study-name", name, "--resume", "--worker-quota", str(quota), "-q"]
+        cmd = worker_cmd + ["--study-name", name, "--resume", "--worker-quota", str(quota),
+                            "--worker-index", str(index), "-q"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log))
         logs.append(log)
     bar = tqdm(total=config.episodes, initial=done, desc=f"{config.searcher} {name} x{len(procs)} workers",

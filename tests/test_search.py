@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -83,8 +82,16 @@ def test_rl_agent_checkpoint_restores_state(tiny_task, tmp_path):
     result = _run(env, tmp_path, "ddpg", episodes=5)
     saved = DDPGSearcher(seed=0, warmup=2)
     saved.setup(env, result.study, 5)
+    fresh_actor = [p.detach().clone() for p in saved.model.actor.parameters()]
     pending = saved.load(result.state_dir)
     assert saved.episode_index == 5
+    # the trained networks came back, and act as they did when saved
+    import torch
+
+    on_disk = torch.load(result.state_dir / "agent.pt", weights_only=True)["torch"]["policy"]
+    for name, value in saved.model.policy.state_dict().items():
+        assert torch.equal(value, on_disk[name])
+    assert any(not torch.equal(a, b) for a, b in zip(fresh_actor, saved.model.actor.parameters()))
     assert pending["user_attrs"]["uid"] == result.study.trials[-1].user_attrs["uid"]
     assert saved.model.replay_buffer.size() == 5 * env.n_units
     assert saved.model._n_updates > 0
@@ -102,4 +109,40 @@ def test_unreachable_and_bad_storage(tiny_task, tmp_path):
         open_storage(f"sqlite:///{tmp_path}/junk.db")
     with pytest.raises(AutopruneError, match="does not exist"):
         open_storage(f"sqlite:///{tmp_path}/no/such/dir/x.db")
-    assert optuna.storages.RDBStorage  # the real storage classes are used, nothing mocked
+
+
+def test_a_study_made_again_under_an_old_name_starts_a_fresh_agent(tiny_task, tmp_path):
+    env = LayerSparsityEnv(tiny_task, budget="0.5flops")
+    first = _run(env, tmp_path, "ddpg", episodes=3)
+    (tmp_path / "s.db").unlink()  # the study is gone; its agent's folder is not
+    again = _run(env, tmp_path, "ddpg", episodes=2)
+    assert again.state_dir != first.state_dir
+    assert [t.user_attrs["episode"] for t in again.study.trials] == [0, 1]
+
+
+def test_rl_search_resumed_with_more_episodes(tiny_task, tmp_path):
+    env = LayerSparsityEnv(tiny_task, budget="0.5flops")
+    _run(env, tmp_path, "ddpg", episodes=3)
+    more = _run(env, tmp_path, "ddpg", episodes=6, resume=True)
+    assert more.new_trials == 3 and len(more.study.trials) == 6
+
+
+def test_an_episode_that_fails_is_recorded_failed_and_not_replayed(tiny_task, tmp_path, monkeypatch):
+    env = LayerSparsityEnv(tiny_task, budget="0.5flops")
+    real_finish, calls = env.finish, []
+
+    def finish(kept):
+        calls.append(1)
+        if len(calls) == 3:
+            raise AutopruneError("the model produced NaN/inf outputs during evaluation")
+        return real_finish(kept)
+
+    monkeypatch.setattr(env, "finish", finish)
+    with pytest.raises(AutopruneError, match="NaN"):
+        _run(env, tmp_path, "random", episodes=5)
+    result = _run(env, tmp_path, "random", episodes=5, resume=True)
+    states = [t.state for t in result.study.trials]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 5
+    failed = next(t for t in result.study.trials if t.state == TrialState.FAIL)
+    assert "NaN" in failed.user_attrs["error"]
+    assert not any(t.user_attrs.get("retry_of") == failed.number for t in result.study.trials)

@@ -35,6 +35,8 @@ def _check(study: optuna.Study, episodes: int) -> None:
     workers = Counter(t.user_attrs["worker"] for t in trials)
     assert len(workers) == 4 and set(workers.values()) == {episodes // 4}
     assert all(t.user_attrs["ratios"]["flops"] <= 0.5 + 1e-9 for t in trials)
+    # each worker samples with its own seed: no policy is asked for twice
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == episodes
 
 
 def test_four_workers_on_journal_storage(capsys, tmp_path, tiny_weights):
