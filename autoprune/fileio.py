@@ -1,7 +1,8 @@
 """Atomic file writes: a file is either the old one or the complete new one, never half of it.
 
 Every write goes to a uniquely named temporary file in the destination's folder, then
-``os.replace`` moves it into place; two processes writing the same cache never tear it.
+``os.replace`` moves it into place; two processes writing the same cache never tear it. The file
+gets the permissions a plain ``open(path, "w")`` would give (``mkstemp`` makes it owner-only).
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ import torch
 from autoprune.errors import AutopruneError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: str | Path, write) -> Path:
     path = Path(path)
     try:
@@ -24,6 +31,7 @@ def _atomic(path: str | Path, write) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)

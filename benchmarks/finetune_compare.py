@@ -44,7 +44,7 @@ def main() -> None:
           f"{args.distill}, device {args.device}; {machine()}", flush=True)
     results = []
     for label, row in ((f"{best['searcher']} seed {best['seed']} (best searched)", best), ("uniform", uniform)):
-        kept = Policy(row["policy"]).kept(task.table)
+        kept = Policy(row["policy"], widths=row.get("widths", {})).kept(task.table)
         model = task.prune(kept)
         recalibrate_bn(model, task.splits.calib, task.config.calib_batch_size)
         before = task.test_accuracy(model)

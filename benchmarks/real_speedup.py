@@ -49,7 +49,8 @@ def main() -> None:
         rows = json.loads(Path(args.quality).read_text())["rows"]
         for name in dict.fromkeys(r["searcher"] for r in rows):
             best = max((r for r in rows if r["searcher"] == name), key=lambda r: r["test_acc"])
-            policies[f"{name} (best of search)"] = Policy(best["policy"]).kept(task.table)
+            policy = Policy(best["policy"], widths=best.get("widths", {}))
+            policies[f"{name} (best of search)"] = policy.kept(task.table)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"# {args.model}: CPU, {args.threads} thread(s), {args.pairs} alternated pairs; {machine()}")
     print("| policy | FLOPs ratio | params ratio | " + " | ".join(f"latency ratio, batch {b}" for b in batches)

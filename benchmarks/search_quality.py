@@ -65,7 +65,9 @@ def main() -> None:
             row = {"searcher": name, "seed": seed, "trial": best.number,
                    "episodes": len(result.study.trials), "proxy_acc": best.user_attrs["accuracy"],
                    "test_acc": task.test_accuracy(model), "ratios": best.user_attrs["ratios"],
-                   "policy": best.user_attrs["policy"], "seconds": time.perf_counter() - start}
+                   "policy": best.user_attrs["policy"],
+                   "widths": dict(zip(task.table.names, best.user_attrs["widths"])),
+                   "seconds": time.perf_counter() - start}
             rows.append(row)
             print(f"{name:8s} seed {seed}: proxy {row['proxy_acc']:.4f} test {row['test_acc']:.4f} "
                   f"flops {row['ratios']['flops']:.3f} ({row['seconds']:.0f}s)", flush=True)
