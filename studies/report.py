@@ -94,6 +94,16 @@ def _scatter_points(study: optuna.Study, metric: str):
             [t.user_attrs["accuracy"] for t in trials], trials)
 
 
+def _labels(sibs: list[optuna.Study], study: optuna.Study) -> dict[str, str]:
+    """Legend text per study: its searcher, and its name too where one searcher ran several studies."""
+    searchers = [s.user_attrs.get("searcher", s.study_name) for s in sibs]
+    out = {}
+    for sib, searcher in zip(sibs, searchers):
+        label = searcher if searchers.count(searcher) == 1 else f"{searcher}: {sib.study_name}"
+        out[sib.study_name] = label + (" (this study)" if sib.study_name == study.study_name else "")
+    return out
+
+
 def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
     """Write trials.csv, summary.md and the PNG plots for ``study`` into ``out_dir``."""
     import matplotlib
@@ -109,6 +119,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
     metric = a.get("budget_metric", "flops")
     budget_ratio = a.get("budget_ratio")
     sibs = siblings(study)
+    labels = _labels(sibs, study)
     best = best_trial(study)
     written = {}
     with OutputDir(out_dir) as tmp:
@@ -123,7 +134,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
             if name in BASELINES:
                 ax.scatter(xs, ys, marker="*", s=220, edgecolor="black", zorder=5, label=f"{name} (baseline)")
             else:
-                ax.scatter(xs, ys, s=14, alpha=0.55, label=name)
+                ax.scatter(xs, ys, s=14, alpha=0.55, label=labels[sib.study_name])
         _, _, trials = _scatter_points(study, metric)
         front = pareto_front(trials, metric)
         ax.plot([t.user_attrs["ratios"][metric] for t in front], [t.user_attrs["accuracy"] for t in front],
@@ -166,8 +177,8 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
                 continue
             rewards = [t.user_attrs["reward"] for t in done]
             running = pd.Series(rewards).cummax()
-            label = sib.user_attrs.get("searcher", sib.study_name)
-            line = ax.plot(range(len(rewards)), running, lw=2, label=f"{label} (best so far)")[0]
+            line = ax.plot(range(len(rewards)), running, lw=2,
+                           label=f"{labels[sib.study_name]} (best so far)")[0]
             ax.scatter(range(len(rewards)), rewards, s=8, alpha=0.35, color=line.get_color())
         ax.set_xlabel("episode")
         ax.set_ylabel(f"reward ({a.get('reward')})")

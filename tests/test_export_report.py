@@ -247,3 +247,18 @@ def test_dashboard_in_headless_chromium(dashboard, tmp_path):
     keep = os.environ.get("AUTOPRUNE_SCREENSHOT_DIR")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_report_legend_tells_studies_of_one_searcher_apart():
+    import optuna
+
+    from autoprune.studies.report import _labels
+
+    def study(name, searcher):
+        s = optuna.create_study(study_name=name, storage="sqlite:///:memory:")
+        s.set_user_attr("searcher", searcher)
+        return s
+
+    sibs = [study("a-tpe-s0", "tpe"), study("a-tpe-s1", "tpe"), study("a-uniform", "uniform")]
+    assert _labels(sibs, sibs[1]) == {"a-tpe-s0": "tpe: a-tpe-s0", "a-tpe-s1": "tpe: a-tpe-s1 (this study)",
+                                      "a-uniform": "uniform"}
