@@ -138,9 +138,11 @@ class LayerSparsityEnv(gym.Env):
             from autoprune.latency import measure_ratio
 
             ratios["latency_predicted"] = self.cost.ratio(kept)
+            # 30 alternated pairs, as every latency figure of the engine: single runs of a
+            # few-millisecond network are noisy, and the budget check is only as good as this
             ratios["latency"], _, _ = measure_ratio(self.task.dense, model, self.table.input_shape,
                                                     self.task.device, self.cost.batch_size,
-                                                    self.cost.threads, pairs=15)
+                                                    self.cost.threads, pairs=30)
         outcome = Outcome(evaluation.accuracy, ratios[self.budget.metric], self.budget.ratio,
                           closed_form(self.table, kept).flops)
         reward, parts = self.reward_fn(outcome, self.reward_lambda)
