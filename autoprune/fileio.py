@@ -7,6 +7,7 @@ gets the permissions a plain ``open(path, "w")`` would give (``mkstemp`` makes i
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -50,3 +51,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_torch_save(obj, path: str | Path) -> Path:
     """``torch.save(obj, path)`` atomically."""
     return _atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_document(path: str | Path, data) -> Path:
+    """Write ``data`` atomically as YAML when the suffix is ``.yaml``/``.yml``, else as JSON."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        text = yaml.safe_dump(data, sort_keys=False)
+    else:
+        text = json.dumps(data, indent=2) + "\n"
+    return atomic_write_text(path, text)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from autoprune.errors import AutopruneError
-from autoprune.fileio import atomic_write_text
+from autoprune.fileio import write_document
 from autoprune.units import UnitTable
 
 FORMAT = "autoprune.policy"
@@ -103,15 +103,7 @@ class Policy:
 
     def save(self, path: str | Path, table: UnitTable | None = None) -> Path:
         """Write the policy atomically (JSON, or YAML when the suffix says so)."""
-        path = Path(path)
-        data = self.to_dict(table)
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            text = yaml.safe_dump(data, sort_keys=False)
-        else:
-            text = json.dumps(data, indent=2) + "\n"
-        return atomic_write_text(path, text)
+        return write_document(path, self.to_dict(table))
 
     @classmethod
     def from_dict(cls, data: object, source: str = "policy") -> Policy:

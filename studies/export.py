@@ -9,7 +9,6 @@ of those tools.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
-from autoprune.fileio import atomic_write_text
+from autoprune.fileio import write_document
 from autoprune.policy import FORMAT, VERSION, Policy
 from autoprune.studies.records import best_trial, completed, is_finite, pareto_front
 from autoprune.studies.storage import open_storage
@@ -129,14 +128,7 @@ def write_policy(doc: dict, path: str | Path, fmt: str = "autoprune") -> Path:
     if not path.parent.is_dir():
         raise AutopruneError(f"cannot write {path}: folder {path.parent} does not exist")
     data = {"autoprune": doc, "torch-pruning": to_torch_pruning, "nni": to_nni}[fmt]
-    data = data(doc) if callable(data) else data
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        text = yaml.safe_dump(data, sort_keys=False)
-    else:
-        text = json.dumps(data, indent=2) + "\n"
-    return atomic_write_text(path, text)
+    return write_document(path, data(doc) if callable(data) else data)
 
 
 def export_model(study: optuna.Study, trial: FrozenTrial, model_dir: str | Path,
