@@ -149,6 +149,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags the parent sets for each worker itself: dropped from the command line it hands down.
+_PER_WORKER_VALUED = ("--workers", "--study-name", "--worker-quota", "--worker-index")
+_PER_WORKER_SWITCHES = ("--resume", "-q", "--quiet")
+
+
 def _worker_command(argv: list[str]) -> list[str]:
     """This command line without --workers (and the flags the parent sets for each worker)."""
     out, skip = [], False
@@ -156,11 +161,10 @@ def _worker_command(argv: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if a in ("--workers", "--study-name", "--worker-quota", "--worker-index"):
+        if a in _PER_WORKER_VALUED:
             skip = True
             continue
-        if a.startswith(("--workers=", "--study-name=", "--worker-quota=", "--worker-index=")) or \
-                a in ("--resume", "-q", "--quiet"):
+        if a.startswith(tuple(f"{flag}=" for flag in _PER_WORKER_VALUED)) or a in _PER_WORKER_SWITCHES:
             continue
         out.append(a)
     return [sys.executable, "-m", "autoprune.cli", *out]
