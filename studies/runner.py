@@ -77,12 +77,16 @@ def default_study_name(model: str, dataset: str, budget: str, searcher: str) -> 
     return f"{model_slug(model)}-{dataset}-{budget}-{searcher}"
 
 
-def default_state_dir(storage: str, study: optuna.Study) -> Path:
-    """Where agents keep their checkpoints: beside a file storage, else in the working directory.
+def agent_state_dir(config: SearchConfig, study: optuna.Study) -> Path:
+    """Where agents keep their checkpoints: ``--state-dir``, else beside a file storage, else in
+    the working directory.
 
-    The folder is named after the study *and* its unique id, so a study made again under an old
-    name (a deleted database, another file in the same folder) never picks up a stale agent.
+    The default folder is named after the study *and* its unique id, so a study made again under
+    an old name (a deleted database, another file in the same folder) never picks up a stale agent.
     """
+    if config.state_dir:
+        return Path(config.state_dir)
+    storage = config.storage
     study_name = f"{study.study_name}-{study.user_attrs.get('study_uid', 'x')[:8]}"
     kind = storage_kind(storage)
     if kind == "sqlite" and str(sqlite_path(storage)) != ":memory:":
@@ -223,7 +227,7 @@ def run_search(env: LayerSparsityEnv, config: SearchConfig, quota: int | None = 
 
 def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> SearchResult:
     study = open_study(env, searcher, config, name, storage)
-    state_dir = Path(config.state_dir) if config.state_dir else default_state_dir(config.storage, study)
+    state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive)
     done, _ = trial_counts(study)

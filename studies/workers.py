@@ -6,7 +6,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -18,7 +17,7 @@ from autoprune.studies.recovery import recover
 from autoprune.studies.runner import (
     SearchConfig,
     SearchResult,
-    default_state_dir,
+    agent_state_dir,
     default_study_name,
     open_study,
     show_best,
@@ -61,7 +60,7 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int, worke
     name = config.study_name or default_study_name(task.config.model, task.config.dataset,
                                                    env.budget.slug, config.searcher)
     study = open_study(env, searcher, config, name)
-    state_dir = Path(config.state_dir) if config.state_dir else default_state_dir(config.storage, study)
+    state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, config.episodes)
     recover(study, searcher, state_dir, quiet=not config.progress)
     done, _ = trial_counts(study)
