@@ -67,7 +67,9 @@ def _check_sqlite(path: Path) -> None:
     _check_writable_dir(path, "database")
     if path.exists() and path.stat().st_size > 0:
         try:
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            # read-write but never create: a kill -9 mid-transaction leaves a hot journal, which
+            # SQLite rolls back on the first read-write open; a read-only one cannot and fails
+            with sqlite3.connect(f"file:{path}?mode=rw", uri=True) as con:
                 con.execute("PRAGMA schema_version").fetchone()
         except sqlite3.DatabaseError as err:
             raise AutopruneError(f"{path} is not a readable SQLite database ({err}); move it "

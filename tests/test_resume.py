@@ -114,3 +114,29 @@ def test_pending_rl_episode_is_recorded_on_resume(tiny_task, tmp_path):
     assert fresh.episode_index == 1
     recover(study, fresh, tmp_path / "state", quiet=True)  # idempotent
     assert len(study.trials) == 1
+
+
+def test_a_hot_journal_left_by_a_kill_mid_write_is_rolled_back_not_refused(tmp_path):
+    """kill -9 inside a write transaction leaves a hot journal; the storage check must accept it."""
+    from autoprune.studies.storage import check_storage
+
+    db = tmp_path / "s.db"
+    writer = f"""
+import os, sqlite3
+con = sqlite3.connect({str(db)!r}, isolation_level=None)
+con.execute("PRAGMA cache_size=1")
+con.execute("CREATE TABLE t(x BLOB)")
+con.execute("BEGIN")
+for _ in range(200):
+    con.execute("INSERT INTO t VALUES (randomblob(4000))")
+con.execute("COMMIT")
+con.execute("BEGIN")
+con.execute("UPDATE t SET x = randomblob(4000)")
+os._exit(9)
+"""
+    subprocess.run([sys.executable, "-c", writer], check=False)
+    assert (tmp_path / "s.db-journal").is_file()  # the kill left a hot journal behind
+    check_storage(f"sqlite:///{db}")
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT count(*) FROM t").fetchone() == (200,)  # the committed rows stand
+    assert not (tmp_path / "s.db-journal").exists()
