@@ -1,8 +1,9 @@
-"""Apply a policy end to end: prune, recalibrate, (fine-tune), measure and write the results.
+"""Apply a policy end to end: prune, reconstruct, recalibrate, (fine-tune), measure and write.
 
 This is what `autoprune apply` runs and what `autoprune export --weights` reuses: the pruned
-model (``pruned.pt`` and ``model.pt2``), its achieved policy, and a metrics JSON comparing the
-dense and pruned models on FLOPs, params, measured latency and accuracy.
+model, reconstructed and recalibrated exactly as a search episode scores it (``pruned.pt`` and
+``model.pt2``), its achieved policy, and a metrics JSON comparing the dense and pruned models on
+FLOPs, params, measured latency and accuracy.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from autoprune.artifacts import OutputDir, export_program, pruned_payload
-from autoprune.evaluate import recalibrate_bn
 from autoprune.finetune import FinetuneConfig, finetune
 from autoprune.latency import default_threads, measure_ratio
 from autoprune.models import ModelSpec
@@ -62,13 +62,17 @@ def apply_policy(
     _log(f"pruned: FLOPs x{metrics['ratios']['flops']:.3f}, params x{metrics['ratios']['params']:.3f}", quiet)
 
     metrics["dense"]["proxy_acc"] = task.dense_accuracy()
-    metrics["pruned"]["proxy_acc_before_bn"] = task.proxy_accuracy(model)
-    if task.config.bn_recalibration:  # what the search scored, so what export writes
-        recalibrate_bn(model, task.splits.calib, task.config.calib_batch_size, task.device)
+    metrics["pruned"]["proxy_acc_selected"] = task.proxy_accuracy(model)
+    report = task.calibrate(model, kept)  # what the search scored, so what export writes
     metrics["pruned"]["proxy_acc"] = task.proxy_accuracy(model)
+    metrics["reconstruct"] = task.config.reconstruct
+    if report is not None:
+        metrics["reconstruction"] = {"refit": report.refit, "fallbacks": report.fallbacks,
+                                     "traced": report.traced, "seconds": round(report.seconds, 3)}
     _log(f"proxy accuracy (search-val): dense {metrics['dense']['proxy_acc']:.2%}, pruned "
-         f"{metrics['pruned']['proxy_acc_before_bn']:.2%} before / {metrics['pruned']['proxy_acc']:.2%} "
-         "after BN recalibration", quiet)
+         f"{metrics['pruned']['proxy_acc_selected']:.2%} as selected / {metrics['pruned']['proxy_acc']:.2%} "
+         f"after {'reconstruction (' + str(report.refit) + ' layers refit) and ' if report else ''}"
+         "BN recalibration", quiet)
     if test:
         metrics["dense"]["test_acc"] = task.test_accuracy(task.dense)
         metrics["pruned"]["test_acc"] = task.test_accuracy(model)
@@ -103,7 +107,7 @@ def apply_policy(
     info = task.splits.info
     spec = ModelSpec(info.num_classes, info.in_channels, info.image_size)
     achieved.meta.update({"model": task.config.model, "weights": task.weights_id,
-                          "achieved": metrics["ratios"]})
+                          "reconstruct": task.config.reconstruct, "achieved": metrics["ratios"]})
     with OutputDir(out_dir) as tmp:
         import torch
 

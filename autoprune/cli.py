@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from autoprune.errors import AutopruneError
 
@@ -23,6 +24,7 @@ _REGISTRIES = {
     "dataset": ("autoprune.data", "DATASETS"),
     "importance": ("autoprune.importance", "IMPORTANCE"),
     "granularity": ("autoprune.units", "GRANULARITIES"),
+    "reconstruct": ("autoprune.reconstruct", "RECONSTRUCTIONS"),
 }
 
 
@@ -66,6 +68,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-batches", type=int, default=10, help="BN recalibration batches")
     g.add_argument("--calib-batch-size", type=int, default=64)
     g.add_argument("--eval-batch-size", type=int, default=500)
+    g.add_argument("--reconstruct", default=None,
+                   help="after the cut: lsq (least-squares refit of every layer whose inputs shrank, "
+                        "to the dense outputs on calibration images; the default) or none")
     g.add_argument("--no-bn-recalibration", action="store_true",
                    help="score pruned models with the dense model's BN statistics")
     g.add_argument("--episode-finetune-steps", type=int, default=0,
@@ -85,7 +90,7 @@ def _default_dataset(args: argparse.Namespace) -> str:
 def task_config(args: argparse.Namespace):
     from autoprune.task import TaskConfig
 
-    for kind in ("dataset", "importance", "granularity"):
+    for kind in ("dataset", "importance", "granularity", "reconstruct"):
         value = getattr(args, kind, None)
         if value is not None and value not in _names(kind):
             raise AutopruneError(f"unknown {kind} {value!r}; choose one of: {', '.join(_names(kind))}")
@@ -108,6 +113,7 @@ def task_config(args: argparse.Namespace):
         calib_batch_size=getattr(args, "calib_batch_size", 64),
         eval_batch_size=getattr(args, "eval_batch_size", 500),
         bn_recalibration=not getattr(args, "no_bn_recalibration", False),
+        reconstruct=getattr(args, "reconstruct", None) or "lsq",
         episode_finetune_steps=getattr(args, "episode_finetune_steps", 0),
         device=getattr(args, "device", "cpu"),
     )
@@ -185,6 +191,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     check_device(args.latency_device)
     policy = Policy.load(args.policy)  # a malformed policy fails before any model is built
+    if args.reconstruct is None:  # rebuild the model as the policy's search scored it
+        config = replace(config, reconstruct=policy.meta.get("reconstruct", "lsq"))
     task = PruningTask(config, progress=not args.quiet)
     ft = None
     if args.finetune_epochs > 0:

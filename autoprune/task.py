@@ -25,7 +25,8 @@ from autoprune.finetune import FinetuneConfig, finetune
 from autoprune.importance import rank_units
 from autoprune.models import ModelSpec, build_model
 from autoprune.policy import Policy
-from autoprune.pruning import pruner_for
+from autoprune.pruning import pruner_for, removed_indices
+from autoprune.reconstruct import RECONSTRUCTIONS, LsqConfig, Reconstructor, Report
 from autoprune.units import UnitTable, build_unit_table
 
 
@@ -49,6 +50,8 @@ class TaskConfig:
         calib_batch_size: images per calibration batch.
         eval_batch_size: images per evaluation batch.
         bn_recalibration: recalibrate BatchNorm before scoring (adaptive BN).
+        reconstruct: ``lsq`` refits each layer whose inputs shrank to the dense outputs
+            (:mod:`autoprune.reconstruct`); ``none`` keeps the selected weights.
         episode_finetune_steps: SGD steps on each pruned model before scoring.
         device: ``cpu`` or ``cuda``.
     """
@@ -68,6 +71,7 @@ class TaskConfig:
     calib_batch_size: int = 64
     eval_batch_size: int = 500
     bn_recalibration: bool = True
+    reconstruct: str = "lsq"
     episode_finetune_steps: int = 0
     device: str = "cpu"
 
@@ -77,10 +81,10 @@ class TaskConfig:
 
 @dataclass
 class Evaluation:
-    """One scored model: proxy accuracy on search-val and the recalibration flag."""
+    """One scored model: proxy accuracy on search-val, and the reconstruction pass's record."""
 
     accuracy: float
-    recalibrated: bool
+    reconstruction: Report | None = None
 
 
 def check_device(device: str) -> str:
@@ -124,6 +128,7 @@ class PruningTask:
                  dense: nn.Module | None = None, progress: bool = True) -> None:
         self.config = config
         self.device = check_device(config.device)
+        RECONSTRUCTIONS.get(config.reconstruct)
         self.splits = splits or make_splits(
             config.dataset, config.data_dir, config.seed, config.search_val_size,
             config.calib_batches, config.calib_batch_size,
@@ -161,8 +166,33 @@ class PruningTask:
         return policy.kept(self.table)
 
     def prune(self, kept) -> nn.Module:
-        """A pruned copy of the dense model with unit ``u`` keeping ``kept[u]`` elements."""
+        """A pruned copy of the dense model with unit ``u`` keeping ``kept[u]`` elements, as
+        selected: no reconstruction, no recalibration."""
         return self.pruner.apply(self.dense, self.table, self.ranks, kept)
+
+    def pruned(self, kept) -> tuple[nn.Module, Report | None]:
+        """What an episode scores and ``export`` writes: pruned, reconstructed, BN recalibrated."""
+        model = self.prune(kept)
+        return model, self.calibrate(model, kept)
+
+    def calibrate(self, model: nn.Module, kept) -> Report | None:
+        """Everything done with calibration images after the cut, in place: the reconstruction
+        (``lsq``: one pass that refits and recalibrates BatchNorm together) or plain BN
+        recalibration."""
+        if self.config.reconstruct == "lsq":
+            kept_out = self.table.kept_outputs(removed_indices(self.table, self.ranks, kept))
+            return self.reconstructor(model, kept_out, self.config.bn_recalibration, self.device)
+        if self.config.bn_recalibration:
+            recalibrate_bn(model, self._calib, self.config.calib_batch_size, self.device)
+        return None
+
+    @property
+    def reconstructor(self) -> Reconstructor:
+        """Built on first use: it traces the dense model and caches its targets once per task."""
+        if getattr(self, "_reconstructor", None) is None:
+            self._reconstructor = Reconstructor(self.dense, self.table.refittable_layers(),
+                                                self._calib.x, LsqConfig(seed=self.config.seed))
+        return self._reconstructor
 
     def cost_ratios(self, kept) -> dict[str, float]:
         """Closed-form FLOPs and params ratios (effective ones for unstructured)."""
@@ -176,17 +206,17 @@ class PruningTask:
         return Costs(count_flops(model, x), float(count_params(model)))
 
     # -- scoring --------------------------------------------------------------------------------
-    def evaluate(self, model: nn.Module, recalibrate: bool | None = None) -> Evaluation:
-        """Proxy accuracy of a pruned model on search-val (after BN recalibration by default)."""
-        recal = self.config.bn_recalibration if recalibrate is None else recalibrate
+    def evaluate(self, kept) -> tuple[nn.Module, Evaluation]:
+        """Prune, reconstruct and recalibrate, then score on search-val: one episode's model."""
+        model, report = self.pruned(kept)
         if self.config.episode_finetune_steps > 0:
             finetune(model, self.splits, FinetuneConfig(steps=self.config.episode_finetune_steps,
                                                         lr=0.01, seed=self.config.seed),
                      device=self.device, progress=False)
-        if recal:
-            recalibrate_bn(model, self._calib, self.config.calib_batch_size, self.device)
+            if self.config.bn_recalibration:
+                recalibrate_bn(model, self._calib, self.config.calib_batch_size, self.device)
         acc = accuracy(model, self._val, self.config.eval_batch_size, self.device)
-        return Evaluation(acc, recal)
+        return model, Evaluation(acc, report)
 
     def proxy_accuracy(self, model: nn.Module) -> float:
         """Accuracy on search-val as the model stands: no fine-tuning, no recalibration."""
@@ -213,6 +243,7 @@ class PruningTask:
             "split_seed": self.config.seed,
             "granularity": self.table.granularity,
             "importance": self.config.importance,
+            "reconstruct": self.config.reconstruct,
             "round_to": self.table.round_to,
             "units": len(self.table.units),
             "units_digest": hashlib.sha256(

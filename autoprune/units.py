@@ -187,6 +187,31 @@ class UnitTable:
     def sizes(self) -> np.ndarray:
         return np.array([u.size for u in self.units], dtype=np.int64)
 
+    def refittable_layers(self) -> list[str]:
+        """Conv/linear layers a policy changes the inputs of (channel) or masks (unstructured), in
+        network order."""
+        if not self._deps:  # unstructured: every unit is one layer
+            return [u.name for u in self.units if u.kind in ("conv", "linear")]
+        shrinkable = self.in_mult.any(0) if self.in_mult.size else np.zeros(len(self.layers), bool)
+        return [lay.name for lay, s in zip(self.layers, shrinkable)
+                if s and lay.kind in ("conv", "linear")]
+
+    def kept_outputs(self, removed: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per module whose outputs ``removed`` shrinks, the output indices it keeps (dense order)."""
+        gone: dict[str, set[int]] = {}
+        widths: dict[str, int] = {}
+        for u, root in removed.items():
+            if len(root) == 0 or not self._deps:  # unstructured: masks shrink no output
+                continue
+            for dep in self._deps[u]:
+                if not dep.is_out or dep.is_param:
+                    continue
+                hit = np.isin(dep.root_idxs, root)
+                if hit.any():
+                    gone.setdefault(dep.target, set()).update(dep.target_idxs[hit].tolist())
+                    widths[dep.target] = max(widths.get(dep.target, 0), int(dep.target_idxs.max()) + 1)
+        return {name: np.setdiff1d(np.arange(widths[name]), sorted(idxs)) for name, idxs in gone.items()}
+
     # -- slimming ---------------------------------------------------------------------------------
     def removal_plan(self, removed: dict[int, np.ndarray]) -> dict[tuple[str, object], tuple]:
         """Module-level indices to prune for the given root indices, merged across units.

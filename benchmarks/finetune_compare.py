@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from autoprune.evaluate import recalibrate_bn
 from autoprune.finetune import FinetuneConfig, finetune
 from autoprune.policy import Policy
 from benchmarks.common import machine, make_task
@@ -38,15 +37,14 @@ def main() -> None:
     searched = [r for r in rows if r["searcher"] not in ("uniform", "erk", "lamp", "global")]
     best = max(searched, key=lambda r: r["test_acc"])
     uniform = next(r for r in rows if r["searcher"] == "uniform")
-    task = make_task(model_name, q["args"]["search_val_size"])
+    task = make_task(model_name, q["args"]["search_val_size"], reconstruct=q["args"].get("reconstruct", "none"))
     cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, distill=args.distill, batch_size=128, seed=0)
     print(f"# {model_name} {q['args']['budget']}: fine-tune {args.epochs:g} epochs, lr {args.lr}, distill "
           f"{args.distill}, device {args.device}; {machine()}", flush=True)
     results = []
     for label, row in ((f"{best['searcher']} seed {best['seed']} (best searched)", best), ("uniform", uniform)):
         kept = Policy(row["policy"], widths=row.get("widths", {})).kept(task.table)
-        model = task.prune(kept)
-        recalibrate_bn(model, task.splits.calib, task.config.calib_batch_size)
+        model, _ = task.pruned(kept)
         before = task.test_accuracy(model)
         start = time.perf_counter()
         teacher = task.dense.to(args.device) if args.distill > 0 else None

@@ -3,9 +3,10 @@
     python -m benchmarks.search_quality --model resnet56 --budget 0.5flops --episodes 100 \\
         --searchers uniform,erk,lamp,global,random,tpe,ddpg --seeds 0,1,2
 
-Every searcher runs on the same task (same split, same BN recalibration, same importance), each
-(searcher, seed) in its own study of one SQLite file. The best trial of each study (by reward,
-within budget) is pruned again, BN-recalibrated and scored on the 10,000 test images. Prints a
+Every searcher runs on the same task (same split, same reconstruction and BN recalibration, same
+importance), each (searcher, seed) in its own study of one SQLite file. The best trial of each
+study (by reward, within budget) is pruned again, reconstructed and recalibrated as its episode
+was, and scored on the 10,000 test images. Prints a
 markdown table (mean and spread over seeds) and writes every figure to a JSON file.
 """
 
@@ -22,7 +23,6 @@ import torch
 
 from autoprune.agents import SEARCHERS
 from autoprune.envs import LayerSparsityEnv
-from autoprune.evaluate import recalibrate_bn
 from autoprune.studies.runner import SearchConfig, run_search
 from benchmarks.common import machine, make_task
 
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--search-val-size", type=int, default=1000)
     ap.add_argument("--calib-batches", type=int, default=10)
     ap.add_argument("--importance", default="l1")
+    ap.add_argument("--reconstruct", default="lsq", help="lsq or none (studies of none keep their old names)")
     ap.add_argument("--storage", default="sqlite:///benchmarks-search.db")
     ap.add_argument("--out", default=None, help="JSON file for every figure")
     ap.add_argument("--threads", type=int, default=2)
@@ -44,12 +45,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    task = make_task(args.model, args.search_val_size, args.calib_batches, args.importance)
+    task = make_task(args.model, args.search_val_size, args.calib_batches, args.importance,
+                     reconstruct=args.reconstruct)
     env = LayerSparsityEnv(task, budget=args.budget)
     print(f"# {args.model} {args.budget}: {len(task.table.units)} units, search-val "
           f"{len(task.splits.search_val)}, {args.episodes} episodes per search; {machine()}", flush=True)
     dense_test = task.test_accuracy(task.dense)
     rows = []
+    suffix = "" if args.reconstruct == "none" else f"-{args.reconstruct}"
     for name in args.searchers.split(","):
         SEARCHERS.get(name)
         seeds = [0] if SEARCHERS.get(name).one_shot else [int(s) for s in args.seeds.split(",")]
@@ -57,11 +60,10 @@ def main() -> None:
             start = time.perf_counter()
             result = run_search(env, SearchConfig(
                 searcher=name, episodes=args.episodes, seed=seed, storage=args.storage, resume=True,
-                study_name=f"{args.model}-{env.budget.slug}-{args.importance}-{name}-s{seed}",
+                study_name=f"{args.model}-{env.budget.slug}-{args.importance}{suffix}-{name}-s{seed}",
                 progress=False))
             best = result.best
-            model = task.prune(best.user_attrs["widths"])
-            recalibrate_bn(model, task.splits.calib, task.config.calib_batch_size)
+            model, _ = task.pruned(best.user_attrs["widths"])  # as the episode scored it
             row = {"searcher": name, "seed": seed, "trial": best.number,
                    "episodes": len(result.study.trials), "proxy_acc": best.user_attrs["accuracy"],
                    "test_acc": task.test_accuracy(model), "ratios": best.user_attrs["ratios"],

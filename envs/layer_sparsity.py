@@ -3,10 +3,10 @@
 One episode visits every unit in network order. At each step the agent picks the unit's sparsity
 (an action in [-1, 1], rescaled to [min_sparsity, max_sparsity]); the action wall clips it so the
 budget stays reachable; the state carries the achieved sparsity. After the last unit the policy
-is applied to a fresh copy of the dense model (physical slimming, or masks), BatchNorm is
-recalibrated, proxy accuracy is measured on search-val, and the reward is computed. Earlier steps
-give reward 0. The last step's ``info`` holds the policy, proxy accuracy, cost ratios and the
-reward's parts.
+is applied to a fresh copy of the dense model (physical slimming, or masks), the layers whose
+inputs shrank are refit to the dense outputs (reconstruction), BatchNorm is recalibrated, proxy
+accuracy is measured on search-val, and the reward is computed. Earlier steps give reward 0.
+The last step's ``info`` holds the policy, proxy accuracy, cost ratios and the reward's parts.
 """
 
 from __future__ import annotations
@@ -131,8 +131,7 @@ class LayerSparsityEnv(gym.Env):
         """Apply, evaluate and score the policy of ``kept`` widths; returns reward and summary."""
         kept = np.asarray(kept, dtype=np.int64)
         start = time.perf_counter()
-        model = self.task.prune(kept)
-        evaluation = self.task.evaluate(model)
+        model, evaluation = self.task.evaluate(kept)
         ratios = self.task.cost_ratios(kept)
         if self.budget.metric == "latency":
             from autoprune.latency import measure_ratio
@@ -160,6 +159,10 @@ class LayerSparsityEnv(gym.Env):
             "reward_parts": parts,
             "eval_seconds": time.perf_counter() - start,
         }
+        rec = evaluation.reconstruction
+        if rec is not None:
+            summary["reconstruction"] = {"refit": rec.refit, "fallbacks": rec.fallbacks,
+                                         "seconds": round(rec.seconds, 3)}
         return float(reward), summary
 
     def feasible_policy(self, sparsity) -> np.ndarray:

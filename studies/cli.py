@@ -66,6 +66,8 @@ def add_commands(sub) -> None:
     m.add_argument("--finetune-batch-size", type=int, default=128)
     m.add_argument("--distill", type=float, default=0.0, help="distillation weight from the dense model")
     m.add_argument("--onnx", action="store_true", help="also write model.onnx, checked in onnxruntime")
+    m.add_argument("--reconstruct", default=None,
+                   help="lsq or none (default: as the study's episodes were scored)")
     m.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
@@ -223,7 +225,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             ft = FinetuneConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, distill=args.distill,
                                 batch_size=args.finetune_batch_size, seed=doc.get("split_seed") or 0)
         metrics = export_model(study, trial, model_dir, args.weights, args.data_dir, args.device, ft,
-                               args.onnx, quiet=args.quiet)
+                               args.onnx, quiet=args.quiet, reconstruct=args.reconstruct)
         doc["exported_model"] = {"dir": str(model_dir), "test_accuracy": metrics["pruned"].get(
             "test_acc_finetuned", metrics["pruned"].get("test_acc"))}
         print(f"wrote {model_dir}/: pruned.pt, model.pt2{', model.onnx' if args.onnx else ''}, "

@@ -93,6 +93,7 @@ def policy_document(study: optuna.Study, trial: FrozenTrial) -> dict:
         "granularity": s.get("granularity"),
         "round_to": s.get("round_to"),
         "importance": s.get("importance"),
+        "reconstruct": s.get("reconstruct", "none"),
         "budget": s.get("budget"),
         "achieved": a["ratios"],
         "proxy_accuracy": a["accuracy"],
@@ -133,11 +134,13 @@ def write_policy(doc: dict, path: str | Path, fmt: str = "autoprune") -> Path:
 
 def export_model(study: optuna.Study, trial: FrozenTrial, model_dir: str | Path,
                  weights: str | None = None, data_dir: str | None = None, device: str = "cpu",
-                 finetune=None, onnx: bool = False, latency_batches=(1,), quiet: bool = False) -> dict:
+                 finetune=None, onnx: bool = False, latency_batches=(1,), quiet: bool = False,
+                 reconstruct: str | None = None) -> dict:
     """Rebuild the study's task, prune with ``trial``'s policy and write the model files.
 
     The weights must be the ones the study searched (checked by SHA-256); by default the path the
-    study recorded is used. Returns the metrics written to ``metrics.json``.
+    study recorded is used. The model is reconstructed as the study's episodes were, unless
+    ``reconstruct`` says otherwise. Returns the metrics written to ``metrics.json``.
     """
     from autoprune.apply import apply_policy
     from autoprune.checkpoints import file_sha256
@@ -161,6 +164,7 @@ def export_model(study: optuna.Study, trial: FrozenTrial, model_dir: str | Path,
         exclude=tuple(s.get("exclude") or ()), round_to=s["round_to"],
         search_val_size=s.get("search_val_size"), calib_batches=s.get("calib_batches", 10),
         calib_batch_size=s.get("calib_batch_size", 64), bn_recalibration=s.get("bn_recalibration", True),
+        reconstruct=reconstruct or s.get("reconstruct", "none"),
         device=device,
     )
     task = PruningTask(config, progress=not quiet)

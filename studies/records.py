@@ -35,6 +35,7 @@ def episode_attrs(ep: Episode, searcher: str, index: int, uid: str, seconds: flo
         "uid": uid,
         "seconds": round(seconds, 3),
         "eval_seconds": round(s["eval_seconds"], 3),
+        **({"reconstruction": s["reconstruction"]} if "reconstruction" in s else {}),
     }
 
 

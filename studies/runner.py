@@ -34,8 +34,10 @@ from autoprune.studies.storage import (
 )
 
 # Study attributes that must match for --resume to continue a study.
+# What a study made before a key existed implies: its episodes ran without reconstruction.
+LEGACY_DEFAULTS = {"reconstruct": "none"}
 IDENTITY_KEYS = ("model", "weights", "dataset", "data", "split_seed", "granularity", "importance",
-                 "round_to", "units_digest", "budget", "reward", "reward_lambda", "searcher",
+                 "reconstruct", "round_to", "units_digest", "budget", "reward", "reward_lambda", "searcher",
                  "min_sparsity", "max_sparsity", "search_val_size", "bn_recalibration",
                  "calib_batches", "calib_batch_size", "episode_finetune_steps")
 
@@ -167,6 +169,7 @@ def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, 
             )
         study = optuna.load_study(study_name=name, storage=storage)
         stored = study.user_attrs
+        stored = {**LEGACY_DEFAULTS, **stored}
         for key in IDENTITY_KEYS:
             if key in stored and stored[key] != attrs[key]:
                 raise AutopruneError(
