@@ -54,7 +54,7 @@ def add_unit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("units")
     g.add_argument("--granularity", default="channel", help="channel (default) or unstructured")
     g.add_argument("--importance", default="l1",
-                   help="channel/weight ranking: l1 (default), l2, bn_scale, fpgm, taylor, random")
+                   help="channel/weight ranking: l1 (default), l2, bn_scale, fpgm, taylor, thinet, random")
     g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="module-name pattern never pruned (repeatable, fnmatch)")
     g.add_argument("--round-to", type=int, default=None,

@@ -35,9 +35,17 @@ class Importance(ABC):
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
+    def prepare(self, table: UnitTable, model: nn.Module, calib: TensorSplit | None) -> None:
+        """Optional: look at the dense model and the calibration data once, before any unit is
+        scored. Does nothing by default."""
+
     @abstractmethod
     def channel_scores(self, group) -> torch.Tensor:
         """Scores for each root channel of a Torch-Pruning group with full indices."""
+
+    def unit_scores(self, table: UnitTable, u: int) -> torch.Tensor:
+        """Scores for each root channel of unit ``u``; by default its group's :meth:`channel_scores`."""
+        return self.channel_scores(table._groups[u])
 
     def weight_scores(self, module: nn.Module) -> torch.Tensor:
         """Scores shaped like ``module.weight``; the default is |w|."""
@@ -125,6 +133,83 @@ class Random(Importance):
         return torch.from_numpy(self.rng.random(module.weight.numel())).view_as(module.weight)
 
 
+@IMPORTANCE.register("thinet", help="greedy order by the error the next layers' outputs suffer (ThiNet)")
+class ThiNet(Importance):
+    """ThiNet (Luo et al., 2017): a channel matters as much as the layers it feeds miss it.
+
+    On the dense model and the calibration images, every layer that consumes a unit's channels
+    records, at sampled (position, output channel) pairs, each input channel's contribution to its
+    output. Channels are then removed greedily, each time the one whose removal adds least to the
+    squared error of the consumers' outputs (each consumer's error relative to its output's
+    energy, so coupled groups weigh their consumers alike). The removal order is the ranking.
+    Like every criterion it is computed once per task; the least-squares refit that follows a cut
+    (``--reconstruct lsq``) then fits the kept channels, as ThiNet does after its selection.
+    """
+
+    supports_unstructured = False
+    rows = 4096  # sampled (position, output channel) pairs per consumer
+    images = 256
+
+    def prepare(self, table: UnitTable, model: nn.Module, calib: TensorSplit | None) -> None:
+        from autoprune.lsq import in_width, patches, refittable, sample_rows
+
+        if calib is None:
+            raise ValueError("importance 'thinet' needs calibration data")
+        modules = dict(model.named_modules())
+        names = {d.target for deps in table._deps for d in deps if not d.is_out and not d.is_param}
+        gen = torch.Generator().manual_seed(self.seed)
+        self._contrib: dict[str, torch.Tensor] = {}
+
+        def record(name: str):
+            def hook(m, inputs, out):
+                if name in self._contrib:
+                    return
+                rows = sample_rows(out.shape, self.rows, gen).to(out.device)
+                cols = patches(inputs[0], m, rows)  # (R, C_in * k * k)
+                w = m.weight.detach().reshape(m.weight.shape[0], -1).float()
+                o = torch.randint(w.shape[0], (len(cols),), generator=gen).to(w.device)
+                self._contrib[name] = (cols * w[o]).reshape(len(cols), in_width(m), -1).sum(-1).cpu()
+            return hook
+
+        hooks = [modules[n].register_forward_hook(record(n)) for n in names
+                 if n in modules and refittable(modules[n])]
+        try:
+            with torch.no_grad():
+                model.eval()(calib.x[: self.images])
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def channel_scores(self, group) -> torch.Tensor:  # pragma: no cover - unit_scores is used
+        raise NotImplementedError
+
+    def unit_scores(self, table: UnitTable, u: int) -> torch.Tensor:
+        size = table.units[u].size
+        blocks = []
+        for d in table._deps[u]:
+            c = self._contrib.get(d.target)
+            if d.is_out or d.is_param or c is None:
+                continue
+            per_root = torch.zeros(len(c), size).index_add_(
+                1, torch.as_tensor(d.root_idxs), c[:, torch.as_tensor(d.target_idxs)])
+            blocks.append(per_root / c.sum(1).pow(2).mean().sqrt().clamp_min(1e-12))
+        if not blocks:  # no layer to reconstruct (a depthwise consumer, the classifier): magnitude
+            return L1(self.seed).channel_scores(table._groups[u])
+        x = torch.cat(blocks).double()
+        energy = x.pow(2).sum(0)
+        removed = torch.zeros(size, dtype=torch.bool)
+        total = torch.zeros(len(x), dtype=torch.float64)
+        scores = torch.empty(size)
+        for step in range(size):
+            err = 2 * (total @ x) + energy  # ||total + x_c||^2 - ||total||^2, for every c at once
+            err[removed] = float("inf")
+            c = int(err.argmin())
+            removed[c] = True
+            total += x[:, c]
+            scores[c] = step
+        return scores
+
+
 def _backward(model: nn.Module, calib: TensorSplit, batch_size: int = 64) -> None:
     """Accumulate dL/dw over the calibration data on the dense model, in eval mode."""
     model.zero_grad(set_to_none=True)
@@ -155,6 +240,7 @@ def rank_units(
         if calib is None:
             raise ValueError(f"importance {name!r} needs calibration data")
         _backward(model, calib)
+    crit.prepare(table, model, calib)
     try:
         modules = dict(model.named_modules())
         ranks = []
@@ -162,7 +248,7 @@ def rank_units(
             if table.granularity == "unstructured":
                 scores = crit.weight_scores(modules[u.name]).flatten()
             else:
-                scores = crit.channel_scores(table._groups[u.index])
+                scores = crit.unit_scores(table, u.index)
             # stable sort: ties keep index order, so rankings are reproducible
             ranks.append(np.argsort(scores.numpy(), kind="stable"))
         return ranks

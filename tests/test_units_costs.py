@@ -93,6 +93,18 @@ def test_every_importance_ranks_every_unit(importance):
         assert sorted(r.tolist()) == list(range(u.size))
 
 
+def test_thinet_removes_first_the_channel_its_consumer_ignores():
+    """block.3 gives channel 5 of block.0 zero weight: that channel costs its output nothing, however
+    large its own filter (which is what magnitude criteria look at)."""
+    model, x, table = _setup("tiny")
+    with torch.no_grad():
+        model.block[3].weight[:, 5] = 0
+        model.block[0].weight[5] *= 100
+    ranks = rank_units(table, model, "thinet", calib=_calib(x))
+    assert ranks[table.index_of("block.0")][0] == 5
+    assert rank_units(table, model, "l1")[table.index_of("block.0")][-1] == 5
+
+
 def test_l1_removes_the_smallest_filters_first():
     model, x, table = _setup("tiny")
     u = table.index_of("branch_b.0")
