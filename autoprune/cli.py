@@ -69,8 +69,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-batch-size", type=int, default=64)
     g.add_argument("--eval-batch-size", type=int, default=500)
     g.add_argument("--reconstruct", default=None,
-                   help="after the cut: lsq (least-squares refit of every layer whose inputs shrank, "
-                        "to the dense outputs on calibration images; the default) or none")
+                   help="after the cut: lsq (the default: least-squares refit of every layer the policy "
+                        "changed, to the dense outputs on calibration images), lsq-all (also every later "
+                        "layer) or none")
     g.add_argument("--no-bn-recalibration", action="store_true",
                    help="score pruned models with the dense model's BN statistics")
     g.add_argument("--episode-finetune-steps", type=int, default=0,

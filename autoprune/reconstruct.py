@@ -51,10 +51,6 @@ from torch import fx, nn
 from autoprune.lsq import Rows, in_width, patches, refittable, sample_rows, set_weight_matrix, solve, weight_matrix
 from autoprune.registry import Registry
 
-RECONSTRUCTIONS: Registry[str] = Registry("reconstruction")
-RECONSTRUCTIONS.register("lsq", help="least-squares refit of every layer whose inputs shrank (AMC, CP, ThiNet)")("lsq")
-RECONSTRUCTIONS.register("none", help="keep the selected weights as they are; recalibrate BatchNorm only")("none")
-
 _ADDS = (operator.add, operator.iadd, torch.add)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -70,6 +66,8 @@ class LsqConfig:
             ill-posed solve towards the plain weights instead of towards zero.
         holdout: fraction of the rows held out to check that a refit helps.
         seed: seeds the sampled positions (fixed per task, so dense targets are cached).
+        downstream: also refit every layer after the first changed one, whose inputs are whole
+            but have drifted from the dense network's.
     """
 
     rows: int = 20480
@@ -77,6 +75,16 @@ class LsqConfig:
     ridge: float = 1e-2
     holdout: float = 0.1
     seed: int = 0
+    downstream: bool = False
+
+
+# Each method's refit settings; ``None`` keeps the selected weights (BatchNorm is recalibrated).
+RECONSTRUCTIONS: Registry[LsqConfig | None] = Registry("reconstruction")
+RECONSTRUCTIONS.register("lsq", help="least-squares refit of every layer a policy changed: inputs shrunk or "
+                                     "weights masked (AMC, CP, ThiNet)")(LsqConfig())
+RECONSTRUCTIONS.register("lsq-all", help="lsq, and also every later layer, against the drift of its inputs")(
+    LsqConfig(downstream=True))
+RECONSTRUCTIONS.register("none", help="keep the selected weights as they are; recalibrate BatchNorm only")(None)
 
 
 @dataclass(frozen=True)
@@ -240,8 +248,13 @@ class Reconstructor:
         start = time.perf_counter()
         modules = dict(pruned.named_modules())
         report = Report(traced=self.graph is not None)
-        active = {name: site for name, site in self.sites.items()  # layers whose inputs shrank or masked
-                  if name in modules and site.rows is not None and _changed(modules[name], site)}
+        active, changed = {}, False  # sites are in network order
+        for name, site in self.sites.items():  # layers whose inputs shrank or masked (and later ones)
+            if name not in modules or site.rows is None:
+                continue
+            changed = (changed and self.config.downstream) or _changed(modules[name], site)
+            if changed:
+                active[name] = site
         pruned.eval()
         x = self.calib.to(device)
         if self.graph is not None:

@@ -9,7 +9,7 @@ importance ranking, and the pruner. An episode is then ``prune(kept)`` followed 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from autoprune.importance import rank_units
 from autoprune.models import ModelSpec, build_model
 from autoprune.policy import Policy
 from autoprune.pruning import pruner_for, removed_indices
-from autoprune.reconstruct import RECONSTRUCTIONS, LsqConfig, Reconstructor, Report
+from autoprune.reconstruct import RECONSTRUCTIONS, Reconstructor, Report
 from autoprune.units import UnitTable, build_unit_table
 
 
@@ -179,7 +179,7 @@ class PruningTask:
         """Everything done with calibration images after the cut, in place: the reconstruction
         (``lsq``: one pass that refits and recalibrates BatchNorm together) or plain BN
         recalibration."""
-        if self.config.reconstruct == "lsq":
+        if RECONSTRUCTIONS.get(self.config.reconstruct) is not None:
             kept_out = self.table.kept_outputs(removed_indices(self.table, self.ranks, kept))
             return self.reconstructor(model, kept_out, self.config.bn_recalibration, self.device)
         if self.config.bn_recalibration:
@@ -190,8 +190,11 @@ class PruningTask:
     def reconstructor(self) -> Reconstructor:
         """Built on first use: it traces the dense model and caches its targets once per task."""
         if getattr(self, "_reconstructor", None) is None:
-            self._reconstructor = Reconstructor(self.dense, self.table.refittable_layers(),
-                                                self._calib.x, LsqConfig(seed=self.config.seed))
+            config = replace(RECONSTRUCTIONS.get(self.config.reconstruct), seed=self.config.seed)
+            layers = self.table.refittable_layers()
+            if config.downstream:
+                layers = [lay.name for lay in self.table.layers if lay.kind in ("conv", "linear")]
+            self._reconstructor = Reconstructor(self.dense, layers, self._calib.x, config)
         return self._reconstructor
 
     def cost_ratios(self, kept) -> dict[str, float]:

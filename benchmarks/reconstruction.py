@@ -1,4 +1,4 @@
-"""Reconstruction on a CIFAR-10 fixture: the same policies scored with ``--reconstruct none`` and ``lsq``.
+"""Reconstruction on a CIFAR-10 fixture: the same policies scored with each ``--reconstruct`` method.
 
     python -m benchmarks.reconstruction --model resnet56 --budget 0.5flops \\
         --quality benchmarks/results/quality-resnet56.json \\
@@ -8,9 +8,9 @@
 Policies: uniform over every unit; the block-inner rule (uniform over the units with a single
 conv member, so the groups a residual add couples stay whole); and the best policy of every
 searcher/seed in the given ``search_quality`` result files (a search made with ``none`` and one
-with ``lsq``). Each is pruned once and scored on search-val and on the 10,000 test images with
-both reconstructions. Then the time of one episode (prune, calibrate, score on search-val) with
-each, against one dense forward pass over search-val, as medians of ``--repeats`` runs.
+with ``lsq``). Each is scored on search-val and on the 10,000 test images with every method of
+``--methods``. Then the time of one episode (prune, calibrate, score on search-val) with each,
+against one dense forward pass over search-val, as medians of ``--repeats`` runs.
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ def main() -> None:
     ap.add_argument("--budget", default="0.5flops")
     ap.add_argument("--quality", action="append", default=[], help="search_quality JSON (repeatable)")
     ap.add_argument("--searchers", default="tpe", help="which searchers' best policies to score")
+    ap.add_argument("--methods", default="none,lsq,lsq-all", help="reconstruction methods to compare")
+    ap.add_argument("--granularity", default="channel",
+                    help="unstructured: masks; only the uniform policy (every unit is one layer)")
     ap.add_argument("--search-val-size", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -70,16 +73,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     budget = parse_budget(args.budget)
-    lsq = make_task(args.model, args.search_val_size, reconstruct="lsq")
-    none = PruningTask(replace(lsq.config, reconstruct="none"), splits=lsq.splits, dense=lsq.dense,
-                       progress=False)
-    none.weights_id = lsq.weights_id
-    tasks = {"none": none, "lsq": lsq}
+    lsq = make_task(args.model, args.search_val_size, reconstruct="lsq", granularity=args.granularity)
+    methods = args.methods.split(",")
+    tasks = {m: lsq if m == "lsq" else PruningTask(replace(lsq.config, reconstruct=m), splits=lsq.splits,
+                                                   dense=lsq.dense, progress=False) for m in methods}
     print(f"# {args.model} {args.budget}: {len(lsq.table.units)} units, search-val "
           f"{len(lsq.splits.search_val)}; {machine()}", flush=True)
 
     policies = [("uniform", "-", rule_kept(lsq, budget.ratio, budget.metric, list(range(len(lsq.table.units))))),
                 ("block-inner rule", "-", rule_kept(lsq, budget.ratio, budget.metric, block_inner_units(lsq)))]
+    if args.granularity != "channel":  # one unit per layer: the rule is uniform, searched widths differ
+        policies = policies[:1]
     wanted = set(args.searchers.split(","))
     for path in args.quality:
         q = json.loads(Path(path).read_text())
@@ -99,43 +103,46 @@ def main() -> None:
             row[f"proxy_{name}"] = task.proxy_accuracy(model)
             row[f"test_{name}"] = task.test_accuracy(model)
             if report is not None:
-                row["refit"], row["fallbacks"] = report.refit, report.fallbacks
+                row[f"refit_{name}"], row[f"fallbacks_{name}"] = report.refit, report.fallbacks
         rows.append(row)
-        print(f"{label:34s} seed {seed}: flops {row['flops']:.3f}  test none {row['test_none']:.4f} "
-              f"lsq {row['test_lsq']:.4f}  proxy none {row['proxy_none']:.4f} lsq {row['proxy_lsq']:.4f}",
-              flush=True)
+        print(f"{label:34s} seed {seed}: flops {row['flops']:.3f}  " + "  ".join(
+            f"{m}: test {row[f'test_{m}']:.4f} proxy {row[f'proxy_{m}']:.4f}" for m in methods), flush=True)
 
-    kept = policies[1][2]
+    kept = policies[min(1, len(policies) - 1)][2]  # the rule (uniform when it is the only one)
     timing = {"dense_forward": median_seconds(lambda: accuracy(lsq.dense, lsq.splits.search_val, 500),
                                               args.repeats)}
     for name, task in tasks.items():
         timing[f"episode_{name}"] = median_seconds(lambda t=task: t.evaluate(kept), args.repeats)
-    timing["extra_over_dense_forward"] = (timing["episode_lsq"] - timing["episode_none"]) / timing["dense_forward"]
-    print(table(rows, dense_test, timing))
+    for name in methods:
+        timing[f"extra_{name}"] = (timing[f"episode_{name}"] - timing["episode_none"]) / timing["dense_forward"]
+    print(table(rows, dense_test, timing, methods))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine(), "dense_test": dense_test,
                                               "rows": rows, "timing": timing}, indent=1))
 
 
-def table(rows: list[dict], dense_test: float, timing: dict) -> str:
+def table(rows: list[dict], dense_test: float, timing: dict, methods: list[str]) -> str:
     lines = [f"dense test accuracy {dense_test:.2%}", "",
-             "| policy | seed | FLOPs ratio | test, none | test, lsq | gain (points) | proxy, none | proxy, lsq |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| policy | seed | FLOPs ratio | " + " | ".join(f"test, {m}" for m in methods) + " | "
+             + " | ".join(f"proxy, {m}" for m in methods) + " |",
+             "|---" * (3 + 2 * len(methods)) + "|"]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['seed']} | {r['flops']:.3f} | {r['test_none']:.2%} | "
-                     f"{r['test_lsq']:.2%} | {(r['test_lsq'] - r['test_none']) * 100:+.2f} | "
-                     f"{r['proxy_none']:.2%} | {r['proxy_lsq']:.2%} |")
+        lines.append(f"| {r['policy']} | {r['seed']} | {r['flops']:.3f} | "
+                     + " | ".join(f"{r[f'test_{m}']:.2%}" for m in methods) + " | "
+                     + " | ".join(f"{r[f'proxy_{m}']:.2%}" for m in methods) + " |")
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["seed"] != "-":
             groups.setdefault(r["policy"], []).append(r)
     for label, rs in groups.items():
-        lines.append(f"| **{label}, mean of {len(rs)}** | | | {statistics.mean(r['test_none'] for r in rs):.2%} | "
-                     f"{statistics.mean(r['test_lsq'] for r in rs):.2%} | | | |")
-    lines += ["", f"episode (prune, calibrate, score on search-val): none {timing['episode_none']:.2f} s, "
-              f"lsq {timing['episode_lsq']:.2f} s; one dense forward pass over search-val "
-              f"{timing['dense_forward']:.2f} s; reconstruction adds "
-              f"{timing['extra_over_dense_forward']:.2f}x a dense forward pass"]
+        lines.append(f"| **{label}, mean of {len(rs)}** | | | "
+                     + " | ".join(f"{statistics.mean(r[f'test_{m}'] for r in rs):.2%}" for m in methods)
+                     + " |" + " |" * len(methods))
+    lines += ["", "episode (prune, calibrate, score on search-val), median of runs: "
+              + ", ".join(f"{m} {timing[f'episode_{m}']:.2f} s" for m in methods)
+              + f"; one dense forward pass over search-val {timing['dense_forward']:.2f} s; added by "
+              + ", ".join(f"{m}: {timing[f'extra_{m}']:.2f}x" for m in methods if m != "none")
+              + " a dense forward pass"]
     return "\n".join(lines)
 
 

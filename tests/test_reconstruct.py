@@ -71,6 +71,22 @@ def test_residual_tail_is_corrected_and_report_counts_it(tiny_task):
     assert report.refit + report.fallbacks == len(fits)
 
 
+def test_lsq_all_also_refits_later_layers_and_leaves_earlier_ones(tiny_task):
+    from dataclasses import replace
+
+    from autoprune.task import PruningTask
+
+    task = PruningTask(replace(tiny_task.config, reconstruct="lsq-all"), splits=tiny_task.splits,
+                       dense=tiny_task.dense)
+    kept = _half_of(task, "block.0")
+    plain = dict(task.prune(kept).named_parameters())
+    model, report = task.pruned(kept)
+    assert [f.name for f in report.layers] == ["block.3", "branch_a.0", "branch_b.0", "head.0", "fc"]
+    assert report.refit >= 3
+    torch.testing.assert_close(model.stem[0].weight, plain["stem.0.weight"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.block[0].weight, plain["block.0.weight"], atol=1e-5, rtol=0)
+
+
 def test_reconstruction_raises_proxy_accuracy_of_a_halved_tiny_net(tiny_task):
     kept = Policy.uniform(tiny_task.table, 0.5).kept(tiny_task.table)
     from dataclasses import replace
