@@ -89,7 +89,7 @@ RECONSTRUCTIONS.register("none", help="keep the selected weights as they are; re
 
 @dataclass(frozen=True)
 class LayerFit:
-    """What happened to one layer: ``refit``, ``fallback`` (plain weights kept) or ``skipped``."""
+    """What happened to one layer: ``refit``, or ``fallback`` (its plain weights kept)."""
 
     name: str
     status: str
@@ -102,7 +102,7 @@ class LayerFit:
 
 @dataclass
 class Report:
-    """One reconstruction pass: a record per layer whose inputs shrank."""
+    """One reconstruction pass: a record per layer it refit or tried to."""
 
     layers: list[LayerFit] = field(default_factory=list)
     traced: bool = True
@@ -118,10 +118,6 @@ class Report:
     @property
     def fallbacks(self) -> int:
         return self.count("fallback")
-
-    @property
-    def skipped(self) -> int:
-        return self.count("skipped")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,7 +153,8 @@ class Reconstructor:
 
     Args:
         dense: the dense model (read, never modified).
-        candidates: names of the layers whose inputs a policy can shrink.
+        candidates: names of the layers a policy can change (their inputs shrink or their weights are
+            masked), in network order; with ``config.downstream``, every conv/linear layer.
         calib: calibration images (one batch; the pass runs over all of them at once).
         config: the refit's settings.
     """

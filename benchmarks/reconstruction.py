@@ -108,13 +108,14 @@ def main() -> None:
         print(f"{label:34s} seed {seed}: flops {row['flops']:.3f}  " + "  ".join(
             f"{m}: test {row[f'test_{m}']:.4f} proxy {row[f'proxy_{m}']:.4f}" for m in methods), flush=True)
 
-    kept = policies[min(1, len(policies) - 1)][2]  # the rule (uniform when it is the only one)
     timing = {"dense_forward": median_seconds(lambda: accuracy(lsq.dense, lsq.splits.search_val, 500),
                                               args.repeats)}
-    for name, task in tasks.items():
-        timing[f"episode_{name}"] = median_seconds(lambda t=task: t.evaluate(kept), args.repeats)
-    for name in methods:
-        timing[f"extra_{name}"] = (timing[f"episode_{name}"] - timing["episode_none"]) / timing["dense_forward"]
+    for label, _, kept in policies[:2]:  # the rule refits the fewest layers, uniform every one
+        for name, task in tasks.items():
+            timing[f"{label}: episode_{name}"] = median_seconds(lambda t=task, k=kept: t.evaluate(k), args.repeats)
+        for name in methods:
+            timing[f"{label}: extra_{name}"] = (timing[f"{label}: episode_{name}"]
+                                                - timing[f"{label}: episode_none"]) / timing["dense_forward"]
     print(table(rows, dense_test, timing, methods))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine(), "dense_test": dense_test,
@@ -138,11 +139,14 @@ def table(rows: list[dict], dense_test: float, timing: dict, methods: list[str])
         lines.append(f"| **{label}, mean of {len(rs)}** | | | "
                      + " | ".join(f"{statistics.mean(r[f'test_{m}'] for r in rs):.2%}" for m in methods)
                      + " |" + " |" * len(methods))
-    lines += ["", "episode (prune, calibrate, score on search-val), median of runs: "
-              + ", ".join(f"{m} {timing[f'episode_{m}']:.2f} s" for m in methods)
-              + f"; one dense forward pass over search-val {timing['dense_forward']:.2f} s; added by "
-              + ", ".join(f"{m}: {timing[f'extra_{m}']:.2f}x" for m in methods if m != "none")
-              + " a dense forward pass"]
+    lines += ["", f"one dense forward pass over search-val: {timing['dense_forward']:.2f} s (median)", "",
+              "| episode of (median) | " + " | ".join(methods) + " | "
+              + " | ".join(f"{m} adds (x dense forward)" for m in methods if m != "none") + " |",
+              "|---" * (1 + 2 * len(methods) - 1) + "|"]
+    for label in dict.fromkeys(k.split(": ")[0] for k in timing if ": " in k):
+        lines.append(f"| {label} | " + " | ".join(f"{timing[f'{label}: episode_{m}']:.2f} s" for m in methods)
+                     + " | " + " | ".join(f"{timing[f'{label}: extra_{m}']:.2f}" for m in methods if m != "none")
+                     + " |")
     return "\n".join(lines)
 
 
