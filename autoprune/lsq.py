@@ -39,6 +39,10 @@ class Rows:
     def to(self, device: torch.device) -> Rows:
         return Rows(self.n.to(device), *(None if t is None else t.to(device) for t in (self.h, self.w)))
 
+    def every(self, step: int) -> Rows:
+        """Every ``step``-th position: still spread over all the images."""
+        return Rows(self.n[::step], *(None if t is None else t[::step] for t in (self.h, self.w)))
+
     def take(self, out: torch.Tensor) -> torch.Tensor:
         """``out`` at these positions, as a (rows, channels) float32 matrix."""
         if self.h is None:

@@ -67,13 +67,15 @@ def main() -> None:
     ap.add_argument("--granularity", default="channel",
                     help="unstructured: masks; only the uniform policy (every unit is one layer)")
     ap.add_argument("--search-val-size", type=int, default=1000)
+    ap.add_argument("--importance", default="l1")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     budget = parse_budget(args.budget)
-    lsq = make_task(args.model, args.search_val_size, reconstruct="lsq", granularity=args.granularity)
+    lsq = make_task(args.model, args.search_val_size, importance=args.importance, reconstruct="lsq",
+                    granularity=args.granularity)
     methods = args.methods.split(",")
     tasks = {m: lsq if m == "lsq" else PruningTask(replace(lsq.config, reconstruct=m), splits=lsq.splits,
                                                    dense=lsq.dense, progress=False) for m in methods}
