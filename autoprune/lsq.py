@@ -132,16 +132,27 @@ def solve(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, ridge: float, hold
     xf, yf, xh, yh = x[:-n_hold], y[:-n_hold], x[-n_hold:], y[-n_hold:]
     plain = w0 if mask is None else w0 * mask
     err_plain = float(((xh @ plain.T - yh) ** 2).mean())
-    gram = (xf.T @ xf).double()
-    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-    gram.diagonal().add_(lam)
-    rhs = (xf.T @ yf).double() + lam * w0.T.double()
-    chol, info = torch.linalg.cholesky_ex(gram)
-    if int(info) != 0:
-        return None, err_plain, err_plain
-    w = torch.cholesky_solve(rhs, chol).T.float()
-    if mask is not None:
-        w = _project_to_mask(w, mask, chol)
+    lam = ridge * max(float(xf.pow(2).sum()) / x.shape[1], 1e-12)  # ridge * mean(diag(X'X))
+    if mask is None and len(xf) < x.shape[1]:
+        # fewer rows than columns (wide layers on small feature maps): the same ridge solution in
+        # its dual form, W = W0 + X'(XX' + lam I)^-1 (Y - X W0'), solves rows x rows, not cols x cols
+        kernel = (xf @ xf.T).double()
+        kernel.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(kernel)
+        if int(info) != 0:
+            return None, err_plain, err_plain
+        alpha = torch.cholesky_solve((yf - xf @ w0.T).double(), chol)
+        w = w0 + (xf.T.double() @ alpha).T.float()
+    else:
+        gram = (xf.T @ xf).double()
+        gram.diagonal().add_(lam)
+        rhs = (xf.T @ yf).double() + lam * w0.T.double()
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if int(info) != 0:
+            return None, err_plain, err_plain
+        w = torch.cholesky_solve(rhs, chol).T.float()
+        if mask is not None:
+            w = _project_to_mask(w, mask, chol)
     err = float(((xh @ w.T - yh) ** 2).mean())
     if not (torch.isfinite(w).all() and err < err_plain):
         return None, err_plain, err_plain

@@ -101,6 +101,17 @@ def test_reconstruction_raises_proxy_accuracy_of_a_halved_tiny_net(tiny_task):
     assert ev_lsq.accuracy > ev_none.accuracy
 
 
+def test_wide_layers_solve_the_same_ridge_problem_in_its_dual_form():
+    """Fewer rows than columns: the rows x rows (dual) solve equals the columns x columns one."""
+    gen = torch.Generator().manual_seed(0)
+    x, w0 = torch.randn(60, 90, generator=gen), torch.randn(4, 90, generator=gen)
+    y = x @ torch.randn(4, 90, generator=gen).T
+    dual, _, _ = solve(x, y, w0, ridge=1e-2, holdout=0.1)
+    primal, _, _ = solve(x, y, w0, ridge=1e-2, holdout=0.1, mask=torch.ones_like(w0))  # masks: primal
+    assert dual is not None and primal is not None
+    torch.testing.assert_close(dual, primal, atol=1e-4, rtol=1e-4)
+
+
 def test_ill_posed_solve_keeps_plain_weights():
     """Rows that carry no information (all zero) cannot beat the plain weights: a counted fallback."""
     x = torch.zeros(64, 8)
