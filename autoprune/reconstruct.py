@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from autoprune.data import TensorSplit
+from autoprune.evaluate import recalibrate_bn
 from autoprune.lsq import Rows, in_width, patches, refittable, sample_rows, set_weight_matrix, solve, weight_matrix
 from autoprune.registry import Registry
 
@@ -145,6 +147,11 @@ class _Site:
 def _changed(layer: nn.Module, site: _Site) -> bool:
     mask = getattr(layer, "weight_mask", None)
     return in_width(layer) < site.in_width or (mask is not None and not bool(mask.all()))
+
+
+def _kept(dense: torch.Tensor, idx: np.ndarray | None) -> torch.Tensor:
+    """Dense values at the sampled rows, in the output channels the pruned layer kept."""
+    return dense if idx is None else dense[:, torch.as_tensor(idx, device=dense.device)]
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
@@ -270,19 +277,15 @@ class Reconstructor:
             finally:
                 for h in hooks:
                     h.remove()
-            if recalibrate:
-                _recalibrate_all(pruned, x)
+            if recalibrate:  # adaptive BN over the same images, in one batch
+                recalibrate_bn(pruned, TensorSplit(x, torch.zeros(len(x), dtype=torch.long)), len(x), device)
         report.seconds = time.perf_counter() - start
         return report
 
     def _fit(self, layer: nn.Module, site: _Site, x: torch.Tensor, kept_out: Mapping[str, np.ndarray],
              report: Report, correction: torch.Tensor | None) -> None:
         """Solve one layer from its input ``x`` (and, for a residual tail, the corrected target)."""
-        if correction is not None:
-            target = correction
-        else:
-            idx = kept_out.get(site.name)
-            target = site.target if idx is None else site.target[:, torch.as_tensor(idx, device=x.device)]
+        target = correction if correction is not None else _kept(site.target, kept_out.get(site.name))
         w0, mask = weight_matrix(layer)
         rows = site.rows
         if mask is not None and len(rows.n) > self.config.masked_rows:
@@ -296,23 +299,6 @@ class Reconstructor:
             set_weight_matrix(layer, w)
         report.layers.append(LayerFit(site.name, "refit" if w is not None else "fallback", len(cols),
                                       cols.shape[1], correction is not None, err_plain, err))
-
-
-def _recalibrate_norm(bn: nn.Module, x: torch.Tensor) -> None:
-    dims = [0] + list(range(2, x.dim()))
-    bn.running_mean.copy_(x.mean(dims))
-    bn.running_var.copy_(x.var(dims, unbiased=True))
-
-
-def _recalibrate_all(model: nn.Module, x: torch.Tensor) -> None:
-    """Adaptive BN in one pass over ``x``, for the hook path (each norm from its real input)."""
-    hooks = [m.register_forward_pre_hook(lambda m, inp: _recalibrate_norm(m, inp[0]))
-             for m in model.modules() if isinstance(m, _NORMS) and m.track_running_stats]
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 class _Deferred:
@@ -373,8 +359,7 @@ class _Refitting(fx.Interpreter):
         x = self.inputs.pop(site.name)
         other = args[1] if args[0] is _DEFERRED else args[0]
         idx = self.kept_out.get(site.name)
-        pick = slice(None) if idx is None else torch.as_tensor(idx, device=other.device)
-        want = site.add_target[:, pick].to(other.device) - site.rows.take(other)
+        want = _kept(site.add_target, idx).to(other.device) - site.rows.take(other)
         if site.norm is not None:  # invert the norm: the pre-norm value that gives ``want``
             bn = self.fetch_attr(site.norm)
             sigma = torch.sqrt(bn.running_var + bn.eps)
@@ -383,7 +368,7 @@ class _Refitting(fx.Interpreter):
             ok = gamma.abs() > 1e-6 * gamma.abs().max().clamp_min(1e-12)
             safe = torch.where(ok, gamma, torch.ones_like(gamma))
             want = torch.where(ok, (want - beta) / safe * sigma + bn.running_mean,
-                               site.target[:, pick].to(want.device))
+                               _kept(site.target, idx).to(want.device))
         self.rec._fit(layer, site, x, self.kept_out, self.report, want)
         main = layer(x)
         if site.norm is not None:

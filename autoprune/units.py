@@ -199,7 +199,6 @@ class UnitTable:
     def kept_outputs(self, removed: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
         """Per module whose outputs ``removed`` shrinks, the output indices it keeps (dense order)."""
         gone: dict[str, set[int]] = {}
-        widths: dict[str, int] = {}
         for u, root in removed.items():
             if len(root) == 0 or not self._deps:  # unstructured: masks shrink no output
                 continue
@@ -209,8 +208,9 @@ class UnitTable:
                 hit = np.isin(dep.root_idxs, root)
                 if hit.any():
                     gone.setdefault(dep.target, set()).update(dep.target_idxs[hit].tolist())
-                    widths[dep.target] = max(widths.get(dep.target, 0), int(dep.target_idxs.max()) + 1)
-        return {name: np.setdiff1d(np.arange(widths[name]), sorted(idxs)) for name, idxs in gone.items()}
+        widths = {lay.name: lay.out_channels for lay in self.layers}
+        return {name: np.setdiff1d(np.arange(widths[name]), sorted(idxs))
+                for name, idxs in gone.items() if name in widths}
 
     # -- slimming ---------------------------------------------------------------------------------
     def removal_plan(self, removed: dict[int, np.ndarray]) -> dict[tuple[str, object], tuple]:

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autoprune.errors import AutopruneError
 from autoprune.fileio import write_document
 from autoprune.policy import FORMAT, VERSION, Policy
-from autoprune.studies.records import best_trial, completed, is_finite, pareto_front
+from autoprune.studies.records import best_trial, completed, is_finite, pareto_front, study_attrs
 from autoprune.studies.storage import open_storage
 
 FORMATS = ("autoprune", "torch-pruning", "nni")
@@ -76,7 +76,7 @@ def choose_trial(study: optuna.Study, number: int | None = None, pick: str = "ac
 
 def policy_document(study: optuna.Study, trial: FrozenTrial) -> dict:
     """The self-describing policy of ``trial`` (what ``export`` writes)."""
-    s, a = study.user_attrs, trial.user_attrs
+    s, a = study_attrs(study), trial.user_attrs
     names = s.get("unit_names") or list(a["policy"])
     units = []
     for i, name in enumerate(names):
@@ -93,7 +93,7 @@ def policy_document(study: optuna.Study, trial: FrozenTrial) -> dict:
         "granularity": s.get("granularity"),
         "round_to": s.get("round_to"),
         "importance": s.get("importance"),
-        "reconstruct": s.get("reconstruct", "none"),
+        "reconstruct": s["reconstruct"],
         "budget": s.get("budget"),
         "achieved": a["ratios"],
         "proxy_accuracy": a["accuracy"],
@@ -146,7 +146,7 @@ def export_model(study: optuna.Study, trial: FrozenTrial, model_dir: str | Path,
     from autoprune.checkpoints import file_sha256
     from autoprune.task import PruningTask, TaskConfig
 
-    s = study.user_attrs
+    s = study_attrs(study)
     if "model" not in s:
         raise AutopruneError(f"study {study.study_name!r} was not made by autoprune search")
     weights = weights or s.get("weights_path")
@@ -164,7 +164,7 @@ def export_model(study: optuna.Study, trial: FrozenTrial, model_dir: str | Path,
         exclude=tuple(s.get("exclude") or ()), round_to=s["round_to"],
         search_val_size=s.get("search_val_size"), calib_batches=s.get("calib_batches", 10),
         calib_batch_size=s.get("calib_batch_size", 64), bn_recalibration=s.get("bn_recalibration", True),
-        reconstruct=reconstruct or s.get("reconstruct", "none"),
+        reconstruct=reconstruct or s["reconstruct"],
         device=device,
     )
     task = PruningTask(config, progress=not quiet)

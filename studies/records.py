@@ -19,6 +19,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.agents.base import Episode, param_name
 
+# What a study made before a key existed implies: its episodes ran without reconstruction.
+LEGACY_DEFAULTS = {"reconstruct": "none"}
+
+
+def study_attrs(study: optuna.Study) -> dict:
+    """A study's user attributes, with the value each key had before it was recorded."""
+    return {**LEGACY_DEFAULTS, **study.user_attrs}
+
 
 def episode_attrs(ep: Episode, searcher: str, index: int, uid: str, seconds: float) -> dict:
     s = ep.summary

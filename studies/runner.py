@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 from autoprune.agents import SEARCHERS, Searcher
 from autoprune.envs import LayerSparsityEnv
 from autoprune.errors import AutopruneError
-from autoprune.studies.records import add_record, best_trial, completed, episode_attrs, frozen_record
+from autoprune.studies.records import (
+    add_record,
+    best_trial,
+    completed,
+    episode_attrs,
+    frozen_record,
+    study_attrs,
+)
 from autoprune.studies.recovery import Heartbeat, recover, sqlite_study_lock, worker_id
 from autoprune.studies.storage import (
     DEFAULT_STORAGE,
@@ -34,8 +41,6 @@ from autoprune.studies.storage import (
 )
 
 # Study attributes that must match for --resume to continue a study.
-# What a study made before a key existed implies: its episodes ran without reconstruction.
-LEGACY_DEFAULTS = {"reconstruct": "none"}
 IDENTITY_KEYS = ("model", "weights", "dataset", "data", "split_seed", "granularity", "importance",
                  "reconstruct", "round_to", "units_digest", "budget", "reward", "reward_lambda", "searcher",
                  "min_sparsity", "max_sparsity", "search_val_size", "bn_recalibration",
@@ -168,8 +173,7 @@ def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, 
                 "continue it, or --study-name to start another"
             )
         study = optuna.load_study(study_name=name, storage=storage)
-        stored = study.user_attrs
-        stored = {**LEGACY_DEFAULTS, **stored}
+        stored = study_attrs(study)
         for key in IDENTITY_KEYS:
             if key in stored and stored[key] != attrs[key]:
                 raise AutopruneError(
