@@ -1,3 +1,29 @@
-"""autoprune: find per-layer pruning ratios that meet a budget with the least accuracy loss."""
+"""autoprune: find per-layer pruning ratios that meet a budget with the least accuracy loss.
+
+The Python API (:mod:`autoprune.api`)::
+
+    import autoprune
+
+    result = autoprune.search(model, example_inputs, budget="0.5flops", score=score, calib=batches)
+    result.export("pruned/")
+
+The names below are imported on first use, so ``import autoprune`` stays light.
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["search", "load", "SearchResult", "TaskConfig", "Policy", "FinetuneConfig", "AutopruneError"]
+
+_EXPORTS = {
+    "search": "autoprune.api", "load": "autoprune.api", "SearchResult": "autoprune.api",
+    "TaskConfig": "autoprune.task", "Policy": "autoprune.policy", "FinetuneConfig": "autoprune.finetune",
+    "AutopruneError": "autoprune.errors",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'autoprune' has no attribute {name!r}")

@@ -14,9 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from autoprune.artifacts import OutputDir, export_program, pruned_payload
+from autoprune.errors import AutopruneError
 from autoprune.finetune import FinetuneConfig, finetune
 from autoprune.latency import default_threads, measure_ratio
-from autoprune.models import ModelSpec
 from autoprune.policy import Policy
 from autoprune.task import PruningTask
 
@@ -24,6 +24,26 @@ from autoprune.task import PruningTask
 def _log(msg: str, quiet: bool) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
+
+
+def run_finetune(task: PruningTask, model, how, quiet: bool = False) -> bool:
+    """Fine-tune ``model`` in place: a :class:`FinetuneConfig` on the task's training split (with
+    distillation from the dense model if it asks), or ``how(model)``, the user's own training.
+    Returns whether anything ran."""
+    if how is None:
+        return False
+    if callable(how):
+        how(model)
+        model.eval()
+        return True
+    if not (how.epochs > 0 or how.steps):
+        return False
+    if task.splits is None:
+        raise AutopruneError("FinetuneConfig trains on a registered dataset; for a model given in "
+                         "Python pass finetune=a function that trains the model in place")
+    teacher = task.dense if how.distill > 0 else None
+    finetune(model, task.splits, how, teacher=teacher, device=task.device, progress=not quiet)
+    return True
 
 
 def apply_policy(
@@ -73,16 +93,14 @@ def apply_policy(
          f"{metrics['pruned']['proxy_acc_selected']:.2%} as selected / {metrics['pruned']['proxy_acc']:.2%} "
          f"after {'reconstruction (' + str(report.refit) + ' layers refit) and ' if report else ''}"
          "BN recalibration", quiet)
+    test = test and task.has_test
     if test:
         metrics["dense"]["test_acc"] = task.test_accuracy(task.dense)
         metrics["pruned"]["test_acc"] = task.test_accuracy(model)
         _log(f"test accuracy: dense {metrics['dense']['test_acc']:.2%}, pruned "
              f"{metrics['pruned']['test_acc']:.2%}", quiet)
-    if finetune_cfg is not None and (finetune_cfg.epochs > 0 or finetune_cfg.steps):
-        teacher = task.dense if finetune_cfg.distill > 0 else None
-        finetune(model, task.splits, finetune_cfg, teacher=teacher, device=task.device,
-                 progress=not quiet)
-        metrics["finetune"] = asdict(finetune_cfg)
+    if run_finetune(task, model, finetune_cfg, quiet):
+        metrics["finetune"] = asdict(finetune_cfg) if isinstance(finetune_cfg, FinetuneConfig) else "user"
         metrics["pruned"]["proxy_acc_finetuned"] = task.proxy_accuracy(model)
         if test:
             metrics["pruned"]["test_acc_finetuned"] = task.test_accuracy(model)
@@ -104,22 +122,21 @@ def apply_policy(
              f"(median ratio x{ratio:.3f})", quiet)
     task.dense.to(task.device)
 
-    info = task.splits.info
-    spec = ModelSpec(info.num_classes, info.in_channels, info.image_size)
     achieved.meta.update({"model": task.config.model, "weights": task.weights_id,
                           "reconstruct": task.config.reconstruct, "achieved": metrics["ratios"]})
     with OutputDir(out_dir) as tmp:
         import torch
 
-        torch.save(pruned_payload(model, task.table, kept, achieved, task.config.model, spec,
-                                  task.config.exclude), tmp / "pruned.pt")
+        if task.model_spec is not None:  # a model autoprune can build again from its name
+            torch.save(pruned_payload(model, task.table, kept, achieved, task.config.model, task.model_spec,
+                                      task.config.exclude), tmp / "pruned.pt")
         if program:
             export_program(model, task.example, tmp / "model.pt2")
         if onnx:
             from autoprune.artifacts import export_onnx
 
             metrics["onnx"] = export_onnx(model, task.example, tmp / "model.onnx",
-                                          task.splits.search_val.x[:64])
+                                          task.calibration_inputs()[:64].cpu())
             metrics["onnx"]["path"] = "model.onnx"
             _log(f"ONNX: onnxruntime matches PyTorch within {metrics['onnx']['max_abs_diff']:.2g}", quiet)
         achieved.save(tmp / "policy.json", task.table)

@@ -1,23 +1,26 @@
-"""The ``autoprune`` command line.
+"""The ``autoprune`` command line: a thin layer over the Python API, in this one module.
 
-Parsing lives here; the work lives in the engine, ``autoprune.studies`` and ``autoprune.agents``,
-imported lazily so ``autoprune --help`` is instant. Errors a user can cause
-(:class:`~autoprune.errors.AutopruneError`) print one line and exit with code 2.
+Each command parses its flags into the API's own types (:class:`~autoprune.task.TaskConfig`,
+:func:`autoprune.api.search`, :func:`autoprune.api.load`) and prints what came back; the work
+lives below. Heavy modules are imported inside the commands, so ``autoprune --help`` is quick;
+``--help`` alone imports the registries, so the choices it lists are the registered ones.
+Errors a user can cause (:class:`~autoprune.errors.AutopruneError`) print one line and exit with
+code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from pathlib import Path
 
 from autoprune.errors import AutopruneError
+from autoprune.studies import DEFAULT_STORAGE
 
-# ------------------------------------------------------------------------------------------------
-# shared options
-# ------------------------------------------------------------------------------------------------
 # Where each extension point's registry lives, imported only when its names are needed.
 _REGISTRIES = {
     "model": ("autoprune.models", "MODELS"),
@@ -25,26 +28,54 @@ _REGISTRIES = {
     "importance": ("autoprune.importance", "IMPORTANCE"),
     "granularity": ("autoprune.units", "GRANULARITIES"),
     "reconstruct": ("autoprune.reconstruct", "RECONSTRUCTIONS"),
+    "searcher": ("autoprune.agents", "SEARCHERS"),
+    "reward": ("autoprune.envs.rewards", "REWARDS"),
 }
 
 
-def _names(kind: str) -> list[str]:
-    import importlib
-
+def _registry(kind: str):
     module, attr = _REGISTRIES[kind]
-    return getattr(importlib.import_module(module), attr).names()
+    return getattr(importlib.import_module(module), attr)
 
 
+class _Help:
+    """Option help that lists a registry's entries, read only when ``--help`` is asked for."""
+
+    full = False
+
+    @classmethod
+    def of(cls, kind: str, lead: str, default: str | None = None) -> str:
+        tail = f" (default {default})" if default else ""
+        if not cls.full:
+            return f"{lead}{tail}"
+        reg = _registry(kind)
+        listed = "; ".join(f"{n}: {reg.describe(n)}" if reg.describe(n) else n for n in reg.names())
+        return f"{lead}{tail}. One of: " + listed.replace("%", "%%")
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """``1`` or ``1,8,32``: batch sizes of at least 1."""
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a batch size or a comma-separated list") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("batch sizes must be at least 1")
+    return sizes
+
+
+# ------------------------------------------------------------------------------------------------
+# shared options
+# ------------------------------------------------------------------------------------------------
 def add_model_args(p: argparse.ArgumentParser, weights_required: bool = False) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="resnet18",
-                   help="registered model (see `autoprune models`) or package.module:function "
-                        "(default: resnet18)")
+                   help=_Help.of("model", "registered model or package.module:function (or file.py:function)",
+                                 "resnet18"))
     g.add_argument("--weights", required=weights_required, metavar="PATH",
                    help="state_dict or checkpoint (loaded strictly, weights_only=True)")
     g.add_argument("--pretrained", action="store_true", help="torchvision's ImageNet weights")
-    g.add_argument("--dataset", default=None,
-                   help="digits (bundled, offline default), cifar10, cifar100, imagefolder")
+    g.add_argument("--dataset", default=None, help=_Help.of("dataset", "registered dataset", "digits, bundled"))
     g.add_argument("--data-dir", metavar="DIR", help="where the dataset lives or is downloaded to")
     g.add_argument("--split-seed", type=int, default=0,
                    help="seeds which training images form search-val and calibration (default 0)")
@@ -52,31 +83,49 @@ def add_model_args(p: argparse.ArgumentParser, weights_required: bool = False) -
 
 def add_unit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("units")
-    g.add_argument("--granularity", default="channel", help="channel (default) or unstructured")
-    g.add_argument("--importance", default="l1",
-                   help="channel/weight ranking: l1 (default), l2, bn_scale, fpgm, taylor, thinet, random")
+    g.add_argument("--granularity", default="channel", help=_Help.of("granularity", "what a unit is", "channel"))
+    g.add_argument("--importance", default="l1", help=_Help.of("importance", "channel/weight ranking", "l1"))
     g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="module-name pattern never pruned (repeatable, fnmatch)")
     g.add_argument("--round-to", type=int, default=None,
                    help="widths are multiples of this (default 8 if every unit has 32+ channels, else 1)")
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
+def add_eval_args(p: argparse.ArgumentParser, reconstruct_default: str) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--search-val-size", type=int, default=None,
                    help="search-val images carved from train (default 5000, or 10%% of small sets)")
-    g.add_argument("--calib-batches", type=int, default=10, help="BN recalibration batches")
-    g.add_argument("--calib-batch-size", type=int, default=64)
-    g.add_argument("--eval-batch-size", type=int, default=500)
+    g.add_argument("--calib-batches", type=int, default=10, help="calibration batches (default 10)")
+    g.add_argument("--calib-batch-size", type=int, default=64, help="default 64")
+    g.add_argument("--eval-batch-size", type=int, default=500, help="default 500")
     g.add_argument("--reconstruct", default=None,
-                   help="after the cut: lsq (the default: least-squares refit of every layer the policy "
-                        "changed, to the dense outputs on calibration images), lsq-all (also every later "
-                        "layer) or none")
+                   help=_Help.of("reconstruct", "what is done with calibration images after the cut",
+                                 reconstruct_default))
     g.add_argument("--no-bn-recalibration", action="store_true",
                    help="score pruned models with the dense model's BN statistics")
     g.add_argument("--episode-finetune-steps", type=int, default=0,
                    help="SGD steps on each pruned model before scoring")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+
+
+def add_latency_args(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("latency")
+    g.add_argument("--latency-batch", type=_batch_sizes, default=(1,), metavar="N[,N...]",
+                   help=f"batch size(s) {what} (default 1)")
+    g.add_argument("--latency-threads", type=int, default=None, help="CPU threads (default 1)")
+
+
+def add_finetune_args(g) -> None:
+    g.add_argument("--finetune-epochs", type=float, default=0.0)
+    g.add_argument("--finetune-lr", type=float, default=0.01)
+    g.add_argument("--finetune-batch-size", type=int, default=128)
+    g.add_argument("--distill", type=float, default=0.0,
+                   help="weight of distillation from the dense model during fine-tuning (0-1)")
+
+
+def _storage_arg(p) -> None:
+    p.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help=f"sqlite:///FILE.db, journal:///FILE.log or postgresql://... (default {DEFAULT_STORAGE})")
 
 
 def _default_dataset(args: argparse.Namespace) -> str:
@@ -88,57 +137,59 @@ def _default_dataset(args: argparse.Namespace) -> str:
     return "digits"
 
 
-def task_config(args: argparse.Namespace):
+def _absolute(path: str | None) -> str | None:
+    """Paths recorded in studies are absolute, so export and workers find them from anywhere."""
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
+def task_config(args: argparse.Namespace, reconstruct: str = "lsq"):
+    """The :class:`~autoprune.task.TaskConfig` of the parsed flags, every name checked."""
+    from autoprune.models import MODELS
     from autoprune.task import TaskConfig
 
+    if args.model not in MODELS and ":" not in args.model:
+        raise AutopruneError(f"unknown model {args.model!r}; choose one of: {', '.join(MODELS.names())}, "
+                             "or pass package.module:function")
     for kind in ("dataset", "importance", "granularity", "reconstruct"):
         value = getattr(args, kind, None)
-        if value is not None and value not in _names(kind):
-            raise AutopruneError(f"unknown {kind} {value!r}; choose one of: {', '.join(_names(kind))}")
+        if value is not None:
+            _registry(kind).get(value)
     for name in ("calib_batches", "calib_batch_size", "eval_batch_size"):
         if getattr(args, name, 1) < 1:
             raise AutopruneError(f"--{name.replace('_', '-')} must be at least 1")
     return TaskConfig(
-        model=args.model,
-        weights=args.weights,
-        pretrained=args.pretrained,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        seed=args.split_seed,
-        granularity=args.granularity,
-        importance=args.importance,
-        exclude=tuple(args.exclude),
-        round_to=args.round_to,
-        search_val_size=getattr(args, "search_val_size", None),
-        calib_batches=getattr(args, "calib_batches", 10),
-        calib_batch_size=getattr(args, "calib_batch_size", 64),
+        model=args.model, weights=_absolute(args.weights), pretrained=args.pretrained,
+        dataset=args.dataset or "digits", data_dir=_absolute(args.data_dir), seed=args.split_seed,
+        granularity=args.granularity, importance=args.importance, exclude=tuple(args.exclude),
+        round_to=args.round_to, search_val_size=getattr(args, "search_val_size", None),
+        calib_batches=getattr(args, "calib_batches", 10), calib_batch_size=getattr(args, "calib_batch_size", 64),
         eval_batch_size=getattr(args, "eval_batch_size", 500),
         bn_recalibration=not getattr(args, "no_bn_recalibration", False),
-        reconstruct=getattr(args, "reconstruct", None) or "lsq",
-        episode_finetune_steps=getattr(args, "episode_finetune_steps", 0),
-        device=getattr(args, "device", "cpu"),
+        reconstruct=getattr(args, "reconstruct", None) or reconstruct,
+        episode_finetune_steps=getattr(args, "episode_finetune_steps", 0), device=getattr(args, "device", "cpu"),
     )
 
 
-def _check_model_name(name: str) -> None:
-    from autoprune.models import MODELS
+def _finetune(args: argparse.Namespace, seed: int):
+    from autoprune.finetune import FinetuneConfig
 
-    if name not in MODELS and ":" not in name:
-        raise AutopruneError(
-            f"unknown model {name!r}; choose one of: {', '.join(MODELS.names())}, "
-            "or pass package.module:function"
-        )
+    if args.finetune_batch_size < 1:
+        raise AutopruneError("--finetune-batch-size must be at least 1")
+    if args.finetune_epochs <= 0:
+        return None
+    return FinetuneConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, distill=args.distill,
+                          batch_size=args.finetune_batch_size, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------
 # commands
 # ------------------------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
-    from autoprune.data import DATASETS
-    from autoprune.importance import IMPORTANCE
-    from autoprune.models import MODELS
-
-    for title, reg in (("models", MODELS), ("datasets", DATASETS), ("importance", IMPORTANCE)):
+    titles = {"model": "models", "dataset": "datasets", "importance": "importance criteria",
+              "granularity": "granularities", "reconstruct": "reconstructions", "searcher": "searchers",
+              "reward": "rewards"}
+    for kind, title in titles.items():
+        reg = _registry(kind)
         print(f"{title}:")
         for name in reg.names():
             print(f"  {name:<20} {reg.describe(name)}")
@@ -154,10 +205,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from autoprune.models import ModelSpec, build_model
     from autoprune.units import build_unit_table
 
-    _check_model_name(args.model)
-    dataset = args.dataset or "digits"
-    config = task_config(argparse.Namespace(**{**vars(args), "dataset": dataset}))
-    info = dataset_info(dataset, args.data_dir)
+    args.dataset = args.dataset or "digits"
+    config = task_config(args)
+    info = dataset_info(config.dataset, args.data_dir)
     model = build_model(args.model, ModelSpec(info.num_classes, info.in_channels, info.image_size))
     if args.weights:
         load_weights(model, args.weights)
@@ -167,11 +217,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if config.round_to is None:
         table.round_to = 8 if min(u.size for u in table.units) >= 32 else 1
     if args.json:
-        print(json.dumps({"model": args.model, "dataset": dataset, "granularity": table.granularity,
+        print(json.dumps({"model": args.model, "dataset": config.dataset, "granularity": table.granularity,
                           "dense_flops": table.dense_macs, "dense_params": table.dense_params,
                           "round_to": table.round_to, "units": unit_rows(table)}, indent=2))
     else:
-        title = (f"{args.model} on {dataset} ({info.in_channels}x{info.image_size}x{info.image_size}, "
+        title = (f"{args.model} on {config.dataset} ({info.in_channels}x{info.image_size}x{info.image_size}, "
                  f"{info.num_classes} classes), {table.granularity} granularity")
         print(format_units(table, title))
     return 0
@@ -179,31 +229,129 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from autoprune.apply import apply_policy
-    from autoprune.finetune import FinetuneConfig
     from autoprune.policy import Policy
-    from autoprune.task import PruningTask
+    from autoprune.task import PruningTask, check_device
 
-    _check_model_name(args.model)
     args.dataset = _default_dataset(args)
     config = task_config(args)
-    if any(b < 1 for b in args.latency_batch) or args.finetune_batch_size < 1:
-        raise AutopruneError("--latency-batch and --finetune-batch-size must be at least 1")
-    from autoprune.task import check_device
-
+    ft = _finetune(args, args.split_seed)
     check_device(args.latency_device)
     policy = Policy.load(args.policy)  # a malformed policy fails before any model is built
     if args.reconstruct is None:  # rebuild the model as the policy's search scored it
+        from dataclasses import replace
+
         config = replace(config, reconstruct=policy.meta.get("reconstruct", "lsq"))
     task = PruningTask(config, progress=not args.quiet)
-    ft = None
-    if args.finetune_epochs > 0:
-        ft = FinetuneConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, distill=args.distill,
-                            batch_size=args.finetune_batch_size, seed=args.split_seed)
     metrics = apply_policy(task, policy, args.output, ft, test=not args.no_test,
-                           latency_batches=tuple(args.latency_batch), latency_device=args.latency_device,
+                           latency_batches=args.latency_batch, latency_device=args.latency_device,
                            latency_threads=args.latency_threads, quiet=args.quiet)
     print(f"wrote {args.output}/pruned.pt, model.pt2, policy.json, metrics.json "
           f"(FLOPs x{metrics['ratios']['flops']:.3f}, params x{metrics['ratios']['params']:.3f})")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import optuna
+
+    from autoprune.api import search
+    from autoprune.budget import parse_budget
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    parse_budget(args.budget)  # cheap checks first: a typo must not cost a data download
+    _registry("searcher").get(args.searcher)
+    _registry("reward").get(args.reward)
+    if len(args.latency_batch) != 1:
+        raise AutopruneError("--latency-batch: a search measures its latency budget at one batch size")
+    args.dataset = _default_dataset(args)
+    config = task_config(args)
+    result = search(
+        config, budget=args.budget, searcher=args.searcher, episodes=args.episodes, seed=args.seed,
+        storage=args.storage, study_name=args.study_name, resume=args.resume, workers=args.workers,
+        state_dir=args.state_dir, reward=args.reward, reward_lambda=args.reward_lambda,
+        min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, latency_batch=args.latency_batch[0],
+        latency_threads=args.latency_threads,
+        searcher_options={"warmup": args.warmup} if args.warmup is not None else None,
+        progress=not args.quiet, command=" ".join(shlex.quote(a) for a in ["autoprune", *args.argv]),
+    )
+    print(summary(result))
+    return 0
+
+
+def summary(result) -> str:
+    study, best, storage = result.study, result.best, result.storage
+    lines = [f"study {study.study_name!r} in {storage}: {len(study.trials)} trials ({result.new_trials} new)"]
+    if best is None:
+        return "\n".join(lines + ["no complete trial yet"])
+    a = best.user_attrs
+    dense = result.record.fingerprint.dense_score
+    ratios = ", ".join(f"{k} {v:.3f}" for k, v in a["ratios"].items())
+    lines.append(f"best: trial {best.number} ({a['searcher']}), proxy accuracy {a['accuracy']:.2%}"
+                 + (f" (dense {dense:.2%})" if dense is not None else "")
+                 + f", reward {a['reward']:+.4f}; cost ratios: {ratios} (budget {result.record.search.budget})")
+    lines.append("per-unit sparsity (achieved -> kept width):")
+    policy = result.policy(best)
+    sizes = result.task().table.sizes()
+    width = max(len(n) for n in policy.sparsity)
+    for (name, s), size in zip(policy.sparsity.items(), sizes):
+        lines.append(f"  {name:<{width}}  {s:6.3f}  {size:>6} -> {policy.widths[name]}")
+    from autoprune.studies.storage import journal_path, storage_kind
+
+    plain = str(journal_path(storage)) if storage_kind(storage) == "journal" else storage
+    lines.append(f"dashboard: autoprune dashboard --storage {storage}   (or: optuna-dashboard {plain})")
+    lines.append(f"export:    autoprune export {study.study_name} --storage {storage} -o policy.json")
+    return "\n".join(lines)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from autoprune.api import load
+    from autoprune.policy import FORMATS
+
+    if args.format not in FORMATS:
+        raise AutopruneError(f"unknown --format {args.format!r}; choose one of: {', '.join(FORMATS)}")
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise AutopruneError(f"cannot write {out}: folder {out.parent} does not exist")
+    result = load(args.study, args.storage, weights=args.weights, data_dir=args.data_dir,
+                  device=args.device, progress=not args.quiet)
+    trial = result.trial(args.trial, args.pick)
+    policy = result.policy(trial)
+    if args.weights or args.model_dir:
+        model_dir = Path(args.model_dir) if args.model_dir else out.with_name(out.stem + "_model")
+        ft = _finetune(args, result.record.task.seed)
+        metrics = result.export(model_dir, trial, reconstruct=args.reconstruct, finetune=ft, onnx=args.onnx,
+                                quiet=args.quiet)
+        policy.meta["exported_model"] = {"dir": str(model_dir), "test_accuracy": metrics["pruned"].get(
+            "test_acc_finetuned", metrics["pruned"].get("test_acc"))}
+        print(f"wrote {model_dir}/: pruned.pt, model.pt2{', model.onnx' if args.onnx else ''}, "
+              f"policy.json, metrics.json")
+    policy.save(out, format=args.format)
+    a = trial.user_attrs
+    print(f"wrote {out} ({args.format}): trial {trial.number} of {result.study.study_name!r}, proxy accuracy "
+          f"{a['accuracy']:.2%}, " + ", ".join(f"{k} {v:.3f}" for k, v in a["ratios"].items()))
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from autoprune.studies.report import format_studies, list_studies
+
+    rows = list_studies(args.storage)
+    print(json.dumps(rows, indent=2) if args.json else format_studies(rows))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from autoprune.studies.report import serve_dashboard
+
+    serve_dashboard(args.storage, args.host, args.port)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from autoprune.studies.export import load_study
+    from autoprune.studies.report import write_report
+
+    written = write_report(load_study(args.study, args.storage), args.output, args.storage)
+    print(f"wrote {args.output}/: " + ", ".join(written))
     return 0
 
 
@@ -212,63 +360,107 @@ def cmd_apply(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="autoprune",
-        allow_abbrev=False,  # worker command lines are rewritten flag by flag: no abbreviations
+        prog="autoprune", allow_abbrev=False,
         description="Find how much to prune each layer of a trained model to meet a FLOPs, "
                     "parameter or latency budget.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("models", allow_abbrev=False, help="list registered models, datasets and importance criteria")
-    p.set_defaults(func=cmd_models)
+    def command(name: str, func, help: str, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, allow_abbrev=False, help=help, **kw)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("inspect", allow_abbrev=False, help="show a model's prunable units and what each costs")
+    command("models", cmd_models, "list the registered models, datasets, criteria, searchers and rewards")
+
+    p = command("inspect", cmd_inspect, "show a model's prunable units and what each costs")
     add_model_args(p)
     add_unit_args(p)
     p.add_argument("--json", action="store_true", help="print the table as JSON")
-    p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("apply", allow_abbrev=False, help="prune a model with a policy file and measure the result")
+    p = command("apply", cmd_apply, "prune a model with a policy file and measure the result")
     add_model_args(p)
     add_unit_args(p)
-    add_eval_args(p)
+    add_eval_args(p, "the policy's, else lsq")
     p.add_argument("--policy", required=True, metavar="FILE", help="policy JSON or YAML")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--finetune-epochs", type=float, default=0.0)
-    p.add_argument("--finetune-lr", type=float, default=0.01)
-    p.add_argument("--finetune-batch-size", type=int, default=128)
-    p.add_argument("--distill", type=float, default=0.0,
-                   help="weight of distillation from the dense model during fine-tuning (0-1)")
+    add_finetune_args(p)
     p.add_argument("--no-test", action="store_true", help="skip test-set accuracy")
-    p.add_argument("--latency-batch", type=int, action="append", default=None,
-                   help="batch size for latency (repeatable; default 1)")
+    add_latency_args(p, "the pruned and dense models are timed at")
     p.add_argument("--latency-device", default="cpu")
-    p.add_argument("--latency-threads", type=int, default=None,
-                   help="intra-op threads for latency (default 1 on CPU)")
     p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_apply)
 
-    _add_study_commands(sub)
+    p = command("search", cmd_search, "search per-unit sparsities that meet a budget",
+                description="Search per-unit sparsities that meet a budget; every episode is one "
+                            "trial of an Optuna study.")
+    add_model_args(p)
+    add_unit_args(p)
+    g = p.add_argument_group("search")
+    g.add_argument("--budget", default="0.5flops",
+                   help="0.5flops, 0.3params, 0.7latency, 2xflops or 50%%flops (default 0.5flops)")
+    g.add_argument("--searcher", default="tpe", help=_Help.of("searcher", "how policies are chosen", "tpe"))
+    g.add_argument("--episodes", type=int, default=60, help="complete trials the study should hold (default 60)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="the searcher's seed (the data split has its own, --split-seed)")
+    g.add_argument("--reward", default="acc", help=_Help.of("reward", "the episode's reward", "acc"))
+    g.add_argument("--reward-lambda", type=float, default=1.0, help="penalty weight of acc-penalty")
+    g.add_argument("--min-sparsity", type=float, default=0.0)
+    g.add_argument("--max-sparsity", type=float, default=0.8)
+    g.add_argument("--warmup", type=int, default=None, help="RL warm-up episodes of random actions")
+    add_latency_args(p, "a latency budget is measured at (one)")
+    s = p.add_argument_group("study")
+    _storage_arg(s)
+    s.add_argument("--study-name", default=None, help="default: <model>-<dataset>-<budget>-<searcher>")
+    s.add_argument("--resume", action="store_true", help="continue an existing study")
+    s.add_argument("--state-dir", default=None, help="where RL agents keep their checkpoints")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes on one study (samplers; journal or PostgreSQL storage)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_eval_args(p, "lsq")
+
+    p = command("export", cmd_export, "write a study's best policy (and, with weights, the pruned model)")
+    p.add_argument("study", help="study name (see `autoprune studies`)")
+    _storage_arg(p)
+    p.add_argument("--trial", type=int, default=None, help="export this trial instead of the best")
+    p.add_argument("--pick", default="accuracy",
+                   help="two-objective studies: the Pareto point with the best accuracy (default), "
+                        "the lowest cost, or the knee")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="policy file (.json or .yaml)")
+    p.add_argument("--format", default="autoprune", help="autoprune (default), torch-pruning, nni")
+    m = p.add_argument_group("pruned model (with --weights or --model-dir)")
+    m.add_argument("--weights", default=None, help="the dense weights the study searched")
+    m.add_argument("--model-dir", default=None, help="where the model files go "
+                   "(default: <output stem>_model next to the policy file)")
+    m.add_argument("--data-dir", default=None, help="the dataset's folder, if it moved since the search")
+    add_finetune_args(m)
+    m.add_argument("--onnx", action="store_true", help="also write model.onnx, checked in onnxruntime")
+    m.add_argument("--reconstruct", default=None,
+                   help=_Help.of("reconstruct", "how the model is rebuilt", "as the study's episodes were scored"))
+    m.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+    p = command("studies", cmd_studies, "list the studies in a storage")
+    _storage_arg(p)
+    p.add_argument("--json", action="store_true")
+
+    p = command("dashboard", cmd_dashboard, "serve optuna-dashboard on the study storage")
+    _storage_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+
+    p = command("report", cmd_report, "trials CSV, markdown summary and plots of a study")
+    p.add_argument("study")
+    _storage_arg(p)
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
     return parser
 
 
-def _add_study_commands(sub) -> None:
-    """Subcommands of the search and study layers, when those packages are installed."""
-    try:
-        from autoprune.studies import cli as study_cli
-    except ImportError:
-        return
-    study_cli.add_commands(sub)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    _Help.full = bool({"-h", "--help"} & set(argv))
+    args = build_parser().parse_args(argv)
     args.argv = argv
-    if getattr(args, "latency_batch", "unset") is None:
-        args.latency_batch = [1]
     try:
         return int(args.func(args) or 0)
     except AutopruneError as err:

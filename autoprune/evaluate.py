@@ -24,9 +24,9 @@ def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, calib: TensorSplit, batch_size: int = 64,
+def recalibrate_bn(model: nn.Module, calib: TensorSplit | torch.Tensor, batch_size: int = 64,
                    device: str | torch.device = "cpu") -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics on ``calib`` (in place).
+    """Re-estimate every BatchNorm's running statistics on ``calib``'s inputs (in place).
 
     Statistics are reset and then averaged over all calibration batches with equal weight
     (momentum ``None``); other layers stay in eval mode, so dropout is off.
@@ -41,8 +41,9 @@ def recalibrate_bn(model: nn.Module, calib: TensorSplit, batch_size: int = 64,
         bn.momentum = None
         bn.train()
     try:
-        for x, _ in calib.batches(batch_size):
-            model(x.to(device, non_blocking=True))
+        inputs = calib.x if isinstance(calib, TensorSplit) else calib
+        for i in range(0, len(inputs), batch_size):
+            model(inputs[i : i + batch_size].to(device, non_blocking=True))
     finally:
         for bn, momentum in zip(bns, saved):
             bn.momentum = momentum

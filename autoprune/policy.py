@@ -101,9 +101,15 @@ class Policy:
         meta = {k: v for k, v in self.meta.items() if k not in ("units", "format", "version", *shape)}
         return head | shape | meta | {"units": units}
 
-    def save(self, path: str | Path, table: UnitTable | None = None) -> Path:
-        """Write the policy atomically (JSON, or YAML when the suffix says so)."""
-        return write_document(path, self.to_dict(table))
+    def save(self, path: str | Path, table: UnitTable | None = None, format: str = "autoprune") -> Path:
+        """Write the policy atomically (JSON, or YAML when the suffix says so), in ``format``:
+        ``autoprune`` (this module's format), ``torch-pruning`` or ``nni`` (see :data:`FORMATS`)."""
+        if format not in FORMATS:
+            raise AutopruneError(f"unknown policy format {format!r}; choose one of: {', '.join(FORMATS)}")
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise AutopruneError(f"cannot write {path}: folder {path.parent} does not exist")
+        return write_document(path, FORMATS[format](self.to_dict(table)))
 
     @classmethod
     def from_dict(cls, data: object, source: str = "policy") -> Policy:
@@ -143,3 +149,22 @@ class Policy:
             raise AutopruneError(f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
                                  f"{str(err).splitlines()[0]}") from None
         return cls.from_dict(data, str(path))
+
+
+def to_torch_pruning(doc: dict) -> dict:
+    """Torch-Pruning's ``pruning_ratio_dict``, keyed by each unit's root module name.
+
+    Map names to modules with ``{model.get_submodule(k): v for k, v in d.items()}`` and pass it to
+    ``tp.pruner.MetaPruner(..., pruning_ratio_dict=...)``; Torch-Pruning rounds widths itself.
+    """
+    return {"pruning_ratio_dict": {u["name"]: u["sparsity"] for u in doc["units"]},
+            "round_to": doc.get("round_to"), "source": {k: doc.get(k) for k in ("model", "study", "trial")}}
+
+
+def to_nni(doc: dict) -> list[dict]:
+    """An NNI ``config_list``: one entry per unit, by module name, with its sparse ratio."""
+    return [{"op_names": [u["name"]], "sparse_ratio": u["sparsity"]} for u in doc["units"]]
+
+
+# What a policy can be written as: this module's own format, or another tool's.
+FORMATS = {"autoprune": lambda doc: doc, "torch-pruning": to_torch_pruning, "nni": to_nni}

@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from autoprune.data import TensorSplit
 from autoprune.evaluate import recalibrate_bn
 from autoprune.lsq import Rows, in_width, patches, refittable, sample_rows, set_weight_matrix, solve, weight_matrix
 from autoprune.registry import Registry
@@ -278,7 +277,7 @@ class Reconstructor:
                 for h in hooks:
                     h.remove()
             if recalibrate:  # adaptive BN over the same images, in one batch
-                recalibrate_bn(pruned, TensorSplit(x, torch.zeros(len(x), dtype=torch.long)), len(x), device)
+                recalibrate_bn(pruned, x, len(x), device)
         report.seconds = time.perf_counter() - start
         return report
 

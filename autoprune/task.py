@@ -8,9 +8,12 @@ importance ranking, and the pruner. An episode is then ``prune(kept)`` followed 
 
 from __future__ import annotations
 
+import copy
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -18,7 +21,7 @@ from torch import nn
 
 from autoprune.checkpoints import file_sha256, load_weights
 from autoprune.costs import Costs, closed_form, count_effective_flops, count_flops, count_params, dense_costs
-from autoprune.data import DatasetInfo, Splits, make_splits
+from autoprune.data import DatasetInfo, Splits, TensorSplit, make_splits
 from autoprune.errors import AutopruneError
 from autoprune.evaluate import accuracy, accuracy_on, recalibrate_bn
 from autoprune.finetune import FinetuneConfig, finetune
@@ -27,21 +30,24 @@ from autoprune.models import ModelSpec, build_model
 from autoprune.policy import Policy
 from autoprune.pruning import pruner_for, removed_indices
 from autoprune.reconstruct import RECONSTRUCTIONS, Reconstructor, Report
+from autoprune.records import Record, spec
 from autoprune.units import UnitTable, build_unit_table
 
 
 @dataclass(frozen=True)
-class TaskConfig:
-    """Everything that defines a pruning task (and so a study's identity).
+class TaskConfig(Record):
+    """How to build a pruning task: stored with every study (``task.*``), so that ``export`` and
+    the worker processes rebuild exactly the task that was searched.
 
     Attributes:
-        model: a registered model name or ``package.module:function``.
+        model: a registered model name or ``package.module:function``; for a model handed to
+            :func:`autoprune.search`, ``python:<module>.<class>`` (not rebuildable from the name).
         weights: a state_dict / checkpoint file; ``None`` trains (or reuses) a cached baseline.
         pretrained: start from torchvision's ImageNet weights instead.
-        dataset: a registered dataset name.
+        dataset: a registered dataset name (for an API task, the data name the user gave).
         data_dir: where the dataset lives.
         seed: the split seed (search-val and calibration carve).
-        granularity: ``channel`` or ``unstructured``.
+        granularity: a registered granularity (``channel``, ``unstructured``).
         importance: a registered importance criterion.
         exclude: module-name patterns never pruned.
         round_to: width multiple; ``None`` picks 8 when every unit has 32+ channels, else 1.
@@ -56,27 +62,57 @@ class TaskConfig:
         device: ``cpu`` or ``cuda``.
     """
 
-    model: str = "resnet18"
-    weights: str | None = None
+    namespace: ClassVar[str] = "task"
+
+    model: str = spec("resnet18", identity=True, sibling=True)
+    weights: str | None = spec(None, legacy_key="weights_path")  # bare "weights" was the digest
     pretrained: bool = False
-    dataset: str = "digits"
+    dataset: str = spec("digits", identity=True, sibling=True)
     data_dir: str | None = None
-    seed: int = 0
-    granularity: str = "channel"
-    importance: str = "l1"
+    seed: int = spec(0, identity=True, sibling=True, legacy_key="split_seed")
+    granularity: str = spec("channel", identity=True, sibling=True)
+    importance: str = spec("l1", identity=True, sibling=True)
     exclude: tuple[str, ...] = ()
-    round_to: int | None = None
-    search_val_size: int | None = None
-    calib_batches: int = 10
-    calib_batch_size: int = 64
+    round_to: int | None = spec(None, legacy=None)  # the resolved width multiple is the fingerprint's
+    search_val_size: int | None = spec(None, legacy=None)
+    calib_batches: int = spec(10, identity=True)
+    calib_batch_size: int = spec(64, identity=True)
     eval_batch_size: int = 500
-    bn_recalibration: bool = True
-    reconstruct: str = "lsq"
-    episode_finetune_steps: int = 0
+    bn_recalibration: bool = spec(True, identity=True, sibling=True)
+    reconstruct: str = spec("lsq", identity=True, sibling=True, legacy="none")
+    episode_finetune_steps: int = spec(0, identity=True)
     device: str = "cpu"
 
     def asdict(self) -> dict:
         return asdict(self)
+
+
+def same_digest(a: str, b: str) -> bool:
+    """Two weights identities name the same file contents (``sha256:`` and ``baseline-sha256:``
+    label one digest by how the file was made)."""
+    return str(a).rpartition(":")[2] == str(b).rpartition(":")[2]
+
+
+@dataclass(frozen=True)
+class Fingerprint(Record):
+    """What a built task turned out to be (``fingerprint.*``): the weights' and data's identity,
+    the units traced and the dense model's score and costs. A resumed or exported study must
+    rebuild the same fingerprint."""
+
+    namespace: ClassVar[str] = "fingerprint"
+
+    weights: str = spec(identity=True, sibling=True, legacy_key="weights", equal=same_digest)
+    data: str = spec(identity=True, sibling=True, legacy_key="data")
+    round_to: int = spec(identity=True, sibling=True, legacy_key="round_to")
+    units: int = spec(legacy_key="units")
+    units_digest: str = spec(identity=True, legacy_key="units_digest")
+    unit_names: tuple[str, ...] = spec(legacy_key="unit_names")
+    search_val_images: int = spec(identity=True, sibling=True, legacy_key="search_val_size")
+    calib_images: int = spec(0, legacy_key="calib_images")
+    dense_score: float | None = spec(None, legacy_key="dense_accuracy")
+    dense_flops: float = spec(0.0, legacy_key="dense_flops")
+    dense_params: float = spec(0.0, legacy_key="dense_params")
+    weights_path: str | None = spec(None, legacy_key="weights_path")
 
 
 @dataclass
@@ -114,8 +150,15 @@ def load_dense_model(config: TaskConfig, info: DatasetInfo, splits: Splits | Non
     return model.eval(), "baseline-sha256:" + file_sha256(path), str(path)
 
 
+Score = Callable[[nn.Module], float]
+
+
 class PruningTask:
     """A dense model ready to be pruned and scored many times.
+
+    Built from a :class:`TaskConfig` (a registered or importable model and a registered dataset,
+    scored by top-1 accuracy on search-val), or, with :meth:`from_model`, from a model in memory,
+    any ``score`` callable and any calibration batches.
 
     Args:
         config: what to load and how to evaluate.
@@ -126,35 +169,87 @@ class PruningTask:
 
     def __init__(self, config: TaskConfig, splits: Splits | None = None,
                  dense: nn.Module | None = None, progress: bool = True) -> None:
-        self.config = config
-        self.device = check_device(config.device)
+        device = check_device(config.device)
         RECONSTRUCTIONS.get(config.reconstruct)
-        self.splits = splits or make_splits(
+        splits = splits or make_splits(
             config.dataset, config.data_dir, config.seed, config.search_val_size,
             config.calib_batches, config.calib_batch_size,
         )
         if dense is None:
-            dense, self.weights_id, self.weights_path = load_dense_model(
-                config, self.splits.info, self.splits, progress)
+            dense, weights_id, weights_path = load_dense_model(config, splits.info, splits, progress)
         else:
-            self.weights_id, self.weights_path = "in-memory", None
+            weights_id, weights_path = weights_digest(dense), None
+        val = splits.search_val
+        if device != "cpu":
+            val = type(val)(val.x.to(device), val.y)
+        self._setup(config, dense, splits.example_input(1), splits.calib,
+                    lambda model: accuracy(model, val, config.eval_batch_size, device),
+                    data_identity=splits.identity, weights_id=weights_id, search_val_images=len(val))
+        self.splits: Splits | None = splits
+        self.weights_path = weights_path
+        info = splits.info
+        self.model_spec: ModelSpec | None = ModelSpec(info.num_classes, info.in_channels, info.image_size)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, example_inputs, score: Score, calib: Iterable,
+                   config: TaskConfig, data_name: str = "custom",
+                   test_score: Score | None = None) -> PruningTask:
+        """A task over a model in memory, scored by ``score(model) -> float`` (higher is better).
+
+        ``calib`` yields input batches (tensors, or tuples/lists whose first item is the input),
+        read once, up to ``calib_batches * calib_batch_size`` inputs; they drive BatchNorm
+        recalibration and reconstruction. ``test_score``, if given, is reported for exports.
+        """
+        task = cls.__new__(cls)
+        example = _first_tensor(example_inputs)
+        calib_x = _stack_inputs(calib, config.calib_batches * config.calib_batch_size)
+        if not callable(score):
+            raise AutopruneError("score must be a callable model -> float")
+        from autoprune.importance import IMPORTANCE
+
+        if IMPORTANCE.get(config.importance)(config.seed).needs_grad:
+            raise AutopruneError(f"importance {config.importance!r} needs class labels (a registered "
+                                 "dataset); with a score function use l1, l2, bn_scale, fpgm or thinet")
+        unlabelled = TensorSplit(calib_x, torch.zeros(len(calib_x), dtype=torch.long))
+        task._setup(config, model, example[:1].clone(), unlabelled, _checked(score),
+                    data_identity=f"user:{data_name}", weights_id=weights_digest(model), search_val_images=0)
+        task.splits = None
+        task.weights_path = None
+        task.model_spec = None
+        task._test_score = _checked(test_score) if test_score is not None else None
+        return task
+
+    def _setup(self, config: TaskConfig, dense: nn.Module, example: torch.Tensor, calib: TensorSplit,
+               score: Score, data_identity: str, weights_id: str, search_val_images: int) -> None:
+        self.config = config
+        self.device = check_device(config.device)
+        RECONSTRUCTIONS.get(config.reconstruct)
+        self.weights_id, self.data_identity = weights_id, data_identity
+        self._search_val_images = search_val_images
         self.dense = dense.eval()
-        self.example = self.splits.example_input(1)
+        self.example = example
         table = build_unit_table(self.dense, self.example, config.granularity, config.exclude,
                                  1 if config.round_to is None else config.round_to)
         if config.round_to is None:
             table.round_to = 8 if min(u.size for u in table.units) >= 32 else 1
         self.table: UnitTable = table
-        self.ranks = rank_units(table, self.dense, config.importance, self.splits.calib, config.seed)
+        self.ranks = rank_units(table, self.dense, config.importance, calib, config.seed)
         table._groups = []  # the traced graph (autograd nodes) is not needed once ranked
         self.pruner = pruner_for(table)
         self.dense_costs: Costs = dense_costs(table)
         self.dense.to(self.device)
-        self._val = self.splits.search_val
-        self._calib = self.splits.calib
-        if self.device != "cpu":
-            self._val = type(self._val)(self._val.x.to(self.device), self._val.y)
-            self._calib = type(self._calib)(self._calib.x.to(self.device), self._calib.y)
+        self._calib_split = calib
+        self._calib = calib.x.to(self.device)
+        self._score = score
+
+    def variant(self, reconstruct: str) -> PruningTask:
+        """This task with pruned models rebuilt by another reconstruction (same model, data, units,
+        rankings and score)."""
+        RECONSTRUCTIONS.get(reconstruct)
+        task = copy.copy(self)
+        task.config = replace(self.config, reconstruct=reconstruct)
+        task._reconstructor = None
+        return task
 
     def __deepcopy__(self, memo) -> PruningTask:
         # A task is read-only after construction (the dense model is never mutated), so copies,
@@ -194,7 +289,7 @@ class PruningTask:
             layers = self.table.refittable_layers()
             if config.downstream:
                 layers = [lay.name for lay in self.table.layers if lay.kind in ("conv", "linear")]
-            self._reconstructor = Reconstructor(self.dense, layers, self._calib.x, config)
+            self._reconstructor = Reconstructor(self.dense, layers, self._calib, config)
         return self._reconstructor
 
     def cost_ratios(self, kept) -> dict[str, float]:
@@ -208,48 +303,104 @@ class PruningTask:
             return Costs(count_effective_flops(model, x), float(count_params(model, effective=True)))
         return Costs(count_flops(model, x), float(count_params(model)))
 
+    def calibration_inputs(self) -> torch.Tensor:
+        """The calibration inputs (on the task's device)."""
+        return self._calib
+
     # -- scoring --------------------------------------------------------------------------------
     def evaluate(self, kept) -> tuple[nn.Module, Evaluation]:
-        """Prune, reconstruct and recalibrate, then score on search-val: one episode's model."""
+        """Prune, reconstruct and recalibrate, then score: one episode's model."""
         model, report = self.pruned(kept)
         if self.config.episode_finetune_steps > 0:
+            if self.splits is None:
+                raise AutopruneError("episode fine-tuning needs a registered dataset")
             finetune(model, self.splits, FinetuneConfig(steps=self.config.episode_finetune_steps,
                                                         lr=0.01, seed=self.config.seed),
                      device=self.device, progress=False)
             if self.config.bn_recalibration:
                 recalibrate_bn(model, self._calib, self.config.calib_batch_size, self.device)
-        acc = accuracy(model, self._val, self.config.eval_batch_size, self.device)
-        return model, Evaluation(acc, report)
+        return model, Evaluation(self.proxy_accuracy(model), report)
 
     def proxy_accuracy(self, model: nn.Module) -> float:
-        """Accuracy on search-val as the model stands: no fine-tuning, no recalibration."""
-        return accuracy(model, self._val, self.config.eval_batch_size, self.device)
+        """The search's score of ``model`` as it stands (top-1 on search-val for registered
+        datasets, the user's ``score`` otherwise): no fine-tuning, no recalibration."""
+        return float(self._score(model.eval()))
+
+    @property
+    def has_test(self) -> bool:
+        return self.splits is not None or getattr(self, "_test_score", None) is not None
 
     def test_accuracy(self, model: nn.Module) -> float:
-        """Top-1 on the held-out test split (final reports only)."""
+        """Top-1 on the held-out test split, or the user's ``test_score`` (final reports only)."""
+        if self.splits is None:
+            if getattr(self, "_test_score", None) is None:
+                raise AutopruneError("this task has no test split or test_score")
+            return self._test_score(model.to(self.device).eval())
         return accuracy_on(model.to(self.device), self.splits.test_loader(self.config.eval_batch_size),
                            self.device)
 
     def dense_accuracy(self) -> float:
-        """Proxy accuracy of the dense model (no recalibration: its statistics are its own)."""
+        """The dense model's score (no recalibration: its statistics are its own)."""
         if not hasattr(self, "_dense_acc"):
-            self._dense_acc = accuracy(self.dense, self._val, self.config.eval_batch_size, self.device)
+            self._dense_acc = self.proxy_accuracy(self.dense)
         return self._dense_acc
 
-    def identity(self) -> dict:
-        """What makes two tasks the same: recorded with every study and export."""
-        return {
-            "model": self.config.model,
-            "weights": self.weights_id,
-            "dataset": self.config.dataset,
-            "data": self.splits.identity,
-            "split_seed": self.config.seed,
-            "granularity": self.table.granularity,
-            "importance": self.config.importance,
-            "reconstruct": self.config.reconstruct,
-            "round_to": self.table.round_to,
-            "units": len(self.table.units),
-            "units_digest": hashlib.sha256(
+    def fingerprint(self) -> Fingerprint:
+        """What makes two built tasks the same: recorded with every study and export."""
+        return Fingerprint(
+            weights=self.weights_id, weights_path=self.weights_path, data=self.data_identity,
+            round_to=self.table.round_to,
+            units=len(self.table.units),
+            units_digest=hashlib.sha256(
                 "|".join(f"{u.name}:{u.size}" for u in self.table.units).encode()
             ).hexdigest()[:16],
-        }
+            unit_names=tuple(self.table.names), search_val_images=self._search_val_images,
+            calib_images=len(self._calib), dense_score=self.dense_accuracy(),
+            dense_flops=self.dense_costs.flops, dense_params=self.dense_costs.params,
+        )
+
+
+def weights_digest(model: nn.Module) -> str:
+    """``state-sha256:<hex>`` of a model's tensors (names, shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "state-sha256:" + h.hexdigest()
+
+
+def _first_tensor(item) -> torch.Tensor:
+    """The input tensor of a batch: the batch itself, or the first item of a tuple/list."""
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    if not isinstance(item, torch.Tensor):
+        raise AutopruneError(f"expected an input tensor (or a tuple whose first item is one), got "
+                             f"{type(item).__name__}")
+    return item
+
+
+def _stack_inputs(batches: Iterable, limit: int) -> torch.Tensor:
+    """Up to ``limit`` inputs from an iterable of batches, as one CPU tensor."""
+    xs, n = [], 0
+    for batch in batches:
+        x = _first_tensor(batch).detach().cpu()
+        xs.append(x[: limit - n])
+        n += len(xs[-1])
+        if n >= limit:
+            break
+    if not xs:
+        raise AutopruneError("calib yielded no batches")
+    return torch.cat(xs)
+
+
+def _checked(score: Score) -> Score:
+    """``score`` run without gradients, its result a finite float."""
+    def run(model: nn.Module) -> float:
+        with torch.no_grad():
+            value = float(score(model))
+        if not np.isfinite(value):
+            raise AutopruneError(f"the score function returned {value} for a pruned model")
+        return value
+
+    return run

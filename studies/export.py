@@ -9,6 +9,7 @@ of those tools.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
-from autoprune.fileio import write_document
-from autoprune.policy import FORMAT, VERSION, Policy
-from autoprune.studies.records import best_trial, completed, is_finite, pareto_front, study_attrs
+from autoprune.policy import Policy
+from autoprune.studies.records import StudyRecord, best_trial, completed, is_finite, pareto_front
 from autoprune.studies.storage import open_storage
 
-FORMATS = ("autoprune", "torch-pruning", "nni")
 PICKS = ("accuracy", "cost", "knee")
 
 
@@ -57,7 +56,7 @@ def choose_trial(study: optuna.Study, number: int | None = None, pick: str = "ac
     if len(study.directions) == 1:
         return best_trial(study, trials)
     within = [t for t in trials if t.user_attrs.get("within_budget", True)] or trials
-    metric = study.user_attrs.get("budget_metric", "flops")
+    metric = StudyRecord.of(study).search.parsed_budget().metric
     front = pareto_front(within, metric)
     if pick == "cost":
         return front[0]
@@ -74,106 +73,60 @@ def choose_trial(study: optuna.Study, number: int | None = None, pick: str = "ac
     return front[int(dist.argmax())]
 
 
-def policy_document(study: optuna.Study, trial: FrozenTrial) -> dict:
-    """The self-describing policy of ``trial`` (what ``export`` writes)."""
-    s, a = study_attrs(study), trial.user_attrs
-    names = s.get("unit_names") or list(a["policy"])
-    units = []
-    for i, name in enumerate(names):
-        entry = {"name": name, "sparsity": a["policy"][name], "kept": a["widths"][i]}
-        units.append(entry)
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": s.get("model"),
-        "weights": s.get("weights"),
-        "dataset": s.get("dataset"),
-        "data": s.get("data"),
-        "split_seed": s.get("split_seed"),
-        "granularity": s.get("granularity"),
-        "round_to": s.get("round_to"),
-        "importance": s.get("importance"),
-        "reconstruct": s["reconstruct"],
-        "budget": s.get("budget"),
-        "achieved": a["ratios"],
-        "proxy_accuracy": a["accuracy"],
-        "dense_proxy_accuracy": s.get("dense_accuracy"),
-        "reward": a.get("reward"),
-        "study": study.study_name,
-        "trial": trial.number,
+def trial_policy(study: optuna.Study, trial: FrozenTrial) -> Policy:
+    """The achieved policy of ``trial``, with exact widths and what makes it self-describing:
+    the task it was searched on, the budget, what it achieved and where it came from."""
+    record, a = StudyRecord.of(study), trial.user_attrs
+    task, fp = record.task, record.fingerprint
+    names = list(fp.unit_names) or list(a["policy"])
+    meta = {
+        "model": task.model, "weights": fp.weights, "dataset": task.dataset, "data": fp.data,
+        "split_seed": task.seed, "granularity": task.granularity, "round_to": fp.round_to,
+        "importance": task.importance, "reconstruct": task.reconstruct, "budget": record.search.budget,
+        "achieved": a["ratios"], "proxy_accuracy": a["accuracy"], "dense_proxy_accuracy": fp.dense_score,
+        "reward": a.get("reward"), "study": study.study_name, "trial": trial.number,
         "searcher": a.get("searcher"),
-        "units": units,
     }
+    return Policy({n: a["policy"][n] for n in names}, meta, {n: int(k) for n, k in zip(names, a["widths"])})
 
 
-def to_torch_pruning(doc: dict) -> dict:
-    """Torch-Pruning's ``pruning_ratio_dict``, keyed by each unit's root module name.
-
-    Map names to modules with ``{model.get_submodule(k): v for k, v in d.items()}`` and pass it to
-    ``tp.pruner.MetaPruner(..., pruning_ratio_dict=...)``; Torch-Pruning rounds widths itself.
-    """
-    return {"pruning_ratio_dict": {u["name"]: u["sparsity"] for u in doc["units"]},
-            "round_to": doc.get("round_to"), "source": {k: doc[k] for k in ("model", "study", "trial")}}
+def policy_document(study: optuna.Study, trial: FrozenTrial) -> dict:
+    """The self-describing policy of ``trial`` as the document ``export`` writes."""
+    return trial_policy(study, trial).to_dict()
 
 
-def to_nni(doc: dict) -> list[dict]:
-    """An NNI ``config_list``: one entry per unit, by module name, with its sparse ratio."""
-    return [{"op_names": [u["name"]], "sparse_ratio": u["sparsity"]} for u in doc["units"]]
-
-
-def write_policy(doc: dict, path: str | Path, fmt: str = "autoprune") -> Path:
-    """Write ``doc`` in ``fmt`` to ``path`` (YAML when the suffix says so), atomically."""
-    if fmt not in FORMATS:
-        raise AutopruneError(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise AutopruneError(f"cannot write {path}: folder {path.parent} does not exist")
-    data = {"autoprune": doc, "torch-pruning": to_torch_pruning, "nni": to_nni}[fmt]
-    return write_document(path, data(doc) if callable(data) else data)
-
-
-def export_model(study: optuna.Study, trial: FrozenTrial, model_dir: str | Path,
-                 weights: str | None = None, data_dir: str | None = None, device: str = "cpu",
-                 finetune=None, onnx: bool = False, latency_batches=(1,), quiet: bool = False,
-                 reconstruct: str | None = None) -> dict:
-    """Rebuild the study's task, prune with ``trial``'s policy and write the model files.
-
-    The weights must be the ones the study searched (checked by SHA-256); by default the path the
-    study recorded is used. The model is reconstructed as the study's episodes were, unless
-    ``reconstruct`` says otherwise. Returns the metrics written to ``metrics.json``.
-    """
-    from autoprune.apply import apply_policy
+def rebuild_task(record: StudyRecord, weights: str | None = None, data_dir: str | None = None,
+                 device: str | None = None, reconstruct: str | None = None, progress: bool = True):
+    """The study's task, built again from its record: the same weights (checked by SHA-256), data,
+    units and evaluation. ``weights`` and ``data_dir`` replace files that moved; ``device`` and
+    ``reconstruct`` change how the model is scored and rebuilt."""
     from autoprune.checkpoints import file_sha256
-    from autoprune.task import PruningTask, TaskConfig
+    from autoprune.task import PruningTask
 
-    s = study_attrs(study)
-    if "model" not in s:
-        raise AutopruneError(f"study {study.study_name!r} was not made by autoprune search")
-    weights = weights or s.get("weights_path")
-    recorded = str(s.get("weights", ""))
-    if not s.get("pretrained"):
+    task, fp = record.task, record.fingerprint
+    if task.model.startswith("python:"):
+        raise AutopruneError(f"the study searched a model given in Python ({task.model[7:]}); open it "
+                             "with autoprune.load(name, storage, model=..., score=..., calib=...)")
+    weights = weights or task.weights or fp.weights_path
+    if not task.pretrained:
         if not weights or not Path(weights).is_file():
             raise AutopruneError(f"the study's weights file is not at {weights!r}; pass --weights PATH")
-        if recorded.split(":")[-1] != file_sha256(weights):
-            raise AutopruneError(f"{weights} is not the weights study {study.study_name!r} searched "
-                                 f"({recorded}); pass the same file with --weights")
-    config = TaskConfig(
-        model=s["model"], weights=None if s.get("pretrained") else weights,
-        pretrained=bool(s.get("pretrained")), dataset=s["dataset"], data_dir=data_dir or s.get("data_dir"),
-        seed=s["split_seed"], granularity=s["granularity"], importance=s["importance"],
-        exclude=tuple(s.get("exclude") or ()), round_to=s["round_to"],
-        search_val_size=s.get("search_val_size"), calib_batches=s.get("calib_batches", 10),
-        calib_batch_size=s.get("calib_batch_size", 64), bn_recalibration=s.get("bn_recalibration", True),
-        reconstruct=reconstruct or s["reconstruct"],
-        device=device,
-    )
-    task = PruningTask(config, progress=not quiet)
-    doc = policy_document(study, trial)
-    # the recorded widths are exact; the sparsities are the same widths as fractions
-    policy = Policy.from_dict(doc, f"trial {trial.number}")
-    if task.identity()["units_digest"] != s.get("units_digest", task.identity()["units_digest"]):
-        raise AutopruneError("the rebuilt model's units are not the ones the study searched; was "
-                             "the model definition changed since the search?")
-    policy.meta.update({"study": study.study_name, "trial": trial.number})
-    return apply_policy(task, policy, model_dir, finetune, test=True, latency_batches=latency_batches,
-                        onnx=onnx, quiet=quiet)
+        if fp.weights.split(":")[-1] != file_sha256(weights):
+            raise AutopruneError(f"{weights} is not the weights the study searched ({fp.weights}); pass "
+                                 "the same file with --weights")
+    config = replace(task, weights=None if task.pretrained else str(Path(weights).resolve()),
+                     data_dir=data_dir or task.data_dir, device=device or task.device,
+                     reconstruct=reconstruct or task.reconstruct)
+    built = PruningTask(config, progress=progress)
+    check_fingerprint(built.fingerprint(), fp)
+    return built
+
+
+def check_fingerprint(built, recorded) -> None:
+    """Refuse a rebuilt task whose units (or weights, data) are not those the study searched."""
+    different = built.mismatch(recorded.to_attrs())
+    if different:
+        key, theirs, mine = different
+        what = {"fingerprint.units_digest": "units"}.get(key, key)
+        raise AutopruneError(f"the rebuilt task's {what} differ from the study's ({theirs!r} searched, "
+                             f"{mine!r} now); was the model, its weights or the data changed since the search?")

@@ -1,10 +1,18 @@
-"""Trials <-> policies: what each episode leaves in the study, and how to read it back.
+"""The records a study holds, and trials <-> policies.
+
+A study's user attributes are typed records (:mod:`autoprune.records`), each under its own
+namespace: ``task.*`` (:class:`~autoprune.task.TaskConfig`, how to rebuild the task),
+``fingerprint.*`` (:class:`~autoprune.task.Fingerprint`, what the built task was),
+``search.*`` (:class:`SearchSpec`) and ``run.*`` (:class:`Provenance`). The fields marked
+``identity`` are what ``--resume`` and ``export`` check; those marked ``sibling`` group studies
+of one task in reports. :class:`StudyRecord` reads and writes them together.
 
 Every episode is one trial. Its parameters ``s/<unit>`` are the *requested* sparsities; its user
-attributes hold what was achieved (the wall's output after rounding) and measured:
+attributes are an :class:`EpisodeRecord`: what was achieved (the wall's output after rounding)
+and measured. A trial holds one record, so its keys need no namespace:
 
     policy        {unit: achieved sparsity}        widths       [kept elements per unit]
-    accuracy      proxy accuracy on search-val     ratios       {flops, params[, latency]}
+    accuracy      proxy score on search-val        ratios       {flops, params[, latency]}
     reward        the env's reward                 reward_parts {...}
     within_budget bool                             searcher, episode, uid, worker, seconds
 """
@@ -12,39 +20,162 @@ attributes hold what was achieved (the wall's output after rounding) and measure
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.agents.base import Episode, param_name
+from autoprune.budget import Budget, parse_budget
+from autoprune.errors import AutopruneError
+from autoprune.records import Record, spec
+from autoprune.task import Fingerprint, TaskConfig
 
-# What a study made before a key existed implies: its episodes ran without reconstruction.
-LEGACY_DEFAULTS = {"reconstruct": "none"}
+
+@dataclass(frozen=True)
+class SearchSpec(Record):
+    """How the search chooses and scores policies (``search.*``).
+
+    Attributes:
+        budget: ``0.5flops``, ``0.3params``, ``0.7latency``, ... (see :func:`~autoprune.budget.parse_budget`).
+        searcher: a registered searcher.
+        episodes: complete trials the study should hold.
+        seed: the searcher's seed.
+        reward: a registered reward; ``reward_lambda`` its penalty weight.
+        min_sparsity, max_sparsity: the range of each unit's sparsity.
+        latency_batch, latency_threads: what latency budgets are measured for.
+        options: searcher options (e.g. ``{"warmup": 100}`` for RL agents).
+    """
+
+    namespace: ClassVar[str] = "search"
+
+    budget: str = spec("0.5flops", identity=True, sibling=True)
+    searcher: str = spec("tpe", identity=True)
+    episodes: int = spec(60, legacy_key="episodes_requested")
+    seed: int = 0
+    reward: str = spec("acc", identity=True)
+    reward_lambda: float = spec(1.0, identity=True)
+    min_sparsity: float = spec(0.0, identity=True)
+    max_sparsity: float = spec(0.8, identity=True)
+    latency_batch: int = spec(1, identity=True, legacy=1)
+    latency_threads: int | None = spec(None, legacy=None)
+    options: dict = spec(default_factory=dict, legacy={})
+
+    def parsed_budget(self) -> Budget:
+        return parse_budget(self.budget)
 
 
-def study_attrs(study: optuna.Study) -> dict:
-    """A study's user attributes, with the value each key had before it was recorded."""
-    return {**LEGACY_DEFAULTS, **study.user_attrs}
+@dataclass(frozen=True)
+class Provenance(Record):
+    """Where a study came from (``run.*``): the command, when, and the library versions."""
+
+    namespace: ClassVar[str] = "run"
+
+    command: str = spec("", legacy_key="command")
+    created: str = spec("", legacy_key="created")
+    versions: dict = spec(default_factory=dict, legacy_key="versions")
+
+    @classmethod
+    def now(cls, command: str = "") -> Provenance:
+        import gymnasium
+        import stable_baselines3
+        import torch
+        import torch_pruning
+
+        import autoprune
+
+        return cls(command, time.strftime("%Y-%m-%dT%H:%M:%S%z"), {
+            "autoprune": autoprune.__version__, "torch": torch.__version__, "optuna": optuna.__version__,
+            "stable_baselines3": stable_baselines3.__version__, "gymnasium": gymnasium.__version__,
+            "torch_pruning": torch_pruning.__version__})
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """Everything a study records about itself, read and written as one."""
+
+    task: TaskConfig
+    fingerprint: Fingerprint
+    search: SearchSpec
+    run: Provenance = field(default_factory=Provenance)
+
+    def parts(self) -> tuple[Record, ...]:
+        return (self.task, self.fingerprint, self.search, self.run)
+
+    def to_attrs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for part in self.parts():
+            out.update(part.to_attrs())
+        return out
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> StudyRecord:
+        return cls(TaskConfig.from_attrs(attrs), Fingerprint.from_attrs(attrs), SearchSpec.from_attrs(attrs),
+                   Provenance.from_attrs(attrs))
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> StudyRecord:
+        """The record of a study made by ``autoprune search`` (a user error for any other)."""
+        try:
+            return cls.from_attrs(study.user_attrs)
+        except AutopruneError:
+            raise AutopruneError(f"study {study.study_name!r} was not made by autoprune search") from None
+
+    def mismatch(self, attrs: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
+        """The first identity field that a study's ``attrs`` record differently: ``(key, theirs, mine)``."""
+        for part in self.parts():
+            found = part.mismatch(attrs)
+            if found:
+                return found
+        return None
+
+    def sibling_of(self, attrs: Mapping[str, Any]) -> bool:
+        """Whether the study of ``attrs`` searched the same task, scored the same way."""
+        return all(part.same(attrs) for part in self.parts())
+
+
+@dataclass(frozen=True)
+class EpisodeRecord(Record):
+    """What one episode leaves in its trial (flat keys: a trial holds one record)."""
+
+    policy: dict
+    widths: tuple[int, ...]
+    accuracy: float
+    ratios: dict
+    reward: float
+    reward_parts: dict
+    within_budget: bool
+    searcher: str
+    episode: int
+    uid: str
+    seconds: float
+    eval_seconds: float
+    reconstruction: dict | None = None
+
+    @classmethod
+    def of(cls, ep: Episode, searcher: str, index: int, uid: str, seconds: float) -> EpisodeRecord:
+        s = ep.summary
+        return cls(
+            policy={k: round(float(v), 10) for k, v in s["policy"].items()}, widths=tuple(s["widths"]),
+            accuracy=s["accuracy"], ratios=s["ratios"], reward=s["reward"], reward_parts=s["reward_parts"],
+            within_budget=s["within_budget"], searcher=searcher, episode=index, uid=uid,
+            seconds=round(seconds, 3), eval_seconds=round(s["eval_seconds"], 3),
+            reconstruction=s.get("reconstruction"),
+        )
+
+    def to_attrs(self) -> dict[str, Any]:
+        attrs = super().to_attrs()
+        if attrs["reconstruction"] is None:
+            del attrs["reconstruction"]
+        return attrs
 
 
 def episode_attrs(ep: Episode, searcher: str, index: int, uid: str, seconds: float) -> dict:
-    s = ep.summary
-    return {
-        "policy": {k: round(float(v), 10) for k, v in s["policy"].items()},
-        "widths": s["widths"],
-        "accuracy": s["accuracy"],
-        "ratios": s["ratios"],
-        "reward": s["reward"],
-        "reward_parts": s["reward_parts"],
-        "within_budget": s["within_budget"],
-        "searcher": searcher,
-        "episode": index,
-        "uid": uid,
-        "seconds": round(seconds, 3),
-        "eval_seconds": round(s["eval_seconds"], 3),
-        **({"reconstruction": s["reconstruction"]} if "reconstruction" in s else {}),
-    }
+    return EpisodeRecord.of(ep, searcher, index, uid, seconds).to_attrs()
 
 
 def frozen_record(ep: Episode, unit_names: list[str], low: float, high: float, values: list[float],

@@ -1,8 +1,9 @@
 """Reports on studies: the table of studies, and a study's CSV, markdown summary and plots.
 
 The plots put a study next to its *siblings*: studies in the same storage that searched the same
-task (model, weights, data, split, budget, granularity, importance), so a searched policy is shown
-against the one-shot baselines and other searchers evaluated the same way.
+task and scored it the same way (the record fields marked ``sibling``: model, weights, data, split,
+budget, granularity, importance, reconstruction, ...), so a searched policy is shown against the
+one-shot baselines and other searchers evaluated the same way.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from optuna.trial import TrialState
 
 from autoprune.errors import AutopruneError
 from autoprune.studies.export import policy_document
-from autoprune.studies.records import best_trial, completed, is_finite, pareto_front
+from autoprune.studies.records import SearchSpec, StudyRecord, best_trial, completed, is_finite, pareto_front
 from autoprune.studies.storage import open_storage
 
-SIBLING_KEYS = ("model", "weights", "dataset", "data", "split_seed", "budget", "granularity",
-                "importance", "round_to", "search_val_size", "bn_recalibration")
 BASELINES = ("uniform", "global", "erk", "lamp")
 
 
@@ -35,12 +34,16 @@ def list_studies(storage_url: str) -> list[dict]:
             from None
     for fs in frozen:
         study = optuna.load_study(study_name=fs.study_name, storage=storage)
-        a = study.user_attrs
+        try:
+            record = StudyRecord.of(study)
+            searcher, model = record.search.searcher, record.task.model
+            dataset, budget = record.task.dataset, record.search.budget
+        except AutopruneError:  # a study some other tool made in the same storage
+            searcher = model = dataset = budget = "-"
         done = completed(study)
         best = best_trial(study, done) if done and "policy" in done[0].user_attrs else None
         rows.append({
-            "study": fs.study_name, "searcher": a.get("searcher", "-"), "model": a.get("model", "-"),
-            "dataset": a.get("dataset", "-"), "budget": a.get("budget", "-"),
+            "study": fs.study_name, "searcher": searcher, "model": model, "dataset": dataset, "budget": budget,
             "trials": len(done), "all_trials": len(study.trials),
             "best_reward": best.user_attrs.get("reward") if best else None,
             "best_accuracy": best.user_attrs.get("accuracy") if best else None,
@@ -60,17 +63,21 @@ def format_studies(rows: list[dict]) -> str:
     return df.drop(columns=["all_trials"]).to_string(index=False)
 
 
-def siblings(study: optuna.Study) -> list[optuna.Study]:
-    """Studies in the same storage that searched the same task (``study`` itself included)."""
-    storage = study._storage
-    mine = {k: study.user_attrs.get(k) for k in SIBLING_KEYS}
+def siblings(study: optuna.Study, storage_url: str) -> list[optuna.Study]:
+    """Studies in ``storage_url`` that searched the same task as ``study`` (itself included)."""
+    storage = open_storage(storage_url)
+    mine = StudyRecord.of(study)
     out = []
     for fs in storage.get_all_studies():
         if fs.study_name == study.study_name:
             out.append(study)
-        elif all(fs.user_attrs.get(k) == v for k, v in mine.items()):
+        elif mine.sibling_of(fs.user_attrs):
             out.append(optuna.load_study(study_name=fs.study_name, storage=storage))
     return out
+
+
+def _searcher(study: optuna.Study) -> str:
+    return study.user_attrs.get(SearchSpec.key("searcher"), study.user_attrs.get("searcher", study.study_name))
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -96,7 +103,7 @@ def _scatter_points(study: optuna.Study, metric: str):
 
 def _labels(sibs: list[optuna.Study], study: optuna.Study) -> dict[str, str]:
     """Legend text per study: its searcher, and its name too where one searcher ran several studies."""
-    searchers = [s.user_attrs.get("searcher", s.study_name) for s in sibs]
+    searchers = [_searcher(s) for s in sibs]
     out = {}
     for sib, searcher in zip(sibs, searchers):
         label = searcher if searchers.count(searcher) == 1 else f"{searcher}: {sib.study_name}"
@@ -104,8 +111,9 @@ def _labels(sibs: list[optuna.Study], study: optuna.Study) -> dict[str, str]:
     return out
 
 
-def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
-    """Write trials.csv, summary.md and the PNG plots for ``study`` into ``out_dir``."""
+def write_report(study: optuna.Study, out_dir: str | Path, storage_url: str) -> dict[str, Path]:
+    """Write trials.csv, summary.md and the PNG plots for ``study`` (in ``storage_url``, where its
+    siblings are looked for) into ``out_dir``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,10 +123,10 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
 
     if not completed(study) or "policy" not in completed(study)[0].user_attrs:
         raise AutopruneError(f"study {study.study_name!r} has no complete autoprune trial to report on")
-    a = study.user_attrs
-    metric = a.get("budget_metric", "flops")
-    budget_ratio = a.get("budget_ratio")
-    sibs = siblings(study)
+    record = StudyRecord.of(study)
+    budget = record.search.parsed_budget()
+    metric, budget_ratio = budget.metric, budget.ratio
+    sibs = siblings(study, storage_url)
     labels = _labels(sibs, study)
     best = best_trial(study)
     written = {}
@@ -129,7 +137,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
         # 1. proxy accuracy against cost, every sibling study, Pareto front, baselines marked
         fig, ax = plt.subplots(figsize=(9, 5))
         for sib in sibs:
-            name = sib.user_attrs.get("searcher", sib.study_name)
+            name = _searcher(sib)
             xs, ys, _ = _scatter_points(sib, metric)
             if name in BASELINES:
                 ax.scatter(xs, ys, marker="*", s=220, edgecolor="black", zorder=5, label=f"{name} (baseline)")
@@ -140,10 +148,10 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
         ax.plot([t.user_attrs["ratios"][metric] for t in front], [t.user_attrs["accuracy"] for t in front],
                 "k--", lw=1, label="Pareto front (this study)")
         if budget_ratio:
-            ax.axvline(budget_ratio, color="red", lw=1, ls=":", label=f"budget {a.get('budget')}")
+            ax.axvline(budget_ratio, color="red", lw=1, ls=":", label=f"budget {budget}")
         ax.set_xlabel(f"{metric} ratio (pruned / dense)")
         ax.set_ylabel("proxy accuracy (search-val, after BN recalibration)")
-        ax.set_title(f"{a.get('model')} on {a.get('dataset')}: accuracy against cost")
+        ax.set_title(f"{record.task.model} on {record.task.dataset}: accuracy against cost")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -181,7 +189,7 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
                            label=f"{labels[sib.study_name]} (best so far)")[0]
             ax.scatter(range(len(rewards)), rewards, s=8, alpha=0.35, color=line.get_color())
         ax.set_xlabel("episode")
-        ax.set_ylabel(f"reward ({a.get('reward')})")
+        ax.set_ylabel(f"reward ({record.search.reward})")
         ax.set_title("reward over episodes")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.grid(alpha=0.3)
@@ -197,21 +205,24 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
 
 def _baseline_policy(sibs, name: str) -> dict | None:
     for sib in sibs:
-        if sib.user_attrs.get("searcher") == name and completed(sib):
+        if _searcher(sib) == name and completed(sib):
             return completed(sib)[0].user_attrs.get("policy")
     return None
 
 
 def summary_markdown(study: optuna.Study, best, sibs) -> str:
-    a = study.user_attrs
+    r = StudyRecord.of(study)
+    task, fp, search = r.task, r.fingerprint, r.search
     doc = policy_document(study, best)
+    dense = f"{fp.dense_score:.2%}" if fp.dense_score is not None else "-"
     lines = [f"# {study.study_name}", "",
-             f"- model `{a.get('model')}`, weights `{a.get('weights')}`",
-             f"- data `{a.get('dataset')}` ({a.get('data')}), split seed {a.get('split_seed')}, "
-             f"search-val {a.get('search_val_size')} images",
-             f"- budget **{a.get('budget')}**, granularity {a.get('granularity')}, importance "
-             f"{a.get('importance')}, reward {a.get('reward')}, searcher {a.get('searcher')}",
-             f"- dense proxy accuracy {a.get('dense_accuracy', float('nan')):.2%}",
+             f"- model `{task.model}`, weights `{fp.weights}`",
+             f"- data `{task.dataset}` ({fp.data}), split seed {task.seed}, "
+             f"search-val {fp.search_val_images} images",
+             f"- budget **{search.budget}**, granularity {task.granularity}, importance "
+             f"{task.importance}, reconstruction {task.reconstruct}, reward {search.reward}, "
+             f"searcher {search.searcher}",
+             f"- dense proxy accuracy {dense}",
              f"- trials: {len(completed(study))} complete of {len(study.trials)} "
              f"({sum(t.state == TrialState.FAIL for t in study.trials)} failed)", "",
              "## Best trial", "",
@@ -226,10 +237,10 @@ def summary_markdown(study: optuna.Study, best, sibs) -> str:
         b = best_trial(sib)
         if b is None:
             continue
-        lines.append(f"| {sib.study_name} | {sib.user_attrs.get('searcher')} | {len(completed(sib))} | "
+        lines.append(f"| {sib.study_name} | {_searcher(sib)} | {len(completed(sib))} | "
                      f"{b.user_attrs['accuracy']:.2%} | {b.user_attrs['reward']:+.4f} |")
     lines += ["", "Plots: `accuracy_vs_cost.png`, `policy.png`, `reward.png`; every trial: `trials.csv`.",
-              "", "```", json.dumps({"command": a.get("command"), "versions": a.get("versions")}, indent=1),
+              "", "```", json.dumps({"command": r.run.command, "versions": r.run.versions}, indent=1),
               "```", ""]
     return "\n".join(lines)
 

@@ -25,12 +25,14 @@ from autoprune.agents import SEARCHERS, Searcher
 from autoprune.envs import LayerSparsityEnv
 from autoprune.errors import AutopruneError
 from autoprune.studies.records import (
+    Provenance,
+    SearchSpec,
+    StudyRecord,
     add_record,
     best_trial,
     completed,
     episode_attrs,
     frozen_record,
-    study_attrs,
 )
 from autoprune.studies.recovery import Heartbeat, recover, sqlite_study_lock, worker_id
 from autoprune.studies.storage import (
@@ -39,12 +41,6 @@ from autoprune.studies.storage import (
     sqlite_path,
     storage_kind,
 )
-
-# Study attributes that must match for --resume to continue a study.
-IDENTITY_KEYS = ("model", "weights", "dataset", "data", "split_seed", "granularity", "importance",
-                 "reconstruct", "round_to", "units_digest", "budget", "reward", "reward_lambda", "searcher",
-                 "min_sparsity", "max_sparsity", "search_val_size", "bn_recalibration",
-                 "calib_batches", "calib_batch_size", "episode_finetune_steps")
 
 
 @dataclass(frozen=True)
@@ -72,7 +68,10 @@ class SearchResult:
 
 
 def model_slug(model: str) -> str:
-    """A short, path-free name for a model: ``resnet18``, ``tinynets.tiny``, ``pkg.mod.fn``."""
+    """A short, path-free name for a model: ``resnet18``, ``tinynets.tiny``, ``pkg.mod.fn``, and
+    the class name of a model given in Python."""
+    if model.startswith("python:"):
+        return model.rpartition(".")[2]
     module, sep, fn = model.rpartition(":")
     if not sep:
         return model
@@ -107,49 +106,20 @@ def agent_state_dir(config: SearchConfig, study: optuna.Study) -> Path:
     return base / "autoprune-state" / study_name
 
 
-def study_attributes(env: LayerSparsityEnv, config: SearchConfig) -> dict:
-    import gymnasium
-    import stable_baselines3
-    import torch
-    import torch_pruning
+def search_spec(env: LayerSparsityEnv, config: SearchConfig) -> SearchSpec:
+    """The record of what this search chooses and how it scores (the env's settings and the config's)."""
+    return SearchSpec(
+        budget=str(env.budget), searcher=config.searcher, episodes=config.episodes, seed=config.seed,
+        reward=env.reward_name, reward_lambda=env.reward_lambda, min_sparsity=env.min_sparsity,
+        max_sparsity=env.max_sparsity, latency_batch=env.latency_batch, latency_threads=env.latency_threads,
+        options=dict(config.searcher_options),
+    )
 
-    import autoprune
 
+def study_record(env: LayerSparsityEnv, config: SearchConfig) -> StudyRecord:
+    """Everything the study records about this search (evaluates the dense model once)."""
     task = env.task
-    ident = task.identity()
-    return {
-        **ident,
-        "budget": str(env.budget),
-        "budget_metric": env.budget.metric,
-        "budget_ratio": env.budget.ratio,
-        "reward": env.reward_name,
-        "reward_lambda": env.reward_lambda,
-        "searcher": config.searcher,
-        "min_sparsity": env.min_sparsity,
-        "max_sparsity": env.max_sparsity,
-        "search_val_size": len(task.splits.search_val),
-        "calib_images": len(task.splits.calib),
-        "calib_batches": task.config.calib_batches,
-        "calib_batch_size": task.config.calib_batch_size,
-        "data_dir": str(Path(task.config.data_dir).expanduser().resolve()) if task.config.data_dir else None,
-        "weights_path": task.weights_path,
-        "pretrained": task.config.pretrained,
-        "exclude": list(task.config.exclude),
-        "bn_recalibration": task.config.bn_recalibration,
-        "episode_finetune_steps": task.config.episode_finetune_steps,
-        "device": task.device,
-        "dense_accuracy": task.dense_accuracy(),
-        "dense_flops": task.dense_costs.flops,
-        "dense_params": task.dense_costs.params,
-        "unit_names": task.table.names,
-        "episodes_requested": config.episodes,
-        "seed": config.seed,
-        "versions": {"autoprune": autoprune.__version__, "torch": torch.__version__,
-                     "optuna": optuna.__version__, "stable_baselines3": stable_baselines3.__version__,
-                     "gymnasium": gymnasium.__version__, "torch_pruning": torch_pruning.__version__},
-        "command": config.command,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    return StudyRecord(task.config, task.fingerprint(), search_spec(env, config), Provenance.now(config.command))
 
 
 def _study_exists(storage, name: str) -> bool:
@@ -163,7 +133,8 @@ def _study_exists(storage, name: str) -> bool:
 def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, name: str,
                storage=None) -> optuna.Study:
     """Create the study, or load it for ``--resume`` after checking it is the same search."""
-    attrs = study_attributes(env, config)  # evaluates the dense model: fail before writing anything
+    record = study_record(env, config)  # evaluates the dense model: fail before writing anything
+    attrs = record.to_attrs()
     storage = storage or open_storage(config.storage)
     if _study_exists(storage, name):
         if not config.resume:
@@ -173,13 +144,14 @@ def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, 
                 "continue it, or --study-name to start another"
             )
         study = optuna.load_study(study_name=name, storage=storage)
-        stored = study_attrs(study)
-        for key in IDENTITY_KEYS:
-            if key in stored and stored[key] != attrs[key]:
-                raise AutopruneError(
-                    f"study {name!r} was made with {key}={stored[key]!r}, this run has "
-                    f"{key}={attrs[key]!r}; resume with the same settings or pick another --study-name"
-                )
+        stored = study.user_attrs
+        different = record.mismatch(stored)
+        if different:
+            key, theirs, mine = different
+            raise AutopruneError(
+                f"study {name!r} was made with {key}={theirs!r}, this run has {key}={mine!r}; resume "
+                "with the same settings or pick another --study-name"
+            )
         for key, value in attrs.items():  # a run killed while creating the study left some out
             if key not in stored:
                 study.set_user_attr(key, value)

@@ -1,6 +1,6 @@
 """Opening Optuna storages from a URL, with every failure a one-line user error.
 
-* ``sqlite:///autoprune.db`` (the default): one process;
+* ``sqlite:///FILE.db`` (the default is :data:`~autoprune.studies.DEFAULT_STORAGE`): one process;
 * ``journal:///path/to/search.log`` (or any path ending in ``.log``/``.journal``): Optuna's
   journal file storage, for several worker processes on one host;
 * ``postgresql://user:pass@host/db`` (or any SQLAlchemy URL): several hosts. Trials there send
@@ -17,8 +17,8 @@ from pathlib import Path
 import optuna
 
 from autoprune.errors import AutopruneError
+from autoprune.studies import DEFAULT_STORAGE
 
-DEFAULT_STORAGE = "sqlite:///autoprune.db"
 HEARTBEAT_INTERVAL = 20  # seconds between a running trial's heartbeats (RDB storages)
 GRACE_PERIOD = 90  # a running trial silent this long is stale
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
+import multiprocessing
 import sys
-import tempfile
 import time
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 
@@ -20,6 +20,7 @@ from autoprune.studies.runner import (
     agent_state_dir,
     default_study_name,
     open_study,
+    run_search,
     show_best,
     trial_counts,
 )
@@ -48,15 +49,20 @@ def check_workers(searcher_name: str, storage: str, workers: int) -> None:
         )
 
 
-def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int, worker_cmd: list[str]) -> SearchResult:
-    """Run ``workers`` processes of ``worker_cmd`` on one study, each with its share of the episodes.
+def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int) -> SearchResult:
+    """Run ``workers`` processes on one study, each with its share of the episodes.
 
-    This process creates (or resumes) the study first, so the workers never race to create it,
-    then starts the workers with ``--resume --worker-quota K`` and shows one progress bar for all.
+    This process creates (or resumes) the study first, so the workers never race to create it.
+    Each worker is a fresh Python process (``spawn``) that rebuilds the task from the study's own
+    records (:func:`work`), so what the workers search is, by construction, what the study
+    says; this process shows one progress bar for all of them.
     """
     check_workers(config.searcher, config.storage, workers)
-    searcher = SEARCHERS.get(config.searcher)(seed=config.seed, **config.searcher_options)
     task = env.task
+    if task.splits is None:
+        raise AutopruneError("several workers rebuild the task from the study's records, which a model "
+                             "given in Python cannot be; run one worker per process with resume=True")
+    searcher = SEARCHERS.get(config.searcher)(seed=config.seed, **config.searcher_options)
     name = config.study_name or default_study_name(task.config.model, task.config.dataset,
                                                    env.budget.slug, config.searcher)
     study = open_study(env, searcher, config, name)
@@ -65,17 +71,16 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int, worke
     recover(study, searcher, state_dir, quiet=not config.progress)
     done, _ = trial_counts(study)
     quotas = [q for q in split_quota(max(0, config.episodes - done), workers) if q > 0]
-    logs, procs = [], []
-    for index, quota in enumerate(quotas):
-        log = tempfile.TemporaryFile(mode="w+")
-        cmd = worker_cmd + ["--study-name", name, "--resume", "--worker-quota", str(quota),
-                            "--worker-index", str(index), "-q"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log))
-        logs.append(log)
+    ctx = multiprocessing.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    procs = [ctx.Process(target=work, args=(config, name, quota, index, errors))
+             for index, quota in enumerate(quotas)]  # not daemons: a worker may load data with DataLoader workers
+    for p in procs:
+        p.start()
     bar = tqdm(total=config.episodes, initial=done, desc=f"{config.searcher} {name} x{len(procs)} workers",
                unit="ep", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
     try:
-        while any(p.poll() is None for p in procs):
+        while any(p.is_alive() for p in procs):
             time.sleep(1.0)
             now, _ = trial_counts(study)
             bar.update(now - bar.n)
@@ -86,14 +91,40 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int, worke
         raise
     finally:
         bar.close()
+        for p in procs:
+            p.join()
     failures = []
-    for p, log in zip(procs, logs):
-        if p.returncode != 0:
-            log.seek(0)
-            lines = [line for line in log.read().splitlines() if line.strip()]
-            failures.append(f"worker {p.pid} exited {p.returncode}: {lines[-1] if lines else 'no output'}")
-        log.close()
+    while not errors.empty():
+        failures.append(errors.get())
+    failures += [f"worker {p.pid} exited {p.exitcode}" for p in procs if p.exitcode and not failures]
     if failures:
         raise AutopruneError("; ".join(failures))
     final, _ = trial_counts(study)
     return SearchResult(study, best_trial(study), final - done, state_dir)
+
+
+def work(config: SearchConfig, name: str, quota: int, index: int, errors) -> None:
+    """One worker: rebuild the study's task and env from its records and play ``quota`` episodes
+    with a seed of its own (or all workers would draw the same policies)."""
+    import optuna
+
+    from autoprune.envs import LayerSparsityEnv
+    from autoprune.studies.export import load_study, rebuild_task
+    from autoprune.studies.records import StudyRecord
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        record = StudyRecord.of(load_study(name, config.storage))
+        s = record.search
+        task = rebuild_task(record, progress=False)
+        env = LayerSparsityEnv(task, budget=s.budget, reward=s.reward, reward_lambda=s.reward_lambda,
+                               min_sparsity=s.min_sparsity, max_sparsity=s.max_sparsity,
+                               latency_batch=s.latency_batch, latency_threads=s.latency_threads)
+        mine = replace(config, study_name=name, resume=True, progress=False, seed=config.seed + 7919 * (index + 1))
+        run_search(env, mine, quota=quota)
+    except AutopruneError as err:
+        errors.put(f"worker {index}: {err}")
+        sys.exit(2)
+    except Exception as err:  # reported, not swallowed: the parent says which worker failed and why
+        errors.put(f"worker {index}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        sys.exit(1)

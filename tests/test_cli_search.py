@@ -25,7 +25,7 @@ def test_search_end_to_end_on_the_offline_default(capsys, tmp_path, monkeypatch)
                               storage=f"sqlite:///{tmp_path}/autoprune.db")
     assert len(study.trials) == 4
     assert all(t.user_attrs["ratios"]["flops"] <= 0.5 + 1e-9 for t in study.trials)
-    assert study.user_attrs["weights"].startswith("baseline-sha256:")
+    assert study.user_attrs["fingerprint.weights"].startswith("baseline-sha256:")
     # the cached baseline is reused: no second training
     code, out, err = run(capsys, "search", "--model", "resnet20", "--budget", "2xflops",
                          "--episodes", "2", "--searcher", "uniform", "-q")
