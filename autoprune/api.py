@@ -71,7 +71,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
            workers: int = 1, state_dir: str | None = None, reward: str = "acc", reward_lambda: float = 1.0,
            min_sparsity: float = 0.0, max_sparsity: float = 0.8, latency_batch: int = 1,
            latency_threads: int | None = None, searcher_options: dict | None = None,
-           progress: bool = True, command: str = "", **task_settings) -> SearchResult:
+           progress: bool = True, command: str = "", before_work: Callable[[], object] | None = None,
+           **task_settings) -> SearchResult:
     """Search per-unit sparsities of ``model`` that meet ``budget``; every episode is one trial of
     an Optuna study in ``storage``.
 
@@ -96,6 +97,9 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
         reward, reward_lambda, min_sparsity, max_sparsity, latency_batch, latency_threads: the
             environment's settings (:class:`~autoprune.envs.LayerSparsityEnv`).
         searcher_options: e.g. ``{"warmup": 100}`` for RL agents.
+        command: the command line to record with the study (the CLI's own).
+        before_work: called once every cheap check passed, before any data is loaded or model
+            built (the CLI prints its notes there, so a typo gets one line and nothing else).
         task_settings: :class:`~autoprune.task.TaskConfig` fields: ``granularity``,
             ``importance``, ``exclude``, ``round_to``, ``reconstruct``, ``calib_batches``,
             ``calib_batch_size``, ``bn_recalibration``, ``device``, ...
@@ -117,6 +121,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
         raise AutopruneError("workers must be at least 1")
     check_workers(searcher, storage, workers)
     check_storage(storage)
+    if before_work is not None:
+        before_work()
     task = make_task(model, example_inputs, score, calib, test_score, data_name, progress, **task_settings)
     env = LayerSparsityEnv(task, budget=parsed, reward=reward, reward_lambda=reward_lambda,
                            min_sparsity=min_sparsity, max_sparsity=max_sparsity, latency_batch=latency_batch,
@@ -152,7 +158,7 @@ def load(study_name: str, storage: str = DEFAULT_STORAGE, model: nn.Module | Non
 
     def build(reconstruct: str | None) -> PruningTask:
         if model is None:
-            return rebuild_task(record, weights, data_dir, device, reconstruct, progress)
+            return rebuild_task(record, weights, data_dir, device, reconstruct, progress, study_name)
         settings = {f.name: getattr(record.task, f.name) for f in fields(TaskConfig)
                     if f.name not in _REGISTRY_ONLY}
         settings.update(device=device or record.task.device, reconstruct=reconstruct or record.task.reconstruct)

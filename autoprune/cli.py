@@ -254,15 +254,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     import optuna
 
     from autoprune.api import search
-    from autoprune.budget import parse_budget
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    parse_budget(args.budget)  # cheap checks first: a typo must not cost a data download
-    _registry("searcher").get(args.searcher)
-    _registry("reward").get(args.reward)
     if len(args.latency_batch) != 1:
         raise AutopruneError("--latency-batch: a search measures its latency budget at one batch size")
-    args.dataset = _default_dataset(args)
+    dataset_given = args.dataset is not None
     config = task_config(args)
     result = search(
         config, budget=args.budget, searcher=args.searcher, episodes=args.episodes, seed=args.seed,
@@ -272,6 +268,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         latency_threads=args.latency_threads,
         searcher_options={"warmup": args.warmup} if args.warmup is not None else None,
         progress=not args.quiet, command=" ".join(shlex.quote(a) for a in ["autoprune", *args.argv]),
+        before_work=None if dataset_given else lambda: _default_dataset(args),
     )
     print(summary(result))
     return 0

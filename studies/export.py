@@ -96,7 +96,8 @@ def policy_document(study: optuna.Study, trial: FrozenTrial) -> dict:
 
 
 def rebuild_task(record: StudyRecord, weights: str | None = None, data_dir: str | None = None,
-                 device: str | None = None, reconstruct: str | None = None, progress: bool = True):
+                 device: str | None = None, reconstruct: str | None = None, progress: bool = True,
+                 study_name: str = "the study"):
     """The study's task, built again from its record: the same weights (checked by SHA-256), data,
     units and evaluation. ``weights`` and ``data_dir`` replace files that moved; ``device`` and
     ``reconstruct`` change how the model is scored and rebuilt."""
@@ -112,8 +113,8 @@ def rebuild_task(record: StudyRecord, weights: str | None = None, data_dir: str 
         if not weights or not Path(weights).is_file():
             raise AutopruneError(f"the study's weights file is not at {weights!r}; pass --weights PATH")
         if fp.weights.split(":")[-1] != file_sha256(weights):
-            raise AutopruneError(f"{weights} is not the weights the study searched ({fp.weights}); pass "
-                                 "the same file with --weights")
+            raise AutopruneError(f"{weights} is not the weights study {study_name!r} searched ({fp.weights}); "
+                                 "pass the same file with --weights")
     config = replace(task, weights=None if task.pretrained else str(Path(weights).resolve()),
                      data_dir=data_dir or task.data_dir, device=device or task.device,
                      reconstruct=reconstruct or task.reconstruct)

@@ -116,7 +116,7 @@ def work(config: SearchConfig, name: str, quota: int, index: int, errors) -> Non
     try:
         record = StudyRecord.of(load_study(name, config.storage))
         s = record.search
-        task = rebuild_task(record, progress=False)
+        task = rebuild_task(record, progress=False, study_name=name)
         env = LayerSparsityEnv(task, budget=s.budget, reward=s.reward, reward_lambda=s.reward_lambda,
                                min_sparsity=s.min_sparsity, max_sparsity=s.max_sparsity,
                                latency_batch=s.latency_batch, latency_threads=s.latency_threads)

@@ -38,7 +38,7 @@ def test_search_end_to_end_on_the_offline_default(capsys, tmp_path, monkeypatch)
     (["--reward", "acc2"], "unknown reward 'acc2'"),
     (["--model", "resnet7"], "unknown model 'resnet7'"),
     (["--storage", "mongodb"], "cannot read storage"),
-    (["--episodes", "0"], "--episodes must be at least 1"),
+    (["--episodes", "0"], "episodes must be at least 1"),
     (["--budget", "0.001flops", "--model", "resnet20"], "out of reach"),
 ])
 def test_search_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, monkeypatch, argv, match):

@@ -67,7 +67,7 @@ def test_export_best_policy_is_self_describing(capsys, searched, tmp_path, suffi
     assert doc["trial"] == best.number and doc["proxy_accuracy"] == best.user_attrs["accuracy"]
     assert doc["budget"] == "0.5flops" and doc["achieved"]["flops"] <= 0.5
     assert doc["weights"].startswith("sha256:") and doc["model"] == TINY
-    assert [u["name"] for u in doc["units"]] == study.user_attrs["unit_names"]
+    assert [u["name"] for u in doc["units"]] == study.user_attrs["fingerprint.unit_names"]
     assert all({"sparsity", "kept"} <= set(u) for u in doc["units"])
     # the file is a valid policy for `autoprune apply`
     from autoprune.policy import Policy

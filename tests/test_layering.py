@@ -1,0 +1,89 @@
+"""The architecture's layering, checked from the source: cli -> api -> studies -> agents -> envs -> engine.
+
+A module may import its own layer and the layers below it, never one above (lazy imports inside
+functions included: they run too), and no two modules may import each other, directly or round
+a circle. The package's ``__init__`` is the facade: its lazy ``__getattr__`` re-exports the API.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import REPO
+
+FOLDERS = {"autoprune": "autoprune", "envs": "autoprune.envs", "agents": "autoprune.agents",
+           "studies": "autoprune.studies"}
+LAYERS = ["engine", "envs", "agents", "studies", "api", "cli"]  # bottom to top
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for folder, package in FOLDERS.items():
+        for path in sorted((REPO / folder).glob("*.py")):
+            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return out
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in ("envs", "agents", "studies", "api", "cli"):
+        return parts[1]
+    return "engine"
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The autoprune modules ``path`` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if n in modules}
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph = {m: _imports(p, set(modules)) - {m} for m, p in modules.items()}
+    graph.pop("autoprune")  # the facade (lazy re-exports by name, see its __getattr__)
+    for deps in graph.values():
+        # importing a subpackage runs its __init__ only: `from autoprune.envs import X` is an import
+        # of the envs layer, whose __init__ is checked on its own
+        deps.discard("autoprune")
+    return graph
+
+
+def test_the_layers_are_known():
+    graph = _graph()
+    assert {layer(m) for m in graph} == set(LAYERS)
+    assert layer("autoprune.cli") == "cli" and layer("autoprune.task") == "engine"
+    assert "autoprune.studies.runner" in graph["autoprune.api"]  # the check sees real edges
+
+
+def test_no_import_runs_upward():
+    upward = [f"{m} ({layer(m)}) imports {d} ({layer(d)})"
+              for m, deps in _graph().items() for d in sorted(deps)
+              if LAYERS.index(layer(d)) > LAYERS.index(layer(m))]
+    assert upward == []
+
+
+def test_no_import_circle():
+    graph = _graph()
+    circles, state = [], {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = "open"
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == "open":
+                circles.append(" -> ".join(path[path.index(d):] + [d]))
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert circles == []
