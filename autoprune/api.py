@@ -121,6 +121,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
         raise AutopruneError("workers must be at least 1")
     check_workers(searcher, storage, workers)
     check_storage(storage)
+    if isinstance(model, TaskConfig):
+        model.check()
     if before_work is not None:
         before_work()
     task = make_task(model, example_inputs, score, calib, test_score, data_name, progress, **task_settings)

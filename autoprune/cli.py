@@ -143,20 +143,10 @@ def _absolute(path: str | None) -> str | None:
 
 
 def task_config(args: argparse.Namespace, reconstruct: str = "lsq"):
-    """The :class:`~autoprune.task.TaskConfig` of the parsed flags, every name checked."""
-    from autoprune.models import MODELS
+    """The :class:`~autoprune.task.TaskConfig` of the parsed flags (checked by whoever uses it:
+    ``TaskConfig.check`` runs before any data is read)."""
     from autoprune.task import TaskConfig
 
-    if args.model not in MODELS and ":" not in args.model:
-        raise AutopruneError(f"unknown model {args.model!r}; choose one of: {', '.join(MODELS.names())}, "
-                             "or pass package.module:function")
-    for kind in ("dataset", "importance", "granularity", "reconstruct"):
-        value = getattr(args, kind, None)
-        if value is not None:
-            _registry(kind).get(value)
-    for name in ("calib_batches", "calib_batch_size", "eval_batch_size"):
-        if getattr(args, name, 1) < 1:
-            raise AutopruneError(f"--{name.replace('_', '-')} must be at least 1")
     return TaskConfig(
         model=args.model, weights=_absolute(args.weights), pretrained=args.pretrained,
         dataset=args.dataset or "digits", data_dir=_absolute(args.data_dir), seed=args.split_seed,
@@ -206,7 +196,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from autoprune.units import build_unit_table
 
     args.dataset = args.dataset or "digits"
-    config = task_config(args)
+    config = task_config(args).check()
     info = dataset_info(config.dataset, args.data_dir)
     model = build_model(args.model, ModelSpec(info.num_classes, info.in_channels, info.image_size))
     if args.weights:
@@ -232,8 +222,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from autoprune.policy import Policy
     from autoprune.task import PruningTask, check_device
 
+    config = task_config(args).check()
     args.dataset = _default_dataset(args)
-    config = task_config(args)
     ft = _finetune(args, args.split_seed)
     check_device(args.latency_device)
     policy = Policy.load(args.policy)  # a malformed policy fails before any model is built

@@ -86,6 +86,28 @@ class TaskConfig(Record):
     def asdict(self) -> dict:
         return asdict(self)
 
+    def check(self) -> TaskConfig:
+        """Refuse a name no registry knows, a device torch cannot use or a batch size below 1:
+        one clear error before any data is read or model trained."""
+        from autoprune.data import DATASETS
+        from autoprune.importance import IMPORTANCE
+        from autoprune.models import MODELS
+        from autoprune.units import GRANULARITIES
+
+        if not self.model.startswith("python:"):
+            if self.model not in MODELS and ":" not in self.model:
+                raise AutopruneError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS.names())}, "
+                                     "or pass package.module:function")
+            DATASETS.get(self.dataset)
+        IMPORTANCE.get(self.importance)
+        GRANULARITIES.get(self.granularity)
+        RECONSTRUCTIONS.get(self.reconstruct)
+        for name in ("calib_batches", "calib_batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise AutopruneError(f"--{name.replace('_', '-')} must be at least 1")
+        check_device(self.device)
+        return self
+
 
 def same_digest(a: str, b: str) -> bool:
     """Two weights identities name the same file contents (``sha256:`` and ``baseline-sha256:``
@@ -169,8 +191,7 @@ class PruningTask:
 
     def __init__(self, config: TaskConfig, splits: Splits | None = None,
                  dense: nn.Module | None = None, progress: bool = True) -> None:
-        device = check_device(config.device)
-        RECONSTRUCTIONS.get(config.reconstruct)
+        device = config.check().device
         splits = splits or make_splits(
             config.dataset, config.data_dir, config.seed, config.search_val_size,
             config.calib_batches, config.calib_batch_size,
@@ -200,6 +221,7 @@ class PruningTask:
         read once, up to ``calib_batches * calib_batch_size`` inputs; they drive BatchNorm
         recalibration and reconstruction. ``test_score``, if given, is reported for exports.
         """
+        config.check()
         task = cls.__new__(cls)
         example = _first_tensor(example_inputs)
         calib_x = _stack_inputs(calib, config.calib_batches * config.calib_batch_size)
@@ -222,8 +244,7 @@ class PruningTask:
     def _setup(self, config: TaskConfig, dense: nn.Module, example: torch.Tensor, calib: TensorSplit,
                score: Score, data_identity: str, weights_id: str, search_val_images: int) -> None:
         self.config = config
-        self.device = check_device(config.device)
-        RECONSTRUCTIONS.get(config.reconstruct)
+        self.device = config.device
         self.weights_id, self.data_identity = weights_id, data_identity
         self._search_val_images = search_val_images
         self.dense = dense.eval()
