@@ -86,18 +86,19 @@ class TaskConfig(Record):
     def asdict(self) -> dict:
         return asdict(self)
 
-    def check(self) -> TaskConfig:
+    def check(self, model: bool = True, data: bool = True) -> TaskConfig:
         """Refuse a name no registry knows, a device torch cannot use or a batch size below 1:
-        one clear error before any data is read or model trained."""
+        one clear error before any data is read or model trained. ``model`` and ``data`` say
+        whether the model and dataset will be built from their names (not handed over built)."""
         from autoprune.data import DATASETS
         from autoprune.importance import IMPORTANCE
         from autoprune.models import MODELS
         from autoprune.units import GRANULARITIES
 
-        if not self.model.startswith("python:"):
-            if self.model not in MODELS and ":" not in self.model:
-                raise AutopruneError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS.names())}, "
-                                     "or pass package.module:function")
+        if model and self.model not in MODELS and ":" not in self.model:
+            raise AutopruneError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS.names())}, "
+                                 "or pass package.module:function")
+        if data:
             DATASETS.get(self.dataset)
         IMPORTANCE.get(self.importance)
         GRANULARITIES.get(self.granularity)
@@ -191,7 +192,7 @@ class PruningTask:
 
     def __init__(self, config: TaskConfig, splits: Splits | None = None,
                  dense: nn.Module | None = None, progress: bool = True) -> None:
-        device = config.check().device
+        device = config.check(model=dense is None, data=splits is None).device
         splits = splits or make_splits(
             config.dataset, config.data_dir, config.seed, config.search_val_size,
             config.calib_batches, config.calib_batch_size,
@@ -221,7 +222,7 @@ class PruningTask:
         read once, up to ``calib_batches * calib_batch_size`` inputs; they drive BatchNorm
         recalibration and reconstruction. ``test_score``, if given, is reported for exports.
         """
-        config.check()
+        config.check(model=False, data=False)
         task = cls.__new__(cls)
         example = _first_tensor(example_inputs)
         calib_x = _stack_inputs(calib, config.calib_batches * config.calib_batch_size)

@@ -62,15 +62,14 @@ def _is_stale(trial, host: str, exclusive: bool) -> bool:
 
 
 def recover(study: optuna.Study, searcher: Searcher, state_dir: Path, quiet: bool = False,
-            exclusive: bool = False) -> list[int]:
+            exclusive: bool = False, storage: optuna.storages.BaseStorage | None = None) -> list[int]:
     """Fail stale running trials (retrying sampler ones) and re-add an RL agent's pending episode.
 
     Returns the numbers of the trials that were failed.
     """
     host = socket.gethostname()
     failed = []
-    storage = study._storage
-    if hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval():
+    if _heartbeat_interval(storage):
         failed += [t.number for t in _fail_heartbeat_stale(study)]
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _is_stale(trial, host, exclusive):
@@ -109,12 +108,23 @@ def _fail_heartbeat_stale(study: optuna.Study):
     return stale
 
 
-class Heartbeat:
-    """Sends a running trial's heartbeats on RDB storages, so other workers can see it is alive."""
+def _heartbeat_interval(storage) -> int | None:
+    """Seconds between heartbeats of ``storage`` (the study's, as opened by this process), or
+    None where it keeps none (SQLite and journal storages: no heartbeat interval set)."""
+    interval = getattr(storage, "get_heartbeat_interval", None)  # RDB storages' public method
+    return interval() if interval is not None else None
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
-        storage = study._storage
-        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "record_heartbeat") else None
+
+class Heartbeat:
+    """Sends a running trial's heartbeats on RDB storages, so other workers can see it is alive.
+
+    Optuna beats by itself inside ``study.optimize`` only; with ask/tell the runner beats through
+    the storage's public ``record_heartbeat``. That takes the trial's storage id, which Optuna
+    exposes on no public attribute, so ``trial._trial_id`` is read here, in this one place.
+    """
+
+    def __init__(self, storage, trial: optuna.Trial) -> None:
+        self.interval = _heartbeat_interval(storage)
         self.storage, self.trial_id = storage, trial._trial_id
         self.stop = threading.Event()
 

@@ -205,10 +205,11 @@ def run_search(env: LayerSparsityEnv, config: SearchConfig, quota: int | None = 
 
 
 def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> SearchResult:
+    storage = storage or open_storage(config.storage)
     study = open_study(env, searcher, config, name, storage)
     state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, episodes)
-    recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive)
+    recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive, storage=storage)
     done, _ = trial_counts(study)
     todo = max(0, episodes - done) if quota is None else min(quota, max(0, episodes - done))
     names = env.table.names
@@ -227,7 +228,7 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
             if searcher.uses_trial:
                 trial = study.ask()
                 trial.set_user_attr("worker", me)
-                with Heartbeat(study, trial):
+                with Heartbeat(storage, trial):
                     try:
                         ep = searcher.episode(env, trial)
                     except AutopruneError as err:

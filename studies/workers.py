@@ -24,7 +24,7 @@ from autoprune.studies.runner import (
     show_best,
     trial_counts,
 )
-from autoprune.studies.storage import storage_kind
+from autoprune.studies.storage import open_storage, storage_kind
 
 
 def split_quota(remaining: int, workers: int) -> list[int]:
@@ -65,10 +65,11 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int) -> Se
     searcher = SEARCHERS.get(config.searcher)(seed=config.seed, **config.searcher_options)
     name = config.study_name or default_study_name(task.config.model, task.config.dataset,
                                                    env.budget.slug, config.searcher)
-    study = open_study(env, searcher, config, name)
+    storage = open_storage(config.storage)
+    study = open_study(env, searcher, config, name, storage)
     state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, config.episodes)
-    recover(study, searcher, state_dir, quiet=not config.progress)
+    recover(study, searcher, state_dir, quiet=not config.progress, storage=storage)
     done, _ = trial_counts(study)
     quotas = [q for q in split_quota(max(0, config.episodes - done), workers) if q > 0]
     ctx = multiprocessing.get_context("spawn")
