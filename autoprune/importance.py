@@ -2,8 +2,9 @@
 
 A criterion scores the elements of one unit; the lowest scores are removed. Scores are computed
 once on the dense model and cached as a ranking, so an episode only takes the first k indices of
-each ranking. Channel scores come from Torch-Pruning's group importances (so coupled layers are
-scored together); weight scores for unstructured granularity are computed here.
+each ranking. Channel scores come from Torch-Pruning's group importances (through
+:mod:`autoprune.tp_adapter`, so coupled layers are scored together); weight scores for
+unstructured granularity are computed here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ from torch import nn
 from autoprune.data import TensorSplit
 from autoprune.errors import AutopruneError
 from autoprune.registry import Registry
+from autoprune.tp_adapter import (
+    ChannelGroup,
+    Scorer,
+    bn_scale_scorer,
+    fpgm_scorer,
+    magnitude_scorer,
+    taylor_scorer,
+)
 from autoprune.units import UnitTable
 
 
@@ -40,8 +49,8 @@ class Importance(ABC):
         scored. Does nothing by default."""
 
     @abstractmethod
-    def channel_scores(self, group) -> torch.Tensor:
-        """Scores for each root channel of a Torch-Pruning group with full indices."""
+    def channel_scores(self, group: ChannelGroup) -> torch.Tensor:
+        """Scores for each root channel of a coupled group (``group.size`` of them)."""
 
     def unit_scores(self, table: UnitTable, u: int) -> torch.Tensor:
         """Scores for each root channel of unit ``u``; by default its group's :meth:`channel_scores`."""
@@ -56,32 +65,28 @@ IMPORTANCE: Registry[type[Importance]] = Registry("importance")
 
 
 class _TorchPruning(Importance):
-    """Adapter over a Torch-Pruning importance object."""
+    """A Torch-Pruning group importance (see :mod:`autoprune.tp_adapter`)."""
 
-    def make(self):  # pragma: no cover - overridden
+    def scorer(self) -> Scorer:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def channel_scores(self, group) -> torch.Tensor:
-        scores = self.make()(group)
+    def channel_scores(self, group: ChannelGroup) -> torch.Tensor:
+        scores = self.scorer()(group)
         if scores is None:  # a group without weights to score: keep the order as traced
-            return torch.arange(len(group[0].idxs), dtype=torch.float32).flip(0)
+            return torch.arange(group.size, dtype=torch.float32).flip(0)
         return scores.detach().float().cpu()
 
 
 @IMPORTANCE.register("l1", help="L1 norm of each channel's weights across the coupled group")
 class L1(_TorchPruning):
-    def make(self):
-        import torch_pruning as tp
-
-        return tp.importance.GroupMagnitudeImportance(p=1, normalizer=None)
+    def scorer(self) -> Scorer:
+        return magnitude_scorer(p=1)
 
 
 @IMPORTANCE.register("l2", help="L2 norm of each channel's weights across the coupled group")
 class L2(_TorchPruning):
-    def make(self):
-        import torch_pruning as tp
-
-        return tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
+    def scorer(self) -> Scorer:
+        return magnitude_scorer(p=2)
 
     def weight_scores(self, module: nn.Module) -> torch.Tensor:
         return module.weight.detach().pow(2)
@@ -91,30 +96,24 @@ class L2(_TorchPruning):
 class BNScale(_TorchPruning):
     supports_unstructured = False
 
-    def make(self):
-        import torch_pruning as tp
-
-        return tp.importance.BNScaleImportance(normalizer=None)
+    def scorer(self) -> Scorer:
+        return bn_scale_scorer()
 
 
 @IMPORTANCE.register("fpgm", help="distance to the geometric median of the layer's filters (FPGM)")
 class FPGM(_TorchPruning):
     supports_unstructured = False
 
-    def make(self):
-        import torch_pruning as tp
-
-        return tp.importance.FPGMImportance(normalizer=None)
+    def scorer(self) -> Scorer:
+        return fpgm_scorer()
 
 
 @IMPORTANCE.register("taylor", help="first-order Taylor |w * dL/dw| on the calibration batches")
 class Taylor(_TorchPruning):
     needs_grad = True
 
-    def make(self):
-        import torch_pruning as tp
-
-        return tp.importance.GroupTaylorImportance(normalizer=None)
+    def scorer(self) -> Scorer:
+        return taylor_scorer()
 
     def weight_scores(self, module: nn.Module) -> torch.Tensor:
         return (module.weight.detach() * module.weight.grad).abs()
@@ -126,8 +125,8 @@ class Random(Importance):
         super().__init__(seed)
         self.rng = np.random.default_rng(seed)  # units are scored in order: same seed, same ranks
 
-    def channel_scores(self, group) -> torch.Tensor:
-        return torch.from_numpy(self.rng.random(len(group[0].idxs)))
+    def channel_scores(self, group: ChannelGroup) -> torch.Tensor:
+        return torch.from_numpy(self.rng.random(group.size))
 
     def weight_scores(self, module: nn.Module) -> torch.Tensor:
         return torch.from_numpy(self.rng.random(module.weight.numel())).view_as(module.weight)
@@ -180,7 +179,7 @@ class ThiNet(Importance):
             for h in hooks:
                 h.remove()
 
-    def channel_scores(self, group) -> torch.Tensor:  # pragma: no cover - unit_scores is used
+    def channel_scores(self, group: ChannelGroup) -> torch.Tensor:  # pragma: no cover - unit_scores is used
         raise NotImplementedError
 
     def unit_scores(self, table: UnitTable, u: int) -> torch.Tensor:

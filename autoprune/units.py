@@ -1,6 +1,7 @@
 """Prunable units: what one action decides, traced once from the dense model.
 
-``channel`` granularity takes its units from Torch-Pruning's ``DependencyGraph``: one unit is one
+``channel`` granularity takes its units from Torch-Pruning's dependency graph (through
+:mod:`autoprune.tp_adapter`): one unit is one
 group of coupled output channels (a conv, its BatchNorm, the next layers' inputs; convs joined by
 a residual add, a depthwise conv or a concat share one group). ``unstructured`` granularity has
 one unit per conv/linear weight tensor.
@@ -14,7 +15,6 @@ root channel maps to.
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +24,7 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.registry import Registry
+from autoprune.tp_adapter import ChannelGroup, Coupling, channel_groups
 
 GRANULARITIES: Registry[str] = Registry("granularity")
 GRANULARITIES.register("channel", help="coupled output channels, physically slimmed")("channel")
@@ -85,19 +86,6 @@ class Unit:
     touched_macs: int = 0
 
 
-@dataclass(frozen=True)
-class _DepRecord:
-    """One module-dimension a unit's root channels map onto (from a Torch-Pruning group item)."""
-
-    target: str
-    handler: object  # a Torch-Pruning pruning function (bound method)
-    pruning_dim: int
-    is_param: bool
-    target_idxs: np.ndarray
-    root_idxs: np.ndarray
-    is_out: bool = True  # prunes the target's outputs (else its inputs)
-
-
 @dataclass
 class UnitTable:
     """The traced model: layers, units and the coefficients of the closed-form cost model.
@@ -119,8 +107,8 @@ class UnitTable:
     input_shape: tuple[int, ...]
     dense_macs: int = 0
     dense_params: int = 0
-    _deps: list[list[_DepRecord]] = field(default_factory=list, repr=False)
-    _groups: list = field(default_factory=list, repr=False)  # Torch-Pruning groups, full indices
+    _deps: list[list[Coupling]] = field(default_factory=list, repr=False)  # per unit, what it cuts
+    _groups: list[ChannelGroup] = field(default_factory=list, repr=False)  # for channel importances
 
     @property
     def names(self) -> list[str]:
@@ -384,42 +372,19 @@ def _unstructured_table(layers, skip, other, example) -> UnitTable:
 
 
 def _channel_table(model, example, layers, by_name, skip, other, round_to) -> UnitTable:
-    import torch_pruning as tp
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(model, example, verbose=False)
-    modules = dict(model.named_modules())
-    ignored = [modules[n] for n in skip]
-    name_of = dg._module2name
-    param_name = getattr(dg, "_param_to_name", {})
-
     raw = []
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
-        size = len(group[0].idxs)
-        members, consumers, deps = [], [], []
-        for item in group:
-            dep, idxs = item.dep, item.idxs
-            target = dep.target.module
-            is_param = isinstance(target, nn.Parameter)
-            tname = param_name.get(target) if is_param else name_of.get(target)
-            if tname is None:
-                continue  # an op of the graph (add, concat, ...), not a module of the model
-            deps.append(
-                _DepRecord(tname, dep.handler, dep.target.pruning_dim, is_param,
-                           np.asarray(idxs, dtype=np.int64),
-                           np.asarray(item.root_idxs, dtype=np.int64),
-                           bool(dg.is_out_channel_pruning_fn(dep.handler)))
-            )
-            if dg.is_out_channel_pruning_fn(dep.handler) and not is_param:
-                members.append(tname)
-            elif dg.is_in_channel_pruning_fn(dep.handler) and not is_param:
-                consumers.append(tname)
+    for group in channel_groups(model, example, ignored=skip, root_types=(nn.Conv2d, nn.Linear)):
+        members, consumers = [], []
+        for c in group.couplings:
+            if c.is_out and not c.is_param:
+                members.append(c.target)
+            elif c.is_in and not c.is_param:
+                consumers.append(c.target)
         prunable = [m for m in members
                     if m in by_name and layers[by_name[m]].kind in ("conv", "dwconv", "linear")]
-        if size < 2 or not prunable:
+        if group.size < 2 or not prunable:
             continue
-        raw.append((size, members, consumers, deps, prunable, group))
+        raw.append((group.size, members, consumers, list(group.couplings), prunable, group))
 
     # Network order: a unit sits where its first conv/linear member runs; that member names it.
     raw.sort(key=lambda r: min(layers[by_name[m]].order for m in r[4]))
