@@ -23,7 +23,7 @@ _REGISTRIES = {
     "model": ("autoprune.models", "MODELS"),
     "dataset": ("autoprune.data", "DATASETS"),
     "importance": ("autoprune.importance", "IMPORTANCE"),
-    "granularity": ("autoprune.units", "GRANULARITIES"),
+    "granularity": ("autoprune.granularity", "GRANULARITIES"),
     "reconstruct": ("autoprune.reconstruct", "RECONSTRUCTIONS"),
 }
 

@@ -3,8 +3,9 @@
 A criterion scores the elements of one unit; the lowest scores are removed. Scores are computed
 once on the dense model and cached as a ranking, so an episode only takes the first k indices of
 each ranking. Channel scores come from Torch-Pruning's group importances (through
-:mod:`autoprune.tp_adapter`, so coupled layers are scored together); weight scores for
-unstructured granularity are computed here.
+:mod:`autoprune.tp_adapter`, so coupled layers are scored together); weight scores, for
+granularities whose elements are single weights, are computed here. The table's granularity
+says which of the two a unit takes.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ class Importance(ABC):
     """Scores the elements of a unit; higher means more important (kept longer).
 
     Subclasses implement :meth:`channel_scores` (one score per root channel of a dependency
-    group) and, where it makes sense, :meth:`weight_scores` (one per weight entry). Criteria that
-    need gradients set ``needs_grad``; the ranking then runs one backward pass over the
-    calibration data first.
+    group) and, where it makes sense, :meth:`weight_scores` (one per weight entry); criteria
+    that only make sense for channels set ``ranks_weights`` to ``False``. Criteria that need
+    gradients set ``needs_grad``; the ranking then runs one backward pass over the calibration
+    data first.
     """
 
     needs_grad = False
-    supports_unstructured = True
+    ranks_weights = True
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -94,7 +96,7 @@ class L2(_TorchPruning):
 
 @IMPORTANCE.register("bn_scale", help="|gamma| of the BatchNorm after the channel (network slimming)")
 class BNScale(_TorchPruning):
-    supports_unstructured = False
+    ranks_weights = False
 
     def scorer(self) -> Scorer:
         return bn_scale_scorer()
@@ -102,7 +104,7 @@ class BNScale(_TorchPruning):
 
 @IMPORTANCE.register("fpgm", help="distance to the geometric median of the layer's filters (FPGM)")
 class FPGM(_TorchPruning):
-    supports_unstructured = False
+    ranks_weights = False
 
     def scorer(self) -> Scorer:
         return fpgm_scorer()
@@ -145,7 +147,7 @@ class ThiNet(Importance):
     (``--reconstruct lsq``) then fits the kept channels, as ThiNet does after its selection.
     """
 
-    supports_unstructured = False
+    ranks_weights = False
     rows = 4096  # sampled (position, output channel) pairs per consumer
     images = 256
 
@@ -227,30 +229,24 @@ def rank_units(
 ) -> list[np.ndarray]:
     """Per unit, its element indices from least to most important.
 
-    For channel units the indices are root channels; for unstructured units they index the
+    For channel units the indices are root channels; for units of single weights they index the
     flattened weight. The dense model's gradients are cleared again after gradient criteria.
     """
     crit = IMPORTANCE.get(importance)(seed) if isinstance(importance, str) else importance
     name = importance if isinstance(importance, str) else type(crit).__name__.lower()
-    if table.granularity == "unstructured" and not crit.supports_unstructured:
-        raise AutopruneError(f"importance {name!r} scores channels; with unstructured granularity "
-                             "use l1, l2, taylor or random")
+    strategy = table.strategy
+    if strategy.per_weight and not crit.ranks_weights:
+        able = [n for n in IMPORTANCE.names() if IMPORTANCE.get(n).ranks_weights]
+        raise AutopruneError(f"importance {name!r} scores channels; with {table.granularity} granularity "
+                             f"use {', '.join(able[:-1])} or {able[-1]}")
     if crit.needs_grad:
         if calib is None:
             raise ValueError(f"importance {name!r} needs calibration data")
         _backward(model, calib)
     crit.prepare(table, model, calib)
     try:
-        modules = dict(model.named_modules())
-        ranks = []
-        for u in table.units:
-            if table.granularity == "unstructured":
-                scores = crit.weight_scores(modules[u.name]).flatten()
-            else:
-                scores = crit.unit_scores(table, u.index)
-            # stable sort: ties keep index order, so rankings are reproducible
-            ranks.append(np.argsort(scores.numpy(), kind="stable"))
-        return ranks
+        # stable sort: ties keep index order, so rankings are reproducible
+        return [np.argsort(scores.numpy(), kind="stable") for scores in strategy.scores(crit, table, model)]
     finally:
         if crit.needs_grad:
             model.zero_grad(set_to_none=True)

@@ -1,10 +1,10 @@
 """Applying kept widths to a copy of the dense model: physical slimming or masks.
 
-A :class:`Pruner` never touches the model it is given; it returns a pruned copy. ``channel``
-units are slimmed physically with Torch-Pruning's per-layer pruning functions (through
-:mod:`autoprune.tp_adapter`), driven by the
-module-level indices the :class:`~autoprune.units.UnitTable` recorded when it traced the model
-(no graph traversal per episode). ``unstructured`` units get masks in the manner of
+A :class:`Pruner` never touches the model it is given; it returns a pruned copy. A granularity
+(:mod:`autoprune.granularity`) says which one its tables take. :class:`Slimmer` removes channels
+physically with Torch-Pruning's per-layer pruning functions (through :mod:`autoprune.tp_adapter`),
+driven by the module-level indices the :class:`~autoprune.units.UnitTable` recorded when it traced
+the model (no graph traversal per episode). :class:`Masker` masks single weights in the manner of
 ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``, applied by a forward pre-hook),
 which :meth:`Pruner.finalize` makes permanent for export.
 """
@@ -73,8 +73,6 @@ class Masker(Pruner):
         return model
 
 
-PRUNERS: dict[str, type[Pruner]] = {"channel": Slimmer, "unstructured": Masker}
-
-
 def pruner_for(table: UnitTable) -> Pruner:
-    return PRUNERS[table.granularity]()
+    """The pruner of the table's granularity."""
+    return table.strategy.pruner()

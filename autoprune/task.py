@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from autoprune.checkpoints import file_sha256, load_weights
-from autoprune.costs import Costs, closed_form, count_effective_flops, count_flops, count_params, dense_costs
+from autoprune.costs import Costs, closed_form, dense_costs
 from autoprune.data import DatasetInfo, Splits, make_splits
 from autoprune.errors import AutopruneError
 from autoprune.evaluate import accuracy, accuracy_on, recalibrate_bn
@@ -203,10 +203,7 @@ class PruningTask:
 
     def counted_costs(self, model: nn.Module) -> Costs:
         """Costs counted on a real model (effective for masked ones)."""
-        x = self.example.to(self.device)
-        if self.table.granularity == "unstructured":
-            return Costs(count_effective_flops(model, x), float(count_params(model, effective=True)))
-        return Costs(count_flops(model, x), float(count_params(model)))
+        return self.table.strategy.counted_costs(model, self.example.to(self.device))
 
     # -- scoring --------------------------------------------------------------------------------
     def evaluate(self, kept) -> tuple[nn.Module, Evaluation]:

@@ -1,10 +1,10 @@
 """Prunable units: what one action decides, traced once from the dense model.
 
-``channel`` granularity takes its units from Torch-Pruning's dependency graph (through
-:mod:`autoprune.tp_adapter`): one unit is one
-group of coupled output channels (a conv, its BatchNorm, the next layers' inputs; convs joined by
-a residual add, a depthwise conv or a concat share one group). ``unstructured`` granularity has
-one unit per conv/linear weight tensor.
+Two kinds of unit table are built here, and a granularity (:mod:`autoprune.granularity`) picks
+one: :func:`channel_table` takes its units from Torch-Pruning's dependency graph (through
+:mod:`autoprune.tp_adapter`): one unit is one group of coupled output channels (a conv, its
+BatchNorm, the next layers' inputs; convs joined by a residual add, a depthwise conv or a concat
+share one group). :func:`weight_table` has one unit per conv/linear weight tensor.
 
 Tracing happens once per model. The result, a :class:`UnitTable`, holds everything an episode
 needs without touching the graph again: each unit's channel count, the layers it couples, the
@@ -17,20 +17,18 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.registry import Registry
 from autoprune.tp_adapter import ChannelGroup, Coupling, channel_groups
 
-GRANULARITIES: Registry[str] = Registry("granularity")
-GRANULARITIES.register("channel", help="coupled output channels, physically slimmed")("channel")
-GRANULARITIES.register("unstructured", help="individual weights of each conv/linear, masked")(
-    "unstructured"
-)
+if TYPE_CHECKING:
+    from autoprune.granularity import Granularity
 
 KIND_CODES = {"conv": 0, "dwconv": 1, "linear": 2, "norm": 3, "other": 4}
 
@@ -92,8 +90,9 @@ class UnitTable:
 
     ``out_mult[u, l]`` is how many output channels of layer ``l`` go per channel removed from
     unit ``u`` (1 for a plain member, H*W for a conv feeding a flatten, ...); ``in_mult`` the same
-    for input channels. For unstructured tables these are unused: unit ``u`` is layer
-    ``unit_layer[u]``.
+    for input channels. For weight tables (one unit per layer) these are unused: unit ``u`` is
+    layer ``unit_layer[u]``. ``granularity`` names the table's strategy (:attr:`strategy`), which
+    decides everything that differs between granularities.
     """
 
     granularity: str
@@ -110,6 +109,11 @@ class UnitTable:
     _deps: list[list[Coupling]] = field(default_factory=list, repr=False)  # per unit, what it cuts
     _groups: list[ChannelGroup] = field(default_factory=list, repr=False)  # for channel importances
 
+    @cached_property
+    def strategy(self) -> Granularity:
+        """The registered :class:`~autoprune.granularity.Granularity` this table was built for."""
+        return _strategy(self.granularity)
+
     @property
     def names(self) -> list[str]:
         return [u.name for u in self.units]
@@ -121,10 +125,14 @@ class UnitTable:
         raise KeyError(name)
 
     # -- widths ---------------------------------------------------------------------------------
+    @property
+    def multiple(self) -> int:
+        """Kept widths are multiples of this: ``round_to`` where the granularity rounds, else 1."""
+        return self.round_to if self.strategy.rounded else 1
+
     def min_kept(self, u: int) -> int:
-        """Fewest elements unit ``u`` may keep: one channel, or ``round_to`` when that fits."""
-        size = self.units[u].size
-        return min(self.round_to, size) if self.granularity == "channel" else 1
+        """Fewest elements unit ``u`` may keep: one, or ``multiple`` when that fits."""
+        return min(self.multiple, self.units[u].size)
 
     def kept(self, u: int, sparsity: float) -> int:
         """Elements unit ``u`` keeps at ``sparsity``, rounded to ``round_to`` and never below one.
@@ -136,7 +144,7 @@ class UnitTable:
         if sparsity <= 0.0:
             return size  # a unit left alone stays whole, whatever round_to says
         keep = (1.0 - float(sparsity)) * size
-        r = self.round_to if self.granularity == "channel" else 1
+        r = self.multiple
         if r > 1:
             keep = np.floor(keep / r + 0.5) * r
         keep = int(np.floor(keep + 0.5))
@@ -176,19 +184,15 @@ class UnitTable:
         return np.array([u.size for u in self.units], dtype=np.int64)
 
     def refittable_layers(self) -> list[str]:
-        """Conv/linear layers a policy changes the inputs of (channel) or masks (unstructured), in
+        """Conv/linear layers a policy changes the inputs (slimmed) or the weights (masked) of, in
         network order."""
-        if not self._deps:  # unstructured: every unit is one layer
-            return [u.name for u in self.units if u.kind in ("conv", "linear")]
-        shrinkable = self.in_mult.any(0) if self.in_mult.size else np.zeros(len(self.layers), bool)
-        return [lay.name for lay, s in zip(self.layers, shrinkable)
-                if s and lay.kind in ("conv", "linear")]
+        return self.strategy.refittable_layers(self)
 
     def kept_outputs(self, removed: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
         """Per module whose outputs ``removed`` shrinks, the output indices it keeps (dense order)."""
         gone: dict[str, set[int]] = {}
         for u, root in removed.items():
-            if len(root) == 0 or not self._deps:  # unstructured: masks shrink no output
+            if len(root) == 0:
                 continue
             for dep in self._deps[u]:
                 if not dep.is_out or dep.is_param:
@@ -320,6 +324,17 @@ def _excluded(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _strategy(name: str) -> Granularity:
+    """The registered granularity ``name`` (an unknown name is a user error listing the known ones).
+
+    :mod:`autoprune.granularity` builds on this module (its strategies call the table builders
+    below), so it is imported here, when first needed, rather than at the top.
+    """
+    from autoprune.granularity import GRANULARITIES
+
+    return GRANULARITIES.get(name)
+
+
 def build_unit_table(
     model: nn.Module,
     example: torch.Tensor,
@@ -332,22 +347,17 @@ def build_unit_table(
     Args:
         model: the dense model; it is read, never modified.
         example: one input batch (its shape fixes the feature-map sizes of the cost model).
-        granularity: ``channel`` or ``unstructured``.
+        granularity: a registered granularity (``channel``, ``unstructured``).
         exclude: module-name patterns (fnmatch) whose outputs are never pruned.
-        round_to: widths are multiples of this (channel granularity).
+        round_to: widths are multiples of this (granularities that round).
     """
-    GRANULARITIES.get(granularity)
+    strategy = _strategy(granularity)
     if round_to < 1:
         raise AutopruneError(f"round_to must be >= 1, got {round_to}")
     model.eval()
     layers, other = trace_layers(model, example)
-    by_name = {lay.name: i for i, lay in enumerate(layers)}
-    head = classifier_name(layers)
-    skip = [lay.name for lay in layers if _excluded(lay.name, exclude)] + ([head] if head else [])
-    if granularity == "unstructured":
-        table = _unstructured_table(layers, skip[:-1] if head else skip, other, example)
-    else:
-        table = _channel_table(model, example, layers, by_name, skip, other, round_to)
+    excluded = [lay.name for lay in layers if _excluded(lay.name, exclude)]
+    table = strategy.build_table(model, example, layers, excluded, other, round_to)
     table.dense_macs = int(sum(lay.macs for lay in layers))
     table.dense_params = int(sum(lay.weight_params + lay.bias_params for lay in layers) + other)
     if not table.units:
@@ -355,7 +365,9 @@ def build_unit_table(
     return table
 
 
-def _unstructured_table(layers, skip, other, example) -> UnitTable:
+def weight_table(granularity: str, layers: Sequence[Layer], skip: Sequence[str], other: int,
+                 example: torch.Tensor) -> UnitTable:
+    """One unit per conv/linear layer not in ``skip``; its elements are the layer's weights."""
     units = []
     for lay in layers:
         if lay.kind not in ("conv", "dwconv", "linear") or lay.name in skip:
@@ -367,11 +379,14 @@ def _unstructured_table(layers, skip, other, example) -> UnitTable:
     n = len(units)
     unit_layer = np.array([[lay.name for lay in layers].index(u.name) for u in units], dtype=np.int64)
     empty = np.zeros((n, len(layers)))
-    return UnitTable("unstructured", tuple(layers), tuple(units), 1, empty, empty.copy(),
-                     unit_layer, other, tuple(example.shape))
+    return UnitTable(granularity, tuple(layers), tuple(units), 1, empty, empty.copy(),
+                     unit_layer, other, tuple(example.shape), _deps=[[] for _ in units])
 
 
-def _channel_table(model, example, layers, by_name, skip, other, round_to) -> UnitTable:
+def channel_table(granularity: str, model: nn.Module, example: torch.Tensor, layers: Sequence[Layer],
+                  skip: Sequence[str], other: int, round_to: int) -> UnitTable:
+    """One unit per group of coupled output channels whose outputs are not in ``skip``."""
+    by_name = {lay.name: i for i, lay in enumerate(layers)}
     raw = []
     for group in channel_groups(model, example, ignored=skip, root_types=(nn.Conv2d, nn.Linear)):
         members, consumers = [], []
@@ -415,6 +430,6 @@ def _channel_table(model, example, layers, by_name, skip, other, round_to) -> Un
         )
         all_deps.append(deps)
         groups.append(group)
-    return UnitTable("channel", tuple(layers), tuple(units), round_to, out_mult, in_mult,
+    return UnitTable(granularity, tuple(layers), tuple(units), round_to, out_mult, in_mult,
                      np.zeros(0, dtype=np.int64), other, tuple(example.shape),
                      _deps=all_deps, _groups=groups)
