@@ -49,16 +49,9 @@ def uniform_sparsity(env: LayerSparsityEnv) -> float:
 
 
 def _element_scores(env: LayerSparsityEnv, squared: bool) -> list[np.ndarray]:
-    """Per unit, each element's magnitude: channel mean |w| (or sum w^2), or each weight's."""
-    table, model = env.table, env.task.dense
-    if table.granularity == "unstructured":
-        mods = dict(model.named_modules())
-        out = []
-        for u in table.units:
-            w = mods[u.name].weight.detach().flatten().cpu().numpy().astype(np.float64)
-            out.append(w * w if squared else np.abs(w))
-        return out
-    stats = table.channel_weight_stats(model)
+    """Per unit, each element's magnitude: mean |w| (or sum of w^2) over the weights it owns, a
+    channel's across its coupled layers, a single weight's its own."""
+    stats = env.table.strategy.weight_stats(env.table, env.task.dense)
     return [sums[1] if squared else sums[0] / counts for sums, counts in stats]
 
 

@@ -18,12 +18,17 @@ Where stable-baselines3 needed extending: it applies one learning rate to every 
 baseline is subtracted in the replay buffer's ``sample``. The agent's state (networks, optimisers,
 replay buffer, noise and random states, episode counter) is saved after every episode as tensors
 and plain data, loadable with ``weights_only=True``.
+
+stable-baselines3 is used through its public API (``get_parameters``/``set_parameters``,
+``train``, ``predict``, ``set_logger``, the replay buffer's ``add`` and arrays) except in two
+places where it has none, each marked in the code: the ``_update_learning_rate`` hook above, and
+the ``_n_updates`` counter, which TD3's delayed actor updates follow and a resumed agent must
+continue.
 """
 
 from __future__ import annotations
 
 import json
-import operator
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +72,7 @@ class _SplitLearningRates:
     actor_lr: float = 1e-4
     critic_lr: float = 1e-3
 
+    # A protected hook: stable-baselines3 has no public way to give each optimiser its own rate.
     def _update_learning_rate(self, optimizers) -> None:
         super()._update_learning_rate(optimizers)  # logs, and sets the schedule's rate everywhere
         for opt, lr in ((self.actor.optimizer, self.actor_lr), (self.critic.optimizer, self.critic_lr)):
@@ -96,6 +102,8 @@ class RLSearcher(Searcher):
     uses_trial = False
     algo: type = AMCDDPG
     explore_with_noise = True
+    # Tensors of the algorithm that get_parameters() leaves out (it returns state_dicts only).
+    tensors: tuple[str, ...] = ()
 
     def setup(self, env: LayerSparsityEnv, study: optuna.Study, episodes: int) -> None:
         opts = self.options
@@ -159,13 +167,16 @@ class RLSearcher(Searcher):
 
     # -- persistence --------------------------------------------------------------------------------
     def _torch_state(self) -> dict:
-        state_dicts, variables = self.model._get_torch_save_params()
-        out = {name: operator.attrgetter(name)(self.model).state_dict() for name in state_dicts}
-        out.update({f"var:{name}": operator.attrgetter(name)(self.model).detach().clone()
-                    for name in variables})
+        """Networks and optimisers (``get_parameters``: name -> state_dict), and :attr:`tensors`
+        as ``var:<name>``."""
+        out = dict(self.model.get_parameters())
+        out.update({f"var:{name}": getattr(self.model, name).detach().clone() for name in self.tensors})
         return out
 
     def save(self, directory: Path, pending: dict | None = None) -> None:
+        # The replay buffer goes into the same payload as its public arrays rather than through
+        # save_replay_buffer(), which pickles it to a file of its own: that file could not be read
+        # with weights_only=True, nor written in one atomic step with the pending episode.
         buf = self.model.replay_buffer
         payload = {
             "torch": self._torch_state(),
@@ -177,7 +188,7 @@ class RLSearcher(Searcher):
             "episode_index": self.episode_index,
             "warmup": self.warmup,
             "study_uid": self.study_uid,
-            "n_updates": int(self.model._n_updates),
+            "n_updates": int(self.model._n_updates),  # no public accessor (see module docstring)
             "rng": json.dumps(self.rng.bit_generator.state),
             "np_global": _np_state(),
             "torch_rng": torch.get_rng_state(),
@@ -202,17 +213,17 @@ class RLSearcher(Searcher):
         if payload["buffer"]["observations"].shape != buf.observations.shape:
             raise AutopruneError(f"the agent checkpoint in {directory} was made for another model "
                                  "(replay buffer shape differs); move it aside")
-        for name, value in payload["torch"].items():
-            if name.startswith("var:"):
-                operator.attrgetter(name[4:])(self.model).data.copy_(value)
-            else:
-                operator.attrgetter(name)(self.model).load_state_dict(value)
+        state = payload["torch"]
+        self.model.set_parameters({k: v for k, v in state.items() if not k.startswith("var:")},
+                                  exact_match=True)
+        for name in self.tensors:
+            getattr(self.model, name).data.copy_(state[f"var:{name}"])
         for k, v in payload["buffer"].items():
             getattr(buf, k)[...] = v.numpy()
         buf.pos, buf.full, buf.baseline = payload["buffer_pos"], payload["buffer_full"], payload["baseline"]
         self.episode_index = payload["episode_index"]
         self.warmup = payload["warmup"]
-        self.model._n_updates = payload["n_updates"]
+        self.model._n_updates = payload["n_updates"]  # no public setter (see module docstring)
         self.rng.bit_generator.state = json.loads(payload["rng"])
         _set_np_state(payload["np_global"])
         torch.set_rng_state(payload["torch_rng"])
@@ -247,3 +258,4 @@ class SACSearcher(RLSearcher):
     name = "sac"
     algo = AMCSAC
     explore_with_noise = False
+    tensors = ("log_ent_coef",)  # the learned entropy coefficient (ent_coef="auto")

@@ -73,7 +73,7 @@ def apply_policy(
         "model": task.config.model,
         "dataset": task.config.dataset,
         "granularity": task.table.granularity,
-        "flops_kind": "effective" if task.table.granularity == "unstructured" else "dense",
+        "flops_kind": task.table.strategy.flops_kind,
         "dense": {"flops": dense_cost.flops, "params": dense_cost.params},
         "pruned": {"flops": counted.flops, "params": counted.params},
         "ratios": {"flops": counted.flops / dense_cost.flops, "params": counted.params / dense_cost.params},

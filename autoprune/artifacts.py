@@ -21,10 +21,10 @@ from torch import nn
 
 from autoprune.checkpoints import read_checkpoint
 from autoprune.errors import AutopruneError
+from autoprune.granularity import build_unit_table
 from autoprune.models import MODELS, ModelSpec, build_model
 from autoprune.policy import Policy
-from autoprune.pruning import pruner_for
-from autoprune.units import UnitTable, build_unit_table
+from autoprune.units import UnitTable
 
 FORMAT = "autoprune.pruned"
 VERSION = 1
@@ -77,12 +77,7 @@ def load_pruned(path: str | Path, allow_import: bool = False) -> tuple[nn.Module
     except KeyError as err:
         raise AutopruneError(f"{path} was saved from another version of {payload['model']}: "
                              f"unit {err} is unknown") from None
-    if table.granularity == "channel":
-        # Which channels were removed no longer matters: the saved tensors replace them all.
-        order = [np.arange(u.size) for u in table.units]
-        model = pruner_for(table).apply(dense, table, order, kept)
-    else:
-        model = dense
+    model = table.strategy.skeleton(dense, table, kept)
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval(), payload
 

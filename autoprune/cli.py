@@ -26,7 +26,7 @@ _REGISTRIES = {
     "model": ("autoprune.models", "MODELS"),
     "dataset": ("autoprune.data", "DATASETS"),
     "importance": ("autoprune.importance", "IMPORTANCE"),
-    "granularity": ("autoprune.units", "GRANULARITIES"),
+    "granularity": ("autoprune.granularity", "GRANULARITIES"),
     "reconstruct": ("autoprune.reconstruct", "RECONSTRUCTIONS"),
     "searcher": ("autoprune.agents", "SEARCHERS"),
     "reward": ("autoprune.envs.rewards", "REWARDS"),
@@ -191,9 +191,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from autoprune.checkpoints import load_weights
     from autoprune.data import dataset_info
+    from autoprune.granularity import build_unit_table
     from autoprune.inspect import format_units, unit_rows
     from autoprune.models import ModelSpec, build_model
-    from autoprune.units import build_unit_table
 
     args.dataset = args.dataset or "digits"
     config = task_config(args).check()

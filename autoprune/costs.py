@@ -7,8 +7,10 @@ Three ways to know a cost, which must agree:
   table, cheap enough to call many times inside the action wall;
 * counted: :func:`count_flops` / :func:`count_params` on a real (slimmed or masked) model.
 
-For ``unstructured`` granularity FLOPs and params are *effective*: weighted by each layer's
-density, which is what a sparse kernel could save, not what dense hardware runs.
+The table's granularity (:mod:`autoprune.granularity`) picks the rule: :func:`slimmed_costs` and
+dense counts for slimmed models, :func:`masked_costs` and effective counts for masked ones, whose
+FLOPs and params are weighted by each layer's density: what a sparse kernel could save, not what
+dense hardware runs.
 """
 
 from __future__ import annotations
@@ -44,16 +46,33 @@ def dense_costs(table: UnitTable) -> Costs:
 
 
 def closed_form(table: UnitTable, kept: np.ndarray) -> Costs:
-    """Costs of the model with unit ``u`` keeping ``kept[u]`` elements, from the table alone."""
-    kept = np.asarray(kept, dtype=np.float64)
+    """Costs of the model with unit ``u`` keeping ``kept[u]`` elements, from the table alone, by
+    the rule of the table's granularity."""
+    return table.strategy.closed_form(table, kept)
+
+
+def _layer_costs(table: UnitTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer: dense MACs, weight parameters, and parameters that scale with outputs alone."""
     macs = np.array([lay.macs for lay in table.layers], dtype=np.float64)
     wp = np.array([lay.weight_params for lay in table.layers], dtype=np.float64)
     bp = np.array([lay.bias_params for lay in table.layers], dtype=np.float64)
-    if table.granularity == "unstructured":
-        density = np.ones(len(table.layers))
-        density[table.unit_layer] = kept / table.sizes()
-        return Costs(float(macs @ density), float(wp @ density + bp.sum() + table.other_params))
-    f_out, f_in = layer_fractions(table, kept)
+    return macs, wp, bp
+
+
+def masked_costs(table: UnitTable, kept: np.ndarray) -> Costs:
+    """Effective costs of a masked model: unit ``u`` is layer ``unit_layer[u]``, whose MACs and
+    weights count at its density, ``kept[u]`` of ``size`` weights."""
+    macs, wp, bp = _layer_costs(table)
+    density = np.ones(len(table.layers))
+    density[table.unit_layer] = np.asarray(kept, dtype=np.float64) / table.sizes()
+    return Costs(float(macs @ density), float(wp @ density + bp.sum() + table.other_params))
+
+
+def slimmed_costs(table: UnitTable, kept: np.ndarray) -> Costs:
+    """Costs of a slimmed model: each layer's MACs and weights scale with its kept outputs times
+    its kept inputs, its biases and norm scales with its kept outputs."""
+    macs, wp, bp = _layer_costs(table)
+    f_out, f_in = layer_fractions(table, np.asarray(kept, dtype=np.float64))
     return Costs(
         float(macs @ (f_out * f_in)),
         float(wp @ (f_out * f_in) + bp @ f_out + table.other_params),
@@ -61,7 +80,7 @@ def closed_form(table: UnitTable, kept: np.ndarray) -> Costs:
 
 
 def layer_fractions(table: UnitTable, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer, the kept fraction of its outputs and of its inputs (channel granularity).
+    """Per layer, the kept fraction of its outputs and of its inputs (slimmed models).
 
     A depthwise conv's (and a norm's) input fraction is reported as 1: its cost follows its
     outputs alone.

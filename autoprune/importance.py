@@ -2,8 +2,10 @@
 
 A criterion scores the elements of one unit; the lowest scores are removed. Scores are computed
 once on the dense model and cached as a ranking, so an episode only takes the first k indices of
-each ranking. Channel scores come from Torch-Pruning's group importances (so coupled layers are
-scored together); weight scores for unstructured granularity are computed here.
+each ranking. Channel scores come from Torch-Pruning's group importances (through
+:mod:`autoprune.tp_adapter`, so coupled layers are scored together); weight scores, for
+granularities whose elements are single weights, are computed here. The table's granularity
+says which of the two a unit takes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from torch import nn
 from autoprune.data import TensorSplit
 from autoprune.errors import AutopruneError
 from autoprune.registry import Registry
+from autoprune.tp_adapter import (
+    ChannelGroup,
+    Scorer,
+    bn_scale_scorer,
+    fpgm_scorer,
+    magnitude_scorer,
+    taylor_scorer,
+)
 from autoprune.units import UnitTable
 
 
@@ -24,13 +34,14 @@ class Importance(ABC):
     """Scores the elements of a unit; higher means more important (kept longer).
 
     Subclasses implement :meth:`channel_scores` (one score per root channel of a dependency
-    group) and, where it makes sense, :meth:`weight_scores` (one per weight entry). Criteria that
-    need gradients set ``needs_grad``; the ranking then runs one backward pass over the
-    calibration data first.
+    group) and, where it makes sense, :meth:`weight_scores` (one per weight entry); criteria
+    that only make sense for channels set ``ranks_weights`` to ``False``. Criteria that need
+    gradients set ``needs_grad``; the ranking then runs one backward pass over the calibration
+    data first.
     """
 
     needs_grad = False
-    supports_unstructured = True
+    ranks_weights = True
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -40,8 +51,8 @@ class Importance(ABC):
         scored. Does nothing by default."""
 
     @abstractmethod
-    def channel_scores(self, group) -> torch.Tensor:
-        """Scores for each root channel of a Torch-Pruning group with full indices."""
+    def channel_scores(self, group: ChannelGroup) -> torch.Tensor:
+        """Scores for each root channel of a coupled group (``group.size`` of them)."""
 
     def unit_scores(self, table: UnitTable, u: int) -> torch.Tensor:
         """Scores for each root channel of unit ``u``; by default its group's :meth:`channel_scores`."""
@@ -56,32 +67,28 @@ IMPORTANCE: Registry[type[Importance]] = Registry("importance")
 
 
 class _TorchPruning(Importance):
-    """Adapter over a Torch-Pruning importance object."""
+    """A Torch-Pruning group importance (see :mod:`autoprune.tp_adapter`)."""
 
-    def make(self):  # pragma: no cover - overridden
+    def scorer(self) -> Scorer:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def channel_scores(self, group) -> torch.Tensor:
-        scores = self.make()(group)
+    def channel_scores(self, group: ChannelGroup) -> torch.Tensor:
+        scores = self.scorer()(group)
         if scores is None:  # a group without weights to score: keep the order as traced
-            return torch.arange(len(group[0].idxs), dtype=torch.float32).flip(0)
+            return torch.arange(group.size, dtype=torch.float32).flip(0)
         return scores.detach().float().cpu()
 
 
 @IMPORTANCE.register("l1", help="L1 norm of each channel's weights across the coupled group")
 class L1(_TorchPruning):
-    def make(self):
-        import torch_pruning as tp
-
-        return tp.importance.GroupMagnitudeImportance(p=1, normalizer=None)
+    def scorer(self) -> Scorer:
+        return magnitude_scorer(p=1)
 
 
 @IMPORTANCE.register("l2", help="L2 norm of each channel's weights across the coupled group")
 class L2(_TorchPruning):
-    def make(self):
-        import torch_pruning as tp
-
-        return tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
+    def scorer(self) -> Scorer:
+        return magnitude_scorer(p=2)
 
     def weight_scores(self, module: nn.Module) -> torch.Tensor:
         return module.weight.detach().pow(2)
@@ -89,32 +96,26 @@ class L2(_TorchPruning):
 
 @IMPORTANCE.register("bn_scale", help="|gamma| of the BatchNorm after the channel (network slimming)")
 class BNScale(_TorchPruning):
-    supports_unstructured = False
+    ranks_weights = False
 
-    def make(self):
-        import torch_pruning as tp
-
-        return tp.importance.BNScaleImportance(normalizer=None)
+    def scorer(self) -> Scorer:
+        return bn_scale_scorer()
 
 
 @IMPORTANCE.register("fpgm", help="distance to the geometric median of the layer's filters (FPGM)")
 class FPGM(_TorchPruning):
-    supports_unstructured = False
+    ranks_weights = False
 
-    def make(self):
-        import torch_pruning as tp
-
-        return tp.importance.FPGMImportance(normalizer=None)
+    def scorer(self) -> Scorer:
+        return fpgm_scorer()
 
 
 @IMPORTANCE.register("taylor", help="first-order Taylor |w * dL/dw| on the calibration batches")
 class Taylor(_TorchPruning):
     needs_grad = True
 
-    def make(self):
-        import torch_pruning as tp
-
-        return tp.importance.GroupTaylorImportance(normalizer=None)
+    def scorer(self) -> Scorer:
+        return taylor_scorer()
 
     def weight_scores(self, module: nn.Module) -> torch.Tensor:
         return (module.weight.detach() * module.weight.grad).abs()
@@ -126,8 +127,8 @@ class Random(Importance):
         super().__init__(seed)
         self.rng = np.random.default_rng(seed)  # units are scored in order: same seed, same ranks
 
-    def channel_scores(self, group) -> torch.Tensor:
-        return torch.from_numpy(self.rng.random(len(group[0].idxs)))
+    def channel_scores(self, group: ChannelGroup) -> torch.Tensor:
+        return torch.from_numpy(self.rng.random(group.size))
 
     def weight_scores(self, module: nn.Module) -> torch.Tensor:
         return torch.from_numpy(self.rng.random(module.weight.numel())).view_as(module.weight)
@@ -146,7 +147,7 @@ class ThiNet(Importance):
     (``--reconstruct lsq``) then fits the kept channels, as ThiNet does after its selection.
     """
 
-    supports_unstructured = False
+    ranks_weights = False
     rows = 4096  # sampled (position, output channel) pairs per consumer
     images = 256
 
@@ -180,7 +181,7 @@ class ThiNet(Importance):
             for h in hooks:
                 h.remove()
 
-    def channel_scores(self, group) -> torch.Tensor:  # pragma: no cover - unit_scores is used
+    def channel_scores(self, group: ChannelGroup) -> torch.Tensor:  # pragma: no cover - unit_scores is used
         raise NotImplementedError
 
     def unit_scores(self, table: UnitTable, u: int) -> torch.Tensor:
@@ -228,30 +229,24 @@ def rank_units(
 ) -> list[np.ndarray]:
     """Per unit, its element indices from least to most important.
 
-    For channel units the indices are root channels; for unstructured units they index the
+    For channel units the indices are root channels; for units of single weights they index the
     flattened weight. The dense model's gradients are cleared again after gradient criteria.
     """
     crit = IMPORTANCE.get(importance)(seed) if isinstance(importance, str) else importance
     name = importance if isinstance(importance, str) else type(crit).__name__.lower()
-    if table.granularity == "unstructured" and not crit.supports_unstructured:
-        raise AutopruneError(f"importance {name!r} scores channels; with unstructured granularity "
-                             "use l1, l2, taylor or random")
+    strategy = table.strategy
+    if strategy.per_weight and not crit.ranks_weights:
+        able = [n for n in IMPORTANCE.names() if IMPORTANCE.get(n).ranks_weights]
+        raise AutopruneError(f"importance {name!r} scores channels; with {table.granularity} granularity "
+                             f"use {', '.join(able[:-1])} or {able[-1]}")
     if crit.needs_grad:
         if calib is None:
             raise ValueError(f"importance {name!r} needs calibration data")
         _backward(model, calib)
     crit.prepare(table, model, calib)
     try:
-        modules = dict(model.named_modules())
-        ranks = []
-        for u in table.units:
-            if table.granularity == "unstructured":
-                scores = crit.weight_scores(modules[u.name]).flatten()
-            else:
-                scores = crit.unit_scores(table, u.index)
-            # stable sort: ties keep index order, so rankings are reproducible
-            ranks.append(np.argsort(scores.numpy(), kind="stable"))
-        return ranks
+        # stable sort: ties keep index order, so rankings are reproducible
+        return [np.argsort(scores.numpy(), kind="stable") for scores in strategy.scores(crit, table, model)]
     finally:
         if crit.needs_grad:
             model.zero_grad(set_to_none=True)

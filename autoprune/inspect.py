@@ -32,7 +32,7 @@ def format_units(table: UnitTable, title: str = "") -> str:
     rows = unit_rows(table)
     width = max([len("unit")] + [len(r["unit"]) for r in rows])
     shape_w = max([len("shape")] + [len(r["shape"]) for r in rows])
-    size_label = "weights" if table.granularity == "unstructured" else "width"
+    size_label = table.strategy.size_label
     lines = [title] if title else []
     lines.append(f"{'#':>3}  {'unit':<{width}}  {'type':<6}  {size_label:>7}  {'shape':<{shape_w}}  "
                  f"{'FLOPs%':>6}  {'params%':>7}  {'affects%':>8}  coupled")

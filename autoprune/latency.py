@@ -206,7 +206,7 @@ class LatencyModel(CostModel):
     def build(cls, task, batch_size: int = 1, threads: int | None = None, progress: bool = True,
               **options) -> LatencyModel:
         """Measured once per model, device, batch size and thread count, then read from the cache."""
-        if task.table.granularity != "channel":
+        if not task.table.strategy.physical:
             raise AutopruneError("a latency budget needs channel granularity: masked weights run "
                                  "as fast as dense ones on dense hardware")
         return build_latency_model(task.table, task.dense, task.prune, task.device, batch_size, threads,

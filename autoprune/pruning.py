@@ -1,9 +1,10 @@
 """Applying kept widths to a copy of the dense model: physical slimming or masks.
 
-A :class:`Pruner` never touches the model it is given; it returns a pruned copy. ``channel``
-units are slimmed physically with Torch-Pruning's per-layer pruning functions, driven by the
-module-level indices the :class:`~autoprune.units.UnitTable` recorded when it traced the model
-(no graph traversal per episode). ``unstructured`` units get masks in the manner of
+A :class:`Pruner` never touches the model it is given; it returns a pruned copy. A granularity
+(:mod:`autoprune.granularity`) says which one its tables take. :class:`Slimmer` removes channels
+physically with Torch-Pruning's per-layer pruning functions (through :mod:`autoprune.tp_adapter`),
+driven by the module-level indices the :class:`~autoprune.units.UnitTable` recorded when it traced
+the model (no graph traversal per episode). :class:`Masker` masks single weights in the manner of
 ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``, applied by a forward pre-hook),
 which :meth:`Pruner.finalize` makes permanent for export.
 """
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from autoprune.tp_adapter import cut
 from autoprune.units import UnitTable
 
 
@@ -48,13 +50,7 @@ class Slimmer(Pruner):
         pruned = copy.deepcopy(model)
         plan = table.removal_plan(removed_indices(table, ranks, kept))
         for (target, handler), (dim, is_param, idxs) in plan.items():
-            handler.__self__.pruning_dim = dim
-            if is_param:
-                parent_name, _, attr = target.rpartition(".")
-                parent = pruned.get_submodule(parent_name) if parent_name else pruned
-                setattr(parent, attr, handler(getattr(parent, attr), idxs))
-            else:
-                handler(pruned.get_submodule(target), idxs)
+            cut(pruned, target, handler, dim, is_param, idxs)
         return pruned
 
 
@@ -77,8 +73,6 @@ class Masker(Pruner):
         return model
 
 
-PRUNERS: dict[str, type[Pruner]] = {"channel": Slimmer, "unstructured": Masker}
-
-
 def pruner_for(table: UnitTable) -> Pruner:
-    return PRUNERS[table.granularity]()
+    """The pruner of the table's granularity."""
+    return table.strategy.pruner()

@@ -20,18 +20,19 @@ import torch
 from torch import nn
 
 from autoprune.checkpoints import file_sha256, load_weights
-from autoprune.costs import Costs, closed_form, count_effective_flops, count_flops, count_params, dense_costs
+from autoprune.costs import Costs, closed_form, dense_costs
 from autoprune.data import DatasetInfo, Splits, TensorSplit, make_splits
 from autoprune.errors import AutopruneError
 from autoprune.evaluate import accuracy, accuracy_on, recalibrate_bn
 from autoprune.finetune import FinetuneConfig, finetune
+from autoprune.granularity import build_unit_table
 from autoprune.importance import rank_units
 from autoprune.models import ModelSpec, build_model
 from autoprune.policy import Policy
 from autoprune.pruning import pruner_for, removed_indices
 from autoprune.reconstruct import RECONSTRUCTIONS, Reconstructor, Report
 from autoprune.records import Record, spec
-from autoprune.units import UnitTable, build_unit_table
+from autoprune.units import UnitTable
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,9 @@ class TaskConfig(Record):
         one clear error before any data is read or model trained. ``model`` and ``data`` say
         whether the model and dataset will be built from their names (not handed over built)."""
         from autoprune.data import DATASETS
+        from autoprune.granularity import GRANULARITIES
         from autoprune.importance import IMPORTANCE
         from autoprune.models import MODELS
-        from autoprune.units import GRANULARITIES
 
         if model and self.model not in MODELS and ":" not in self.model:
             raise AutopruneError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS.names())}, "
@@ -320,10 +321,7 @@ class PruningTask:
 
     def counted_costs(self, model: nn.Module) -> Costs:
         """Costs counted on a real model (effective for masked ones)."""
-        x = self.example.to(self.device)
-        if self.table.granularity == "unstructured":
-            return Costs(count_effective_flops(model, x), float(count_params(model, effective=True)))
-        return Costs(count_flops(model, x), float(count_params(model)))
+        return self.table.strategy.counted_costs(model, self.example.to(self.device))
 
     def calibration_inputs(self) -> torch.Tensor:
         """The calibration inputs (on the task's device)."""

@@ -1,9 +1,10 @@
 """Prunable units: what one action decides, traced once from the dense model.
 
-``channel`` granularity takes its units from Torch-Pruning's ``DependencyGraph``: one unit is one
-group of coupled output channels (a conv, its BatchNorm, the next layers' inputs; convs joined by
-a residual add, a depthwise conv or a concat share one group). ``unstructured`` granularity has
-one unit per conv/linear weight tensor.
+Two kinds of unit table are built here, and a granularity (:mod:`autoprune.granularity`) picks
+one: :func:`channel_table` takes its units from Torch-Pruning's dependency graph (through
+:mod:`autoprune.tp_adapter`): one unit is one group of coupled output channels (a conv, its
+BatchNorm, the next layers' inputs; convs joined by a residual add, a depthwise conv or a concat
+share one group). :func:`weight_table` has one unit per conv/linear weight tensor.
 
 Tracing happens once per model. The result, a :class:`UnitTable`, holds everything an episode
 needs without touching the graph again: each unit's channel count, the layers it couples, the
@@ -14,22 +15,18 @@ root channel maps to.
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from autoprune.errors import AutopruneError
-from autoprune.registry import Registry
+from autoprune.tp_adapter import ChannelGroup, Coupling, channel_groups
 
-GRANULARITIES: Registry[str] = Registry("granularity")
-GRANULARITIES.register("channel", help="coupled output channels, physically slimmed")("channel")
-GRANULARITIES.register("unstructured", help="individual weights of each conv/linear, masked")(
-    "unstructured"
-)
+if TYPE_CHECKING:
+    from autoprune.granularity import Granularity
 
 KIND_CODES = {"conv": 0, "dwconv": 1, "linear": 2, "norm": 3, "other": 4}
 
@@ -85,30 +82,19 @@ class Unit:
     touched_macs: int = 0
 
 
-@dataclass(frozen=True)
-class _DepRecord:
-    """One module-dimension a unit's root channels map onto (from a Torch-Pruning group item)."""
-
-    target: str
-    handler: object  # a Torch-Pruning pruning function (bound method)
-    pruning_dim: int
-    is_param: bool
-    target_idxs: np.ndarray
-    root_idxs: np.ndarray
-    is_out: bool = True  # prunes the target's outputs (else its inputs)
-
-
 @dataclass
 class UnitTable:
     """The traced model: layers, units and the coefficients of the closed-form cost model.
 
     ``out_mult[u, l]`` is how many output channels of layer ``l`` go per channel removed from
     unit ``u`` (1 for a plain member, H*W for a conv feeding a flatten, ...); ``in_mult`` the same
-    for input channels. For unstructured tables these are unused: unit ``u`` is layer
-    ``unit_layer[u]``.
+    for input channels. For weight tables (one unit per layer) these are unused: unit ``u`` is
+    layer ``unit_layer[u]``. ``strategy`` is the registered granularity the table was built for
+    (:mod:`autoprune.granularity`), which decides everything that differs between granularities;
+    ``granularity`` is its name, as studies and policy files store it.
     """
 
-    granularity: str
+    strategy: Granularity
     layers: tuple[Layer, ...]
     units: tuple[Unit, ...]
     round_to: int
@@ -119,8 +105,12 @@ class UnitTable:
     input_shape: tuple[int, ...]
     dense_macs: int = 0
     dense_params: int = 0
-    _deps: list[list[_DepRecord]] = field(default_factory=list, repr=False)
-    _groups: list = field(default_factory=list, repr=False)  # Torch-Pruning groups, full indices
+    _deps: list[list[Coupling]] = field(default_factory=list, repr=False)  # per unit, what it cuts
+    _groups: list[ChannelGroup] = field(default_factory=list, repr=False)  # for channel importances
+
+    @property
+    def granularity(self) -> str:
+        return self.strategy.name
 
     @property
     def names(self) -> list[str]:
@@ -133,10 +123,14 @@ class UnitTable:
         raise KeyError(name)
 
     # -- widths ---------------------------------------------------------------------------------
+    @property
+    def multiple(self) -> int:
+        """Kept widths are multiples of this: ``round_to`` where the granularity rounds, else 1."""
+        return self.round_to if self.strategy.rounded else 1
+
     def min_kept(self, u: int) -> int:
-        """Fewest elements unit ``u`` may keep: one channel, or ``round_to`` when that fits."""
-        size = self.units[u].size
-        return min(self.round_to, size) if self.granularity == "channel" else 1
+        """Fewest elements unit ``u`` may keep: one, or ``multiple`` when that fits."""
+        return min(self.multiple, self.units[u].size)
 
     def kept(self, u: int, sparsity: float) -> int:
         """Elements unit ``u`` keeps at ``sparsity``, rounded to ``round_to`` and never below one.
@@ -148,7 +142,7 @@ class UnitTable:
         if sparsity <= 0.0:
             return size  # a unit left alone stays whole, whatever round_to says
         keep = (1.0 - float(sparsity)) * size
-        r = self.round_to if self.granularity == "channel" else 1
+        r = self.multiple
         if r > 1:
             keep = np.floor(keep / r + 0.5) * r
         keep = int(np.floor(keep + 0.5))
@@ -188,19 +182,15 @@ class UnitTable:
         return np.array([u.size for u in self.units], dtype=np.int64)
 
     def refittable_layers(self) -> list[str]:
-        """Conv/linear layers a policy changes the inputs of (channel) or masks (unstructured), in
+        """Conv/linear layers a policy changes the inputs (slimmed) or the weights (masked) of, in
         network order."""
-        if not self._deps:  # unstructured: every unit is one layer
-            return [u.name for u in self.units if u.kind in ("conv", "linear")]
-        shrinkable = self.in_mult.any(0) if self.in_mult.size else np.zeros(len(self.layers), bool)
-        return [lay.name for lay, s in zip(self.layers, shrinkable)
-                if s and lay.kind in ("conv", "linear")]
+        return self.strategy.refittable_layers(self)
 
     def kept_outputs(self, removed: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
         """Per module whose outputs ``removed`` shrinks, the output indices it keeps (dense order)."""
         gone: dict[str, set[int]] = {}
         for u, root in removed.items():
-            if len(root) == 0 or not self._deps:  # unstructured: masks shrink no output
+            if len(root) == 0:
                 continue
             for dep in self._deps[u]:
                 if not dep.is_out or dep.is_param:
@@ -328,46 +318,13 @@ def classifier_name(layers: Sequence[Layer]) -> str | None:
     return prunable[-1].name if prunable else None
 
 
-def _excluded(name: str, patterns: Sequence[str]) -> bool:
+def excluded_by(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def build_unit_table(
-    model: nn.Module,
-    example: torch.Tensor,
-    granularity: str = "channel",
-    exclude: Sequence[str] = (),
-    round_to: int = 1,
-) -> UnitTable:
-    """Trace ``model`` once and return its units in network order.
-
-    Args:
-        model: the dense model; it is read, never modified.
-        example: one input batch (its shape fixes the feature-map sizes of the cost model).
-        granularity: ``channel`` or ``unstructured``.
-        exclude: module-name patterns (fnmatch) whose outputs are never pruned.
-        round_to: widths are multiples of this (channel granularity).
-    """
-    GRANULARITIES.get(granularity)
-    if round_to < 1:
-        raise AutopruneError(f"round_to must be >= 1, got {round_to}")
-    model.eval()
-    layers, other = trace_layers(model, example)
-    by_name = {lay.name: i for i, lay in enumerate(layers)}
-    head = classifier_name(layers)
-    skip = [lay.name for lay in layers if _excluded(lay.name, exclude)] + ([head] if head else [])
-    if granularity == "unstructured":
-        table = _unstructured_table(layers, skip[:-1] if head else skip, other, example)
-    else:
-        table = _channel_table(model, example, layers, by_name, skip, other, round_to)
-    table.dense_macs = int(sum(lay.macs for lay in layers))
-    table.dense_params = int(sum(lay.weight_params + lay.bias_params for lay in layers) + other)
-    if not table.units:
-        raise AutopruneError("the model has no prunable units (everything excluded?)")
-    return table
-
-
-def _unstructured_table(layers, skip, other, example) -> UnitTable:
+def weight_table(strategy: Granularity, layers: Sequence[Layer], skip: Sequence[str], other: int,
+                 example: torch.Tensor) -> UnitTable:
+    """One unit per conv/linear layer not in ``skip``; its elements are the layer's weights."""
     units = []
     for lay in layers:
         if lay.kind not in ("conv", "dwconv", "linear") or lay.name in skip:
@@ -379,47 +336,27 @@ def _unstructured_table(layers, skip, other, example) -> UnitTable:
     n = len(units)
     unit_layer = np.array([[lay.name for lay in layers].index(u.name) for u in units], dtype=np.int64)
     empty = np.zeros((n, len(layers)))
-    return UnitTable("unstructured", tuple(layers), tuple(units), 1, empty, empty.copy(),
-                     unit_layer, other, tuple(example.shape))
+    return UnitTable(strategy, tuple(layers), tuple(units), 1, empty, empty.copy(),
+                     unit_layer, other, tuple(example.shape), _deps=[[] for _ in units])
 
 
-def _channel_table(model, example, layers, by_name, skip, other, round_to) -> UnitTable:
-    import torch_pruning as tp
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(model, example, verbose=False)
-    modules = dict(model.named_modules())
-    ignored = [modules[n] for n in skip]
-    name_of = dg._module2name
-    param_name = getattr(dg, "_param_to_name", {})
-
+def channel_table(strategy: Granularity, model: nn.Module, example: torch.Tensor, layers: Sequence[Layer],
+                  skip: Sequence[str], other: int, round_to: int) -> UnitTable:
+    """One unit per group of coupled output channels whose outputs are not in ``skip``."""
+    by_name = {lay.name: i for i, lay in enumerate(layers)}
     raw = []
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
-        size = len(group[0].idxs)
-        members, consumers, deps = [], [], []
-        for item in group:
-            dep, idxs = item.dep, item.idxs
-            target = dep.target.module
-            is_param = isinstance(target, nn.Parameter)
-            tname = param_name.get(target) if is_param else name_of.get(target)
-            if tname is None:
-                continue  # an op of the graph (add, concat, ...), not a module of the model
-            deps.append(
-                _DepRecord(tname, dep.handler, dep.target.pruning_dim, is_param,
-                           np.asarray(idxs, dtype=np.int64),
-                           np.asarray(item.root_idxs, dtype=np.int64),
-                           bool(dg.is_out_channel_pruning_fn(dep.handler)))
-            )
-            if dg.is_out_channel_pruning_fn(dep.handler) and not is_param:
-                members.append(tname)
-            elif dg.is_in_channel_pruning_fn(dep.handler) and not is_param:
-                consumers.append(tname)
+    for group in channel_groups(model, example, ignored=skip, root_types=(nn.Conv2d, nn.Linear)):
+        members, consumers = [], []
+        for c in group.couplings:
+            if c.is_out and not c.is_param:
+                members.append(c.target)
+            elif c.is_in and not c.is_param:
+                consumers.append(c.target)
         prunable = [m for m in members
                     if m in by_name and layers[by_name[m]].kind in ("conv", "dwconv", "linear")]
-        if size < 2 or not prunable:
+        if group.size < 2 or not prunable:
             continue
-        raw.append((size, members, consumers, deps, prunable, group))
+        raw.append((group.size, members, consumers, list(group.couplings), prunable, group))
 
     # Network order: a unit sits where its first conv/linear member runs; that member names it.
     raw.sort(key=lambda r: min(layers[by_name[m]].order for m in r[4]))
@@ -450,6 +387,6 @@ def _channel_table(model, example, layers, by_name, skip, other, round_to) -> Un
         )
         all_deps.append(deps)
         groups.append(group)
-    return UnitTable("channel", tuple(layers), tuple(units), round_to, out_mult, in_mult,
+    return UnitTable(strategy, tuple(layers), tuple(units), round_to, out_mult, in_mult,
                      np.zeros(0, dtype=np.int64), other, tuple(example.shape),
                      _deps=all_deps, _groups=groups)

@@ -84,14 +84,14 @@ class Provenance(Record):
         import gymnasium
         import stable_baselines3
         import torch
-        import torch_pruning
 
         import autoprune
+        from autoprune import tp_adapter
 
         return cls(command, time.strftime("%Y-%m-%dT%H:%M:%S%z"), {
             "autoprune": autoprune.__version__, "torch": torch.__version__, "optuna": optuna.__version__,
             "stable_baselines3": stable_baselines3.__version__, "gymnasium": gymnasium.__version__,
-            "torch_pruning": torch_pruning.__version__})
+            "torch_pruning": tp_adapter.version()})
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from autoprune.artifacts import export_program, load_pruned, pruned_payload
+from autoprune.granularity import GRANULARITIES, build_unit_table
 from autoprune.importance import rank_units
 from autoprune.models import ModelSpec, build_model
 from autoprune.policy import Policy
 from autoprune.pruning import pruner_for
-from autoprune.units import build_unit_table
 
 
-@pytest.mark.parametrize("granularity", ["channel", "unstructured"])
+@pytest.mark.parametrize("granularity", GRANULARITIES.names())
 def test_saved_pruned_model_reloads_with_equal_outputs(tmp_path, granularity):
     spec = ModelSpec(10, 3, 32)
     dense = build_model("resnet20", spec)

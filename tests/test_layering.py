@@ -1,8 +1,9 @@
 """The architecture's layering, checked from the source: cli -> api -> studies -> agents -> envs -> engine.
 
 A module may import its own layer and the layers below it, never one above (lazy imports inside
-functions included: they run too), and no two modules may import each other, directly or round
-a circle. The package's ``__init__`` is the facade: its lazy ``__getattr__`` re-exports the API.
+functions included: they run too; imports under ``if TYPE_CHECKING:`` do not run and are not
+counted), and no two modules may import each other, directly or round a circle. The package's
+``__init__`` is the facade: its lazy ``__getattr__`` re-exports the API.
 """
 
 from __future__ import annotations
@@ -32,10 +33,20 @@ def layer(module: str) -> str:
     return "engine"
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node, less the bodies of ``if TYPE_CHECKING:`` (imports for annotations never run)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
 def _imports(path: Path, modules: set[str]) -> set[str]:
     """The autoprune modules ``path`` imports, at module level or inside functions."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from autoprune.errors import AutopruneError
+from autoprune.granularity import build_unit_table
 from autoprune.policy import Policy
-from autoprune.units import build_unit_table
 from tests.tinynets import tiny
 
 

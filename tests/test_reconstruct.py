@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from autoprune.granularity import build_unit_table
 from autoprune.importance import rank_units
 from autoprune.lsq import solve
 from autoprune.models import ModelSpec, build_model
 from autoprune.policy import Policy
 from autoprune.pruning import pruner_for, removed_indices
 from autoprune.reconstruct import Reconstructor
-from autoprune.units import build_unit_table
 
 
 def _half_of(task, name: str) -> np.ndarray:

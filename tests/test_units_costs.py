@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from autoprune.costs import closed_form, count_flops, count_params, dense_costs
+from autoprune.granularity import build_unit_table
 from autoprune.importance import IMPORTANCE, rank_units
 from autoprune.models import ModelSpec, build_model
 from autoprune.policy import Policy
 from autoprune.pruning import pruner_for
-from autoprune.units import build_unit_table
 from tests.tinynets import tiny
 
 MODELS_32 = ["resnet20", "resnet18", "mobilenet_v2", "vgg11_bn", "mobilenet_v3_small",
