@@ -117,6 +117,7 @@ def test_export_and_report_errors(capsys, searched, tmp_path, monkeypatch, argv,
     assert not (tmp_path / "p.json").exists() and not (tmp_path / "rep").exists()
 
 
+@pytest.mark.slow
 def test_export_with_weights_writes_a_model_plain_torch_can_run(capsys, searched, tmp_path):
     root, db, weights = searched
     out = tmp_path / "policy.json"

@@ -19,6 +19,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+@pytest.mark.slow
 def test_200_episodes_keep_resident_memory_flat(tiny_task, tmp_path):
     env = LayerSparsityEnv(tiny_task, budget="0.5flops")
     storage = f"sqlite:///{tmp_path}/m.db"
