@@ -9,7 +9,6 @@ from autoprune.errors import AutopruneError
 from autoprune.studies.runner import SearchConfig, run_search
 
 FAST_RL = {"ddpg", "td3", "sac"}
-SLOW_SEARCHERS = FAST_RL | {"nsga2"}  # over ~10 s each on two CPU cores
 
 
 def _run(env, tmp_path, searcher, episodes=6, **kw):
@@ -19,8 +18,7 @@ def _run(env, tmp_path, searcher, episodes=6, **kw):
     return run_search(env, config)
 
 
-@pytest.mark.parametrize("searcher", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SEARCHERS else n
-                                      for n in SEARCHERS.names()])
+@pytest.mark.parametrize("searcher", SEARCHERS.names())
 def test_every_searcher_records_episodes_that_meet_the_budget(tiny_task, tmp_path, searcher):
     env = LayerSparsityEnv(tiny_task, budget="0.5flops")
     result = _run(env, tmp_path, searcher)

@@ -142,7 +142,7 @@ def test_unstructured_costs_are_effective_and_masks_finalize():
     assert (w == 0).float().mean() == pytest.approx(0.75, abs=0.02)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", pytest.param("densenet121", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "densenet121"])
 def test_uniform_half_policy_on_depthwise_and_concat_networks(name):
     """Depthwise convs (MobileNetV2) and dense concatenations (DenseNet-121) take a uniform 0.5 policy."""
     model, x, table = _setup(name)
