@@ -33,6 +33,7 @@ def test_gymnasium_and_sb3_env_checkers_pass(tiny_task):
     sb3_check_env(LayerSparsityEnv(tiny_task, budget="0.5flops"), warn=True)
 
 
+@pytest.mark.slow
 def test_make_builds_the_task_from_kwargs():
     env = gym.make(ENV_ID, model="resnet20", dataset="digits", budget="2xflops",
                    search_val_size=50, calib_batches=1, progress=False)
@@ -57,6 +58,7 @@ def test_bad_budget_strings_list_the_accepted_forms(text):
         parse_budget(text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", ["0.5flops", "0.3params", "0.6flops"])
 def test_action_wall_keeps_100_random_episodes_within_budget(tiny_task, budget):
     env = LayerSparsityEnv(tiny_task, budget=budget)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -19,6 +18,7 @@ import yaml
 
 from autoprune.cli import main
 from tests.conftest import REPO
+from tests.helpers import assert_png_drawn, free_port, running_dashboard
 
 TINY = f"{REPO / 'tests' / 'tinynets.py'}:tiny"
 
@@ -117,6 +117,7 @@ def test_export_and_report_errors(capsys, searched, tmp_path, monkeypatch, argv,
     assert not (tmp_path / "p.json").exists() and not (tmp_path / "rep").exists()
 
 
+@pytest.mark.slow
 def test_export_with_weights_writes_a_model_plain_torch_can_run(capsys, searched, tmp_path):
     root, db, weights = searched
     out = tmp_path / "policy.json"
@@ -184,66 +185,52 @@ def test_report_writes_csv_summary_and_plots(capsys, searched, tmp_path):
     summary = (rep / "summary.md").read_text()
     assert "## Best trial" in summary and "uniform" in summary and "nsga2" in summary
     for png in ("accuracy_vs_cost.png", "policy.png", "reward.png"):
-        data = (rep / png).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        assert_png_drawn(rep / png, min_size=(600, 400), min_coloured=500)
 
 
 @pytest.fixture
 def dashboard(searched):
+    """``autoprune dashboard`` on the study storage, ready on the URL it printed."""
     _, db, _ = searched
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "dashboard", "--storage", db,
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/api/studies", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(proc.stderr.read())
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    port = free_port()
+    with running_dashboard(["-m", "autoprune.cli", "dashboard", "--storage", db, "--port", str(port)]) as dash:
+        dash.port = port
+        yield dash
 
 
-def test_dashboard_serves_the_studies_on_loopback(dashboard):
-    with urllib.request.urlopen(f"{dashboard}/api/studies", timeout=5) as r:
+def test_dashboard_serves_the_studies_on_loopback(dashboard, searched):
+    _, db, _ = searched
+    # what it tells the user: the storage it serves, and a loopback URL on the port asked for
+    assert db in dashboard.url_line
+    printed = urllib.parse.urlsplit(dashboard.url)
+    assert (printed.hostname, printed.port) == ("127.0.0.1", dashboard.port)
+    # and that URL serves the studies in that storage
+    with urllib.request.urlopen(f"{dashboard.url}/api/studies", timeout=5) as r:
         studies = json.loads(r.read())["study_summaries"]
     names = {s["study_name"]: s["study_id"] for s in studies}
-    assert "tinynets.tiny-digits-0.5flops-tpe" in names
-    with urllib.request.urlopen(f"{dashboard}/api/studies/{names['tinynets.tiny-digits-0.5flops-tpe']}",
+    assert set(names) == {f"tinynets.tiny-digits-0.5flops-{s}" for s in ("tpe", "nsga2", "uniform")}
+    with urllib.request.urlopen(f"{dashboard.url}/api/studies/{names['tinynets.tiny-digits-0.5flops-tpe']}",
                                 timeout=10) as r:
         detail = json.loads(r.read())
     assert len(detail["trials"]) == 8
-    assert dashboard.startswith("http://127.0.0.1:")
 
 
 def test_dashboard_in_headless_chromium(dashboard, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    with urllib.request.urlopen(f"{dashboard}/api/studies", timeout=5) as r:
+    with urllib.request.urlopen(f"{dashboard.url}/api/studies", timeout=5) as r:
         sid = json.loads(r.read())["study_summaries"][0]["study_id"]
     shot = tmp_path / "dashboard.png"
     res = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000",
-         "--virtual-time-budget=15000", f"--screenshot={shot}", f"{dashboard}/dashboard/studies/{sid}"],
+         "--virtual-time-budget=15000", f"--screenshot={shot}", f"{dashboard.url}/dashboard/studies/{sid}"],
         capture_output=True, text=True, timeout=120)
     assert shot.is_file(), res.stderr[-2000:]
-    data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank one
+    # a rendered page (the blue app bar, plots), not a blank or grey error page
+    assert_png_drawn(shot, min_size=(1000, 700), min_coloured=1400 * 1000 // 100)
     keep = os.environ.get("AUTOPRUNE_SCREENSHOT_DIR")
     if keep:
         shutil.copy(shot, keep)

@@ -1,13 +1,17 @@
-"""Memory over a long search, and no untrusted pickle loaded anywhere in the project."""
+"""Memory over a long search, no untrusted pickle loaded anywhere in the project, a loopback-only dashboard."""
 
 from __future__ import annotations
 
 import ast
 import gc
 
+import optuna
+import pytest
+
 from autoprune.envs import LayerSparsityEnv
 from autoprune.studies.runner import SearchConfig, run_search
 from tests.conftest import REPO
+from tests.helpers import answers, free_port, running_dashboard
 
 
 def _rss_bytes() -> int:
@@ -15,6 +19,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+@pytest.mark.slow
 def test_200_episodes_keep_resident_memory_flat(tiny_task, tmp_path):
     env = LayerSparsityEnv(tiny_task, budget="0.5flops")
     storage = f"sqlite:///{tmp_path}/m.db"
@@ -63,13 +68,21 @@ def test_no_untrusted_pickle_is_loaded():
     assert offenders == []
 
 
-def test_dashboard_defaults_to_loopback():
-    from autoprune.cli import build_parser
+_SERVE_WITH_DEFAULTS = ("import sys; from autoprune.studies.report import serve_dashboard; "
+                        "serve_dashboard(sys.argv[1], port=int(sys.argv[2]))")
 
-    args = build_parser().parse_args(["dashboard"])
-    assert args.host == "127.0.0.1"
-    import inspect
 
-    from autoprune.studies.report import serve_dashboard
-
-    assert inspect.signature(serve_dashboard).parameters["host"].default == "127.0.0.1"
+@pytest.mark.parametrize("launch", ["cli", "api"])
+def test_dashboard_without_host_listens_on_loopback_only(launch, tmp_path):
+    """The dashboard has no authentication: with no host given, it must not be reachable from other
+    machines. A server bound to 127.0.0.1 refuses connections to 127.0.0.2; one bound to every
+    interface (0.0.0.0) would accept them."""
+    db = f"sqlite:///{tmp_path}/d.db"
+    optuna.create_study(study_name="d", storage=db)
+    port = free_port()
+    argv = (["-m", "autoprune.cli", "dashboard", "--storage", db, "--port", str(port)] if launch == "cli"
+            else ["-c", _SERVE_WITH_DEFAULTS, db, str(port)])
+    with running_dashboard(argv) as dash:
+        assert answers(f"http://127.0.0.1:{port}/api/studies")
+        assert not answers(f"http://127.0.0.2:{port}/api/studies"), "the dashboard listens beyond loopback"
+    assert "no authentication" not in dash.stderr  # the warning is for hosts other machines can reach

@@ -63,6 +63,7 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
         build_model("resnet18", ModelSpec(10, 3, 32, pretrained=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet56"])
 def test_shared_fixtures_load_strictly(shared, name):
     model = build_model(name, ModelSpec(10, 3, 32))

@@ -56,6 +56,7 @@ def _kill_after(proc, db, complete: int, delay: float, timeout: float = 300) -> 
     pytest.fail(f"search made no progress in {timeout}s: states {_states(db)}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("searcher", ["tpe", "ddpg"])
 def test_five_random_sigkills_then_resume(tmp_path, tiny_weights, searcher):
     """kill -9 at five random points (mid-episode, mid-write, between episodes), resume each time."""

@@ -39,6 +39,7 @@ def _check(study: optuna.Study, episodes: int) -> None:
     assert len({tuple(sorted(t.params.items())) for t in trials}) == episodes
 
 
+@pytest.mark.slow
 def test_four_workers_on_journal_storage(capsys, tmp_path, tiny_weights):
     storage = f"journal:///{tmp_path}/search.log"
     out = _four_workers(capsys, storage, "w", tiny_weights)
@@ -48,6 +49,7 @@ def test_four_workers_on_journal_storage(capsys, tmp_path, tiny_weights):
     _check(optuna.load_study(study_name="w", storage=open_storage(storage)), 16)
 
 
+@pytest.mark.slow
 def test_four_workers_on_postgresql(capsys, tiny_weights):
     url = os.environ.get("AUTOPRUNE_TEST_POSTGRES")
     if not url:
