@@ -33,6 +33,7 @@ def _search(user_task, tmp_path, **kw):
                             study_name="api", progress=False, **kw)
 
 
+@pytest.mark.slow
 def test_search_export_and_reload_a_user_model(user_task, tmp_path):
     result = _search(user_task, tmp_path)
     trials = result.study.trials
@@ -59,6 +60,7 @@ def test_search_export_and_reload_a_user_model(user_task, tmp_path):
     assert {u["name"]: u["kept"] for u in doc["units"]} == result.best_policy.widths
 
 
+@pytest.mark.slow
 def test_resume_and_load_refuse_other_weights(user_task, tmp_path):
     _search(user_task, tmp_path)
     model, example, score, calib = user_task

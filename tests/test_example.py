@@ -25,6 +25,7 @@ print(json.dumps({"miou": sum(ious) / 3, "shape": list(program(x).shape)}))
 """
 
 
+@pytest.mark.slow
 def test_segmentation_example_end_to_end(tmp_path):
     sys.path.insert(0, str(REPO / "examples"))
     try:
