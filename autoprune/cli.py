@@ -445,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _Help.full = bool({"-h", "--help"} & set(argv))
+    # a command's --help lists its registries' entries (importing them); the top-level one needs none
+    _Help.full = bool({"-h", "--help"} & set(argv[1:])) and argv[0] not in ("-h", "--help")
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
