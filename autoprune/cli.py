@@ -138,8 +138,9 @@ def _default_dataset(args: argparse.Namespace) -> str:
 
 
 def _absolute(path: str | None) -> str | None:
-    """Paths recorded in studies are absolute, so export and workers find them from anywhere."""
-    return str(Path(path).expanduser().resolve()) if path else None
+    """Paths recorded in studies are absolute, so export and workers find them from anywhere (a
+    path that does not exist stays as typed, for the error that names it)."""
+    return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
 
 
 def task_config(args: argparse.Namespace, reconstruct: str = "lsq"):

@@ -86,13 +86,13 @@ class Record:
 
     def mismatch(self, attrs: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
         """The first identity field that ``attrs`` records with another value, as
-        ``(key, theirs, mine)``; fields ``attrs`` lacks are not compared (a run killed while it
+        ``(name, theirs, mine)``; fields ``attrs`` lacks are not compared (a run killed while it
         wrote them)."""
         for f in dataclasses.fields(self):
             if f.metadata.get("identity"):
                 found, theirs = self.lookup(attrs, f.name)
                 if found and not f.metadata["equal"](theirs, getattr(self, f.name)):
-                    return self.key(f.name), theirs, getattr(self, f.name)
+                    return f.name, theirs, getattr(self, f.name)
         return None
 
     def same(self, attrs: Mapping[str, Any], which: str = "sibling") -> bool:

@@ -128,6 +128,6 @@ def check_fingerprint(built, recorded) -> None:
     different = built.mismatch(recorded.to_attrs())
     if different:
         key, theirs, mine = different
-        what = {"fingerprint.units_digest": "units"}.get(key, key)
+        what = {"units_digest": "units"}.get(key, key)
         raise AutopruneError(f"the rebuilt task's {what} differ from the study's ({theirs!r} searched, "
                              f"{mine!r} now); was the model, its weights or the data changed since the search?")

@@ -127,7 +127,7 @@ CASES = {
                                                     "--finetune-lr", "1e30"),
                                "fine-tuning loss became nan"),
     "workers-on-sqlite": (lambda f, db: _search(f, "--workers", "2"), "SQLite serves one writer"),
-    "zero-episodes": (lambda f, db: _search(f, "--episodes", "0"), "--episodes must be at least 1"),
+    "zero-episodes": (lambda f, db: _search(f, "--episodes", "0"), "episodes must be at least 1"),
     "imagefolder-without-dir": (lambda f, db: ["search", "--model", "resnet20", "--dataset", "imagefolder", "-q"],
                                 "imagefolder needs --data-dir"),
 }
