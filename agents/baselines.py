@@ -5,6 +5,10 @@ budget, then plays it as a single episode (through the action wall and the same 
 search), so comparisons are like for like.
 
 * ``uniform``: the same sparsity everywhere (the hand-tuned ratio users would otherwise use).
+* ``uncoupled``: the same sparsity for every unit that prunes one conv's outputs only (no add
+  ties them to another layer's), coupled groups kept whole; where that cannot meet the budget,
+  coupled groups are pruned too, uniformly, by what is left. On residual networks this is the
+  expert's rule (prune block-inner convs, keep the residual stream).
 * ``global``: one magnitude threshold across the network, on each channel's mean |w| over the
   coupled layers (each weight's |w| for unstructured units).
 * ``erk``: Erdos-Renyi-Kernel densities (Evci et al. 2020), density ~ (sum of dims) / (product).
@@ -105,6 +109,32 @@ class Uniform(Baseline):
         return np.full(env.n_units, uniform_sparsity(env))
 
 
+def uncoupled_units(env: LayerSparsityEnv) -> np.ndarray:
+    """Mask of units whose elements belong to one conv/linear layer only (no add or concat couples
+    them to another)."""
+    weighted = {lay.name for lay in env.table.layers if lay.kind in ("conv", "dwconv", "linear")}
+    return np.array([sum(m in weighted for m in u.members) == 1 for u in env.table.units])
+
+
+def uncoupled_policy(env: LayerSparsityEnv) -> np.ndarray:
+    """The ``uncoupled`` rule's sparsities (see module docstring)."""
+    free = uncoupled_units(env)
+    top = env.max_sparsity
+
+    def policy(knob: float) -> np.ndarray:  # [0, top]: uncoupled units; (top, 2 top]: coupled ones too
+        return np.where(free, min(knob, top), max(0.0, knob - top))
+
+    return _bisect(env, policy, env.min_sparsity, 2 * top)
+
+
+@SEARCHERS.register("uncoupled", help="uniform over units no add or concat couples; coupled groups kept whole")
+class Uncoupled(Baseline):
+    name = "uncoupled"
+
+    def policy(self, env):
+        return uncoupled_policy(env)
+
+
 @SEARCHERS.register("global", help="one global magnitude threshold across all units")
 class GlobalMagnitude(Baseline):
     name = "global"
@@ -138,3 +168,18 @@ class ERK(Baseline):
             return 1.0 - np.minimum(1.0, np.exp(-log_eps) * raw / raw.min())
 
         return _bisect(env, policy, -1e-9, 20.0)
+
+
+# The one-shot rules every search starts from, in the order they are played.
+PORTFOLIO = ("uncoupled", "uniform", "lamp", "erk", "global")
+
+
+def portfolio(env: LayerSparsityEnv) -> list[tuple[str, np.ndarray]]:
+    """Each rule of :data:`PORTFOLIO` and its requested per-unit sparsities, for ``env``'s budget;
+    a rule that asks for the same policy as an earlier one is left out."""
+    out: list[tuple[str, np.ndarray]] = []
+    for name in PORTFOLIO:
+        policy = np.asarray(SEARCHERS.get(name)().policy(env), dtype=np.float64)
+        if not any(np.allclose(policy, p) for _, p in out):
+            out.append((name, policy))
+    return out

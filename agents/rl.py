@@ -3,8 +3,10 @@
 stable-baselines3 owns the networks, the replay buffer and the gradient updates; this module
 supplies AMC's episode logic around them (He et al., ECCV 2018, and mit-han-lab/amc):
 
-* warm-up episodes of uniformly random actions (AMC used 100; here ``min(100, episodes // 4)``,
-  at least 5, unless ``warmup`` is given), with no updates; the replay buffer keeps the last
+* warm-up episodes with no updates (AMC used 100; here ``min(100, episodes // 4)``, at least 5,
+  unless ``warmup`` is given): the first play the one-shot rules of the portfolio
+  (:func:`~autoprune.agents.baselines.portfolio`), so the replay buffer starts with good policies
+  and the study holds them, the rest uniformly random actions; the replay buffer keeps the last
   2,000 episodes' transitions;
 * exploration by a truncated normal around the actor's action, sigma 0.5 of the sparsity range,
   decaying by x0.95 per episode after warm-up (SAC explores with its own stochastic policy);
@@ -123,6 +125,9 @@ class RLSearcher(Searcher):
         )
         self.model = self.algo("MlpPolicy", env, **kwargs)
         self.model.set_logger(configure(None, []))  # driven by hand: no learn(), no log files
+        from autoprune.agents.baselines import portfolio
+
+        self.portfolio = portfolio(env)  # the first warm-up episodes play the one-shot rules
         self.episode_index = 0
         self.rng = np.random.default_rng(self.seed)
 
@@ -151,8 +156,9 @@ class RLSearcher(Searcher):
     def episode(self, env: LayerSparsityEnv, trial: optuna.Trial | None) -> Episode:
         obs, _ = env.reset()
         steps, requested, info, reward, done = [], [], {}, 0.0, False
+        rule, plan = self.portfolio[self.episode_index] if self.episode_index < len(self.portfolio) else (None, None)
         while not done:
-            action = self.act(obs)
+            action = env.sparsity_to_action(plan[len(steps)]) if plan is not None else self.act(obs)
             next_obs, reward, done, _, info = env.step(action)
             steps.append((obs, action, next_obs, done))
             requested.append(info["requested"])
@@ -163,6 +169,8 @@ class RLSearcher(Searcher):
         if self.episode_index >= self.warmup:  # batches are drawn with replacement
             self.model.train(gradient_steps=len(steps), batch_size=self.batch_size)
         self.episode_index += 1
+        if rule is not None:
+            info = {**info, "rule": rule}
         return Episode(np.asarray(requested), float(reward), info)
 
     # -- persistence --------------------------------------------------------------------------------

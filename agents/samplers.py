@@ -2,8 +2,10 @@
 
 The parameters ``s/<unit>`` are requested sparsities in [min_sparsity, max_sparsity]; they pass
 through the env's action wall like any agent's actions, so every trial meets the budget. The
-uniform policy that meets the budget is enqueued as the first trial, so every sampler starts
-from the baseline it must beat.
+one-shot rules of the portfolio (:func:`~autoprune.agents.baselines.portfolio`) are enqueued as
+the first trials (each trial records its ``rule``), so every sampler starts from the rules it must
+beat and a search never ends below the best of them. (CMA-ES's own start, ``x0`` and ``sigma0``,
+is deprecated since Optuna 4.9, so it is not set: CMA-ES starts from the rules as every sampler.)
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ class SamplerSearcher(Searcher):
 
     def setup(self, env: LayerSparsityEnv, study: optuna.Study, episodes: int) -> None:
         if not study.trials:
-            from autoprune.agents.baselines import uniform_sparsity
+            from autoprune.agents.baselines import portfolio
 
-            s = uniform_sparsity(env)
-            study.enqueue_trial({param_name(u.name): s for u in env.table.units},
-                                user_attrs={"enqueued": "uniform"})
+            for rule, policy in portfolio(env):
+                study.enqueue_trial({param_name(u.name): float(s) for u, s in zip(env.table.units, policy)},
+                                    user_attrs={"rule": rule})
 
     def episode(self, env: LayerSparsityEnv, trial: optuna.Trial | None) -> Episode:
         assert trial is not None

@@ -276,6 +276,15 @@ def summary(result) -> str:
     lines.append(f"best: trial {best.number} ({a['searcher']}), proxy accuracy {a['accuracy']:.2%}"
                  + (f" (dense {dense:.2%})" if dense is not None else "")
                  + f", reward {a['reward']:+.4f}; cost ratios: {ratios} (budget {result.record.search.budget})")
+    from autoprune.studies.records import best_rule_trial
+
+    rule = best_rule_trial(study)
+    if rule is not None and rule.number != best.number:
+        r = rule.user_attrs
+        lines.append(f"best one-shot rule: {r['rule']} (trial {rule.number}), proxy accuracy {r['accuracy']:.2%}; "
+                     f"the search is {100 * (a['accuracy'] - r['accuracy']):+.2f} points past it")
+    elif rule is not None:
+        lines.append(f"the best trial is the one-shot rule {a['rule']}: the search has not beaten it yet")
     lines.append("per-unit sparsity (achieved -> kept width):")
     policy = result.policy(best)
     sizes = result.task().table.sizes()

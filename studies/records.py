@@ -155,6 +155,7 @@ class EpisodeRecord(Record):
     seconds: float
     eval_seconds: float
     reconstruction: dict | None = None
+    rule: str | None = None  # the one-shot rule this episode played (the portfolio every search starts from)
 
     @classmethod
     def of(cls, ep: Episode, searcher: str, index: int, uid: str, seconds: float) -> EpisodeRecord:
@@ -164,13 +165,14 @@ class EpisodeRecord(Record):
             accuracy=s["accuracy"], ratios=s["ratios"], reward=s["reward"], reward_parts=s["reward_parts"],
             within_budget=s["within_budget"], searcher=searcher, episode=index, uid=uid,
             seconds=round(seconds, 3), eval_seconds=round(s["eval_seconds"], 3),
-            reconstruction=s.get("reconstruction"),
+            reconstruction=s.get("reconstruction"), rule=s.get("rule"),
         )
 
     def to_attrs(self) -> dict[str, Any]:
         attrs = super().to_attrs()
-        if attrs["reconstruction"] is None:
-            del attrs["reconstruction"]
+        for key in ("reconstruction", "rule"):
+            if attrs[key] is None:
+                del attrs[key]
         return attrs
 
 
@@ -214,6 +216,12 @@ def best_trial(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> 
 def policy_of(trial: FrozenTrial) -> dict[str, float]:
     """The achieved per-unit sparsities of a trial."""
     return dict(trial.user_attrs["policy"])
+
+
+def best_rule_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best of the one-shot rules the search started from (trials that record a ``rule``)."""
+    rules = [t for t in completed(study) if t.user_attrs.get("rule")]
+    return best_trial(study, rules) if rules else None
 
 
 def pareto_front(trials: list[FrozenTrial], metric: str) -> list[FrozenTrial]:

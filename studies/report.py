@@ -17,7 +17,15 @@ from optuna.trial import TrialState
 
 from autoprune.errors import AutopruneError
 from autoprune.studies.export import policy_document
-from autoprune.studies.records import SearchSpec, StudyRecord, best_trial, completed, is_finite, pareto_front
+from autoprune.studies.records import (
+    SearchSpec,
+    StudyRecord,
+    best_rule_trial,
+    best_trial,
+    completed,
+    is_finite,
+    pareto_front,
+)
 from autoprune.studies.storage import open_storage
 
 BASELINES = ("uniform", "global", "erk", "lamp")
@@ -210,6 +218,16 @@ def _baseline_policy(sibs, name: str) -> dict | None:
     return None
 
 
+def _rule_line(study: optuna.Study, best) -> list[str]:
+    """How far past the best one-shot rule of its portfolio the search got."""
+    rule = best_rule_trial(study)
+    if rule is None:
+        return []
+    gain = 100 * (best.user_attrs["accuracy"] - rule.user_attrs["accuracy"])
+    return [f"- best one-shot rule: {rule.user_attrs['rule']} (trial {rule.number}), proxy accuracy "
+            f"{rule.user_attrs['accuracy']:.2%}; the best trial is {gain:+.2f} points past it", ""]
+
+
 def summary_markdown(study: optuna.Study, best, sibs) -> str:
     r = StudyRecord.of(study)
     task, fp, search = r.task, r.fingerprint, r.search
@@ -225,6 +243,7 @@ def summary_markdown(study: optuna.Study, best, sibs) -> str:
              f"- dense proxy accuracy {dense}",
              f"- trials: {len(completed(study))} complete of {len(study.trials)} "
              f"({sum(t.state == TrialState.FAIL for t in study.trials)} failed)", "",
+             *_rule_line(study, best),
              "## Best trial", "",
              f"trial {best.number}: proxy accuracy **{best.user_attrs['accuracy']:.2%}**, reward "
              f"{best.user_attrs['reward']:+.4f}, cost ratios "

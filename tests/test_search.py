@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from optuna.trial import TrialState
 
 from autoprune.agents import SEARCHERS
+from autoprune.agents.baselines import portfolio, uncoupled_policy, uncoupled_units
 from autoprune.envs import LayerSparsityEnv
 from autoprune.errors import AutopruneError
-from autoprune.studies.records import StudyRecord
+from autoprune.studies.records import StudyRecord, best_rule_trial, best_trial
 from autoprune.studies.runner import SearchConfig, run_search
 
 FAST_RL = {"ddpg", "td3", "sac"}
@@ -44,23 +46,47 @@ def test_every_searcher_records_episodes_that_meet_the_budget(tiny_task, tmp_pat
         assert trials[0].values[1] == trials[0].user_attrs["ratios"]["flops"]
 
 
-def test_samplers_start_from_the_uniform_policy(tiny_task, tmp_path):
+@pytest.mark.parametrize("searcher", [n for n in SEARCHERS.names() if not SEARCHERS.get(n).one_shot])
+def test_every_searcher_starts_from_the_portfolio_of_rules(tiny_task, tmp_path, searcher):
     env = LayerSparsityEnv(tiny_task, budget="0.5flops")
-    study = _run(env, tmp_path, "tpe", episodes=2).study
-    first = study.trials[0]
-    assert first.user_attrs.get("enqueued") == "uniform"
-    assert len(set(first.params.values())) == 1
+    rules = portfolio(env)
+    assert [name for name, _ in rules][:2] == ["uncoupled", "uniform"] and len(rules) >= 4
+    study = _run(env, tmp_path, searcher, episodes=len(rules) + 1).study
+    trials = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+    assert [t.user_attrs.get("rule") for t in trials] == [name for name, _ in rules] + [None]
+    for t, (name, policy) in zip(trials, rules):  # each rule played as its baseline plays it
+        (tmp_path / name).mkdir(exist_ok=True)
+        one_shot = _run(env, tmp_path / name, name).study.trials[0]
+        assert t.user_attrs["widths"] == one_shot.user_attrs["widths"], name
+        assert t.user_attrs["ratios"]["flops"] <= 0.5 + 1e-9
+        asked = [t.params[f"s/{u.name}"] for u in env.table.units]
+        assert np.allclose(asked, np.clip(policy, env.min_sparsity, env.max_sparsity), atol=1e-5), name
+    best, rule = best_trial(study), best_rule_trial(study)
+    assert best.user_attrs["reward"] >= rule.user_attrs["reward"]  # never below the best rule
+
+
+def test_uncoupled_rule_keeps_coupled_groups_whole_where_the_budget_allows(tiny_task):
+    env = LayerSparsityEnv(tiny_task, budget="0.7flops")
+    free = uncoupled_units(env)
+    assert free.any() and not free.all()  # TinyNet: a residual group and single-conv units
+    policy = uncoupled_policy(env)
+    assert (policy[~free] == 0).all() and (policy[free] > 0).all()
+    # a budget the single-conv units cannot meet alone, even at the most sparsity allowed
+    reach = env.cost.ratio(env.table.kept_all(np.where(free, env.max_sparsity, 0.0)))
+    tight = LayerSparsityEnv(tiny_task, budget=f"{0.9 * reach:.4f}flops")
+    policy = uncoupled_policy(tight)
+    assert (policy[~free] > 0).all() and np.allclose(policy[free], tight.max_sparsity)
 
 
 def test_baselines_differ_from_uniform_and_meet_budget(tiny_task, tmp_path):
     env = LayerSparsityEnv(tiny_task, budget="0.5flops")
     policies = {}
-    for name in ("uniform", "global", "erk", "lamp"):
+    for name in ("uniform", "uncoupled", "global", "erk", "lamp"):
         t = _run(env, tmp_path, name).study.trials[0]
         policies[name] = t.user_attrs["policy"]
         # the knob is tight: not far under the budget either
         assert 0.45 <= t.user_attrs["ratios"]["flops"] <= 0.5
-    assert len({tuple(p.values()) for p in policies.values()}) == 4
+    assert len({tuple(p.values()) for p in policies.values()}) == 5
 
 
 def test_existing_study_needs_resume_and_the_same_task(tiny_task, tmp_path):
