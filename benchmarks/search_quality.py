@@ -1,13 +1,17 @@
 """Search quality on a CIFAR-10 fixture: searchers against baselines at equal episode budgets.
 
-    python -m benchmarks.search_quality --model resnet56 --budget 0.5flops --episodes 100 \\
-        --searchers uniform,erk,lamp,global,random,tpe,ddpg --seeds 0,1,2
+    python -m benchmarks.search_quality --model resnet56 --budget 0.5flops --episodes 200 \\
+        --searchers uncoupled,uniform,erk,lamp,global,tpe,cmaes,random --seeds 0,1,2 \\
+        --storage sqlite:////path/kept/between/runs.db --out results.json
 
 Every searcher runs on the same task (same split, same reconstruction and BN recalibration, same
 importance), each (searcher, seed) in its own study of one SQLite file. The best trial of each
 study (by reward, within budget) is pruned again, reconstructed and recalibrated as its episode
 was, and scored on the 10,000 test images. Prints a
-markdown table (mean and spread over seeds) and writes every figure to a JSON file.
+markdown table (mean and spread over seeds, and each searcher against the best one-shot rule on
+test accuracy) and writes every figure to a JSON file after each search, so a long run killed
+part-way keeps what it finished; run it again with the same ``--storage`` and it resumes every
+study where it stopped.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def main() -> None:
     ap.add_argument("--model", default="resnet56")
     ap.add_argument("--budget", default="0.5flops")
     ap.add_argument("--episodes", type=int, default=100)
-    ap.add_argument("--searchers", default="uniform,erk,lamp,global,random,tpe,ddpg")
+    ap.add_argument("--searchers", default="uncoupled,uniform,erk,lamp,global,random,tpe,ddpg")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--search-val-size", type=int, default=1000)
     ap.add_argument("--calib-batches", type=int, default=10)
@@ -73,11 +77,11 @@ def main() -> None:
             rows.append(row)
             print(f"{name:8s} seed {seed}: proxy {row['proxy_acc']:.4f} test {row['test_acc']:.4f} "
                   f"flops {row['ratios']['flops']:.3f} ({row['seconds']:.0f}s)", flush=True)
+            if args.out:  # after every search: a run killed part-way keeps what it finished
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine(),
+                                                      "dense_test": dense_test, "rows": rows}, indent=1))
     print(table(rows, dense_test))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine(),
-                                              "dense_test": dense_test, "rows": rows}, indent=1))
 
 
 def sd(xs: list[float]) -> float:
@@ -85,16 +89,20 @@ def sd(xs: list[float]) -> float:
 
 
 def table(rows: list[dict], dense_test: float) -> str:
-    uniform = [r["test_acc"] for r in rows if r["searcher"] == "uniform"]
-    lines = [f"dense test accuracy {dense_test:.2%}", "",
-             "| searcher | seeds | proxy acc (mean ± sd) | test acc (mean ± sd) | vs uniform (test, points) "
+    from autoprune.agents.baselines import PORTFOLIO
+
+    rules = [r for r in rows if r["searcher"] in PORTFOLIO]
+    best_rule = max(rules, key=lambda r: r["test_acc"]) if rules else None
+    lines = [f"dense test accuracy {dense_test:.2%}"
+             + (f"; best one-shot rule: {best_rule['searcher']}" if best_rule else ""), "",
+             "| searcher | seeds | proxy acc (mean ± sd) | test acc (mean ± sd) | vs best rule (test, points) "
              "| FLOPs ratio |", "|---|---|---|---|---|---|"]
     names = list(dict.fromkeys(r["searcher"] for r in rows))
     for name in names:
         rs = [r for r in rows if r["searcher"] == name]
         p = [r["proxy_acc"] for r in rs]
         t = [r["test_acc"] for r in rs]
-        delta = (statistics.mean(t) - uniform[0]) * 100 if uniform else float("nan")
+        delta = (statistics.mean(t) - best_rule["test_acc"]) * 100 if best_rule else float("nan")
         lines.append(f"| {name} | {len(rs)} | {statistics.mean(p):.2%} ± {sd(p):.2%} | "
                      f"{statistics.mean(t):.2%} ± {sd(t):.2%} | {delta:+.2f} | "
                      f"{statistics.mean(r['ratios']['flops'] for r in rs):.3f} |")
