@@ -28,7 +28,8 @@ from autoprune.envs import LayerSparsityEnv
 
 
 def _meets(env: LayerSparsityEnv, sparsity: np.ndarray) -> bool:
-    kept = env.table.kept_all(np.clip(sparsity, env.min_sparsity, env.max_sparsity))
+    # as the env will play it: each unit in its range, units that share a sparsity at their leader's
+    kept = env.table.kept_all(np.clip(sparsity, env.space.low, env.space.high)[env.space.leader])
     return env.cost.ratio(kept) <= env.budget.ratio + 1e-9
 
 
@@ -36,20 +37,21 @@ def _bisect(env: LayerSparsityEnv, policy_of: Callable[[float], np.ndarray], lo:
             iters: int = 60) -> np.ndarray:
     """Smallest knob in [lo, hi] whose policy meets the budget (policies grow sparser with it)."""
     if _meets(env, policy_of(lo)):
-        return np.clip(policy_of(lo), env.min_sparsity, env.max_sparsity)
+        return np.clip(policy_of(lo), env.space.low, env.space.high)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         if _meets(env, policy_of(mid)):
             hi = mid
         else:
             lo = mid
-    return np.clip(policy_of(hi), env.min_sparsity, env.max_sparsity)
+    return np.clip(policy_of(hi), env.space.low, env.space.high)
 
 
-def uniform_sparsity(env: LayerSparsityEnv) -> float:
-    """The least uniform sparsity that meets the budget (max_sparsity if none below does)."""
+def uniform_policy(env: LayerSparsityEnv) -> np.ndarray:
+    """The least uniform sparsity that meets the budget (max_sparsity if none below does), each
+    unit held to its range."""
     n = env.n_units
-    return float(_bisect(env, lambda s: np.full(n, s), env.min_sparsity, env.max_sparsity)[0])
+    return _bisect(env, lambda s: np.full(n, s), env.min_sparsity, env.max_sparsity)
 
 
 def _element_scores(env: LayerSparsityEnv, squared: bool) -> list[np.ndarray]:
@@ -106,7 +108,7 @@ class Uniform(Baseline):
     name = "uniform"
 
     def policy(self, env):
-        return np.full(env.n_units, uniform_sparsity(env))
+        return uniform_policy(env)
 
 
 def uncoupled_units(env: LayerSparsityEnv) -> np.ndarray:

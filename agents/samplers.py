@@ -35,15 +35,17 @@ class SamplerSearcher(Searcher):
         if not study.trials:
             from autoprune.agents.baselines import portfolio
 
+            units, leaders = env.table.units, env.space.leaders
             for rule, policy in portfolio(env):
-                study.enqueue_trial({param_name(u.name): float(s) for u, s in zip(env.table.units, policy)},
+                study.enqueue_trial({param_name(units[u].name): float(policy[u]) for u in leaders},
                                     user_attrs={"rule": rule})
 
     def episode(self, env: LayerSparsityEnv, trial: optuna.Trial | None) -> Episode:
         assert trial is not None
-        requested = [trial.suggest_float(param_name(u.name), env.min_sparsity, env.max_sparsity)
-                     for u in env.table.units]
-        return run_policy(env, requested)
+        space, units = env.space, env.table.units
+        asked = {u: trial.suggest_float(param_name(units[u].name), space.low[u], space.high[u])
+                 for u in space.leaders}  # units that share a sparsity take their leader's
+        return run_policy(env, [asked[space.leader[u]] for u in range(len(units))])
 
 
 def _startup(env: LayerSparsityEnv) -> int:

@@ -69,7 +69,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
            data_name: str = "custom", searcher: str = "tpe", episodes: int = 60, seed: int = 0,
            storage: str = DEFAULT_STORAGE, study_name: str | None = None, resume: bool = False,
            workers: int = 1, state_dir: str | None = None, reward: str = "acc", reward_lambda: float = 1.0,
-           min_sparsity: float = 0.0, max_sparsity: float = 0.8, latency_batch: int = 1,
+           min_sparsity: float = 0.0, max_sparsity: float = 0.8, ranges: Iterable[str] = (),
+           share: Iterable[str] = (), latency_batch: int = 1,
            latency_threads: int | None = None, searcher_options: dict | None = None,
            progress: bool = True, command: str = "", before_work: Callable[[], object] | None = None,
            **task_settings) -> SearchResult:
@@ -96,6 +97,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
         workers: processes on one study (samplers; journal or PostgreSQL storage; TaskConfig only).
         reward, reward_lambda, min_sparsity, max_sparsity, latency_batch, latency_threads: the
             environment's settings (:class:`~autoprune.envs.LayerSparsityEnv`).
+        ranges: per-unit bounds, ``"PATTERN=LO:HI"`` or ``"PATTERN=V"`` (fnmatch on unit names).
+        share: ``"PATTERN"`` or ``"stage"``: units that take one sparsity (:mod:`autoprune.envs.space`).
         searcher_options: e.g. ``{"warmup": 100}`` for RL agents.
         command: the command line to record with the study (the CLI's own).
         before_work: called once every cheap check passed, before any data is loaded or model
@@ -113,6 +116,11 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
 
     # cheap checks first: a typo must not cost a baseline training or a data download
     parsed = parse_budget(budget)
+    from autoprune.envs.space import parse_range
+
+    ranges, share = tuple(ranges), tuple(share)
+    for entry in ranges:  # the patterns are matched once the model is traced
+        parse_range(entry)
     SEARCHERS.get(searcher)
     REWARDS.get(reward)
     if episodes < 1:
@@ -127,7 +135,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
         before_work()
     task = make_task(model, example_inputs, score, calib, test_score, data_name, progress, **task_settings)
     env = LayerSparsityEnv(task, budget=parsed, reward=reward, reward_lambda=reward_lambda,
-                           min_sparsity=min_sparsity, max_sparsity=max_sparsity, latency_batch=latency_batch,
+                           min_sparsity=min_sparsity, max_sparsity=max_sparsity, ranges=tuple(ranges),
+                           share=tuple(share), latency_batch=latency_batch,
                            latency_threads=latency_threads, progress=progress)
     config = SearchConfig(searcher=searcher, storage=storage, episodes=episodes, seed=seed,
                           study_name=study_name, resume=resume, state_dir=state_dir,

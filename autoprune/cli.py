@@ -255,7 +255,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         config, budget=args.budget, searcher=args.searcher, episodes=args.episodes, seed=args.seed,
         storage=args.storage, study_name=args.study_name, resume=args.resume, workers=args.workers,
         state_dir=args.state_dir, reward=args.reward, reward_lambda=args.reward_lambda,
-        min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, latency_batch=args.latency_batch[0],
+        min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, ranges=args.ranges, share=args.share,
+        latency_batch=args.latency_batch[0],
         latency_threads=args.latency_threads,
         searcher_options={"warmup": args.warmup} if args.warmup is not None else None,
         progress=not args.quiet, command=" ".join(shlex.quote(a) for a in ["autoprune", *args.argv]),
@@ -404,7 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward-lambda", type=float, default=1.0, help="penalty weight of acc-penalty")
     g.add_argument("--min-sparsity", type=float, default=0.0)
     g.add_argument("--max-sparsity", type=float, default=0.8)
-    g.add_argument("--warmup", type=int, default=None, help="RL warm-up episodes of random actions")
+    g.add_argument("--range", action="append", default=[], metavar="PATTERN=LO:HI", dest="ranges",
+                   help="bound the sparsity of the units matching PATTERN (fnmatch), or fix it with "
+                        "PATTERN=V, e.g. 'layer1.*=0:0.3', 'conv1=0' (repeatable; later ones win)")
+    g.add_argument("--share", action="append", default=[], metavar="PATTERN|stage",
+                   help="units matching PATTERN take one sparsity; 'stage' shares within each first "
+                        "name component (layer1, layer2, ...) (repeatable)")
+    g.add_argument("--warmup", type=int, default=None,
+                   help="RL warm-up episodes: the one-shot rules, then random actions")
     add_latency_args(p, "a latency budget is measured at (one)")
     s = p.add_argument_group("study")
     _storage_arg(s)

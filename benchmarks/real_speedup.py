@@ -18,7 +18,7 @@ import numpy as np
 import optuna
 import torch
 
-from autoprune.agents.baselines import uniform_sparsity
+from autoprune.agents.baselines import uniform_policy
 from autoprune.envs import LayerSparsityEnv
 from autoprune.latency import measure_ratio
 from autoprune.policy import Policy
@@ -44,7 +44,7 @@ def main() -> None:
     policies = {}
     for budget in ("0.75flops", "0.5flops", "0.25flops"):
         env = LayerSparsityEnv(task, budget=budget)
-        policies[f"uniform {budget}"] = task.table.kept_all(np.full(env.n_units, uniform_sparsity(env)))
+        policies[f"uniform {budget}"] = task.table.kept_all(uniform_policy(env))
     if args.quality:
         rows = json.loads(Path(args.quality).read_text())["rows"]
         for name in dict.fromkeys(r["searcher"] for r in rows):

@@ -12,6 +12,7 @@ The last step's ``info`` holds the policy, proxy accuracy, cost ratios and the r
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -21,6 +22,7 @@ from gymnasium import spaces
 from autoprune.budget import Budget, parse_budget
 from autoprune.costs import COST_MODELS, CostModel, closed_form
 from autoprune.envs.rewards import REWARDS, Outcome
+from autoprune.envs.space import SearchSpace
 from autoprune.envs.state import N_FEATURES, observation, rest_flops, static_features
 from autoprune.envs.wall import ActionWall
 from autoprune.errors import AutopruneError
@@ -47,6 +49,7 @@ class LayerSparsityEnv(gym.Env):
         reward: a name in :data:`~autoprune.envs.rewards.REWARDS`.
         reward_lambda: the penalty weight of ``acc-penalty``.
         min_sparsity, max_sparsity: the range actions are rescaled to.
+        ranges, share: per-unit bounds and shared sparsities (:mod:`autoprune.envs.space`).
         latency_batch, latency_threads: what latency budgets are measured for.
         progress: let the task and latency table show progress bars.
     """
@@ -57,7 +60,7 @@ class LayerSparsityEnv(gym.Env):
                  reward: str = "acc", reward_lambda: float = 1.0, min_sparsity: float = 0.0,
                  max_sparsity: float = 0.8, latency_batch: int = 1,
                  latency_threads: int | None = None, progress: bool = False,
-                 **task_kwargs: Any) -> None:
+                 ranges: Sequence[str] = (), share: Sequence[str] = (), **task_kwargs: Any) -> None:
         super().__init__()
         self.budget = budget if isinstance(budget, Budget) else parse_budget(budget)
         self.reward_fn = REWARDS.get(reward)
@@ -76,8 +79,10 @@ class LayerSparsityEnv(gym.Env):
         self.task = task
         self.table = task.table
         self.n_units = len(self.table.units)
+        self.space = SearchSpace.build(self.table, min_sparsity, max_sparsity, ranges, share)
+        self.ranges, self.share = tuple(ranges), tuple(share)
         self.cost = make_cost_model(task, self.budget, latency_batch, latency_threads, progress)
-        self.wall = ActionWall(self.table, self.cost, self.budget.ratio, min_sparsity, max_sparsity)
+        self.wall = ActionWall(self.table, self.cost, self.budget.ratio, self.space.low, self.space.high)
         self.wall.check_feasible()
         self.min_sparsity, self.max_sparsity = min_sparsity, max_sparsity
         self.latency_batch, self.latency_threads = latency_batch, latency_threads
@@ -87,16 +92,21 @@ class LayerSparsityEnv(gym.Env):
         self.observation_space = spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
         self._t = 0
         self._kept = self.table.sizes().copy()
+        self._requested = np.zeros(self.n_units)
         self.episodes = 0
 
     # -- pure helpers ---------------------------------------------------------------------------
-    def action_to_sparsity(self, action) -> float:
+    def action_to_sparsity(self, action, t: int | None = None) -> float:
+        """Action in [-1, 1] to unit ``t``'s sparsity range (the unit about to be decided)."""
+        t = self._t if t is None else t
+        lo, hi = self.space.low[t], self.space.high[t]
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
-        return self.min_sparsity + (a + 1.0) / 2.0 * (self.max_sparsity - self.min_sparsity)
+        return float(lo + (a + 1.0) / 2.0 * (hi - lo))
 
-    def sparsity_to_action(self, sparsity: float) -> np.ndarray:
-        span = max(self.max_sparsity - self.min_sparsity, 1e-12)
-        a = 2.0 * (float(sparsity) - self.min_sparsity) / span - 1.0
+    def sparsity_to_action(self, sparsity: float, t: int | None = None) -> np.ndarray:
+        t = self._t if t is None else t
+        lo, hi = self.space.low[t], self.space.high[t]
+        a = 2.0 * (float(sparsity) - lo) / max(hi - lo, 1e-12) - 1.0
         return np.array([np.clip(a, -1.0, 1.0)], dtype=np.float32)
 
     def _obs(self) -> np.ndarray:
@@ -115,7 +125,9 @@ class LayerSparsityEnv(gym.Env):
 
     def step(self, action):
         t = self._t
-        decision = self.wall.decide(self._kept, t, self.action_to_sparsity(action))
+        lead = self.space.leader[t]  # a unit that shares its sparsity takes its leader's request
+        self._requested[t] = self.action_to_sparsity(action) if lead == t else self._requested[lead]
+        decision = self.wall.decide(self._kept, t, self._requested[t])
         self._kept[t] = decision.kept
         info = {"unit": self.table.units[t].name, "step": t, "requested": decision.requested,
                 "sparsity": decision.achieved, "kept": decision.kept, "clipped": decision.clipped}
@@ -169,5 +181,5 @@ class LayerSparsityEnv(gym.Env):
         """Run the wall over a whole requested policy at once (what one episode would do)."""
         kept = self.table.sizes().copy()
         for t in range(self.n_units):
-            kept[t] = self.wall.decide(kept, t, float(sparsity[t])).kept
+            kept[t] = self.wall.decide(kept, t, float(sparsity[self.space.leader[t]])).kept
         return kept

@@ -34,14 +34,16 @@ class ActionWall:
         table: the unit table (sizes, rounding).
         cost: the budget's cost model.
         budget: the fraction of the dense cost that may be kept.
-        min_sparsity, max_sparsity: the range every unit's sparsity is taken from.
+        low, high: the range each unit's sparsity is taken from (a number for every unit, or one
+            per unit).
     """
 
-    def __init__(self, table: UnitTable, cost: CostModel, budget: float,
-                 min_sparsity: float, max_sparsity: float) -> None:
+    def __init__(self, table: UnitTable, cost: CostModel, budget: float, low, high) -> None:
         self.table, self.cost, self.budget = table, cost, budget
-        self.min_sparsity, self.max_sparsity = min_sparsity, max_sparsity
-        self.floor = np.array([table.kept(u.index, max_sparsity) for u in table.units], dtype=np.int64)
+        n = len(table.units)
+        self.low = np.broadcast_to(np.asarray(low, dtype=np.float64), (n,))
+        self.high = np.broadcast_to(np.asarray(high, dtype=np.float64), (n,))
+        self.floor = np.array([table.kept(u.index, self.high[u.index]) for u in table.units], dtype=np.int64)
         self.lowest = cost.ratio(self.floor)
         # tolerance for float round-off in the closed form, far below one channel's worth
         self.eps = 1e-9
@@ -51,9 +53,9 @@ class ActionWall:
         if self.lowest > self.budget + self.eps:
             raise AutopruneError(
                 f"budget {self.budget:g}{self.cost.metric} is out of reach: with max sparsity "
-                f"{self.max_sparsity:g} on every unit the model keeps {self.lowest:.4f} of its "
-                f"dense {self.cost.metric}; ask for at least {self.lowest:.4f}{self.cost.metric} "
-                "or raise --max-sparsity"
+                f"{self.high.max():g} on every unit (less where --range says) the model keeps "
+                f"{self.lowest:.4f} of its dense {self.cost.metric}; ask for at least "
+                f"{self.lowest:.4f}{self.cost.metric}, or raise --max-sparsity or the --range bounds"
             )
 
     def decide(self, kept: np.ndarray, t: int, requested: float) -> WallDecision:
@@ -68,11 +70,11 @@ class ActionWall:
             probe[t] = self.table.kept(t, s)
             return self.cost.ratio(probe) <= self.budget + self.eps
 
-        s = float(np.clip(requested, self.min_sparsity, self.max_sparsity))
+        s = float(np.clip(requested, self.low[t], self.high[t]))
         clipped = False
         if not feasible(s):
             clipped = True
-            lo, hi = s, self.max_sparsity  # infeasible at lo, feasible at hi (by induction)
+            lo, hi = s, float(self.high[t])  # infeasible at lo, feasible at hi (by induction)
             for _ in range(50):  # kept(s) is a step function: 50 halvings find its step exactly
                 mid = 0.5 * (lo + hi)
                 if feasible(mid):

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
@@ -48,6 +49,7 @@ class SearchSpec(Record):
         reward: a registered reward; ``reward_lambda`` its penalty weight.
         min_sparsity, max_sparsity: the range of each unit's sparsity.
         latency_batch, latency_threads: what latency budgets are measured for.
+        ranges, share: per-unit sparsity bounds and shared sparsities (:mod:`autoprune.envs.space`).
         options: searcher options (e.g. ``{"warmup": 100}`` for RL agents).
     """
 
@@ -63,6 +65,8 @@ class SearchSpec(Record):
     max_sparsity: float = spec(0.8, identity=True)
     latency_batch: int = spec(1, identity=True, legacy=1)
     latency_threads: int | None = spec(None, legacy=None)
+    ranges: tuple[str, ...] = spec((), identity=True, legacy=())
+    share: tuple[str, ...] = spec((), identity=True, legacy=())
     options: dict = spec(default_factory=dict, legacy={})
 
     def parsed_budget(self) -> Budget:
@@ -180,17 +184,26 @@ def episode_attrs(ep: Episode, searcher: str, index: int, uid: str, seconds: flo
     return EpisodeRecord.of(ep, searcher, index, uid, seconds).to_attrs()
 
 
-def frozen_record(ep: Episode, unit_names: list[str], low: float, high: float, values: list[float],
+def frozen_record(ep: Episode, unit_names: list[str], low, high, values: list[float],
                   attrs: dict) -> dict:
-    """A complete trial as plain data (JSON-able), to add to a study with :func:`add_record`."""
-    params = {param_name(n): float(min(max(r, low), high)) for n, r in zip(unit_names, ep.requested)}
-    return {"params": params, "low": low, "high": high, "values": values, "user_attrs": attrs}
+    """A complete trial as plain data (JSON-able), to add to a study with :func:`add_record`;
+    ``low`` and ``high`` bound each unit's parameter (one number for all, or one per unit)."""
+    n = len(unit_names)
+    lows = [float(v) for v in np.broadcast_to(np.asarray(low, dtype=np.float64), (n,))]
+    highs = [float(v) for v in np.broadcast_to(np.asarray(high, dtype=np.float64), (n,))]
+    params = {param_name(name): float(min(max(r, lo), hi))
+              for name, r, lo, hi in zip(unit_names, ep.requested, lows, highs)}
+    return {"params": params, "low": lows, "high": highs, "values": values, "user_attrs": attrs}
 
 
 def add_record(study: optuna.Study, record: dict) -> None:
-    dist = FloatDistribution(record["low"], record["high"])
+    names = list(record["params"])
+    # a record saved before per-unit bounds holds one number for all units
+    lows = record["low"] if isinstance(record["low"], list) else [record["low"]] * len(names)
+    highs = record["high"] if isinstance(record["high"], list) else [record["high"]] * len(names)
     study.add_trial(optuna.trial.create_trial(
-        params=record["params"], distributions={k: dist for k in record["params"]},
+        params=record["params"],
+        distributions={k: FloatDistribution(lo, hi) for k, lo, hi in zip(names, lows, highs)},
         values=record["values"], user_attrs=record["user_attrs"],
     ))
 

@@ -112,6 +112,7 @@ def search_spec(env: LayerSparsityEnv, config: SearchConfig) -> SearchSpec:
         budget=str(env.budget), searcher=config.searcher, episodes=config.episodes, seed=config.seed,
         reward=env.reward_name, reward_lambda=env.reward_lambda, min_sparsity=env.min_sparsity,
         max_sparsity=env.max_sparsity, latency_batch=env.latency_batch, latency_threads=env.latency_threads,
+        ranges=env.ranges, share=env.share,
         options=dict(config.searcher_options),
     )
 
@@ -243,7 +244,7 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
             else:
                 ep = searcher.episode(env, None)
                 attrs = episode_attrs(ep, config.searcher, done + new, uid, time.perf_counter() - start)
-                record = frozen_record(ep, names, env.min_sparsity, env.max_sparsity, searcher.values(ep),
+                record = frozen_record(ep, names, env.space.low, env.space.high, searcher.values(ep),
                                        attrs | {"worker": me})
                 searcher.save(state_dir, pending=record)
                 add_record(study, record)

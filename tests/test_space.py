@@ -1,0 +1,56 @@
+"""--range and --share: per-unit bounds and shared sparsities, kept by every searcher and the wall."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from autoprune.envs import LayerSparsityEnv
+from autoprune.errors import AutopruneError
+from autoprune.studies.records import StudyRecord
+from autoprune.studies.runner import SearchConfig, run_search
+
+# TinyNet's units: stem.0 (a residual group), block.0, branch_a.0, branch_b.0, head.0
+RANGES = ("block.*=0.1:0.3", "stem.*=0")
+SHARE = ("branch_*",)
+
+
+def _search(env, tmp_path, searcher, episodes):
+    options = {"warmup": 2} if searcher == "ddpg" else {}
+    return run_search(env, SearchConfig(searcher=searcher, episodes=episodes, progress=False,
+                                        storage=f"sqlite:///{tmp_path}/s.db", searcher_options=options))
+
+
+@pytest.mark.parametrize("searcher", ["tpe", "ddpg"])
+def test_ranges_and_shares_hold_in_every_episode(tiny_task, tmp_path, searcher):
+    env = LayerSparsityEnv(tiny_task, budget="0.6flops", ranges=RANGES, share=SHARE)
+    names = env.table.names
+    study = _search(env, tmp_path, searcher, episodes=10).study
+    assert StudyRecord.of(study).search.ranges == RANGES and StudyRecord.of(study).search.share == SHARE
+    a, b = names.index("branch_a.0"), names.index("branch_b.0")
+    for t in study.trials:
+        achieved = t.user_attrs["policy"]
+        assert t.user_attrs["ratios"]["flops"] <= 0.6 + 1e-9
+        assert achieved["stem.0"] == 0.0  # fixed by --range: never pruned, the wall included
+        # the wall may only raise a sparsity to its unit's top; widths round to the nearest channel
+        assert 0.1 - 0.5 / 16 <= achieved["block.0"] <= 0.3 + 0.5 / 16
+        asked = t.params
+        if searcher == "tpe":  # one parameter for the shared pair: the follower has none
+            assert f"s/{names[a]}" in asked and f"s/{names[b]}" not in asked
+        else:  # the agent's request for the follower is its leader's
+            assert asked[f"s/{names[a]}"] == pytest.approx(asked[f"s/{names[b]}"], abs=1e-6)
+        # the follower achieves its leader's sparsity, or more where the wall had to raise it
+        assert achieved["branch_b.0"] >= achieved["branch_a.0"] - 0.5 / 8 - 1e-9
+
+
+def test_share_by_stage_and_bad_ranges(tiny_task):
+    env = LayerSparsityEnv(tiny_task, budget="0.6flops", share=("stage",))
+    assert env.space.leaders == list(range(env.n_units))  # TinyNet's names share no first component
+    fixed = LayerSparsityEnv(tiny_task, budget="0.9flops", ranges=("*=0.2",))
+    assert np.all(fixed.space.low == 0.2) and np.all(fixed.space.high == 0.2)
+    for bad, match in (("block.*=0.5:0.2", "LO <= HI"), ("block.*", "PATTERN=LO:HI"),
+                       ("nothing*=0.1", "matches no unit"), ("block.*=1.5", "LO <= HI")):
+        with pytest.raises(AutopruneError, match=match):
+            LayerSparsityEnv(tiny_task, budget="0.6flops", ranges=(bad,))
+    with pytest.raises(AutopruneError, match="out of reach.*--range"):
+        LayerSparsityEnv(tiny_task, budget="0.3flops", ranges=("*=0:0.05",))
