@@ -36,7 +36,7 @@ class SamplerSearcher(Searcher):
             from autoprune.agents.baselines import portfolio
 
             units, leaders = env.table.units, env.space.leaders
-            for rule, policy in portfolio(env):
+            for rule, policy in portfolio(env)[:episodes]:  # a short search plays the first rules only
                 study.enqueue_trial({param_name(units[u].name): float(policy[u]) for u in leaders},
                                     user_attrs={"rule": rule})
 

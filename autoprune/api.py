@@ -72,6 +72,7 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
            min_sparsity: float = 0.0, max_sparsity: float = 0.8, ranges: Iterable[str] = (),
            share: Iterable[str] = (), latency_batch: int = 1,
            latency_threads: int | None = None, searcher_options: dict | None = None,
+           early_stop: str | None = None,
            progress: bool = True, command: str = "", before_work: Callable[[], object] | None = None,
            **task_settings) -> SearchResult:
     """Search per-unit sparsities of ``model`` that meet ``budget``; every episode is one trial of
@@ -100,6 +101,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
         ranges: per-unit bounds, ``"PATTERN=LO:HI"`` or ``"PATTERN=V"`` (fnmatch on unit names).
         share: ``"PATTERN"`` or ``"stage"``: units that take one sparsity (:mod:`autoprune.envs.space`).
         searcher_options: e.g. ``{"warmup": 100}`` for RL agents.
+        early_stop: ``median`` or ``halving``: score search-val in chunks and let an Optuna pruner
+            stop a trailing policy (samplers; such trials are PRUNED and never exported).
         command: the command line to record with the study (the CLI's own).
         before_work: called once every cheap check passed, before any data is loaded or model
             built (the CLI prints its notes there, so a typo gets one line and nothing else).
@@ -125,6 +128,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
     REWARDS.get(reward)
     if episodes < 1:
         raise AutopruneError("episodes must be at least 1")
+    if early_stop not in (None, "median", "halving"):
+        raise AutopruneError(f"unknown early_stop {early_stop!r}; choose median or halving")
     if workers < 1:
         raise AutopruneError("workers must be at least 1")
     check_workers(searcher, storage, workers)
@@ -140,7 +145,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
                            latency_threads=latency_threads, progress=progress)
     config = SearchConfig(searcher=searcher, storage=storage, episodes=episodes, seed=seed,
                           study_name=study_name, resume=resume, state_dir=state_dir,
-                          searcher_options=dict(searcher_options or {}), progress=progress, command=command)
+                          searcher_options=dict(searcher_options or {}), early_stop=early_stop,
+                          progress=progress, command=command)
     if workers > 1:
         from autoprune.studies.workers import run_workers
 

@@ -259,6 +259,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         latency_batch=args.latency_batch[0],
         latency_threads=args.latency_threads,
         searcher_options={"warmup": args.warmup} if args.warmup is not None else None,
+        early_stop=args.early_stop,
         progress=not args.quiet, command=" ".join(shlex.quote(a) for a in ["autoprune", *args.argv]),
         before_work=None if dataset_given else lambda: _default_dataset(args),
     )
@@ -411,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--share", action="append", default=[], metavar="PATTERN|stage",
                    help="units matching PATTERN take one sparsity; 'stage' shares within each first "
                         "name component (layer1, layer2, ...) (repeatable)")
+    g.add_argument("--early-stop", default=None, choices=("median", "halving"),
+                   help="score search-val in chunks (--eval-batch-size images each) and let an Optuna "
+                        "pruner stop a policy that trails after a chunk: median or halving (successive "
+                        "halving). Stopped trials are recorded as PRUNED and never exported (samplers only)")
     g.add_argument("--warmup", type=int, default=None,
                    help="RL warm-up episodes: the one-shot rules, then random actions")
     add_latency_args(p, "a latency budget is measured at (one)")

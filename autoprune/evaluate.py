@@ -66,18 +66,23 @@ def accuracy(model: nn.Module, split: TensorSplit, batch_size: int = 500,
     return accuracy_on(model, split.batches(batch_size), device)
 
 
-@torch.no_grad()
-def accuracy_on(model: nn.Module, batches: Iterable, device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy over ``(x, y)`` batches (a DataLoader or a split's batches)."""
+def running_accuracy(model: nn.Module, batches: Iterable, device: str | torch.device = "cpu"):
+    """Top-1 accuracy over ``(x, y)`` batches, yielded after each batch (the accuracy so far)."""
     model.eval()
     correct = total = 0
-    for x, y in batches:
-        logits = model(x.to(device, non_blocking=True))
-        _check_finite(logits)
-        correct += int((logits.argmax(1).cpu() == y).sum())
-        total += len(y)
+    with torch.no_grad():
+        for x, y in batches:
+            logits = model(x.to(device, non_blocking=True))
+            _check_finite(logits)
+            correct += int((logits.argmax(1).cpu() == y).sum())
+            total += len(y)
+            yield correct / total
     if total == 0:
         raise AutopruneError("evaluation split is empty")
-    acc = correct / total
+
+
+def accuracy_on(model: nn.Module, batches: Iterable, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy over ``(x, y)`` batches (a DataLoader or a split's batches)."""
+    *_, acc = running_accuracy(model, batches, device)  # the last value: over every batch
     assert math.isfinite(acc)
     return acc

@@ -23,7 +23,7 @@ from autoprune.checkpoints import file_sha256, load_weights
 from autoprune.costs import Costs, closed_form, dense_costs
 from autoprune.data import DatasetInfo, Splits, TensorSplit, make_splits
 from autoprune.errors import AutopruneError
-from autoprune.evaluate import accuracy, accuracy_on, recalibrate_bn
+from autoprune.evaluate import accuracy, accuracy_on, recalibrate_bn, running_accuracy
 from autoprune.finetune import FinetuneConfig, finetune
 from autoprune.granularity import build_unit_table
 from autoprune.importance import rank_units
@@ -139,6 +139,15 @@ class Fingerprint(Record):
     weights_path: str | None = spec(None, legacy_key="weights_path")
 
 
+class EpisodePruned(Exception):
+    """Scoring stopped early: the partial score after some chunks said the policy is not worth
+    finishing (an Optuna pruner's decision, ``--early-stop``). ``score`` is that partial score."""
+
+    def __init__(self, score: float, chunks: int) -> None:
+        super().__init__(f"stopped after {chunks} chunk(s) at a partial score of {score:.4f}")
+        self.score, self.chunks = score, chunks
+
+
 @dataclass
 class Evaluation:
     """One scored model: proxy accuracy on search-val, and the reconstruction pass's record."""
@@ -205,6 +214,7 @@ class PruningTask:
         val = splits.search_val
         if device != "cpu":
             val = type(val)(val.x.to(device), val.y)
+        self._val = val
         self._setup(config, dense, splits.example_input(1), splits.calib,
                     lambda model: accuracy(model, val, config.eval_batch_size, device),
                     data_identity=splits.identity, weights_id=weights_id, search_val_images=len(val))
@@ -328,8 +338,13 @@ class PruningTask:
         return self._calib
 
     # -- scoring --------------------------------------------------------------------------------
-    def evaluate(self, kept) -> tuple[nn.Module, Evaluation]:
-        """Prune, reconstruct and recalibrate, then score: one episode's model."""
+    def evaluate(self, kept, on_chunk: Callable[[float, int], bool] | None = None) -> tuple[nn.Module, Evaluation]:
+        """Prune, reconstruct and recalibrate, then score: one episode's model.
+
+        With ``on_chunk``, search-val is scored a batch at a time and ``on_chunk(score so far,
+        chunk index)`` is called after each; if it returns True, scoring stops and
+        :class:`EpisodePruned` is raised. (A user's ``score`` function is one chunk.)
+        """
         model, report = self.pruned(kept)
         if self.config.episode_finetune_steps > 0:
             if self.splits is None:
@@ -339,7 +354,19 @@ class PruningTask:
                      device=self.device, progress=False)
             if self.config.bn_recalibration:
                 recalibrate_bn(model, self._calib, self.config.calib_batch_size, self.device)
-        return model, Evaluation(self.proxy_accuracy(model), report)
+        if on_chunk is None:
+            return model, Evaluation(self.proxy_accuracy(model), report)
+        for chunk, score in enumerate(self._chunk_scores(model.eval())):
+            if on_chunk(score, chunk):
+                raise EpisodePruned(score, chunk + 1)
+        return model, Evaluation(score, report)
+
+    def _chunk_scores(self, model: nn.Module):
+        """The score so far after each batch of search-val (one value for a user's score)."""
+        if self.splits is None:
+            yield float(self._score(model))
+            return
+        yield from running_accuracy(model, self._val.batches(self.config.eval_batch_size), self.device)
 
     def proxy_accuracy(self, model: nn.Module) -> float:
         """The search's score of ``model`` as it stands (top-1 on search-val for registered

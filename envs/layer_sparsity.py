@@ -12,7 +12,7 @@ The last step's ``info`` holds the policy, proxy accuracy, cost ratios and the r
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -27,7 +27,7 @@ from autoprune.envs.state import N_FEATURES, observation, rest_flops, static_fea
 from autoprune.envs.wall import ActionWall
 from autoprune.errors import AutopruneError
 from autoprune.policy import Policy
-from autoprune.task import PruningTask, TaskConfig
+from autoprune.task import EpisodePruned, PruningTask, TaskConfig
 
 
 def make_cost_model(task: PruningTask, budget: Budget, latency_batch: int = 1,
@@ -94,6 +94,9 @@ class LayerSparsityEnv(gym.Env):
         self._kept = self.table.sizes().copy()
         self._requested = np.zeros(self.n_units)
         self.episodes = 0
+        # Set by the study runner for --early-stop: called with the score so far after each chunk
+        # of search-val; returning True stops the episode (EpisodePruned).
+        self.on_chunk: Callable[[float, int], bool] | None = None
 
     # -- pure helpers ---------------------------------------------------------------------------
     def action_to_sparsity(self, action, t: int | None = None) -> float:
@@ -143,7 +146,13 @@ class LayerSparsityEnv(gym.Env):
         """Apply, evaluate and score the policy of ``kept`` widths; returns reward and summary."""
         kept = np.asarray(kept, dtype=np.int64)
         start = time.perf_counter()
-        model, evaluation = self.task.evaluate(kept)
+        try:
+            model, evaluation = self.task.evaluate(kept, self.on_chunk)
+        except EpisodePruned as stop:  # what the pruned trial records
+            stop.summary = {"policy": Policy.from_kept(self.table, kept).sparsity, "widths": [int(k) for k in kept],
+                            "accuracy": stop.score, "ratios": self.task.cost_ratios(kept),
+                            "pruned_after_chunks": stop.chunks, "eval_seconds": time.perf_counter() - start}
+            raise
         ratios = self.task.cost_ratios(kept)
         if self.budget.metric == "latency":
             from autoprune.latency import measure_ratio

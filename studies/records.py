@@ -50,6 +50,8 @@ class SearchSpec(Record):
         min_sparsity, max_sparsity: the range of each unit's sparsity.
         latency_batch, latency_threads: what latency budgets are measured for.
         ranges, share: per-unit sparsity bounds and shared sparsities (:mod:`autoprune.envs.space`).
+        early_stop: the pruner that may stop scoring a policy after a chunk of search-val
+            (``median``, ``halving``; None scores every episode in full).
         options: searcher options (e.g. ``{"warmup": 100}`` for RL agents).
     """
 
@@ -67,6 +69,7 @@ class SearchSpec(Record):
     latency_threads: int | None = spec(None, legacy=None)
     ranges: tuple[str, ...] = spec((), identity=True, legacy=())
     share: tuple[str, ...] = spec((), identity=True, legacy=())
+    early_stop: str | None = spec(None, legacy=None)
     options: dict = spec(default_factory=dict, legacy={})
 
     def parsed_budget(self) -> Budget:

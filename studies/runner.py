@@ -41,6 +41,7 @@ from autoprune.studies.storage import (
     sqlite_path,
     storage_kind,
 )
+from autoprune.task import EpisodePruned
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class SearchConfig:
     resume: bool = False
     state_dir: str | None = None
     searcher_options: dict = field(default_factory=dict)
+    early_stop: str | None = None
     progress: bool = True
     command: str = ""
 
@@ -112,7 +114,7 @@ def search_spec(env: LayerSparsityEnv, config: SearchConfig) -> SearchSpec:
         budget=str(env.budget), searcher=config.searcher, episodes=config.episodes, seed=config.seed,
         reward=env.reward_name, reward_lambda=env.reward_lambda, min_sparsity=env.min_sparsity,
         max_sparsity=env.max_sparsity, latency_batch=env.latency_batch, latency_threads=env.latency_threads,
-        ranges=env.ranges, share=env.share,
+        ranges=env.ranges, share=env.share, early_stop=config.early_stop,
         options=dict(config.searcher_options),
     )
 
@@ -159,9 +161,9 @@ def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, 
         if "study_uid" not in stored:
             study.set_user_attr("study_uid", uuid.uuid4().hex)
         sampler = searcher.sampler(env, len(study.trials))
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner(config))
     study = optuna.create_study(storage=storage, study_name=name, directions=list(searcher.directions),
-                                sampler=searcher.sampler(env, 0))
+                                sampler=searcher.sampler(env, 0), pruner=pruner(config))
     for key, value in attrs.items():
         study.set_user_attr(key, value)
     study.set_user_attr("study_uid", uuid.uuid4().hex)
@@ -219,7 +221,7 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
                disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
     show_best(bar, best)
     me = worker_id()
-    new = 0
+    new = pruned = 0
     try:
         while new < todo:
             if quota is None and sum(trial_counts(study)) >= episodes:
@@ -230,13 +232,25 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
                 trial = study.ask()
                 trial.set_user_attr("worker", me)
                 with Heartbeat(storage, trial):
+                    if config.early_stop:
+                        env.on_chunk = lambda value, step, trial=trial: _report(trial, value, step)
                     try:
                         ep = searcher.episode(env, trial)
+                    except EpisodePruned as stop:  # recorded, not counted: the study still gets its episodes
+                        for key, value in stop.summary.items():
+                            trial.set_user_attr(key, value)
+                        trial.set_user_attr("searcher", config.searcher)
+                        study.tell(trial, state=TrialState.PRUNED)
+                        pruned += 1
+                        bar.set_description_str(f"{config.searcher} {name} ({pruned} stopped early)")
+                        continue
                     except AutopruneError as err:
                         # recorded as failed, not left running: a resume must not replay it
                         trial.set_user_attr("error", str(err))
                         study.tell(trial, state=TrialState.FAIL)
                         raise
+                    finally:
+                        env.on_chunk = None
                     for key, value in episode_attrs(ep, config.searcher, done + new, uid,
                                                     time.perf_counter() - start).items():
                         trial.set_user_attr(key, value)
@@ -258,6 +272,27 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
     finally:
         bar.close()
     return SearchResult(study, best_trial(study), new, state_dir)
+
+
+def _report(trial: optuna.Trial, value: float, step: int) -> bool:
+    """Report a partial score to the trial; whether its pruner says to stop."""
+    trial.report(value, step)
+    return trial.should_prune()
+
+
+PRUNERS = {
+    "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
+    "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
+}
+
+
+def pruner(config: SearchConfig) -> optuna.pruners.BasePruner | None:
+    """The study's pruner for ``--early-stop`` (None: every episode is scored in full)."""
+    if config.early_stop is None:
+        return None
+    if config.early_stop not in PRUNERS:
+        raise AutopruneError(f"unknown --early-stop {config.early_stop!r}; choose one of: {', '.join(PRUNERS)}")
+    return PRUNERS[config.early_stop]()
 
 
 def show_best(bar, best) -> None:

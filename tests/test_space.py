@@ -54,3 +54,30 @@ def test_share_by_stage_and_bad_ranges(tiny_task):
             LayerSparsityEnv(tiny_task, budget="0.6flops", ranges=(bad,))
     with pytest.raises(AutopruneError, match="out of reach.*--range"):
         LayerSparsityEnv(tiny_task, budget="0.3flops", ranges=("*=0:0.05",))
+
+
+@pytest.mark.slow
+def test_early_stop_prunes_trailing_policies_and_never_exports_them(digits, trained_tiny, tmp_path):
+    from optuna.trial import TrialState
+
+    from autoprune.studies.export import choose_trial
+    from autoprune.task import PruningTask, TaskConfig
+
+    task = PruningTask(TaskConfig(model="tiny", dataset="digits", eval_batch_size=30), splits=digits,
+                       dense=trained_tiny)  # search-val in chunks of 30 images
+    chunks = -(-len(digits.search_val) // 30)
+    env = LayerSparsityEnv(task, budget="0.5flops")
+    study = run_search(env, SearchConfig(searcher="random", episodes=20, early_stop="median", progress=False,
+                                         storage=f"sqlite:///{tmp_path}/s.db")).study
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    stopped = study.get_trials(states=(TrialState.PRUNED,))
+    assert len(complete) == 20 and stopped  # the study still holds its 20 full episodes
+    assert StudyRecord.of(study).search.early_stop == "median"
+    for t in stopped:
+        assert 1 <= t.user_attrs["pruned_after_chunks"] < chunks
+        assert t.user_attrs["ratios"]["flops"] <= 0.5 + 1e-9 and "reward" not in t.user_attrs
+    for t in complete:  # scored in full: the last intermediate value is the recorded score
+        assert t.intermediate_values[max(t.intermediate_values)] == pytest.approx(t.user_attrs["accuracy"])
+    assert choose_trial(study).state == TrialState.COMPLETE
+    with pytest.raises(AutopruneError, match="is PRUNED, not a complete episode"):
+        choose_trial(study, stopped[0].number)
