@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,9 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def read_checkpoint(path: str | Path) -> object:
     """``torch.load`` with ``weights_only=True``, turning every failure into one clear line."""
     path = Path(path)
@@ -38,7 +42,8 @@ def read_checkpoint(path: str | Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling refused"
+        text = _ANSI.sub("", str(err)).strip()  # torch colours its message for terminals
+        first = text.splitlines()[0] if text else "unpickling refused"
         raise AutopruneError(
             f"{path} holds objects that weights_only loading refuses ({first[:160]}); "
             "save a plain state_dict with torch.save(model.state_dict(), path)"

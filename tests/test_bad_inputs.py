@@ -153,6 +153,7 @@ def test_bad_input(case, world, tmp_path, monkeypatch, capsys):
     assert code == 2, (case, err)
     assert err.endswith("\n") and err.count("\n") == 1, f"not exactly one line on stderr: {err!r}"
     assert err.startswith("autoprune: error: ") and message in err, err
+    assert "\x1b" not in err, "terminal escape codes in the error line"
     assert out == "", "a failed command printed on stdout (or ran code from a pickle)"
     assert list(tmp_path.iterdir()) == [], "something was written in the working folder"
     assert _snapshot(root) == before, "a weights, policy or study file was written, changed or removed"
