@@ -44,13 +44,14 @@ def python_model_name(model: nn.Module) -> str:
 
 def make_task(model: nn.Module | TaskConfig, example_inputs=None, score: Score | None = None,
               calib: Iterable | None = None, test_score: Score | None = None, data_name: str = "custom",
-              progress: bool = True, **settings) -> PruningTask:
-    """The :class:`~autoprune.task.PruningTask` of :func:`search`'s arguments (see there)."""
+              progress: bool = True, precheck: Callable | None = None, **settings) -> PruningTask:
+    """The :class:`~autoprune.task.PruningTask` of :func:`search`'s arguments (see there);
+    ``precheck(table)`` runs on a registered model's architecture before weights are loaded."""
     if isinstance(model, TaskConfig):
         if example_inputs is not None or score is not None or calib is not None or test_score is not None:
             raise AutopruneError("a TaskConfig brings its own data and score; example_inputs, score, "
                                  "calib and test_score are for a model given as an nn.Module")
-        return PruningTask(replace(model, **settings), progress=progress)
+        return PruningTask(replace(model, **settings), progress=progress, precheck=precheck)
     if not isinstance(model, nn.Module):
         raise AutopruneError(f"model must be an nn.Module or a TaskConfig, not {type(model).__name__}")
     missing = [n for n, v in (("example_inputs", example_inputs), ("score", score), ("calib", calib)) if v is None]
@@ -113,6 +114,7 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
     from autoprune.agents import SEARCHERS
     from autoprune.budget import parse_budget
     from autoprune.envs import REWARDS, LayerSparsityEnv
+    from autoprune.envs.layer_sparsity import check_reachable
     from autoprune.studies.runner import SearchConfig, run_search
     from autoprune.studies.storage import check_storage
     from autoprune.studies.workers import check_workers
@@ -138,7 +140,11 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
         model.check()
     if before_work is not None:
         before_work()
-    task = make_task(model, example_inputs, score, calib, test_score, data_name, progress, **task_settings)
+    def reachable(table) -> None:  # before a baseline is trained: an unreachable budget costs seconds
+        check_reachable(table, parsed, min_sparsity, max_sparsity, ranges, share)
+
+    task = make_task(model, example_inputs, score, calib, test_score, data_name, progress, reachable,
+                     **task_settings)
     env = LayerSparsityEnv(task, budget=parsed, reward=reward, reward_lambda=reward_lambda,
                            min_sparsity=min_sparsity, max_sparsity=max_sparsity, ranges=tuple(ranges),
                            share=tuple(share), latency_batch=latency_batch,
@@ -179,7 +185,8 @@ def load(study_name: str, storage: str = DEFAULT_STORAGE, model: nn.Module | Non
         settings = {f.name: getattr(record.task, f.name) for f in fields(TaskConfig)
                     if f.name not in _REGISTRY_ONLY}
         settings.update(device=device or record.task.device, reconstruct=reconstruct or record.task.reconstruct)
-        task = make_task(model, example_inputs, score, calib, test_score, record.task.dataset, progress, **settings)
+        task = make_task(model, example_inputs, score, calib, test_score, record.task.dataset, progress,
+                         **settings)
         check_fingerprint(task.fingerprint(), record.fingerprint)
         return task
 

@@ -192,9 +192,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from autoprune.checkpoints import load_weights
     from autoprune.data import dataset_info
-    from autoprune.granularity import build_unit_table
     from autoprune.inspect import format_units, unit_rows
     from autoprune.models import ModelSpec, build_model
+    from autoprune.task import unit_table
 
     args.dataset = args.dataset or "digits"
     config = task_config(args).check()
@@ -202,11 +202,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     model = build_model(args.model, ModelSpec(info.num_classes, info.in_channels, info.image_size))
     if args.weights:
         load_weights(model, args.weights)
-    example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
-    table = build_unit_table(model, example, config.granularity, config.exclude,
-                             1 if config.round_to is None else config.round_to)
-    if config.round_to is None:
-        table.round_to = 8 if min(u.size for u in table.units) >= 32 else 1
+    table = unit_table(model, torch.zeros(1, info.in_channels, info.image_size, info.image_size), config)
     if args.json:
         print(json.dumps({"model": args.model, "dataset": config.dataset, "granularity": table.granularity,
                           "dense_flops": table.dense_macs, "dense_params": table.dense_params,

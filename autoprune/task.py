@@ -165,11 +165,18 @@ def check_device(device: str) -> str:
 
 
 def load_dense_model(config: TaskConfig, info: DatasetInfo, splits: Splits | None = None,
-                     progress: bool = True) -> tuple[nn.Module, str, str | None]:
+                     progress: bool = True, before_weights: Callable[[nn.Module], object] | None = None,
+                     ) -> tuple[nn.Module, str, str | None]:
     """The dense model, the identity of its weights (sha256 of the file, or how they were made)
-    and the weights file's path (None for torchvision's pretrained weights)."""
+    and the weights file's path (None for torchvision's pretrained weights).
+
+    ``before_weights(model)`` runs on the built architecture before any weights are loaded or a
+    baseline is trained: checks that need only the architecture fail there, in seconds.
+    """
     spec = ModelSpec(info.num_classes, info.in_channels, info.image_size, config.pretrained)
     model = build_model(config.model, spec)
+    if before_weights is not None:
+        before_weights(model)
     if config.weights:
         load_weights(model, config.weights)
         return model.eval(), "sha256:" + file_sha256(config.weights), str(Path(config.weights).resolve())
@@ -198,17 +205,22 @@ class PruningTask:
         splits: pre-built splits (else made from the config).
         dense: a pre-built dense model (else built and loaded from the config).
         progress: show progress bars (baseline training, fine-tuning).
+        precheck: called with the unit table of the architecture before any weights are loaded or
+            a baseline trained (the search checks there that its budget is reachable).
     """
 
     def __init__(self, config: TaskConfig, splits: Splits | None = None,
-                 dense: nn.Module | None = None, progress: bool = True) -> None:
+                 dense: nn.Module | None = None, progress: bool = True,
+                 precheck: Callable[[UnitTable], object] | None = None) -> None:
         device = config.check(model=dense is None, data=splits is None).device
         splits = splits or make_splits(
             config.dataset, config.data_dir, config.seed, config.search_val_size,
             config.calib_batches, config.calib_batch_size,
         )
         if dense is None:
-            dense, weights_id, weights_path = load_dense_model(config, splits.info, splits, progress)
+            example = splits.example_input(1)
+            before = None if precheck is None else lambda model: precheck(unit_table(model, example, config))
+            dense, weights_id, weights_path = load_dense_model(config, splits.info, splits, progress, before)
         else:
             weights_id, weights_path = weights_digest(dense), None
         val = splits.search_val
@@ -261,10 +273,7 @@ class PruningTask:
         self._search_val_images = search_val_images
         self.dense = dense.eval()
         self.example = example
-        table = build_unit_table(self.dense, self.example, config.granularity, config.exclude,
-                                 1 if config.round_to is None else config.round_to)
-        if config.round_to is None:
-            table.round_to = 8 if min(u.size for u in table.units) >= 32 else 1
+        table = unit_table(self.dense, self.example, config)
         self.table: UnitTable = table
         self.ranks = rank_units(table, self.dense, config.importance, calib, config.seed)
         table._groups = []  # the traced graph (autograd nodes) is not needed once ranked
@@ -405,6 +414,16 @@ class PruningTask:
             calib_images=len(self._calib), dense_score=self.dense_accuracy(),
             dense_flops=self.dense_costs.flops, dense_params=self.dense_costs.params,
         )
+
+
+def unit_table(model: nn.Module, example: torch.Tensor, config: TaskConfig) -> UnitTable:
+    """The model's unit table as the config asks; ``round_to=None`` resolves to 8 when every unit
+    has 32+ channels, else 1."""
+    table = build_unit_table(model, example, config.granularity, config.exclude,
+                             1 if config.round_to is None else config.round_to)
+    if config.round_to is None:
+        table.round_to = 8 if min(u.size for u in table.units) >= 32 else 1
+    return table
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -39,6 +39,16 @@ def make_cost_model(task: PruningTask, budget: Budget, latency_batch: int = 1,
                                                 progress=progress)
 
 
+def check_reachable(table, budget: Budget, min_sparsity: float, max_sparsity: float,
+                    ranges: Sequence[str] = (), share: Sequence[str] = ()) -> None:
+    """Refuse a FLOPs or params budget the search space cannot meet, from the unit table alone
+    (a latency budget needs the model's measured latency table: the env checks it)."""
+    if budget.metric == "latency":
+        return
+    space = SearchSpace.build(table, min_sparsity, max_sparsity, ranges, share)
+    ActionWall(table, COST_MODELS.get(budget.metric)(table), budget.ratio, space.low, space.high).check_feasible()
+
+
 class LayerSparsityEnv(gym.Env):
     """Choose each unit's sparsity in turn; the reward is accuracy minus a cost penalty.
 

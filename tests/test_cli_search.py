@@ -40,8 +40,9 @@ def test_search_end_to_end_on_the_offline_default(capsys, tmp_path, monkeypatch)
     (["--model", "resnet7"], "unknown model 'resnet7'"),
     (["--storage", "mongodb"], "cannot read storage"),
     (["--episodes", "0"], "episodes must be at least 1"),
-    # trains (or reuses) the cached dense resnet20 baseline on digits before it checks the budget: minutes
-    pytest.param(["--budget", "0.001flops", "--model", "resnet20"], "out of reach", marks=pytest.mark.slow),
+    # refused from the architecture alone, before a dense baseline would be trained
+    (["--budget", "0.001flops", "--model", "resnet20"], "out of reach"),
+    (["--budget", "0.5flops", "--model", "resnet20", "--range", "*=0:0.1"], "out of reach"),
 ])
 def test_search_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, monkeypatch, argv, match):
     monkeypatch.chdir(tmp_path)
@@ -49,4 +50,5 @@ def test_search_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path
     assert code == 2
     lines = [line for line in err.strip().splitlines() if not line.startswith("note:")]
     assert len(lines) == 1 and match in lines[0], err
+    assert "training a dense" not in err  # nothing expensive ran before the refusal
     assert not (tmp_path / "autoprune.db").exists()
