@@ -115,7 +115,7 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
     from autoprune.budget import parse_budget
     from autoprune.envs import REWARDS, LayerSparsityEnv
     from autoprune.envs.layer_sparsity import check_reachable
-    from autoprune.studies.runner import SearchConfig, run_search
+    from autoprune.studies.runner import SearchConfig, check_early_stop, run_search
     from autoprune.studies.storage import check_storage
     from autoprune.studies.workers import check_workers
 
@@ -130,8 +130,7 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
     REWARDS.get(reward)
     if episodes < 1:
         raise AutopruneError("episodes must be at least 1")
-    if early_stop not in (None, "median", "halving"):
-        raise AutopruneError(f"unknown early_stop {early_stop!r}; choose median or halving")
+    check_early_stop(early_stop)
     if workers < 1:
         raise AutopruneError("workers must be at least 1")
     check_workers(searcher, storage, workers)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -120,6 +121,6 @@ def _typed(value: Any, hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if origin is tuple and isinstance(value, list):
         return tuple(value)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
         return _typed(value, args[0])
     return value

@@ -217,10 +217,15 @@ class PruningTask:
             config.dataset, config.data_dir, config.seed, config.search_val_size,
             config.calib_batches, config.calib_batch_size,
         )
+        traced: list[UnitTable] = []  # the precheck's table: weights load into the same modules
+
+        def before(model: nn.Module) -> None:
+            traced.append(unit_table(model, splits.example_input(1), config))
+            precheck(traced[0])
+
         if dense is None:
-            example = splits.example_input(1)
-            before = None if precheck is None else lambda model: precheck(unit_table(model, example, config))
-            dense, weights_id, weights_path = load_dense_model(config, splits.info, splits, progress, before)
+            dense, weights_id, weights_path = load_dense_model(config, splits.info, splits, progress,
+                                                               None if precheck is None else before)
         else:
             weights_id, weights_path = weights_digest(dense), None
         val = splits.search_val
@@ -229,7 +234,8 @@ class PruningTask:
         self._val = val
         self._setup(config, dense, splits.example_input(1), splits.calib,
                     lambda model: accuracy(model, val, config.eval_batch_size, device),
-                    data_identity=splits.identity, weights_id=weights_id, search_val_images=len(val))
+                    data_identity=splits.identity, weights_id=weights_id, search_val_images=len(val),
+                    table=traced[0] if traced else None)
         self.splits: Splits | None = splits
         self.weights_path = weights_path
         info = splits.info
@@ -266,21 +272,21 @@ class PruningTask:
         return task
 
     def _setup(self, config: TaskConfig, dense: nn.Module, example: torch.Tensor, calib: TensorSplit,
-               score: Score, data_identity: str, weights_id: str, search_val_images: int) -> None:
+               score: Score, data_identity: str, weights_id: str, search_val_images: int,
+               table: UnitTable | None = None) -> None:
         self.config = config
         self.device = config.device
         self.weights_id, self.data_identity = weights_id, data_identity
         self._search_val_images = search_val_images
         self.dense = dense.eval()
         self.example = example
-        table = unit_table(self.dense, self.example, config)
+        table = table or unit_table(self.dense, self.example, config)
         self.table: UnitTable = table
         self.ranks = rank_units(table, self.dense, config.importance, calib, config.seed)
         table._groups = []  # the traced graph (autograd nodes) is not needed once ranked
         self.pruner = pruner_for(table)
         self.dense_costs: Costs = dense_costs(table)
         self.dense.to(self.device)
-        self._calib_split = calib
         self._calib = calib.x.to(self.device)
         self._score = score
 

@@ -85,7 +85,8 @@ def siblings(study: optuna.Study, storage_url: str) -> list[optuna.Study]:
 
 
 def _searcher(study: optuna.Study) -> str:
-    return study.user_attrs.get(SearchSpec.key("searcher"), study.user_attrs.get("searcher", study.study_name))
+    found, name = SearchSpec.lookup(study.user_attrs, "searcher")
+    return name if found else study.study_name
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:

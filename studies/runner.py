@@ -286,13 +286,15 @@ PRUNERS = {
 }
 
 
+def check_early_stop(name: str | None) -> None:
+    if name is not None and name not in PRUNERS:
+        raise AutopruneError(f"unknown --early-stop {name!r}; choose one of: {', '.join(PRUNERS)}")
+
+
 def pruner(config: SearchConfig) -> optuna.pruners.BasePruner | None:
     """The study's pruner for ``--early-stop`` (None: every episode is scored in full)."""
-    if config.early_stop is None:
-        return None
-    if config.early_stop not in PRUNERS:
-        raise AutopruneError(f"unknown --early-stop {config.early_stop!r}; choose one of: {', '.join(PRUNERS)}")
-    return PRUNERS[config.early_stop]()
+    check_early_stop(config.early_stop)
+    return None if config.early_stop is None else PRUNERS[config.early_stop]()
 
 
 def show_best(bar, best) -> None:
