@@ -20,6 +20,8 @@ data name, so resuming or loading it with another model is refused.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import fields, replace
 from pathlib import Path
@@ -267,17 +269,70 @@ class SearchResult:
 
     def export(self, directory: str | Path, trial: int | optuna.trial.FrozenTrial | None = None,
                reconstruct: str | None = None, finetune: Finetune = None, onnx: bool = False,
-               latency_batches: tuple[int, ...] = (1,), quiet: bool = True) -> dict:
+               latency_batches: tuple[int, ...] = (1,), quiet: bool = True, resume: bool = False,
+               top_k: int = 1, select_epochs: float = 1.0) -> dict:
         """Write ``trial``'s pruned model and measurements to ``directory`` (made atomically):
         ``model.pt2`` (a ``torch.export`` program: ``torch.export.load(path).module()`` needs no
         autoprune), ``policy.json``, ``metrics.json``, ``pruned.pt`` for registered models, and
-        ``model.onnx`` with ``onnx=True``. Returns the metrics."""
+        ``model.onnx`` with ``onnx=True``. Returns the metrics.
+
+        A :class:`~autoprune.finetune.FinetuneConfig` fine-tune checkpoints every epoch into
+        ``directory`` and logs ``finetune.csv`` there; ``resume`` continues a killed one. With
+        ``top_k > 1`` the ``top_k`` best trials are each fine-tuned for ``select_epochs`` with the
+        same recipe, the one best on search-val is kept (``metrics["selection"]``) and fine-tuned
+        in full."""
         from autoprune.apply import apply_policy
 
         task = self.task(reconstruct)
+        extra = None
+        if top_k > 1:
+            trial, extra = self._select(task, top_k, select_epochs, finetune, Path(directory), resume, quiet)
         policy = self.policy(trial)
         return apply_policy(task, policy, directory, finetune, test=task.has_test,
-                            latency_batches=latency_batches, onnx=onnx, quiet=quiet)
+                            latency_batches=latency_batches, onnx=onnx, quiet=quiet, resume=resume, extra=extra)
+
+    def _select(self, task: PruningTask, k: int, epochs: float, finetune: Finetune, directory: Path,
+                resume: bool, quiet: bool) -> tuple[optuna.trial.FrozenTrial, dict]:
+        """Fine-tune the ``k`` best trials briefly and keep the best on search-val. Each finished
+        candidate is written to ``directory/selection.json`` at once, so ``resume`` skips it."""
+        from dataclasses import asdict
+
+        from autoprune.apply import run_finetune
+        from autoprune.fileio import write_document
+        from autoprune.studies.records import top_trials
+
+        if not isinstance(finetune, FinetuneConfig) or finetune.epochs <= 0:
+            raise AutopruneError("top-k selection fine-tunes the candidates with the same recipe: "
+                                 "pass finetune=FinetuneConfig.recipe(epochs)")
+        short = replace(finetune, epochs=epochs)
+        path = directory / "selection.json"
+        record = {"k": k, "select_epochs": epochs, "recipe": asdict(short), "candidates": []}
+        if resume and path.exists():
+            saved = json.loads(path.read_text())
+            if {key: saved.get(key) for key in ("k", "select_epochs", "recipe")} == \
+                    {key: record[key] for key in ("k", "select_epochs", "recipe")}:
+                record["candidates"] = saved["candidates"]
+        directory.mkdir(exist_ok=True)
+        done = {c["trial"] for c in record["candidates"]}
+        candidates = top_trials(self.study, k)
+        for rank, t in enumerate(candidates, 1):
+            if t.number in done:
+                continue
+            model, _ = task.pruned(task.kept(self.policy(t)))
+            ran = run_finetune(task, model, short, quiet, desc=f"top-{k} candidate {rank}/{len(candidates)}",
+                               log_test=False)
+            row = {"trial": t.number, "rank_by_proxy": rank, "proxy_acc": t.user_attrs["accuracy"],
+                   "val_acc": task.proxy_accuracy(model), "best_epoch": ran.best_epoch}
+            if task.has_test:  # recorded to measure the pick afterwards, never used to make it
+                row["test_acc"] = task.test_accuracy(model)
+            record["candidates"].append(row)
+            write_document(path, record)
+        best = max(record["candidates"], key=lambda c: (c["val_acc"], -c["rank_by_proxy"]))
+        record["kept"] = best["trial"]
+        if not quiet:
+            print(f"top-{k}: kept trial {best['trial']} (proxy rank {best['rank_by_proxy']}), search-val "
+                  f"{best['val_acc']:.2%} after {epochs:g} epoch(s)", file=sys.stderr)
+        return self.trial(best["trial"]), {"selection": record}
 
     def _trial(self, trial) -> optuna.trial.FrozenTrial:
         if isinstance(trial, optuna.trial.FrozenTrial):

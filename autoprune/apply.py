@@ -9,13 +9,14 @@ FLOPs, params, measured latency and accuracy.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from autoprune.artifacts import OutputDir, export_program, pruned_payload
 from autoprune.errors import AutopruneError
-from autoprune.finetune import FinetuneConfig, finetune
+from autoprune.finetune import FinetuneConfig, FinetuneResult, finetune, finished
 from autoprune.latency import default_threads, measure_ratio
 from autoprune.policy import Policy
 from autoprune.task import PruningTask
@@ -26,24 +27,29 @@ def _log(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run_finetune(task: PruningTask, model, how, quiet: bool = False) -> bool:
+def run_finetune(task: PruningTask, model, how, quiet: bool = False, run_dir: Path | None = None,
+                 resume: bool = False, log_test: bool = False, tag: dict | None = None,
+                 desc: str = "fine-tune") -> FinetuneResult | None:
     """Fine-tune ``model`` in place: a :class:`FinetuneConfig` on the task's training split (with
-    distillation from the dense model if it asks), or ``how(model)``, the user's own training.
-    Returns whether anything ran."""
+    distillation from the dense model if it asks, the best epoch kept by search-val, which the
+    fine-tune never trains on), or ``how(model)``, the user's own training. With ``run_dir``
+    the run checkpoints every epoch there and logs ``finetune.csv`` (test accuracy too with
+    ``log_test``). Returns what ran (``None``: nothing did)."""
     if how is None:
-        return False
+        return None
     if callable(how):
         how(model)
         model.eval()
-        return True
+        return FinetuneResult(model)
     if not (how.epochs > 0 or how.steps):
-        return False
+        return None
     if task.splits is None:
         raise AutopruneError("FinetuneConfig trains on a registered dataset; for a model given in "
-                         "Python pass finetune=a function that trains the model in place")
+                             "Python pass finetune=a function that trains the model in place")
     teacher = task.dense if how.distill > 0 else None
-    finetune(model, task.splits, how, teacher=teacher, device=task.device, progress=not quiet)
-    return True
+    return finetune(model, task.splits, how, teacher=teacher, device=task.device, progress=not quiet,
+                    desc=desc, run_dir=run_dir, resume=resume, validate=task.proxy_accuracy,
+                    test=task.test_accuracy if log_test and task.has_test else None, tag=tag)
 
 
 def apply_policy(
@@ -58,10 +64,14 @@ def apply_policy(
     program: bool = True,
     onnx: bool = False,
     quiet: bool = False,
+    resume: bool = False,
+    extra: dict | None = None,
 ) -> dict:
     """Prune the task's dense model with ``policy`` and write model, policy and metrics.
 
-    Returns the metrics dict written to ``metrics.json``.
+    A :class:`FinetuneConfig` fine-tune checkpoints every epoch into ``out_dir`` and logs
+    ``finetune.csv`` there; ``resume`` continues a killed one. ``extra`` is merged into the
+    metrics (the top-K selection's record). Returns the metrics dict written to ``metrics.json``.
     """
     kept = task.kept(policy)  # validates the policy before any work
     achieved = Policy.from_kept(task.table, kept, **{k: v for k, v in policy.meta.items()
@@ -99,12 +109,33 @@ def apply_policy(
         metrics["pruned"]["test_acc"] = task.test_accuracy(model)
         _log(f"test accuracy: dense {metrics['dense']['test_acc']:.2%}, pruned "
              f"{metrics['pruned']['test_acc']:.2%}", quiet)
-    if run_finetune(task, model, finetune_cfg, quiet):
+    run_dir, made = None, False
+    if isinstance(finetune_cfg, FinetuneConfig) and (finetune_cfg.epochs > 0 or finetune_cfg.steps):
+        run_dir = Path(out_dir)
+        if not run_dir.parent.is_dir():
+            raise AutopruneError(f"output folder's parent {run_dir.parent} does not exist")
+        made = not run_dir.exists()
+        run_dir.mkdir(exist_ok=True)
+    tag = {"model": task.config.model, "weights": task.weights_id, "kept": [int(k) for k in kept]}
+    try:
+        ran = run_finetune(task, model, finetune_cfg, quiet, run_dir=run_dir, resume=resume, log_test=test,
+                           tag=tag)
+    except AutopruneError:
+        if made:  # a run that failed (not one killed: that keeps its checkpoint for --resume) leaves nothing
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if ran is not None:
         metrics["finetune"] = asdict(finetune_cfg) if isinstance(finetune_cfg, FinetuneConfig) else "user"
+        if ran.history:
+            metrics["finetune_run"] = {"epochs": len(ran.history), "best_epoch": ran.best_epoch,
+                                       "resumed_after": ran.resumed_after, "log": "finetune.csv"}
         metrics["pruned"]["proxy_acc_finetuned"] = task.proxy_accuracy(model)
         if test:
             metrics["pruned"]["test_acc_finetuned"] = task.test_accuracy(model)
-            _log(f"after fine-tuning: test accuracy {metrics['pruned']['test_acc_finetuned']:.2%}", quiet)
+            _log(f"after fine-tuning: test accuracy {metrics['pruned']['test_acc_finetuned']:.2%}"
+                 + (f" (epoch {ran.best_epoch} of {len(ran.history)}, kept by search-val)" if ran.history else ""),
+                 quiet)
+    metrics.update(extra or {})
 
     model = task.pruner.finalize(model.cpu())
     dense_cpu = task.dense
@@ -141,4 +172,6 @@ def apply_policy(
             _log(f"ONNX: onnxruntime matches PyTorch within {metrics['onnx']['max_abs_diff']:.2g}", quiet)
         achieved.save(tmp / "policy.json", task.table)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if run_dir is not None:
+        finished(run_dir)  # the weights are in the model files now; finetune.csv stays
     return metrics

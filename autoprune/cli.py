@@ -116,11 +116,17 @@ def add_latency_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_finetune_args(g) -> None:
-    g.add_argument("--finetune-epochs", type=float, default=0.0)
-    g.add_argument("--finetune-lr", type=float, default=0.01)
+    g.add_argument("--finetune-epochs", type=float, default=0.0,
+                   help="fine-tune the pruned model for N epochs with the recipe: distillation from the "
+                        "dense model, augmentation, warm-up then cosine; a checkpoint every epoch, "
+                        "finetune.csv beside the model, the best epoch kept by search-val (default 0: none)")
+    g.add_argument("--finetune-lr", type=float, default=None, help="peak learning rate (default 0.01)")
     g.add_argument("--finetune-batch-size", type=int, default=128)
-    g.add_argument("--distill", type=float, default=0.0,
-                   help="weight of distillation from the dense model during fine-tuning (0-1)")
+    g.add_argument("--distill", type=float, default=None,
+                   help="weight of distillation from the dense model's logits, 0-1 (default 0.9)")
+    g.add_argument("--label-smoothing", type=float, default=None, help="of the cross-entropy term (default 0)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the fine-tune a killed run left in the output folder")
 
 
 def _storage_arg(p) -> None:
@@ -167,9 +173,12 @@ def _finetune(args: argparse.Namespace, seed: int):
     if args.finetune_batch_size < 1:
         raise AutopruneError("--finetune-batch-size must be at least 1")
     if args.finetune_epochs <= 0:
+        if args.resume:
+            raise AutopruneError("--resume continues a fine-tune: give the same --finetune-epochs as the killed run")
         return None
-    return FinetuneConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, distill=args.distill,
-                          batch_size=args.finetune_batch_size, seed=seed)
+    given = {"lr": args.finetune_lr, "distill": args.distill, "label_smoothing": args.label_smoothing}
+    return FinetuneConfig.recipe(args.finetune_epochs, batch_size=args.finetune_batch_size, seed=seed,
+                                 **{k: v for k, v in given.items() if v is not None}).check()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,7 +240,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     task = PruningTask(config, progress=not args.quiet)
     metrics = apply_policy(task, policy, args.output, ft, test=not args.no_test,
                            latency_batches=args.latency_batch, latency_device=args.latency_device,
-                           latency_threads=args.latency_threads, quiet=args.quiet)
+                           latency_threads=args.latency_threads, quiet=args.quiet, resume=args.resume)
     print(f"wrote {args.output}/pruned.pt, model.pt2, policy.json, metrics.json "
           f"(FLOPs x{metrics['ratios']['flops']:.3f}, params x{metrics['ratios']['params']:.3f})")
     return 0
@@ -306,19 +315,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if not out.parent.is_dir():
         raise AutopruneError(f"cannot write {out}: folder {out.parent} does not exist")
+    if args.top_k < 1 or args.select_epochs <= 0:
+        raise AutopruneError("--top-k must be at least 1 and --select-epochs positive")
+    if args.top_k > 1 and (args.trial is not None or not (args.weights or args.model_dir)
+                           or args.finetune_epochs <= 0):
+        raise AutopruneError("--top-k picks among the best trials by fine-tuning them: it needs "
+                             "--finetune-epochs and a model (--weights or --model-dir), and no --trial")
     result = load(args.study, args.storage, weights=args.weights, data_dir=args.data_dir,
                   device=args.device, progress=not args.quiet)
     trial = result.trial(args.trial, args.pick)
-    policy = result.policy(trial)
     if args.weights or args.model_dir:
         model_dir = Path(args.model_dir) if args.model_dir else out.with_name(out.stem + "_model")
         ft = _finetune(args, result.record.task.seed)
         metrics = result.export(model_dir, trial, reconstruct=args.reconstruct, finetune=ft, onnx=args.onnx,
-                                quiet=args.quiet)
+                                quiet=args.quiet, resume=args.resume, top_k=args.top_k,
+                                select_epochs=args.select_epochs)
+        if "selection" in metrics:
+            trial = result.trial(metrics["selection"]["kept"])
+        policy = result.policy(trial)
         policy.meta["exported_model"] = {"dir": str(model_dir), "test_accuracy": metrics["pruned"].get(
             "test_acc_finetuned", metrics["pruned"].get("test_acc"))}
         print(f"wrote {model_dir}/: pruned.pt, model.pt2{', model.onnx' if args.onnx else ''}, "
-              f"policy.json, metrics.json")
+              f"policy.json, metrics.json" + (", finetune.csv" if ft is not None else ""))
+    else:
+        policy = result.policy(trial)
     policy.save(out, format=args.format)
     a = trial.user_attrs
     print(f"wrote {out} ({args.format}): trial {trial.number} of {result.study.study_name!r}, proxy accuracy "
@@ -440,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: <output stem>_model next to the policy file)")
     m.add_argument("--data-dir", default=None, help="the dataset's folder, if it moved since the search")
     add_finetune_args(m)
+    m.add_argument("--top-k", type=int, default=1, metavar="K",
+                   help="fine-tune the K best trials within budget for --select-epochs each, keep the one best "
+                        "on search-val, then fine-tune it fully (default 1: the best proxy score)")
+    m.add_argument("--select-epochs", type=float, default=1.0, metavar="E",
+                   help="epochs each --top-k candidate is fine-tuned for (default 1)")
     m.add_argument("--onnx", action="store_true", help="also write model.onnx, checked in onnxruntime")
     m.add_argument("--reconstruct", default=None,
                    help=_Help.of("reconstruct", "how the model is rebuilt", "as the study's episodes were scored"))

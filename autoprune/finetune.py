@@ -1,9 +1,29 @@
-"""Fine-tuning a pruned model: SGD with a cosine schedule, optional distillation from the dense model."""
+"""Fine-tuning a pruned model back towards dense accuracy.
+
+The recipe (:class:`FinetuneConfig`): SGD with Nesterov momentum, a short linear warm-up and a
+cosine decay scaled to the run's length, the training split's augmentation (random crop and flip
+for small images, see :mod:`autoprune.data`), and distillation from the dense model's logits.
+
+A run given a folder (``run_dir``) is safe to make long:
+
+* after every epoch it writes ``finetune-checkpoint.pt`` (model, optimiser, schedule, RNG,
+  epoch, the best epoch so far) atomically, and ``finetune.csv``, one row per epoch: train loss,
+  learning rate, held-out accuracy and, when asked, test accuracy;
+* ``resume=True`` continues from the checkpoint where a killed run stopped. Each epoch's batch
+  order and augmentation are seeded from ``(seed, epoch)``, so a resumed run ends with the same
+  weights as one that was never interrupted;
+* the model kept is the best epoch on the held-out split (``validate``), never on test.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +32,12 @@ from tqdm.auto import tqdm
 
 from autoprune.data import Splits
 from autoprune.errors import AutopruneError
+from autoprune.fileio import atomic_torch_save, atomic_write_text
+
+CHECKPOINT = "finetune-checkpoint.pt"
+LOG = "finetune.csv"
+LOG_FIELDS = ("epoch", "steps", "lr", "train_loss", "val_acc", "test_acc", "seconds")
+_FORMAT = "autoprune.finetune"
 
 
 @dataclass(frozen=True)
@@ -21,28 +47,65 @@ class FinetuneConfig:
     Attributes:
         epochs: passes over the training split (ignored when ``steps`` is set).
         steps: exact number of optimiser steps instead of epochs (used per episode).
-        lr: peak learning rate; decays to 0 on a cosine.
+        lr: peak learning rate, reached after the warm-up; decays to 0 on a cosine.
+        warmup: fraction of the steps spent rising linearly to ``lr``.
         momentum: SGD momentum (Nesterov).
-        weight_decay: L2 weight decay.
+        weight_decay: L2 weight decay (not on biases and norm parameters).
         batch_size: images per step.
-        distill: weight of the KL term towards the dense teacher (0 = plain cross-entropy).
+        distill: weight of the KL term towards the dense teacher's logits (0 = cross-entropy only).
         temperature: distillation temperature.
-        seed: seeds the order of training batches.
+        label_smoothing: label smoothing of the cross-entropy term.
+        amp: mixed precision (bfloat16 autocast) when training on CUDA; ignored on CPU.
+        seed: seeds each epoch's batch order and augmentation.
     """
 
     epochs: float = 1.0
     steps: int | None = None
     lr: float = 0.01
+    warmup: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128
     distill: float = 0.0
     temperature: float = 4.0
+    label_smoothing: float = 0.0
+    amp: bool = True
     seed: int = 0
+
+    @classmethod
+    def recipe(cls, epochs: float, **overrides) -> FinetuneConfig:
+        """The recipe ``export``/``apply --finetune-epochs N`` run (see BENCHMARKS.md for how its
+        parts were chosen): distillation from the dense model's logits (weight 0.9, temperature
+        4) and a peak lr of 0.01 reached over the first epoch (at most a tenth of the run), then
+        a cosine to 0 at the end of epoch N. A refit pruned model sits where full-size steps
+        from the first batch push the loss up (measured: it doubles in 25 steps at lr 0.01
+        without warm-up), so the warm-up matters more than the peak."""
+        defaults = dict(epochs=epochs, lr=0.01, warmup=min(0.1, 1.0 / max(epochs, 1e-9)), distill=0.9,
+                        temperature=4.0)
+        return cls(**{**defaults, **overrides})
+
+    def check(self) -> FinetuneConfig:
+        if self.batch_size < 1 or (self.steps is not None and self.steps < 1) or self.lr <= 0:
+            raise AutopruneError("fine-tuning needs a batch size and steps of at least 1 and a positive lr")
+        if not (0 <= self.distill <= 1 and 0 <= self.label_smoothing < 1 and 0 <= self.warmup < 1):
+            raise AutopruneError("fine-tuning: distill must be in [0, 1], label smoothing and warm-up in [0, 1)")
+        return self
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tune did: the model (in eval mode, the best epoch's weights when validated),
+    one history row per epoch (:data:`LOG_FIELDS`), the epoch kept (0: the model as it came, when
+    no epoch beat it on the held-out split) and the epoch it resumed after."""
+
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    resumed_after: int = 0
 
 
 def _loss(logits, y, teacher_logits, cfg: FinetuneConfig):
-    loss = F.cross_entropy(logits, y)
+    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     if teacher_logits is not None and cfg.distill > 0:
         t = cfg.temperature
         kd = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher_logits / t, 1),
@@ -51,55 +114,182 @@ def _loss(logits, y, teacher_logits, cfg: FinetuneConfig):
     return loss
 
 
+def _schedule(total: int, warmup: float) -> Callable[[int], float]:
+    ramp = int(round(warmup * total))
+
+    def factor(i: int) -> float:
+        if i < ramp:
+            return (i + 1) / ramp
+        return 0.5 * (1 + math.cos(math.pi * (i - ramp) / max(1, total - ramp)))
+
+    return factor
+
+
+def _state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _write_log(run_dir: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, LOG_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_FIELDS})
+    atomic_write_text(run_dir / LOG, buf.getvalue())
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / CHECKPOINT).exists()
+
+
+def _read_checkpoint(path: Path, cfg: FinetuneConfig, tag: dict) -> dict:
+    from autoprune.checkpoints import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
+        raise AutopruneError(f"{path} is not an autoprune fine-tuning checkpoint")
+    if ckpt.get("config") != asdict(cfg):
+        diff = sorted(k for k, v in asdict(cfg).items() if ckpt.get("config", {}).get(k) != v)
+        raise AutopruneError(f"{path} was written by a fine-tune with other settings ({', '.join(diff)}); "
+                             "resume with the same settings, or remove it to start again")
+    if ckpt.get("tag") != tag:
+        raise AutopruneError(f"{path} was written while fine-tuning another model or policy; "
+                             "remove it to start again")
+    return ckpt
+
+
 def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneConfig(),
-             teacher: nn.Module | None = None, device: str = "cpu",
-             progress: bool = True, desc: str = "fine-tune") -> nn.Module:
-    """Train ``model`` in place on ``splits.train`` and return it in eval mode.
+             teacher: nn.Module | None = None, device: str = "cpu", progress: bool = True,
+             desc: str = "fine-tune", run_dir: str | Path | None = None, resume: bool = False,
+             validate: Callable[[nn.Module], float] | None = None,
+             test: Callable[[nn.Module], float] | None = None, tag: dict | None = None) -> FinetuneResult:
+    """Train ``model`` in place on ``splits.train`` (augmented) and return it in eval mode.
+
+    Args:
+        teacher: the dense model, for ``cfg.distill > 0``.
+        run_dir: folder for the per-epoch checkpoint and the CSV log (none: neither is written).
+        resume: continue from ``run_dir``'s checkpoint (its settings and ``tag`` must match).
+        validate: ``model -> accuracy`` on a held-out split, before training and after every
+            epoch; the best epoch's weights are the ones returned.
+        test: ``model -> accuracy`` on the test split, logged after every epoch, never used to choose.
+        tag: what the checkpoint must have been made from (the policy, the dense weights).
 
     A non-finite loss stops training with a user error rather than writing a broken model.
     """
-    if cfg.batch_size < 1 or (cfg.steps is not None and cfg.steps < 1) or cfg.lr <= 0:
-        raise AutopruneError("fine-tuning needs a batch size and steps of at least 1 and a positive lr")
+    cfg.check()
+    run_dir = Path(run_dir) if run_dir is not None else None
+    tag = dict(tag or {})
+    ckpt_path = run_dir / CHECKPOINT if run_dir is not None else None
+    if ckpt_path is not None and ckpt_path.exists() and not resume:
+        raise AutopruneError(f"{run_dir} holds the checkpoint of an interrupted fine-tune: pass --resume "
+                             f"to continue it, or remove {ckpt_path} to start again")
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _sweep(run_dir)
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
+    distill = teacher is not None and cfg.distill > 0
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+        [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0}],
         lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
     )
     loader = splits.train_loader(min(cfg.batch_size, len(splits.train)), seed=cfg.seed)
-    if len(loader) == 0:
+    per_epoch = len(loader)
+    if per_epoch == 0:
         raise AutopruneError("the training split is smaller than one batch; lower --finetune-batch-size")
-    total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * len(loader)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
-    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", leave=False)
-    step, epoch = 0, 0
+    total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup))
+    amp = cfg.amp and str(device).startswith("cuda")  # bfloat16: no loss scaling needed
+
+    result = FinetuneResult(model)
+    step, epoch, best = 0, 0, None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ckpt = _read_checkpoint(ckpt_path, cfg, tag)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        step, epoch, best = int(ckpt["step"]), int(ckpt["epoch"]), ckpt["best"]
+        result.history = list(ckpt["history"])
+        result.resumed_after = epoch
+    elif validate is not None and cfg.steps is None:
+        # epoch 0 competes too: a fine-tune that only loses held-out accuracy is not kept
+        best = {"epoch": 0, "val_acc": float(validate(model.eval())), "state": _state(model)}
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, unit="step", leave=False)
     try:
         while step < total:
+            # everything random in an epoch follows from (seed, epoch): a resumed run repeats it
+            torch.manual_seed(cfg.seed * 100_003 + epoch)
             loader.generator.manual_seed(cfg.seed + epoch)
+            started, losses = time.perf_counter(), []
+            model.train()
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.no_grad():
-                    t_logits = teacher(x) if (teacher is not None and cfg.distill > 0) else None
-                loss = _loss(model(x), y, t_logits, cfg)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    with torch.no_grad():
+                        t_logits = teacher(x) if distill else None
+                    loss = _loss(model(x).float(), y, None if t_logits is None else t_logits.float(), cfg)
                 if not torch.isfinite(loss):
-                    raise AutopruneError(
-                        f"fine-tuning loss became {loss.item()} at step {step}; lower the "
-                        "learning rate (--finetune-lr)"
-                    )
+                    raise AutopruneError(f"fine-tuning loss became {loss.item()} at step {step}; lower the "
+                                         "learning rate (--finetune-lr)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 step += 1
+                losses.append(loss.item())
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                if step >= total:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", refresh=False)
+                if step >= total or (cfg.steps is None and len(losses) >= per_epoch):
                     break
             epoch += 1
+            if cfg.steps is not None:
+                continue
+            model.eval()
+            row = {"epoch": epoch, "steps": step, "lr": opt.param_groups[0]["lr"],
+                   "train_loss": sum(losses) / len(losses),
+                   "val_acc": float(validate(model)) if validate is not None else None,
+                   "test_acc": float(test(model)) if test is not None else None,
+                   "seconds": round(time.perf_counter() - started, 2)}
+            result.history.append(row)
+            if row["val_acc"] is not None and (best is None or row["val_acc"] > best["val_acc"]):
+                best = {"epoch": epoch, "val_acc": row["val_acc"], "state": _state(model)}
+            if progress:
+                bar.write(f"{desc}: epoch {epoch} loss {row['train_loss']:.4f}"
+                          + (f", held-out {row['val_acc']:.2%}" if row["val_acc"] is not None else "")
+                          + (f", test {row['test_acc']:.2%}" if row["test_acc"] is not None else ""))
+            if run_dir is not None:
+                _write_log(run_dir, result.history)
+                atomic_torch_save({
+                    "format": _FORMAT, "config": asdict(cfg), "tag": tag, "epoch": epoch, "step": step,
+                    "model": _state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": torch.get_rng_state(), "best": best,
+                    "history": result.history,
+                }, ckpt_path)
     finally:
         bar.close()
-    return model.eval()
+    if best is not None:
+        model.load_state_dict(best["state"])
+        result.best_epoch = best["epoch"]
+    elif result.history:
+        result.best_epoch = result.history[-1]["epoch"]
+    model.eval()
+    return result
+
+
+def _sweep(run_dir: Path) -> None:
+    """Remove what a kill in the middle of an atomic write left behind (never the checkpoint)."""
+    for stale in run_dir.glob(f".{CHECKPOINT}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    for stale in run_dir.glob(f".{LOG}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def finished(run_dir: str | Path) -> None:
+    """Remove a completed run's checkpoint (its weights are in the exported model; the CSV stays)."""
+    (Path(run_dir) / CHECKPOINT).unlink(missing_ok=True)
+    _sweep(Path(run_dir))
+

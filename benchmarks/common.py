@@ -43,11 +43,13 @@ def machine() -> str:
 
 
 def make_task(model: str, search_val_size: int = 1000, calib_batches: int = 10, importance: str = "l1",
-              progress: bool = False, reconstruct: str = "lsq", granularity: str = "channel"):
+              progress: bool = False, reconstruct: str = "lsq", granularity: str = "channel",
+              device: str = "cpu"):
     """The pruning task every benchmark shares: a fixture, the JPEG CIFAR-10 folder, split seed 0."""
     from autoprune.task import PruningTask, TaskConfig
 
     return PruningTask(TaskConfig(model=model, weights=str(fixture(model)), dataset="imagefolder",
                                   data_dir=str(cifar_dir()), search_val_size=search_val_size,
                                   calib_batches=calib_batches, importance=importance,
-                                  reconstruct=reconstruct, granularity=granularity), progress=progress)
+                                  reconstruct=reconstruct, granularity=granularity, device=device),
+                       progress=progress)

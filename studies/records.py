@@ -229,6 +229,24 @@ def best_trial(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> 
     return max(within, key=lambda t: (t.user_attrs.get(key, t.values[0]), -t.number))
 
 
+def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    """The ``k`` best complete trials within budget, best first, one per distinct policy (the
+    order of :func:`best_trial`; a policy sampled twice counts once)."""
+    trials = [t for t in completed(study) if is_finite(t) and "widths" in t.user_attrs]
+    within = [t for t in trials if t.user_attrs.get("within_budget", True)] or trials
+    key = "reward" if len(study.directions) == 1 else "accuracy"
+    ranked = sorted(within, key=lambda t: (-t.user_attrs.get(key, t.values[0]), t.number))
+    seen, top = set(), []
+    for t in ranked:
+        widths = tuple(t.user_attrs["widths"])
+        if widths not in seen:
+            seen.add(widths)
+            top.append(t)
+        if len(top) == k:
+            break
+    return top
+
+
 def policy_of(trial: FrozenTrial) -> dict[str, float]:
     """The achieved per-unit sparsities of a trial."""
     return dict(trial.user_attrs["policy"])

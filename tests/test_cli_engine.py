@@ -41,7 +41,8 @@ def test_apply_writes_model_policy_and_metrics(capsys, tmp_path, tiny_weights):
                          "--dataset", "digits", "--policy", str(tmp_path / "p.json"),
                          "-o", str(out_dir), "--finetune-epochs", "1", "--distill", "0.5")
     assert code == 0, err
-    assert {p.name for p in out_dir.iterdir()} == {"pruned.pt", "model.pt2", "policy.json", "metrics.json"}
+    assert {p.name for p in out_dir.iterdir()} == {"pruned.pt", "model.pt2", "policy.json", "metrics.json",
+                                                  "finetune.csv"}
     m = json.loads((out_dir / "metrics.json").read_text())
     assert 0 < m["ratios"]["flops"] < 1 and m["ratios"]["flops"] == pytest.approx(
         m["closed_form_ratios"]["flops"], rel=0.01)

@@ -126,7 +126,7 @@ def test_export_with_weights_writes_a_model_plain_torch_can_run(capsys, searched
     assert code == 0, err
     model_dir = tmp_path / "policy_model"
     assert {p.name for p in model_dir.iterdir()} == {"pruned.pt", "model.pt2", "model.onnx", "policy.json",
-                                                     "metrics.json"}
+                                                     "metrics.json", "finetune.csv"}
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["ratios"]["flops"] <= 0.5 and metrics["onnx"]["max_abs_diff"] < 1e-3
     recorded = metrics["pruned"]["test_acc_finetuned"]

@@ -1,0 +1,92 @@
+"""Fine-tuning with the export recipe: the best searched policy against the best one-shot rule.
+
+    python -m benchmarks.finetune_recipe --quality benchmarks/results/quality-resnet56-portfolio.json \\
+        --epochs 30 --work /path/kept/between/runs --out benchmarks/results/finetune-resnet56-recipe.json
+
+Takes a ``search_quality`` result file and fine-tunes, each with the same recipe and seed, the
+best searched policy (the search row with the highest *proxy* score: the choice a user can make
+without the test set) and the best one-shot rule (highest proxy among the rules). Each run is
+what ``autoprune apply --finetune-epochs N`` does: prune, refit, recalibrate, then the recipe,
+with a checkpoint every epoch and ``finetune.csv`` (held-out and test accuracy per epoch) in
+``WORK/<label>/``. Killed, it resumes: run the same command again. ``--distill`` and friends
+override the recipe for ablations (give each its own ``--label``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from autoprune.apply import apply_policy
+from autoprune.finetune import FinetuneConfig, has_checkpoint
+from autoprune.policy import Policy
+from benchmarks.common import machine, make_task
+
+RULES = ("uncoupled", "uniform", "erk", "lamp", "global")
+
+
+def pick(rows: list[dict], which: str) -> dict:
+    """``best``: the searched row with the best proxy score; ``rule``: the best rule by proxy."""
+    pool = [r for r in rows if (r["searcher"] in RULES) == (which == "rule")]
+    if not pool:
+        raise SystemExit(f"no {which} row in the quality file")
+    return max(pool, key=lambda r: r["proxy_acc"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quality", required=True)
+    ap.add_argument("--which", default="best,rule", help="best, rule or both (default best,rule)")
+    ap.add_argument("--epochs", type=float, default=30)
+    ap.add_argument("--work", required=True, help="folder of the runs (checkpoints, CSVs); kept between runs")
+    ap.add_argument("--out", default=None, help="JSON file of the results (updated after each run)")
+    ap.add_argument("--label", default="", help="suffix of each run's folder, for ablations")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--distill", type=float, default=None)
+    ap.add_argument("--label-smoothing", type=float, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    q = json.loads(Path(args.quality).read_text())
+    overrides = {k: v for k, v in {"lr": args.lr, "distill": args.distill,
+                                   "label_smoothing": args.label_smoothing}.items() if v is not None}
+    recipe = FinetuneConfig.recipe(args.epochs, seed=0, **overrides)
+    task = make_task(q["args"]["model"], q["args"]["search_val_size"],
+                     reconstruct=q["args"].get("reconstruct", "lsq"), device=args.device)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else None
+    results = json.loads(out.read_text()) if out and out.exists() else {"machine": machine(), "runs": {}}
+    print(f"# {q['args']['model']} {q['args']['budget']}, recipe {recipe}; {machine()}", flush=True)
+    for which in args.which.split(","):
+        row = pick(q["rows"], which)
+        label = f"{which}-{row['searcher']}-s{row['seed']}{'-' + args.label if args.label else ''}"
+        run_dir = work / label
+        policy = Policy(row["policy"], {"model": q["args"]["model"]}, row["widths"])
+        start = time.perf_counter()
+        metrics = apply_policy(task, policy, run_dir, recipe, test=True, resume=has_checkpoint(run_dir),
+                               quiet=False)
+        csv = (run_dir / "finetune.csv").read_text()
+        results["runs"][label] = {
+            "which": which, "searcher": row["searcher"], "seed": row["seed"], "trial": row["trial"],
+            "recipe": metrics["finetune"], "flops_ratio": metrics["ratios"]["flops"],
+            "test_before": metrics["pruned"]["test_acc"], "test_after": metrics["pruned"]["test_acc_finetuned"],
+            "best_epoch": metrics["finetune_run"]["best_epoch"], "epochs_run": metrics["finetune_run"]["epochs"],
+            "dense_test": metrics["dense"]["test_acc"], "csv": csv, "seconds_this_call": time.perf_counter() - start,
+        }
+        print(f"{label}: test {metrics['pruned']['test_acc']:.2%} -> {metrics['pruned']['test_acc_finetuned']:.2%} "
+              f"(dense {metrics['dense']['test_acc']:.2%}), best epoch {metrics['finetune_run']['best_epoch']}",
+              flush=True)
+        if out:
+            out.write_text(json.dumps(results, indent=2) + "\n")
+            shutil.copy(run_dir / "finetune.csv", out.with_name(f"{out.stem}-{label}.csv"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The fine-tuning recipe's long-run safety: per-epoch checkpoints, exact resume, the CSV log,
+the best epoch kept by the held-out split, and top-K selection at export."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from autoprune.cli import main
+from autoprune.errors import AutopruneError
+from autoprune.evaluate import accuracy
+from autoprune.finetune import CHECKPOINT, LOG, LOG_FIELDS, FinetuneConfig, finetune
+from tests.conftest import REPO
+
+TINY = f"{REPO / 'tests' / 'tinynets.py'}:tiny"
+RECIPE = FinetuneConfig.recipe(3, lr=0.02, batch_size=64, seed=3)
+
+
+class Killed(BaseException):
+    """Stands for the process being killed: raised from inside a training step."""
+
+
+def _kill_after(model: torch.nn.Module, steps: int) -> None:
+    calls = {"n": 0}
+
+    def hook(module, args):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] > steps:
+                raise Killed
+
+    model.register_forward_pre_hook(hook)
+
+
+def _student(trained_tiny):
+    torch.manual_seed(1)
+    student = copy.deepcopy(trained_tiny)
+    with torch.no_grad():  # start away from the teacher, so there is something to learn
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return student
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_killed_mid_epoch_resumes_to_the_same_weights(digits, trained_tiny, tmp_path):
+    def val(m):
+        return accuracy(m, digits.search_val)
+
+    whole = _student(trained_tiny)
+    done = finetune(whole, digits, RECIPE, teacher=trained_tiny, progress=False, run_dir=tmp_path / "a",
+                    validate=val)
+    per_epoch = len(digits.train) // RECIPE.batch_size
+
+    killed = _student(trained_tiny)
+    _kill_after(killed, per_epoch + per_epoch // 2)  # in the middle of the second epoch
+    with pytest.raises(Killed):
+        finetune(killed, digits, RECIPE, teacher=trained_tiny, progress=False, run_dir=tmp_path / "b",
+                 validate=val)
+    assert len(_rows(tmp_path / "b" / LOG)) == 1  # the first epoch was logged and checkpointed
+
+    with pytest.raises(AutopruneError, match="pass --resume"):  # never silently started over
+        finetune(_student(trained_tiny), digits, RECIPE, teacher=trained_tiny, progress=False,
+                 run_dir=tmp_path / "b", validate=val)
+    with pytest.raises(AutopruneError, match="other settings"):
+        finetune(_student(trained_tiny), digits, FinetuneConfig.recipe(3, lr=0.05, batch_size=64, seed=3),
+                 teacher=trained_tiny, progress=False, run_dir=tmp_path / "b", resume=True, validate=val)
+
+    resumed_model = _student(trained_tiny)  # a fresh process would rebuild the model as it began
+    resumed = finetune(resumed_model, digits, RECIPE, teacher=trained_tiny, progress=False,
+                       run_dir=tmp_path / "b", resume=True, validate=val)
+    assert resumed.resumed_after == 1 and resumed.best_epoch == done.best_epoch
+    for (name, a), b in zip(whole.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    rows_a, rows_b = _rows(tmp_path / "a" / LOG), _rows(tmp_path / "b" / LOG)
+    assert [r["epoch"] for r in rows_b] == ["1", "2", "3"]
+    assert [float(r["train_loss"]) for r in rows_a] == pytest.approx([float(r["train_loss"]) for r in rows_b])
+
+
+def test_log_has_one_row_per_epoch_and_the_best_epoch_is_kept(digits, trained_tiny, tmp_path):
+    model = _student(trained_tiny)
+    ran = finetune(model, digits, RECIPE, teacher=trained_tiny, progress=False, run_dir=tmp_path,
+                   validate=lambda m: accuracy(m, digits.search_val), test=lambda m: 0.5)
+    rows = _rows(tmp_path / LOG)
+    assert list(rows[0]) == list(LOG_FIELDS) and [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["test_acc"]) == 0.5 and float(r["seconds"]) > 0 for r in rows)
+    assert float(rows[-1]["lr"]) == pytest.approx(0.0, abs=1e-9)  # the cosine ends at 0
+    vals = [float(r["val_acc"]) for r in rows]
+    if ran.best_epoch:  # else epoch 0, the model as it came, was best on the held-out split
+        assert vals[ran.best_epoch - 1] == max(vals)
+        assert accuracy(model, digits.search_val) == pytest.approx(vals[ran.best_epoch - 1])
+
+
+def test_apply_logs_the_finetune_and_resume_after_sigkill(tmp_path, tiny_weights):
+    (tmp_path / "p.json").write_text(json.dumps({"stem.0": 0.5, "branch_a.0": 0.25}))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "autoprune.cli", "apply", "--model", TINY, "--weights", str(tiny_weights),
+            "--dataset", "digits", "--policy", str(tmp_path / "p.json"), "-o", str(out),
+            "--finetune-epochs", "30", "--finetune-batch-size", "32", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / LOG).exists() and len(_rows(out / LOG)) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the fine-tune finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epochs_before = len(_rows(out / LOG))
+    assert (out / CHECKPOINT).exists() and not (out / "metrics.json").exists()
+
+    again = subprocess.run(argv, env=env, capture_output=True, text=True)  # without --resume: refused
+    assert again.returncode == 2 and "--resume" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+    done = subprocess.run(argv + ["--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = _rows(out / LOG)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 31))  # nothing lost, nothing twice
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["finetune_run"]["resumed_after"] >= epochs_before - 1 >= 1 and m["finetune_run"]["epochs"] == 30
+    assert m["finetune"]["distill"] == 0.9 and "test_acc_finetuned" in m["pruned"]
+    assert not (out / CHECKPOINT).exists()  # a finished run leaves the model files and the log
+    assert {p.name for p in out.iterdir()} == {"pruned.pt", "model.pt2", "policy.json", "metrics.json", LOG}
+
+
+def test_export_top_k_finetunes_k_candidates_and_records_the_pick(tmp_path, tiny_weights, capsys):
+    db = f"sqlite:///{tmp_path}/s.db"
+    assert main(["search", "--model", TINY, "--weights", str(tiny_weights), "--dataset", "digits",
+                 "--budget", "0.5flops", "--episodes", "8", "--storage", db, "-q"]) == 0
+    capsys.readouterr()
+    code = main(["export", "tinynets.tiny-digits-0.5flops-tpe", "--storage", db, "-o", str(tmp_path / "p.json"),
+                 "--weights", str(tiny_weights), "--finetune-epochs", "1", "--top-k", "3",
+                 "--select-epochs", "0.5", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    sel = json.loads((tmp_path / "p_model" / "metrics.json").read_text())["selection"]
+    cands = sel["candidates"]
+    assert len(cands) == 3 and [c["rank_by_proxy"] for c in cands] == [1, 2, 3]
+    assert len({c["trial"] for c in cands}) == 3
+    assert sel["kept"] == max(cands, key=lambda c: (c["val_acc"], -c["rank_by_proxy"]))["trial"]
+    assert sel["recipe"]["epochs"] == 0.5 and all("test_acc" in c for c in cands)
+    policy = json.loads((tmp_path / "p.json").read_text())
+    assert policy["trial"] == sel["kept"]
+    assert json.loads((tmp_path / "p_model" / "selection.json").read_text())["candidates"] == cands
+
+
+def test_top_k_needs_a_finetune(tmp_path, tiny_weights, capsys):
+    code = main(["export", "x", "--storage", f"sqlite:///{tmp_path}/none.db", "-o", str(tmp_path / "p.json"),
+                 "--weights", str(tiny_weights), "--top-k", "2"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--finetune-epochs" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.json").exists()
