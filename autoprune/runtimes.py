@@ -60,7 +60,7 @@ def get_runtime(name: str) -> Runtime:
     return runtime
 
 
-@RUNTIMES.register("eager", help="PyTorch eager mode under inference_mode (default)")
+@RUNTIMES.register("eager", help="PyTorch eager mode under inference_mode")
 class EagerRuntime(Runtime):
     def prepare(self, model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
         return lambda: model(x)
