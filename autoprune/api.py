@@ -74,8 +74,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
            workers: int = 1, state_dir: str | None = None, reward: str = "acc", reward_lambda: float = 1.0,
            min_sparsity: float = 0.0, max_sparsity: float = 0.8, ranges: Iterable[str] = (),
            share: Iterable[str] = (), latency_batch: int = 1,
-           latency_threads: int | None = None, searcher_options: dict | None = None,
-           early_stop: str | None = None,
+           latency_threads: int | None = None, latency_runtime: str = "eager",
+           searcher_options: dict | None = None, early_stop: str | None = None,
            progress: bool = True, command: str = "", before_work: Callable[[], object] | None = None,
            **task_settings) -> SearchResult:
     """Search per-unit sparsities of ``model`` that meet ``budget``; every episode is one trial of
@@ -101,6 +101,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
         workers: processes on one study (samplers; journal or PostgreSQL storage; TaskConfig only).
         reward, reward_lambda, min_sparsity, max_sparsity, latency_batch, latency_threads: the
             environment's settings (:class:`~autoprune.envs.LayerSparsityEnv`).
+        latency_runtime: what runs the model when its latency is measured: ``eager``,
+            ``compile`` or ``onnxruntime`` (:data:`~autoprune.runtimes.RUNTIMES`).
         ranges: per-unit bounds, ``"PATTERN=LO:HI"`` or ``"PATTERN=V"`` (fnmatch on unit names).
         share: ``"PATTERN"`` or ``"stage"``: units that take one sparsity (:mod:`autoprune.envs.space`).
         searcher_options: e.g. ``{"warmup": 100}`` for RL agents.
@@ -117,6 +119,7 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
     from autoprune.budget import parse_budget
     from autoprune.envs import REWARDS, LayerSparsityEnv
     from autoprune.envs.layer_sparsity import check_reachable
+    from autoprune.runtimes import get_runtime
     from autoprune.studies.runner import SearchConfig, check_early_stop, run_search
     from autoprune.studies.storage import check_storage
     from autoprune.studies.workers import check_workers
@@ -130,6 +133,9 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
         parse_range(entry)
     SEARCHERS.get(searcher)
     REWARDS.get(reward)
+    runtime = get_runtime(latency_runtime)
+    if parsed.metric == "latency":  # a missing package is refused before any work
+        runtime.check(model.device if isinstance(model, TaskConfig) else task_settings.get("device", "cpu"))
     if episodes < 1:
         raise AutopruneError("episodes must be at least 1")
     check_early_stop(early_stop)
@@ -149,7 +155,7 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
     env = LayerSparsityEnv(task, budget=parsed, reward=reward, reward_lambda=reward_lambda,
                            min_sparsity=min_sparsity, max_sparsity=max_sparsity, ranges=tuple(ranges),
                            share=tuple(share), latency_batch=latency_batch,
-                           latency_threads=latency_threads, progress=progress)
+                           latency_threads=latency_threads, latency_runtime=latency_runtime, progress=progress)
     config = SearchConfig(searcher=searcher, storage=storage, episodes=episodes, seed=seed,
                           study_name=study_name, resume=resume, state_dir=state_dir,
                           searcher_options=dict(searcher_options or {}), early_stop=early_stop,
@@ -270,11 +276,12 @@ class SearchResult:
     def export(self, directory: str | Path, trial: int | optuna.trial.FrozenTrial | None = None,
                reconstruct: str | None = None, finetune: Finetune = None, onnx: bool = False,
                latency_batches: tuple[int, ...] = (1,), quiet: bool = True, resume: bool = False,
-               top_k: int = 1, select_epochs: float = 1.0) -> dict:
+               top_k: int = 1, select_epochs: float = 1.0, latency_runtime: str | None = None) -> dict:
         """Write ``trial``'s pruned model and measurements to ``directory`` (made atomically):
         ``model.pt2`` (a ``torch.export`` program: ``torch.export.load(path).module()`` needs no
         autoprune), ``policy.json``, ``metrics.json``, ``pruned.pt`` for registered models, and
-        ``model.onnx`` with ``onnx=True``. Returns the metrics.
+        ``model.onnx`` with ``onnx=True``. Latency is measured with ``latency_runtime`` (default:
+        the one the study searched with). Returns the metrics.
 
         A :class:`~autoprune.finetune.FinetuneConfig` fine-tune checkpoints every epoch into
         ``directory`` and logs ``finetune.csv`` there; ``resume`` continues a killed one. With
@@ -289,7 +296,8 @@ class SearchResult:
             trial, extra = self._select(task, top_k, select_epochs, finetune, Path(directory), resume, quiet)
         policy = self.policy(trial)
         return apply_policy(task, policy, directory, finetune, test=task.has_test,
-                            latency_batches=latency_batches, onnx=onnx, quiet=quiet, resume=resume, extra=extra)
+                            latency_batches=latency_batches, onnx=onnx, quiet=quiet, resume=resume, extra=extra,
+                            latency_runtime=latency_runtime or self.record.search.latency_runtime)
 
     def _select(self, task: PruningTask, k: int, epochs: float, finetune: Finetune, directory: Path,
                 resume: bool, quiet: bool) -> tuple[optuna.trial.FrozenTrial, dict]:

@@ -19,6 +19,7 @@ from autoprune.errors import AutopruneError
 from autoprune.finetune import FinetuneConfig, FinetuneResult, finetune, finished
 from autoprune.latency import default_threads, measure_ratio
 from autoprune.policy import Policy
+from autoprune.runtimes import get_runtime
 from autoprune.task import PruningTask
 
 
@@ -61,6 +62,7 @@ def apply_policy(
     latency_batches: tuple[int, ...] = (1,),
     latency_device: str = "cpu",
     latency_threads: int | None = None,
+    latency_runtime: str = "eager",
     program: bool = True,
     onnx: bool = False,
     quiet: bool = False,
@@ -71,9 +73,12 @@ def apply_policy(
 
     A :class:`FinetuneConfig` fine-tune checkpoints every epoch into ``out_dir`` and logs
     ``finetune.csv`` there; ``resume`` continues a killed one. ``extra`` is merged into the
-    metrics (the top-K selection's record). Returns the metrics dict written to ``metrics.json``.
+    metrics (the top-K selection's record). Latency is measured by ``latency_runtime`` (a name in
+    :data:`~autoprune.runtimes.RUNTIMES`), which each ``metrics["latency"]`` entry records. Returns
+    the metrics dict written to ``metrics.json``.
     """
     kept = task.kept(policy)  # validates the policy before any work
+    get_runtime(latency_runtime).check(latency_device)  # and the runtime (a missing package)
     achieved = Policy.from_kept(task.table, kept, **{k: v for k, v in policy.meta.items()
                                                      if k not in ("format", "version")})
     model = task.prune(kept)
@@ -143,12 +148,12 @@ def apply_policy(
     threads = latency_threads or default_threads(latency_device)
     for batch in latency_batches:
         ratio, d, p = measure_ratio(dense_cpu, model, task.table.input_shape, latency_device, batch,
-                                    threads, pairs=30)
+                                    threads, pairs=30, runtime=latency_runtime)
         metrics["latency"][f"batch{batch}"] = {
-            "device": latency_device, "threads": threads, "runs": d.runs,
+            "runtime": latency_runtime, "device": latency_device, "threads": threads, "runs": d.runs,
             "dense_ms": d.median_s * 1e3, "pruned_ms": p.median_s * 1e3, "ratio": ratio,
         }
-        _log(f"latency ({latency_device}, batch {batch}, {threads} thread(s), {d.runs} alternated "
+        _log(f"latency ({latency_runtime} on {latency_device}, batch {batch}, {threads} thread(s), {d.runs} alternated "
              f"runs): dense {d.median_s * 1e3:.2f} ms, pruned {p.median_s * 1e3:.2f} ms "
              f"(median ratio x{ratio:.3f})", quiet)
     task.dense.to(task.device)

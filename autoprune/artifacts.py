@@ -24,6 +24,7 @@ from autoprune.errors import AutopruneError
 from autoprune.granularity import build_unit_table
 from autoprune.models import MODELS, ModelSpec, build_model
 from autoprune.policy import Policy
+from autoprune.runtimes import import_onnxruntime, onnx_program
 from autoprune.units import UnitTable
 
 FORMAT = "autoprune.pruned"
@@ -130,22 +131,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path,
     Returns ``{"path", "max_abs_diff", "checked_inputs"}``; a disagreement above 1e-3 relative to
     the logits' scale is an error rather than a silently wrong file.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise AutopruneError("--onnx needs onnx, onnxscript and onnxruntime: "
-                             "pip install 'autoprune[onnx]'") from None
-    import warnings
-
+    ort = import_onnxruntime()
     model = model.eval().cpu()
-    x = torch.cat([example.cpu()] * 2)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
+    onnx_program(model, example).save(str(path), external_data=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inputs = (check_inputs if check_inputs is not None else x).cpu()
+    inputs = (check_inputs if check_inputs is not None else torch.cat([example.cpu()] * 2)).cpu()
     got = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
     with torch.no_grad():
         want = model(inputs).numpy()

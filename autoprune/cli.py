@@ -30,6 +30,7 @@ _REGISTRIES = {
     "reconstruct": ("autoprune.reconstruct", "RECONSTRUCTIONS"),
     "searcher": ("autoprune.agents", "SEARCHERS"),
     "reward": ("autoprune.envs.rewards", "REWARDS"),
+    "runtime": ("autoprune.runtimes", "RUNTIMES"),
 }
 
 
@@ -113,6 +114,8 @@ def add_latency_args(p: argparse.ArgumentParser, what: str) -> None:
     g.add_argument("--latency-batch", type=_batch_sizes, default=(1,), metavar="N[,N...]",
                    help=f"batch size(s) {what} (default 1)")
     g.add_argument("--latency-threads", type=int, default=None, help="CPU threads (default 1)")
+    g.add_argument("--latency-runtime", default="eager",
+                   help=_Help.of("runtime", "what runs the model when its latency is measured", "eager"))
 
 
 def add_finetune_args(g) -> None:
@@ -187,7 +190,7 @@ def _finetune(args: argparse.Namespace, seed: int):
 def cmd_models(args: argparse.Namespace) -> int:
     titles = {"model": "models", "dataset": "datasets", "importance": "importance criteria",
               "granularity": "granularities", "reconstruct": "reconstructions", "searcher": "searchers",
-              "reward": "rewards"}
+              "reward": "rewards", "runtime": "latency runtimes"}
     for kind, title in titles.items():
         reg = _registry(kind)
         print(f"{title}:")
@@ -226,12 +229,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from autoprune.apply import apply_policy
     from autoprune.policy import Policy
+    from autoprune.runtimes import get_runtime
     from autoprune.task import PruningTask, check_device
 
     config = task_config(args).check()
     args.dataset = _default_dataset(args)
     ft = _finetune(args, args.split_seed)
     check_device(args.latency_device)
+    get_runtime(args.latency_runtime).check(args.latency_device)
     policy = Policy.load(args.policy)  # a malformed policy fails before any model is built
     if args.reconstruct is None:  # rebuild the model as the policy's search scored it
         from dataclasses import replace
@@ -240,7 +245,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     task = PruningTask(config, progress=not args.quiet)
     metrics = apply_policy(task, policy, args.output, ft, test=not args.no_test,
                            latency_batches=args.latency_batch, latency_device=args.latency_device,
-                           latency_threads=args.latency_threads, quiet=args.quiet, resume=args.resume)
+                           latency_threads=args.latency_threads, latency_runtime=args.latency_runtime,
+                           quiet=args.quiet, resume=args.resume)
     print(f"wrote {args.output}/pruned.pt, model.pt2, policy.json, metrics.json "
           f"(FLOPs x{metrics['ratios']['flops']:.3f}, params x{metrics['ratios']['params']:.3f})")
     return 0
@@ -263,6 +269,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, ranges=args.ranges, share=args.share,
         latency_batch=args.latency_batch[0],
         latency_threads=args.latency_threads,
+        latency_runtime=args.latency_runtime,
         searcher_options={"warmup": args.warmup} if args.warmup is not None else None,
         early_stop=args.early_stop,
         progress=not args.quiet, command=" ".join(shlex.quote(a) for a in ["autoprune", *args.argv]),
@@ -312,6 +319,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format not in FORMATS:
         raise AutopruneError(f"unknown --format {args.format!r}; choose one of: {', '.join(FORMATS)}")
+    if args.latency_runtime is not None:
+        from autoprune.runtimes import get_runtime
+
+        get_runtime(args.latency_runtime).check("cpu")
     out = Path(args.output)
     if not out.parent.is_dir():
         raise AutopruneError(f"cannot write {out}: folder {out.parent} does not exist")
@@ -329,7 +340,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         ft = _finetune(args, result.record.task.seed)
         metrics = result.export(model_dir, trial, reconstruct=args.reconstruct, finetune=ft, onnx=args.onnx,
                                 quiet=args.quiet, resume=args.resume, top_k=args.top_k,
-                                select_epochs=args.select_epochs)
+                                select_epochs=args.select_epochs, latency_runtime=args.latency_runtime)
         if "selection" in metrics:
             trial = result.trial(metrics["selection"]["kept"])
         policy = result.policy(trial)
@@ -466,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--select-epochs", type=float, default=1.0, metavar="E",
                    help="epochs each --top-k candidate is fine-tuned for (default 1)")
     m.add_argument("--onnx", action="store_true", help="also write model.onnx, checked in onnxruntime")
+    m.add_argument("--latency-runtime", default=None,
+                   help=_Help.of("runtime", "what runs the models whose latency metrics.json reports",
+                                 "the study's"))
     m.add_argument("--reconstruct", default=None,
                    help=_Help.of("reconstruct", "how the model is rebuilt", "as the study's episodes were scored"))
     m.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")

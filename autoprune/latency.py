@@ -15,7 +15,12 @@ where L sums the layers' table lookups and A is the activation volume, which sta
 memory-bound work (BatchNorm, ReLU, adds) that shrinks with output widths. The non-negative a and
 b are fitted on paired measurements of real slimmed networks at a dozen policies, so the
 prediction is 1 at the dense model by construction. Everything is measured once per (model,
-input shape, device, batch size, threads, torch version) and cached on disk as JSON.
+input shape, device, batch size, threads, runtime, torch and runtime versions) and cached on disk
+as JSON.
+
+Every timing, of a whole model or of one cell of the table, runs through a runtime
+(:mod:`autoprune.runtimes`: eager PyTorch, ``torch.compile``, ONNX Runtime), so a latency budget
+is a budget for the runtime the model will be served with.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from autoprune.costs import COST_MODELS, CostModel, layer_fractions
 from autoprune.data import default_cache_dir
 from autoprune.errors import AutopruneError
 from autoprune.fileio import atomic_write_text
+from autoprune.runtimes import get_runtime
 from autoprune.units import Layer, UnitTable
 
 GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
@@ -51,6 +57,7 @@ class Latency:
     device: str
     batch_size: int
     threads: int
+    runtime: str = "eager"
 
 
 def _sync(device: str) -> None:
@@ -88,6 +95,7 @@ def measure_latency(
     threads: int | None = None,
     runs: int = 30,
     warmup: int = 5,
+    runtime: str = "eager",
 ) -> Latency:
     """Median wall time of one forward pass over ``runs`` timed runs after ``warmup`` untimed ones.
 
@@ -102,28 +110,35 @@ def measure_latency(
         threads: intra-op threads on CPU (default: torch's current setting).
         runs: timed runs (at least 30 for a stable median).
         warmup: untimed runs first.
+        runtime: what runs the model, a name in :data:`~autoprune.runtimes.RUNTIMES`.
     """
+    engine = get_runtime(runtime)
+    engine.check(device)
     before = torch.get_num_threads()
     threads = threads or before
     model = model.to(device).eval()
     x = _input(input_shape, batch_size, device)
     torch.set_num_threads(threads)
     try:
+        run = engine.prepare(model, x, threads)
         with torch.inference_mode():
-            times = _time(lambda: model(x), device, runs, warmup)
+            times = _time(run, device, runs, warmup)
     finally:
         torch.set_num_threads(before)
     q1, q3 = np.percentile(times, [25, 75])
-    return Latency(statistics.median(times), float(q3 - q1), len(times), device, batch_size, threads)
+    return Latency(statistics.median(times), float(q3 - q1), len(times), device, batch_size, threads, runtime)
 
 
 def measure_ratio(base: nn.Module, other: nn.Module, input_shape: tuple[int, ...],
                   device: str = "cpu", batch_size: int = 1, threads: int | None = None,
-                  pairs: int = 30, warmup: int = 3) -> tuple[float, Latency, Latency]:
-    """Latency of ``other`` relative to ``base``: the median over ``pairs`` alternated runs.
+                  pairs: int = 30, warmup: int = 3, runtime: str = "eager") -> tuple[float, Latency, Latency]:
+    """Latency of ``other`` relative to ``base``: the median over ``pairs`` alternated runs, both
+    run by ``runtime`` (a name in :data:`~autoprune.runtimes.RUNTIMES`).
 
     Returns the ratio and both models' latencies (medians of their runs in the same session).
     """
+    engine = get_runtime(runtime)
+    engine.check(device)
     before = torch.get_num_threads()
     threads = threads or before
     base, other = base.to(device).eval(), other.to(device).eval()
@@ -131,10 +146,11 @@ def measure_ratio(base: nn.Module, other: nn.Module, input_shape: tuple[int, ...
     ta, tb = [], []
     torch.set_num_threads(threads)
     try:
+        run_base, run_other = engine.prepare(base, x, threads), engine.prepare(other, x, threads)
         with torch.inference_mode():
             for i in range(warmup + pairs):
-                a = _time(lambda: base(x), device, 1, 0)[0]
-                b = _time(lambda: other(x), device, 1, 0)[0]
+                a = _time(run_base, device, 1, 0)[0]
+                b = _time(run_other, device, 1, 0)[0]
                 if i >= warmup:
                     ta.append(a)
                     tb.append(b)
@@ -144,7 +160,7 @@ def measure_ratio(base: nn.Module, other: nn.Module, input_shape: tuple[int, ...
 
     def summary(ts):
         q1, q3 = np.percentile(ts, [25, 75])
-        return Latency(statistics.median(ts), float(q3 - q1), len(ts), device, batch_size, threads)
+        return Latency(statistics.median(ts), float(q3 - q1), len(ts), device, batch_size, threads, runtime)
 
     return float(ratio), summary(ta), summary(tb)
 
@@ -184,11 +200,13 @@ class LatencyModel(CostModel):
     """Predicted latency ratio of a slimmed network from its kept widths (see module docstring).
 
     Attributes:
-        luts: per layer signature, seconds over (input fraction x output fraction) of GRID
+        luts: per layer signature, seconds over (input fraction x output fraction) of ``grid``
             (one row for depthwise convs, whose cost follows their outputs alone).
         coef: the fitted (a, b).
         dense_s: the dense model's measured latency, seconds per batch.
         fit_error: (max, mean) relative error of the fit on its calibration policies.
+        runtime: what ran every timing (a name in :data:`~autoprune.runtimes.RUNTIMES`).
+        grid: the kept fractions the table was measured at.
     """
 
     table: UnitTable
@@ -199,25 +217,28 @@ class LatencyModel(CostModel):
     coef: tuple[float, float]
     dense_s: float
     fit_error: tuple[float, float]
+    runtime: str = "eager"
+    grid: tuple[float, ...] = GRID
     metric: str = "latency"
     _sigs: list = field(default_factory=list, repr=False)
 
     @classmethod
     def build(cls, task, batch_size: int = 1, threads: int | None = None, progress: bool = True,
-              **options) -> LatencyModel:
-        """Measured once per model, device, batch size and thread count, then read from the cache."""
+              runtime: str = "eager", **options) -> LatencyModel:
+        """Measured once per model, device, batch size, thread count and runtime, then read from
+        the cache."""
         if not task.table.strategy.physical:
             raise AutopruneError("a latency budget needs channel granularity: masked weights run "
                                  "as fast as dense ones on dense hardware")
         return build_latency_model(task.table, task.dense, task.prune, task.device, batch_size, threads,
-                                   progress=progress)
+                                   progress=progress, runtime=runtime)
 
     def __post_init__(self) -> None:
         self._sigs = [_signature(lay) for lay in self.table.layers]
         self._act = np.array([lay.out_channels * lay.out_hw[0] * lay.out_hw[1]
                               for lay in self.table.layers], dtype=np.float64)
         self._arrays = {k: np.asarray(v) for k, v in self.luts.items()}
-        self._grid = np.asarray(GRID)
+        self._grid = np.asarray(self.grid)
         dense = self.table.sizes()
         self._l0, self._a0 = self._raw(dense)
 
@@ -243,20 +264,26 @@ class LatencyModel(CostModel):
 
     def to_json(self) -> dict:
         return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads,
-                "luts": self.luts, "coef": list(self.coef), "dense_s": self.dense_s,
-                "fit_error": list(self.fit_error), "grid": list(GRID)}
+                "runtime": self.runtime, "luts": self.luts, "coef": list(self.coef), "dense_s": self.dense_s,
+                "fit_error": list(self.fit_error), "grid": list(self.grid)}
 
 
-def _cache_key(table: UnitTable, device: str, batch_size: int, threads: int) -> str:
+def _cache_key(table: UnitTable, device: str, batch_size: int, threads: int, runtime: str,
+               grid: tuple[float, ...]) -> str:
     shape = "|".join(f"{lay.name}:{_signature(lay)}" for lay in table.layers)
     units = "|".join(f"{u.name}:{u.size}" for u in table.units)
-    key = f"v2#{shape}#{units}#{table.input_shape}#{device}#{batch_size}#{threads}#{torch.__version__}"
+    version = get_runtime(runtime).version()
+    key = (f"v3#{shape}#{units}#{table.input_shape}#{device}#{batch_size}#{threads}#{torch.__version__}"
+           f"#{runtime}#{version}#{list(grid)}")
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def _measure_luts(table: UnitTable, device: str, batch_size: int, runs: int, progress: bool) -> dict:
+def _measure_luts(table: UnitTable, device: str, batch_size: int, threads: int, runs: int, progress: bool,
+                  runtime: str = "eager", grid: tuple[float, ...] = GRID) -> dict:
+    """Seconds of every distinct conv/linear layer over the grid (torch's threads already set)."""
     from tqdm.auto import tqdm
 
+    engine = get_runtime(runtime)
     sigs = {}
     for lay in table.layers:
         sig = _signature(lay)
@@ -264,17 +291,18 @@ def _measure_luts(table: UnitTable, device: str, batch_size: int, runs: int, pro
             sigs[sig] = lay
     luts = {}
     for sig, lay in tqdm(sigs.items(), desc="latency table", disable=not progress, leave=False):
-        in_grid = (1.0,) if lay.kind == "dwconv" else GRID
+        in_grid = (1.0,) if lay.kind == "dwconv" else grid
         rows = []
         for fi in in_grid:
             row = []
-            for fo in GRID:
+            for fo in grid:
                 module, shape = _layer_module(lay, _width(lay.in_channels, fi), _width(lay.out_channels, fo))
                 module = module.to(device).eval()
                 x = torch.randn(batch_size, *shape, device=device)
+                run = engine.prepare(module, x, threads)
                 with torch.inference_mode():
                     # the minimum is the run least disturbed by the rest of the machine
-                    row.append(min(_time(lambda m=module, x=x: m(x), device, runs, 2)))
+                    row.append(min(_time(run, device, runs, 2)))
             rows.append(row)
         # a narrower layer is never slower: make the table monotone along both axes
         arr = np.maximum.accumulate(np.maximum.accumulate(np.asarray(rows), axis=1), axis=0)
@@ -282,18 +310,21 @@ def _measure_luts(table: UnitTable, device: str, batch_size: int, runs: int, pro
     return luts
 
 
-def _read_cache(path: Path) -> dict | None:
-    """The cached table, or None if absent or unreadable (then it is measured again)."""
+def _read_cache(path: Path, runtime: str) -> dict | None:
+    """The cached table, or None if absent, unreadable or another runtime's (then it is measured
+    again)."""
     try:
         data = json.loads(path.read_text())
-        return data if {"luts", "coef", "dense_s", "fit_error"} <= set(data) else None
     except (OSError, ValueError):
         return None
+    ok = {"luts", "coef", "dense_s", "fit_error", "grid"} <= set(data) and data.get("runtime") == runtime
+    return data if ok else None
 
 
 def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str = "cpu",
                         batch_size: int = 1, threads: int | None = None, cache_dir: Path | None = None,
-                        progress: bool = True, calibration_policies: int = 12) -> LatencyModel:
+                        progress: bool = True, calibration_policies: int = 12, runtime: str = "eager",
+                        grid: tuple[float, ...] = GRID) -> LatencyModel:
     """Measure (or load from the cache) the latency model of ``dense``.
 
     Args:
@@ -304,25 +335,32 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
             CPU, see :func:`default_threads`).
         cache_dir: where the JSON table is kept (default: the autoprune cache dir).
         progress: show a progress bar while measuring.
-        calibration_policies: slimmed models measured to fit the coefficients.
+        calibration_policies: slimmed models measured to fit the coefficients (at least the four
+            uniform ones).
+        runtime: what runs every timing, a name in :data:`~autoprune.runtimes.RUNTIMES`.
+        grid: the increasing kept fractions, ending at 1, each layer is timed at (per axis).
     """
+    get_runtime(runtime).check(device)
+    grid = tuple(float(f) for f in grid)
+    if not grid or grid[-1] != 1.0 or any(a >= b for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"a latency grid increases to 1.0, got {grid}")
     threads = threads or default_threads(device)
-    key = _cache_key(table, device, batch_size, threads)
+    key = _cache_key(table, device, batch_size, threads, runtime, grid)
     path = (cache_dir or default_cache_dir()) / "latency" / f"{key}.json"
-    cached = _read_cache(path)
+    cached = _read_cache(path, runtime)
     if cached is not None:
         return LatencyModel(table, device, batch_size, threads, cached["luts"], tuple(cached["coef"]),
-                            cached["dense_s"], tuple(cached["fit_error"]))
+                            cached["dense_s"], tuple(cached["fit_error"]), runtime, tuple(cached["grid"]))
     if progress:
-        print(f"note: measuring a latency table for this model ({device}, batch {batch_size}, "
+        print(f"note: measuring a latency table for this model ({runtime} on {device}, batch {batch_size}, "
               f"{threads} thread(s)) once; cached at {path}", file=sys.stderr)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        luts = _measure_luts(table, device, batch_size, 12, progress)
+        luts = _measure_luts(table, device, batch_size, threads, 12, progress, runtime, grid)
     finally:
         torch.set_num_threads(before)
-    model = LatencyModel(table, device, batch_size, threads, luts, (1.0, 0.0), 1.0, (0.0, 0.0))
+    model = LatencyModel(table, device, batch_size, threads, luts, (1.0, 0.0), 1.0, (0.0, 0.0), runtime, grid)
 
     # Calibrate on real slimmed networks: uniform levels and random policies, each timed in
     # alternation with the dense model.
@@ -336,7 +374,7 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     for sparsity in tqdm(policies, desc="latency calibration", disable=not progress, leave=False):
         kept = table.kept_all(sparsity)
         ratio, lat_dense, _ = measure_ratio(dense, prune(kept), table.input_shape, device, batch_size,
-                                            threads, pairs=20)
+                                            threads, pairs=20, runtime=runtime)
         feats.append(model.features(kept))
         measured.append(ratio)
         dense_times.append(lat_dense.median_s)
@@ -346,7 +384,8 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     coef, _ = nnls(X, y)
     errors = np.abs((1.0 - X @ coef) / np.asarray(measured) - 1.0)
     result = LatencyModel(table, device, batch_size, threads, luts, (float(coef[0]), float(coef[1])),
-                          float(np.median(dense_times)), (float(errors.max()), float(errors.mean())))
+                          float(np.median(dense_times)), (float(errors.max()), float(errors.mean())),
+                          runtime, grid)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result.to_json()))
     return result

@@ -27,16 +27,18 @@ from autoprune.envs.state import N_FEATURES, observation, rest_flops, static_fea
 from autoprune.envs.wall import ActionWall
 from autoprune.errors import AutopruneError
 from autoprune.policy import Policy
+from autoprune.runtimes import RUNTIMES
 from autoprune.task import EpisodePruned, PruningTask, TaskConfig
 
 
 def make_cost_model(task: PruningTask, budget: Budget, latency_batch: int = 1,
-                    latency_threads: int | None = None, progress: bool = True) -> CostModel:
-    """The cost model of ``budget.metric`` for ``task`` (latency: measured once, cached)."""
+                    latency_threads: int | None = None, progress: bool = True,
+                    latency_runtime: str = "eager") -> CostModel:
+    """The cost model of ``budget.metric`` for ``task`` (latency: measured once per runtime, cached)."""
     import autoprune.latency  # noqa: F401  (registers the latency cost model)
 
     return COST_MODELS.get(budget.metric).build(task, batch_size=latency_batch, threads=latency_threads,
-                                                progress=progress)
+                                                runtime=latency_runtime, progress=progress)
 
 
 def check_reachable(table, budget: Budget, min_sparsity: float, max_sparsity: float,
@@ -61,6 +63,8 @@ class LayerSparsityEnv(gym.Env):
         min_sparsity, max_sparsity: the range actions are rescaled to.
         ranges, share: per-unit bounds and shared sparsities (:mod:`autoprune.envs.space`).
         latency_batch, latency_threads: what latency budgets are measured for.
+        latency_runtime: what runs the model when its latency is measured, a name in
+            :data:`~autoprune.runtimes.RUNTIMES` (``eager``, ``compile``, ``onnxruntime``).
         progress: let the task and latency table show progress bars.
     """
 
@@ -70,11 +74,13 @@ class LayerSparsityEnv(gym.Env):
                  reward: str = "acc", reward_lambda: float = 1.0, min_sparsity: float = 0.0,
                  max_sparsity: float = 0.8, latency_batch: int = 1,
                  latency_threads: int | None = None, progress: bool = False,
-                 ranges: Sequence[str] = (), share: Sequence[str] = (), **task_kwargs: Any) -> None:
+                 ranges: Sequence[str] = (), share: Sequence[str] = (), latency_runtime: str = "eager",
+                 **task_kwargs: Any) -> None:
         super().__init__()
         self.budget = budget if isinstance(budget, Budget) else parse_budget(budget)
         self.reward_fn = REWARDS.get(reward)
         self.reward_name, self.reward_lambda = reward, reward_lambda
+        RUNTIMES.get(latency_runtime)  # a typo is refused whatever the budget
         if not 0.0 <= min_sparsity <= max_sparsity < 1.0:
             raise AutopruneError(f"need 0 <= min_sparsity <= max_sparsity < 1, got "
                                  f"{min_sparsity:g} and {max_sparsity:g}")
@@ -91,11 +97,12 @@ class LayerSparsityEnv(gym.Env):
         self.n_units = len(self.table.units)
         self.space = SearchSpace.build(self.table, min_sparsity, max_sparsity, ranges, share)
         self.ranges, self.share = tuple(ranges), tuple(share)
-        self.cost = make_cost_model(task, self.budget, latency_batch, latency_threads, progress)
+        self.cost = make_cost_model(task, self.budget, latency_batch, latency_threads, progress, latency_runtime)
         self.wall = ActionWall(self.table, self.cost, self.budget.ratio, self.space.low, self.space.high)
         self.wall.check_feasible()
         self.min_sparsity, self.max_sparsity = min_sparsity, max_sparsity
         self.latency_batch, self.latency_threads = latency_batch, latency_threads
+        self.latency_runtime = latency_runtime
         self._static = static_features(self.table)
         self._rest = rest_flops(self.table)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
@@ -172,7 +179,7 @@ class LayerSparsityEnv(gym.Env):
             # few-millisecond network are noisy, and the budget check is only as good as this
             ratios["latency"], _, _ = measure_ratio(self.task.dense, model, self.table.input_shape,
                                                     self.task.device, self.cost.batch_size,
-                                                    self.cost.threads, pairs=30)
+                                                    self.cost.threads, pairs=30, runtime=self.cost.runtime)
         outcome = Outcome(evaluation.accuracy, ratios[self.budget.metric], self.budget.ratio,
                           closed_form(self.table, kept).flops)
         reward, parts = self.reward_fn(outcome, self.reward_lambda)

@@ -49,6 +49,8 @@ class SearchSpec(Record):
         reward: a registered reward; ``reward_lambda`` its penalty weight.
         min_sparsity, max_sparsity: the range of each unit's sparsity.
         latency_batch, latency_threads: what latency budgets are measured for.
+        latency_runtime: what runs the model when its latency is measured (a name in
+            :data:`~autoprune.runtimes.RUNTIMES`; studies made before it existed measured ``eager``).
         ranges, share: per-unit sparsity bounds and shared sparsities (:mod:`autoprune.envs.space`).
         early_stop: the pruner that may stop scoring a policy after a chunk of search-val
             (``median``, ``halving``; None scores every episode in full).
@@ -67,6 +69,7 @@ class SearchSpec(Record):
     max_sparsity: float = spec(0.8, identity=True)
     latency_batch: int = spec(1, identity=True, legacy=1)
     latency_threads: int | None = spec(None, legacy=None)
+    latency_runtime: str = spec("eager", identity=True, legacy="eager")
     ranges: tuple[str, ...] = spec((), identity=True, legacy=())
     share: tuple[str, ...] = spec((), identity=True, legacy=())
     early_stop: str | None = spec(None, legacy=None)

@@ -114,6 +114,7 @@ def search_spec(env: LayerSparsityEnv, config: SearchConfig) -> SearchSpec:
         budget=str(env.budget), searcher=config.searcher, episodes=config.episodes, seed=config.seed,
         reward=env.reward_name, reward_lambda=env.reward_lambda, min_sparsity=env.min_sparsity,
         max_sparsity=env.max_sparsity, latency_batch=env.latency_batch, latency_threads=env.latency_threads,
+        latency_runtime=env.latency_runtime,
         ranges=env.ranges, share=env.share, early_stop=config.early_stop,
         options=dict(config.searcher_options),
     )

@@ -121,6 +121,7 @@ def work(config: SearchConfig, name: str, quota: int, index: int, errors) -> Non
         env = LayerSparsityEnv(task, budget=s.budget, reward=s.reward, reward_lambda=s.reward_lambda,
                                min_sparsity=s.min_sparsity, max_sparsity=s.max_sparsity,
                                latency_batch=s.latency_batch, latency_threads=s.latency_threads,
+                               latency_runtime=s.latency_runtime,
                                ranges=s.ranges, share=s.share)
         mine = replace(config, study_name=name, resume=True, progress=False, seed=config.seed + 7919 * (index + 1))
         run_search(env, mine, quota=quota)

@@ -80,3 +80,35 @@ def tiny_weights(trained_tiny, tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save(trained_tiny.state_dict(), path)
     return path
+
+
+@pytest.fixture
+def fake_latency(monkeypatch):
+    """Latency tables and ratios computed instead of timed, for tests about what is recorded and
+    cached (tests never time): a layer's table cell is its MACs at those fractions, a measured
+    ratio is the ratio of the two models' parameter counts. The runtime is still checked (a name
+    or a package missing is refused as for real). Returns the runtime of every table measured and
+    of every ratio, in order: ``{"tables": [...], "ratios": [...]}``."""
+    from autoprune import latency
+    from autoprune.runtimes import get_runtime
+
+    calls: dict[str, list[str]] = {"tables": [], "ratios": []}
+
+    def luts(table, device, batch_size, threads, runs, progress, runtime="eager", grid=latency.GRID):
+        calls["tables"].append(runtime)
+        layers = {latency._signature(lay): lay for lay in table.layers if latency._signature(lay)}
+        return {sig: [[lay.macs * fi * fo for fo in grid] for fi in ((1.0,) if lay.kind == "dwconv" else grid)]
+                for sig, lay in layers.items()}
+
+    def ratio(base, other, input_shape, device="cpu", batch_size=1, threads=None, pairs=30, warmup=3,
+              runtime="eager"):
+        get_runtime(runtime).check(device)
+        calls["ratios"].append(runtime)
+        sizes = [sum(p.numel() for p in m.parameters()) for m in (base, other)]
+        lat = [latency.Latency(1e-3 * s / sizes[0], 0.0, pairs, device, batch_size, threads or 1, runtime)
+               for s in sizes]
+        return sizes[1] / sizes[0], lat[0], lat[1]
+
+    monkeypatch.setattr(latency, "_measure_luts", luts)
+    monkeypatch.setattr(latency, "measure_ratio", ratio)
+    return calls

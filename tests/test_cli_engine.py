@@ -48,13 +48,25 @@ def test_apply_writes_model_policy_and_metrics(capsys, tmp_path, tiny_weights):
         m["closed_form_ratios"]["flops"], rel=0.01)
     assert 0 <= m["pruned"]["proxy_acc"] <= 1 and m["dense"]["test_acc"] > 0.5
     assert "test_acc_finetuned" in m["pruned"]
-    assert m["latency"]["batch1"]["runs"] >= 30
+    assert m["latency"]["batch1"]["runs"] >= 30 and m["latency"]["batch1"]["runtime"] == "eager"
     pol = json.loads((out_dir / "policy.json").read_text())
     assert {u["name"]: u["kept"] for u in pol["units"]}["stem.0"] == 8
     from autoprune.artifacts import load_pruned
 
     model, _ = load_pruned(out_dir / "pruned.pt", allow_import=True)  # our own file, a user model
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_apply_measures_latency_with_the_runtime_asked_for(capsys, tmp_path, tiny_weights):
+    (tmp_path / "p.json").write_text(json.dumps({"stem.0": 0.5}))
+    code, _, err = run(capsys, "apply", "--model", TINY, "--weights", str(tiny_weights), "--dataset", "digits",
+                       "--policy", str(tmp_path / "p.json"), "-o", str(tmp_path / "out"), "--no-test",
+                       "--latency-runtime", "onnxruntime", "--latency-batch", "1,4")
+    assert code == 0, err
+    latency = json.loads((tmp_path / "out" / "metrics.json").read_text())["latency"]
+    assert set(latency) == {"batch1", "batch4"}
+    assert all(e["runtime"] == "onnxruntime" and e["runs"] >= 30 and e["ratio"] > 0 for e in latency.values())
+    assert "latency (onnxruntime on cpu, batch 4, 1 thread(s)" in err
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -37,6 +37,7 @@ def test_search_end_to_end_on_the_offline_default(capsys, tmp_path, monkeypatch)
     (["--budget", "half"], "accepted forms: 0.5flops"),
     (["--searcher", "bayes"], "unknown searcher 'bayes'"),
     (["--reward", "acc2"], "unknown reward 'acc2'"),
+    (["--latency-runtime", "tensorrt"], "unknown latency runtime 'tensorrt'"),
     (["--model", "resnet7"], "unknown model 'resnet7'"),
     (["--storage", "mongodb"], "cannot read storage"),
     (["--episodes", "0"], "episodes must be at least 1"),

@@ -109,6 +109,11 @@ def test_latency_budget_needs_channel_granularity(digits, trained_tiny):
         LayerSparsityEnv(task, budget="0.7latency")
 
 
+def test_unknown_latency_runtime_is_refused_whatever_the_budget(tiny_task):
+    with pytest.raises(AutopruneError, match="unknown latency runtime 'tvm'"):
+        LayerSparsityEnv(tiny_task, budget="0.5flops", latency_runtime="tvm")
+
+
 def test_episodes_are_deterministic_for_a_seed(tiny_task):
     env_a = LayerSparsityEnv(tiny_task, budget="0.5flops")
     env_b = gym.make(ENV_ID, task=tiny_task, budget="0.5flops")
@@ -147,7 +152,9 @@ def test_reward_functions_on_known_cases():
 def test_latency_budget_wall_uses_the_measured_table(tiny_task, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path))
     env = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9, latency_batch=32)
-    assert list((tmp_path / "latency").glob("*.json"))  # measured once, cached on disk
+    cached = list((tmp_path / "latency").glob("*.json"))  # measured once, cached on disk
+    assert len(cached) == 1 and '"runtime": "eager"' in cached[0].read_text()  # the default runtime
+    assert env.latency_runtime == env.cost.runtime == "eager"
     reward, infos = rollout(env, seed=3)
     last = infos[-1]
     assert last["ratios"]["latency_predicted"] <= 0.9 + 1e-9

@@ -159,6 +159,21 @@ def test_export_with_weights_writes_a_model_plain_torch_can_run(capsys, searched
     assert doc["exported_model"]["test_accuracy"] == recorded
 
 
+def test_export_measures_latency_with_the_study_runtime_unless_told(capsys, tmp_path, tiny_weights):
+    db, name = f"sqlite:///{tmp_path}/rt.db", "tinynets.tiny-digits-0.5flops-uniform"
+    code, _, err = run(capsys, "search", "--model", TINY, "--weights", str(tiny_weights), "--dataset", "digits",
+                       "--budget", "0.5flops", "--searcher", "uniform", "--storage", db,
+                       "--latency-runtime", "onnxruntime", "-q")
+    assert code == 0, err
+    assert optuna.load_study(study_name=name, storage=db).user_attrs["search.latency_runtime"] == "onnxruntime"
+    for flags, runtime in (((), "onnxruntime"), (("--latency-runtime", "eager"), "eager")):
+        code, _, err = run(capsys, "export", name, "--storage", db, "-o", str(tmp_path / f"{runtime}.json"),
+                           "--weights", str(tiny_weights), "-q", *flags)
+        assert code == 0, err
+        metrics = json.loads((tmp_path / f"{runtime}_model" / "metrics.json").read_text())
+        assert metrics["latency"]["batch1"]["runtime"] == runtime and metrics["latency"]["batch1"]["ratio"] > 0
+
+
 def test_export_refuses_other_weights(capsys, searched, tmp_path):
     _, db, weights = searched
     other = tmp_path / "other.pt"

@@ -8,7 +8,7 @@ from autoprune.agents import SEARCHERS
 from autoprune.agents.baselines import portfolio, uncoupled_policy, uncoupled_units
 from autoprune.envs import LayerSparsityEnv
 from autoprune.errors import AutopruneError
-from autoprune.studies.records import StudyRecord, best_rule_trial, best_trial
+from autoprune.studies.records import SearchSpec, StudyRecord, best_rule_trial, best_trial
 from autoprune.studies.runner import SearchConfig, run_search
 
 FAST_RL = {"ddpg", "td3", "sac"}
@@ -100,6 +100,24 @@ def test_existing_study_needs_resume_and_the_same_task(tiny_task, tmp_path):
     with pytest.raises(AutopruneError, match="budget"):
         _run(other, tmp_path, "random", episodes=5, resume=True,
              study_name="tiny-digits-0.5flops-random")
+
+
+def test_a_latency_study_records_its_runtime_and_resumes_only_with_it(tiny_task, tmp_path, fake_latency):
+    env = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9, latency_runtime="onnxruntime")
+    result = _run(env, tmp_path, "random", episodes=2)
+    assert result.study.user_attrs["search.latency_runtime"] == "onnxruntime"
+    assert StudyRecord.of(result.study).search.latency_runtime == "onnxruntime"
+    assert all("latency" in t.user_attrs["ratios"] for t in result.study.trials)
+    # the table and every episode's measured latency ran on onnxruntime
+    assert set(fake_latency["tables"]) == set(fake_latency["ratios"]) == {"onnxruntime"}
+    eager = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9)
+    with pytest.raises(AutopruneError, match="made with latency_runtime='onnxruntime', this run has "
+                                             "latency_runtime='eager'"):
+        _run(eager, tmp_path, "random", episodes=3, resume=True, study_name=result.study.study_name)
+    assert len(result.study.trials) == 2  # refused before any episode
+    # a study made before the field existed measured eager latency, and reads so
+    legacy = {k: v for k, v in result.study.user_attrs.items() if k != "search.latency_runtime"}
+    assert SearchSpec.from_attrs(legacy).latency_runtime == "eager"
 
 
 def test_rl_agent_checkpoint_restores_state(tiny_task, tmp_path):

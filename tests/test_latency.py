@@ -1,0 +1,87 @@
+"""Runtimes and the latency lookup table: every runtime runs the model it is given, the table is
+cached per runtime, and an ONNX Runtime table predicts what ONNX Runtime measures."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from autoprune.errors import AutopruneError
+from autoprune.latency import build_latency_model, measure_latency, measure_ratio
+from autoprune.runtimes import RUNTIMES, get_runtime
+from autoprune.task import PruningTask
+
+# torch.compile's first compilation in a process takes 20 s or more on two cores
+SLOW_RUNTIMES = {"compile"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_RUNTIMES else n
+                                  for n in RUNTIMES.names()])
+def test_every_runtime_runs_the_model_it_was_given(trained_tiny, name):
+    model = trained_tiny.eval()
+    x = torch.randn(3, 1, 8, 8)
+    run = get_runtime(name).prepare(model, x, threads=1)
+    with torch.inference_mode():
+        got, want = run(), model(x)
+    got = got[0] if isinstance(got, list) else got  # onnxruntime returns a list of arrays
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-4, atol=1e-4)
+    latency = measure_latency(model, (1, 8, 8), batch_size=3, threads=1, runs=3, warmup=1, runtime=name)
+    assert latency.runtime == name and latency.runs == 3 and latency.batch_size == 3
+
+
+def test_unknown_runtime_and_missing_onnxruntime_are_one_clear_error(trained_tiny, monkeypatch):
+    with pytest.raises(AutopruneError, match="unknown latency runtime 'tensorrt'; choose one of: eager"):
+        measure_ratio(trained_tiny, trained_tiny, (1, 8, 8), runtime="tensorrt")
+    with pytest.raises(AutopruneError, match="times on CPU"):
+        get_runtime("onnxruntime").check("cuda:0")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    with pytest.raises(AutopruneError, match=r"pip install 'autoprune\[onnx\]'"):
+        measure_latency(trained_tiny, (1, 8, 8), runs=1, runtime="onnxruntime")
+
+
+def test_the_runtime_is_part_of_the_latency_table_cache_key(tiny_task, fake_latency, tmp_path):
+    def build(runtime):
+        return build_latency_model(tiny_task.table, tiny_task.dense, tiny_task.prune, batch_size=4,
+                                   threads=1, cache_dir=tmp_path, progress=False, runtime=runtime)
+
+    ort = build("onnxruntime")
+    first = set((tmp_path / "latency").glob("*.json"))
+    eager = build("eager")
+    files = set((tmp_path / "latency").glob("*.json"))
+    assert len(first) == 1 and len(files) == 2  # two runtimes, two tables
+    assert fake_latency["tables"] == ["onnxruntime", "eager"]
+    assert {json.loads(f.read_text())["runtime"] for f in files} == {"onnxruntime", "eager"}
+    assert json.loads(first.pop().read_text()) == ort.to_json()
+    again = build("onnxruntime")  # a cache hit: nothing measured
+    assert fake_latency["tables"] == ["onnxruntime", "eager"]
+    assert len(fake_latency["ratios"]) == 2 * 12  # the calibration pairs of the two tables only
+    assert (again.runtime, again.coef, again.luts) == ("onnxruntime", ort.coef, ort.luts)
+    assert eager.runtime == "eager" and set(eager.luts) == set(ort.luts)
+
+
+@pytest.mark.slow  # about 30 s: every cell and every calibration pair exports an ONNX graph
+def test_an_onnxruntime_table_predicts_measured_ratios_within_its_fit_error(tiny_task, tmp_path):
+    # round_to=4: the widths the table is fitted and checked on are multiples of 4
+    task = PruningTask(replace(tiny_task.config, round_to=4), splits=tiny_task.splits, dense=tiny_task.dense)
+    table = task.table
+    model = build_latency_model(table, task.dense, task.prune, batch_size=32, threads=1, cache_dir=tmp_path,
+                                progress=False, calibration_policies=4, runtime="onnxruntime", grid=(0.5, 1.0))
+    assert model.runtime == "onnxruntime" and model.grid == (0.5, 1.0)
+    assert 0 <= model.fit_error[1] <= model.fit_error[0] and model.dense_s > 0
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        kept = table.kept_all(rng.uniform(0.0, 0.7, len(table.units)))
+        assert all(k % 4 == 0 for k in kept)
+        measured, _, _ = measure_ratio(task.dense, task.prune(kept), table.input_shape, batch_size=32,
+                                       threads=1, pairs=20, runtime="onnxruntime")
+        # Generous: the stated maximum fit error plus 15 points, for sub-millisecond models timed
+        # on a shared machine (the table is what a search trusts; it must not be far off).
+        assert abs(model.ratio(kept) / measured - 1.0) <= model.fit_error[0] + 0.15, (kept, measured)
+    again = build_latency_model(table, task.dense, task.prune, batch_size=32, threads=1, cache_dir=tmp_path,
+                                progress=False, calibration_policies=4, runtime="onnxruntime", grid=(0.5, 1.0))
+    assert again.coef == model.coef  # read from the cache, not measured again
