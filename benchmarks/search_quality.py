@@ -12,6 +12,15 @@ markdown table (mean and spread over seeds, and each searcher against the best o
 test accuracy) and writes every figure to a JSON file after each search, so a long run killed
 part-way keeps what it finished; run it again with the same ``--storage`` and it resumes every
 study where it stopped.
+
+Early stopping at equal wall-clock (after the plain searches of the same seeds exist in the storage):
+
+    python -m benchmarks.search_quality --model resnet56 --searchers tpe --seeds 0,1,2 \\
+        --early-stop median --match-time --storage sqlite:////same.db --out es.json
+
+Each ``tpe+es-median`` study then runs until its summed episode time equals the plain study's.
+Episode times are read from the studies, so a machine busier in one run than the other biases the
+comparison: run both on the same quiet machine when the figure matters.
 """
 
 from __future__ import annotations
@@ -45,6 +54,11 @@ def main() -> None:
     ap.add_argument("--storage", default="sqlite:///benchmarks-search.db")
     ap.add_argument("--out", default=None, help="JSON file for every figure")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--early-stop", default=None, choices=("median", "halving"),
+                    help="score search-val in chunks and stop trailing policies (studies get an -es-MODE suffix)")
+    ap.add_argument("--match-time", action="store_true",
+                    help="with --early-stop: instead of --episodes, run until the study's summed episode time "
+                         "reaches that of the same searcher and seed without early stopping (equal wall-clock)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -62,14 +76,21 @@ def main() -> None:
         seeds = [0] if SEARCHERS.get(name).one_shot else [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
             start = time.perf_counter()
-            result = run_search(env, SearchConfig(
-                searcher=name, episodes=args.episodes, seed=seed, storage=args.storage, resume=True,
-                study_name=f"{args.model}-{env.budget.slug}-{args.importance}{suffix}-{name}-s{seed}",
-                progress=False))
+            plain = f"{args.model}-{env.budget.slug}-{args.importance}{suffix}-{name}-s{seed}"
+            study_name = plain if not args.early_stop else plain.replace(f"-s{seed}", f"-es-{args.early_stop}-s{seed}")
+            config = SearchConfig(searcher=name, episodes=args.episodes, seed=seed, storage=args.storage,
+                                  resume=True, study_name=study_name, progress=False, early_stop=args.early_stop)
+            if args.match_time:
+                result = run_for(env, config, spent(optuna.load_study(study_name=plain, storage=args.storage)))
+            else:
+                result = run_search(env, config)
             best = result.best
             model, _ = task.pruned(best.user_attrs["widths"])  # as the episode scored it
-            row = {"searcher": name, "seed": seed, "trial": best.number,
-                   "episodes": len(result.study.trials), "proxy_acc": best.user_attrs["accuracy"],
+            states = [t.state.name for t in result.study.trials]
+            row = {"searcher": name + (f"+es-{args.early_stop}" if args.early_stop else ""), "seed": seed,
+                   "trial": best.number, "episodes": len(result.study.trials),
+                   "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
+                   "episode_seconds": spent(result.study), "proxy_acc": best.user_attrs["accuracy"],
                    "test_acc": task.test_accuracy(model), "ratios": best.user_attrs["ratios"],
                    "policy": best.user_attrs["policy"],
                    "widths": dict(zip(task.table.names, best.user_attrs["widths"])),
@@ -82,6 +103,26 @@ def main() -> None:
                 Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine(),
                                                       "dense_test": dense_test, "rows": rows}, indent=1))
     print(table(rows, dense_test))
+
+
+def spent(study: optuna.Study) -> float:
+    """Summed duration of a study's finished episodes (complete and pruned): its search time,
+    whatever sessions and restarts it was run in."""
+    return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
+               if t.datetime_complete is not None and t.datetime_start is not None)
+
+
+def run_for(env: LayerSparsityEnv, config: SearchConfig, seconds: float):
+    """Add episodes, ten at a time, until the study has spent ``seconds`` (resumable: the time
+    is read back from the study)."""
+    from dataclasses import replace
+
+    episodes = 10
+    while True:
+        result = run_search(env, replace(config, episodes=episodes))
+        if spent(result.study) >= seconds:
+            return result
+        episodes = sum(t.state.name == "COMPLETE" for t in result.study.trials) + 10
 
 
 def sd(xs: list[float]) -> float:
