@@ -17,6 +17,7 @@ A run given a folder (``run_dir``) is safe to make long:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -203,6 +204,7 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
     total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup))
     amp = cfg.amp and str(device).startswith("cuda")  # bfloat16: no loss scaling needed
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
 
     result = FinetuneResult(model)
     step, epoch, best = 0, 0, None
@@ -228,7 +230,7 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
             model.train()
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                with autocast():
                     with torch.no_grad():
                         t_logits = teacher(x) if distill else None
                     loss = _loss(model(x).float(), y, None if t_logits is None else t_logits.float(), cfg)
