@@ -123,7 +123,7 @@ def add_finetune_args(g) -> None:
                    help="fine-tune the pruned model for N epochs with the recipe: distillation from the "
                         "dense model, augmentation, warm-up then cosine; a checkpoint every epoch, "
                         "finetune.csv beside the model, the best epoch kept by search-val (default 0: none)")
-    g.add_argument("--finetune-lr", type=float, default=None, help="peak learning rate (default 0.01)")
+    g.add_argument("--finetune-lr", type=float, default=None, help="peak learning rate (default 0.005)")
     g.add_argument("--finetune-batch-size", type=int, default=128)
     g.add_argument("--distill", type=float, default=None,
                    help="weight of distillation from the dense model's logits, 0-1 (default 0.9)")
