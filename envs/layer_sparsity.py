@@ -7,6 +7,9 @@ is applied to a fresh copy of the dense model (physical slimming, or masks), the
 inputs shrank are refit to the dense outputs (reconstruction), BatchNorm is recalibrated, proxy
 accuracy is measured on search-val, and the reward is computed. Earlier steps give reward 0.
 The last step's ``info`` holds the policy, proxy accuracy, cost ratios and the reward's parts.
+
+Under a latency budget the wall aims below the budget by the latency table's stated error (the
+margin).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class LayerSparsityEnv(gym.Env):
         latency_batch, latency_threads: what latency budgets are measured for.
         latency_runtime: what runs the model when its latency is measured, a name in
             :data:`~autoprune.runtimes.RUNTIMES` (``eager``, ``compile``, ``onnxruntime``).
+        latency_margin: under a latency budget, the wall aims at ``budget / (1 + margin)``;
+            ``None`` (the default) takes the latency table's stated error
+            (:meth:`~autoprune.latency.LatencyModel.margin`), 0 aims at the budget itself.
         progress: let the task and latency table show progress bars.
     """
 
@@ -75,6 +81,7 @@ class LayerSparsityEnv(gym.Env):
                  max_sparsity: float = 0.8, latency_batch: int = 1,
                  latency_threads: int | None = None, progress: bool = False,
                  ranges: Sequence[str] = (), share: Sequence[str] = (), latency_runtime: str = "eager",
+                 latency_margin: float | None = None,
                  **task_kwargs: Any) -> None:
         super().__init__()
         self.budget = budget if isinstance(budget, Budget) else parse_budget(budget)
@@ -98,11 +105,15 @@ class LayerSparsityEnv(gym.Env):
         self.space = SearchSpace.build(self.table, min_sparsity, max_sparsity, ranges, share)
         self.ranges, self.share = tuple(ranges), tuple(share)
         self.cost = make_cost_model(task, self.budget, latency_batch, latency_threads, progress, latency_runtime)
-        self.wall = ActionWall(self.table, self.cost, self.budget.ratio, self.space.low, self.space.high)
+        margin = 0.0
+        if self.budget.metric == "latency":
+            margin = self.cost.margin() if latency_margin is None else float(latency_margin)
+        self.wall = ActionWall(self.table, self.cost, self.budget.ratio, self.space.low, self.space.high, margin)
         self.wall.check_feasible()
         self.min_sparsity, self.max_sparsity = min_sparsity, max_sparsity
         self.latency_batch, self.latency_threads = latency_batch, latency_threads
         self.latency_runtime = latency_runtime
+        self.latency_margin = self.wall.margin  # what the wall kept of it (see ActionWall)
         self._static = static_features(self.table)
         self._rest = rest_flops(self.table)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)

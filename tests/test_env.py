@@ -161,3 +161,31 @@ def test_latency_budget_wall_uses_the_measured_table(tiny_task, tmp_path, monkey
     assert last["ratios"]["latency"] > 0  # measured, reported (not asserted: tests never time)
     again = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9, latency_batch=32)
     assert again.cost.coef == env.cost.coef  # reloaded from the cache, not re-measured
+
+
+def test_a_latency_wall_aims_below_the_budget_by_the_tables_stated_error(tiny_task, fake_latency):
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9)
+    plain = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0)
+    error = env.cost.fit_error[1]  # the fake table (MACs) fits the fake ratios (params) loosely
+    assert error > 0.05 and env.cost.margin() == error
+    assert env.latency_margin == pytest.approx(error) and env.wall.aim == pytest.approx(0.7 / (1 + error))
+    assert plain.latency_margin == 0 and plain.wall.aim == 0.7
+    # asking for no pruning: each wall cuts as little as its aim allows
+    aimed, at_budget = (e.cost.ratio(e.feasible_policy(np.zeros(e.n_units))) for e in (env, plain))
+    assert aimed <= env.wall.aim < at_budget <= 0.7 + 1e-9
+    _, infos = rollout(env, actions=[np.array([-1.0], np.float32)] * env.n_units)
+    assert infos[-1]["ratios"]["latency_predicted"] == pytest.approx(aimed)
+    # FLOPs are exact: no margin, whatever is asked
+    assert LayerSparsityEnv(tiny_task, budget="0.5flops", latency_margin=0.2).wall.aim == 0.5
+
+
+def test_a_margin_that_would_leave_the_budget_out_of_reach_shrinks(tiny_task, fake_latency):
+    from autoprune.envs.wall import aim
+
+    assert aim(0.5, 0.25, 0.1) == 0.4 and aim(0.5, 0.25, 0.45) == 0.45 and aim(0.5, 0.25, 0.6) == 0.5
+    lowest = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9).wall.lowest
+    env = LayerSparsityEnv(tiny_task, budget=f"{1.2 * lowest:.6f}latency", max_sparsity=0.9, latency_margin=0.5)
+    assert env.wall.aim == pytest.approx(lowest)
+    assert env.latency_margin == pytest.approx(env.budget.ratio / lowest - 1) and env.latency_margin < 0.5
+    with pytest.raises(AutopruneError, match="non-negative"):
+        LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=-0.01)
