@@ -15,6 +15,9 @@ and measured. A trial holds one record, so its keys need no namespace:
     accuracy      proxy score on search-val        ratios       {flops, params[, latency]}
     reward        the env's reward                 reward_parts {...}
     within_budget bool                             searcher, episode, uid, worker, seconds
+    latency       {pairs, margin[, first]}: how a latency budget's figure was measured (latency
+                  budgets only; an episode recorded before it existed was measured with 30 pairs
+                  and aimed at the budget itself)
 """
 
 from __future__ import annotations
@@ -166,6 +169,7 @@ class EpisodeRecord(Record):
     eval_seconds: float
     reconstruction: dict | None = None
     rule: str | None = None  # the one-shot rule this episode played (the portfolio every search starts from)
+    latency: dict | None = None  # how a latency budget's figure was measured: pairs, margin[, first]
 
     @classmethod
     def of(cls, ep: Episode, searcher: str, index: int, uid: str, seconds: float) -> EpisodeRecord:
@@ -175,12 +179,12 @@ class EpisodeRecord(Record):
             accuracy=s["accuracy"], ratios=s["ratios"], reward=s["reward"], reward_parts=s["reward_parts"],
             within_budget=s["within_budget"], searcher=searcher, episode=index, uid=uid,
             seconds=round(seconds, 3), eval_seconds=round(s["eval_seconds"], 3),
-            reconstruction=s.get("reconstruction"), rule=s.get("rule"),
+            reconstruction=s.get("reconstruction"), rule=s.get("rule"), latency=s.get("latency"),
         )
 
     def to_attrs(self) -> dict[str, Any]:
         attrs = super().to_attrs()
-        for key in ("reconstruction", "rule"):
+        for key in ("reconstruction", "rule", "latency"):
             if attrs[key] is None:
                 del attrs[key]
         return attrs
