@@ -54,6 +54,11 @@ class SearchSpec(Record):
         latency_batch, latency_threads: what latency budgets are measured for.
         latency_runtime: what runs the model when its latency is measured (a name in
             :data:`~autoprune.runtimes.RUNTIMES`; studies made before it existed measured ``eager``).
+        latency_margin: under a latency budget, the action wall aimed at ``budget / (1 +
+            latency_margin)`` (studies made before it existed aimed at the budget, 0). The first
+            run's; every latency episode records the margin it was aimed with.
+        latency_remeasure: borderline episodes' latency was measured again with more pairs
+            (studies made before it existed measured once).
         ranges, share: per-unit sparsity bounds and shared sparsities (:mod:`autoprune.envs.space`).
         early_stop: the pruner that may stop scoring a policy after a chunk of search-val
             (``median``, ``halving``; None scores every episode in full).
@@ -73,6 +78,8 @@ class SearchSpec(Record):
     latency_batch: int = spec(1, identity=True, legacy=1)
     latency_threads: int | None = spec(None, legacy=None)
     latency_runtime: str = spec("eager", identity=True, legacy="eager")
+    latency_margin: float = spec(0.0, legacy=0.0)
+    latency_remeasure: bool = spec(True, legacy=False)
     ranges: tuple[str, ...] = spec((), identity=True, legacy=())
     share: tuple[str, ...] = spec((), identity=True, legacy=())
     early_stop: str | None = spec(None, legacy=None)
