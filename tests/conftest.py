@@ -83,7 +83,7 @@ def tiny_weights(trained_tiny, tmp_path):
 
 
 @pytest.fixture
-def fake_latency(monkeypatch):
+def fake_latency(monkeypatch, tmp_path_factory):
     """Latency tables and ratios computed instead of timed, for tests about what is recorded and
     cached (tests never time): a layer's table cell is its MACs at those fractions, and every
     runtime's ``prepare`` returns a callable that does nothing, which a timed pair counts as 1 ms
@@ -91,7 +91,10 @@ def fake_latency(monkeypatch):
     parameter counts. The runtime is still checked (a name or a package missing is
     refused as for real). Returns what was measured, in order: ``{"tables": [runtime, ...],
     "ratios": [runtime of each timing session, ...], "prepared": [(runtime, model), ...]}``;
-    a test may monkeypatch ``autoprune.latency._time_pairs`` again for timings of its own."""
+    a test may monkeypatch ``autoprune.latency._time_pairs`` again for timings of its own.
+
+    The cache is the test's own: a fake table must never be read as a measured one, nor a table
+    another test measured stand in for one this test expects to be measured."""
     from autoprune import latency
     from autoprune.runtimes import RUNTIMES
 
@@ -118,6 +121,7 @@ def fake_latency(monkeypatch):
         calls["ratios"].append(run_other.runtime)
         return [1e-9 * run_base.params] * pairs, [1e-9 * run_other.params] * pairs
 
+    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path_factory.mktemp("fake-latency-cache")))
     monkeypatch.setattr(latency, "_measure_luts", luts)
     for name in RUNTIMES.names():
         monkeypatch.setattr(RUNTIMES.get(name), "prepare", prepare)
