@@ -175,6 +175,11 @@ class CostModel(ABC):
     def ratio(self, kept: np.ndarray) -> float:
         """Predicted cost of keeping ``kept[u]`` elements of unit ``u``, relative to dense."""
 
+    def margin(self) -> float:
+        """The relative error of :meth:`ratio` the action wall should leave room for: it aims at
+        ``budget / (1 + margin)``. Non-negative; 0 (the default) for a cost that is exact."""
+        return 0.0
+
 
 COST_MODELS: Registry = Registry("budget metric")
 

@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def _time(fn, device: str, runs: int, warmup: int) -> list[float]:
 
 def _input(input_shape: tuple[int, ...], batch_size: int, device: str) -> torch.Tensor:
     shape = tuple(input_shape[-3:]) if len(input_shape) >= 3 else tuple(input_shape[1:])
-    return torch.randn(batch_size, *shape, device=device)
+    # a generator of its own: timing a model never moves the search's random stream
+    return torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def default_threads(device: str) -> int:
@@ -125,8 +127,124 @@ def measure_latency(
             times = _time(run, device, runs, warmup)
     finally:
         torch.set_num_threads(before)
+    return _latency(times, device, batch_size, threads, runtime)
+
+
+def _latency(times, device: str, batch_size: int, threads: int, runtime: str) -> Latency:
     q1, q3 = np.percentile(times, [25, 75])
     return Latency(statistics.median(times), float(q3 - q1), len(times), device, batch_size, threads, runtime)
+
+
+def _time_pairs(run_base, run_other, device: str, pairs: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``pairs`` alternated runs of two prepared callables, after ``warmup`` untimed
+    pairs: (base's, other's), pair by pair."""
+    ta, tb = [], []
+    for i in range(warmup + pairs):
+        a = _time(run_base, device, 1, 0)[0]
+        b = _time(run_other, device, 1, 0)[0]
+        if i >= warmup:
+            ta.append(a)
+            tb.append(b)
+    return ta, tb
+
+
+@dataclass(frozen=True)
+class PairedTimes:
+    """Alternated runs of a base model and another: each one's seconds, pair by pair.
+
+    The ratio is the median of the per-pair ratios: machine drift between seconds hits both
+    runs of a pair alike. Two sessions of the same two models pool with ``+``.
+    """
+
+    base_s: tuple[float, ...]
+    other_s: tuple[float, ...]
+    device: str
+    batch_size: int
+    threads: int
+    runtime: str
+
+    @property
+    def pairs(self) -> int:
+        return len(self.base_s)
+
+    @property
+    def ratio(self) -> float:
+        return float(statistics.median(np.asarray(self.other_s) / np.asarray(self.base_s)))
+
+    def latencies(self) -> tuple[Latency, Latency]:
+        """The base's and the other's latency (medians of their runs)."""
+        return tuple(_latency(ts, self.device, self.batch_size, self.threads, self.runtime)
+                     for ts in (self.base_s, self.other_s))
+
+    def __add__(self, more: PairedTimes) -> PairedTimes:
+        setting = (self.device, self.batch_size, self.threads, self.runtime)
+        if setting != (more.device, more.batch_size, more.threads, more.runtime):
+            raise ValueError(f"cannot pool timings of {setting} with those of {more}")
+        return PairedTimes(self.base_s + more.base_s, self.other_s + more.other_s, *setting)
+
+
+class RatioMeter:
+    """Latency ratios of many models against one base model, whose prepared callable is kept.
+
+    Preparing a model for a runtime is one-off work that can dwarf the timing itself (an ONNX
+    export of ResNet-56 takes about 4.5 s, ``torch.compile`` about 16 s). A search measures every
+    episode's pruned model against the same dense model, so the base is prepared once per (batch
+    size, threads, runtime), on one input batch that every other model is then run on, and only
+    the other model is prepared per measurement. (A ``compile`` base recompiles from Inductor's
+    on-disk cache after another model's preparation resets Dynamo; the warm-up pairs absorb it.)
+
+    Args:
+        base: the model every ratio is relative to (moved to ``device``, in eval mode); it must
+            not change while the meter is in use.
+        input_shape: one sample's shape, with or without the batch dimension.
+        device: ``cpu`` or ``cuda[:i]``.
+    """
+
+    def __init__(self, base: nn.Module, input_shape: tuple[int, ...], device: str = "cpu") -> None:
+        self.base, self.input_shape, self.device = base, tuple(input_shape), device
+        self._prepared: dict[tuple[int, int, str], tuple[torch.Tensor, object]] = {}
+
+    def _base(self, engine, batch_size: int, threads: int) -> tuple[torch.Tensor, object]:
+        key = (batch_size, threads, engine.name)
+        if key not in self._prepared:
+            x = _input(self.input_shape, batch_size, self.device)
+            self._prepared[key] = x, engine.prepare(self.base.to(self.device).eval(), x, threads)
+        return self._prepared[key]
+
+    def measure(self, other: nn.Module, batch_size: int = 1, threads: int | None = None, pairs: int = 30,
+                warmup: int = 3, runtime: str = "eager",
+                more: Callable[[PairedTimes], int] | None = None) -> PairedTimes:
+        """Time ``other`` against the base in ``pairs`` alternated runs after ``warmup`` pairs.
+
+        Args:
+            other: the model to compare (moved to the meter's device, in eval mode).
+            batch_size, threads: what to time (threads: intra-op threads on CPU, default torch's
+                current setting).
+            pairs, warmup: timed and untimed pairs.
+            runtime: what runs both models, a name in :data:`~autoprune.runtimes.RUNTIMES`.
+            more: given the first ``pairs``, how many more to time (0: none); they are pooled
+                with the first, without preparing ``other`` again.
+        """
+        engine = get_runtime(runtime)
+        engine.check(self.device)
+        before = torch.get_num_threads()
+        threads = threads or before
+        other = other.to(self.device).eval()
+        torch.set_num_threads(threads)
+        try:
+            x, run_base = self._base(engine, batch_size, threads)
+            run_other = engine.prepare(other, x, threads)
+            setting = (self.device, batch_size, threads, runtime)
+            with torch.inference_mode():
+                ta, tb = _time_pairs(run_base, run_other, self.device, pairs, warmup)
+                times = PairedTimes(tuple(ta), tuple(tb), *setting)
+                extra = more(times) if more is not None else 0
+                if extra > 0:
+                    ta, tb = _time_pairs(run_base, run_other, self.device, extra, warmup)
+                    times = times + PairedTimes(tuple(ta), tuple(tb), *setting)
+        finally:
+            torch.set_num_threads(before)
+        return times
 
 
 def measure_ratio(base: nn.Module, other: nn.Module, input_shape: tuple[int, ...],
@@ -136,33 +254,11 @@ def measure_ratio(base: nn.Module, other: nn.Module, input_shape: tuple[int, ...
     run by ``runtime`` (a name in :data:`~autoprune.runtimes.RUNTIMES`).
 
     Returns the ratio and both models' latencies (medians of their runs in the same session).
+    Both models are prepared for the runtime here; to compare many models with one base, keep
+    a :class:`RatioMeter`.
     """
-    engine = get_runtime(runtime)
-    engine.check(device)
-    before = torch.get_num_threads()
-    threads = threads or before
-    base, other = base.to(device).eval(), other.to(device).eval()
-    x = _input(input_shape, batch_size, device)
-    ta, tb = [], []
-    torch.set_num_threads(threads)
-    try:
-        run_base, run_other = engine.prepare(base, x, threads), engine.prepare(other, x, threads)
-        with torch.inference_mode():
-            for i in range(warmup + pairs):
-                a = _time(run_base, device, 1, 0)[0]
-                b = _time(run_other, device, 1, 0)[0]
-                if i >= warmup:
-                    ta.append(a)
-                    tb.append(b)
-    finally:
-        torch.set_num_threads(before)
-    ratio = statistics.median(np.asarray(tb) / np.asarray(ta))
-
-    def summary(ts):
-        q1, q3 = np.percentile(ts, [25, 75])
-        return Latency(statistics.median(ts), float(q3 - q1), len(ts), device, batch_size, threads, runtime)
-
-    return float(ratio), summary(ta), summary(tb)
+    times = RatioMeter(base, input_shape, device).measure(other, batch_size, threads, pairs, warmup, runtime)
+    return (times.ratio, *times.latencies())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,6 +357,17 @@ class LatencyModel(CostModel):
     def ratio(self, kept: np.ndarray) -> float:
         dl, da = self.features(kept)
         return 1.0 - self.coef[0] * dl - self.coef[1] * da
+
+    def margin(self) -> float:
+        """The table's mean relative fit error on its calibration policies (never below 0).
+
+        The mean rather than the maximum: the maximum of a dozen policies is the noisiest figure
+        the fit gives and would cut every episode's latency by the worst case. An episode counts
+        as within a latency budget up to 3 % over it, so aiming the mean error lower covers
+        errors up to about ``(1 + mean) * 1.03 - 1``, near the maximum the fit sees (ResNet-56 on
+        a CPU: mean 2.9 %, max 6.4 %, covered up to 6 %).
+        """
+        return max(0.0, float(self.fit_error[1]))
 
     def to_json(self) -> dict:
         return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads,
@@ -371,13 +478,13 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     feats, measured, dense_times = [], [], []
     from tqdm.auto import tqdm
 
+    meter = RatioMeter(dense, table.input_shape, device)  # the dense model is prepared once
     for sparsity in tqdm(policies, desc="latency calibration", disable=not progress, leave=False):
         kept = table.kept_all(sparsity)
-        ratio, lat_dense, _ = measure_ratio(dense, prune(kept), table.input_shape, device, batch_size,
-                                            threads, pairs=20, runtime=runtime)
+        times = meter.measure(prune(kept), batch_size, threads, pairs=20, runtime=runtime)
         feats.append(model.features(kept))
-        measured.append(ratio)
-        dense_times.append(lat_dense.median_s)
+        measured.append(times.ratio)
+        dense_times.append(times.latencies()[0].median_s)
     X, y = np.asarray(feats), 1.0 - np.asarray(measured)
     from scipy.optimize import nnls
 

@@ -7,6 +7,11 @@ is applied to a fresh copy of the dense model (physical slimming, or masks), the
 inputs shrank are refit to the dense outputs (reconstruction), BatchNorm is recalibrated, proxy
 accuracy is measured on search-val, and the reward is computed. Earlier steps give reward 0.
 The last step's ``info`` holds the policy, proxy accuracy, cost ratios and the reward's parts.
+
+Under a latency budget the wall aims below the budget by the latency table's stated error (the
+margin), and the finished policy's latency is measured against the dense model, again with more
+pairs where it is borderline (:mod:`autoprune.envs.budget_check`); the dense model is prepared for
+the runtime once per env, not once per episode.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from gymnasium import spaces
 
 from autoprune.budget import Budget, parse_budget
 from autoprune.costs import COST_MODELS, CostModel, closed_form
+from autoprune.envs.budget_check import FIRST_PAIRS, extra_pairs, within_budget
 from autoprune.envs.rewards import REWARDS, Outcome
 from autoprune.envs.space import SearchSpace
 from autoprune.envs.state import N_FEATURES, observation, rest_flops, static_features
@@ -65,6 +71,11 @@ class LayerSparsityEnv(gym.Env):
         latency_batch, latency_threads: what latency budgets are measured for.
         latency_runtime: what runs the model when its latency is measured, a name in
             :data:`~autoprune.runtimes.RUNTIMES` (``eager``, ``compile``, ``onnxruntime``).
+        latency_margin: under a latency budget, the wall aims at ``budget / (1 + margin)``;
+            ``None`` (the default) takes the latency table's stated error
+            (:meth:`~autoprune.latency.LatencyModel.margin`), 0 aims at the budget itself.
+        latency_remeasure: measure a borderline episode's latency again with more pairs
+            (:func:`~autoprune.envs.budget_check.extra_pairs`).
         progress: let the task and latency table show progress bars.
     """
 
@@ -75,6 +86,7 @@ class LayerSparsityEnv(gym.Env):
                  max_sparsity: float = 0.8, latency_batch: int = 1,
                  latency_threads: int | None = None, progress: bool = False,
                  ranges: Sequence[str] = (), share: Sequence[str] = (), latency_runtime: str = "eager",
+                 latency_margin: float | None = None, latency_remeasure: bool = True,
                  **task_kwargs: Any) -> None:
         super().__init__()
         self.budget = budget if isinstance(budget, Budget) else parse_budget(budget)
@@ -98,11 +110,17 @@ class LayerSparsityEnv(gym.Env):
         self.space = SearchSpace.build(self.table, min_sparsity, max_sparsity, ranges, share)
         self.ranges, self.share = tuple(ranges), tuple(share)
         self.cost = make_cost_model(task, self.budget, latency_batch, latency_threads, progress, latency_runtime)
-        self.wall = ActionWall(self.table, self.cost, self.budget.ratio, self.space.low, self.space.high)
+        margin = 0.0
+        if self.budget.metric == "latency":
+            margin = self.cost.margin() if latency_margin is None else float(latency_margin)
+        self.wall = ActionWall(self.table, self.cost, self.budget.ratio, self.space.low, self.space.high, margin)
         self.wall.check_feasible()
         self.min_sparsity, self.max_sparsity = min_sparsity, max_sparsity
         self.latency_batch, self.latency_threads = latency_batch, latency_threads
         self.latency_runtime = latency_runtime
+        self.latency_margin = self.wall.margin  # what the wall kept of it (see ActionWall)
+        self.latency_remeasure = bool(latency_remeasure)
+        self._meter = None  # measures episodes against the dense model, prepared once (latency budgets)
         self._static = static_features(self.table)
         self._rest = rest_flops(self.table)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
@@ -171,15 +189,10 @@ class LayerSparsityEnv(gym.Env):
                             "pruned_after_chunks": stop.chunks, "eval_seconds": time.perf_counter() - start}
             raise
         ratios = self.task.cost_ratios(kept)
+        measurement = None
         if self.budget.metric == "latency":
-            from autoprune.latency import measure_ratio
-
             ratios["latency_predicted"] = self.cost.ratio(kept)
-            # 30 alternated pairs, as every latency figure of the engine: single runs of a
-            # few-millisecond network are noisy, and the budget check is only as good as this
-            ratios["latency"], _, _ = measure_ratio(self.task.dense, model, self.table.input_shape,
-                                                    self.task.device, self.cost.batch_size,
-                                                    self.cost.threads, pairs=30, runtime=self.cost.runtime)
+            ratios["latency"], measurement = self.measure_latency(model)
         outcome = Outcome(evaluation.accuracy, ratios[self.budget.metric], self.budget.ratio,
                           closed_form(self.table, kept).flops)
         reward, parts = self.reward_fn(outcome, self.reward_lambda)
@@ -191,17 +204,39 @@ class LayerSparsityEnv(gym.Env):
             "ratios": ratios,
             "budget": str(self.budget),
             "budget_metric": self.budget.metric,
-            "within_budget": bool(ratios[self.budget.metric] <= self.budget.ratio * (
-                1.03 if self.budget.metric == "latency" else 1.0) + 1e-9),
+            "within_budget": within_budget(ratios[self.budget.metric], self.budget),
             "reward": reward,
             "reward_parts": parts,
             "eval_seconds": time.perf_counter() - start,
         }
+        if measurement is not None:
+            summary["latency"] = measurement
         rec = evaluation.reconstruction
         if rec is not None:
             summary["reconstruction"] = {"refit": rec.refit, "fallbacks": rec.fallbacks,
                                          "seconds": round(rec.seconds, 3)}
         return float(reward), summary
+
+    def measure_latency(self, model) -> tuple[float, dict]:
+        """The latency ratio of ``model`` to the dense model, measured as the budget is checked,
+        and how: the pairs behind it, the wall's margin and, if it was measured again, the first
+        figure."""
+        from autoprune.latency import RatioMeter
+
+        if self._meter is None:
+            self._meter = RatioMeter(self.task.dense, self.table.input_shape, self.task.device)
+        first: list[float] = []
+
+        def more(times) -> int:
+            first.append(times.ratio)
+            return extra_pairs(times.ratio, self.budget) if self.latency_remeasure else 0
+
+        times = self._meter.measure(model, self.cost.batch_size, self.cost.threads, pairs=FIRST_PAIRS,
+                                    runtime=self.cost.runtime, more=more)
+        how = {"pairs": times.pairs, "margin": self.latency_margin}
+        if times.pairs > FIRST_PAIRS:
+            how["first"] = first[0]
+        return times.ratio, how
 
     def feasible_policy(self, sparsity) -> np.ndarray:
         """Run the wall over a whole requested policy at once (what one episode would do)."""

@@ -4,6 +4,12 @@ Before unit ``t`` is decided, every unit after it is assumed to take its maximum
 requested sparsity would then still exceed the budget, the sparsity is raised to the smallest
 value that meets it. By induction every finished episode meets the budget (exactly, for costs
 with a closed form), whatever the agent asks for.
+
+A cost that is predicted rather than computed (latency, from a lookup table) is off by the
+prediction's error, so the wall can aim lower than the budget: at ``budget / (1 + margin)``, the
+margin stated by the cost model (:meth:`~autoprune.costs.CostModel.margin`). The aim never goes
+below what maximum sparsity everywhere reaches, so a budget within reach stays within reach and
+the margin shrinks instead (``ActionWall.margin`` is the one it kept).
 """
 
 from __future__ import annotations
@@ -36,15 +42,20 @@ class ActionWall:
         budget: the fraction of the dense cost that may be kept.
         low, high: the range each unit's sparsity is taken from (a number for every unit, or one
             per unit).
+        margin: aim at ``budget / (1 + margin)`` (non-negative).
     """
 
-    def __init__(self, table: UnitTable, cost: CostModel, budget: float, low, high) -> None:
+    def __init__(self, table: UnitTable, cost: CostModel, budget: float, low, high, margin: float = 0.0) -> None:
+        if not margin >= 0.0:
+            raise AutopruneError(f"a budget margin is a non-negative fraction, got {margin:g}")
         self.table, self.cost, self.budget = table, cost, budget
         n = len(table.units)
         self.low = np.broadcast_to(np.asarray(low, dtype=np.float64), (n,))
         self.high = np.broadcast_to(np.asarray(high, dtype=np.float64), (n,))
         self.floor = np.array([table.kept(u.index, self.high[u.index]) for u in table.units], dtype=np.int64)
         self.lowest = cost.ratio(self.floor)
+        self.aim = aim(budget, margin, self.lowest)
+        self.margin = budget / self.aim - 1.0  # what is left of the margin where the aim was raised
         # tolerance for float round-off in the closed form, far below one channel's worth
         self.eps = 1e-9
 
@@ -68,7 +79,7 @@ class ActionWall:
 
         def feasible(s: float) -> bool:
             probe[t] = self.table.kept(t, s)
-            return self.cost.ratio(probe) <= self.budget + self.eps
+            return self.cost.ratio(probe) <= self.aim + self.eps
 
         s = float(np.clip(requested, self.low[t], self.high[t]))
         clipped = False
@@ -84,3 +95,9 @@ class ActionWall:
             s = hi
         k = self.table.kept(t, s)
         return WallDecision(float(requested), int(k), self.table.achieved(t, k), clipped)
+
+
+def aim(budget: float, margin: float, lowest: float) -> float:
+    """The cost ratio the wall aims at: ``budget / (1 + margin)``, raised to ``lowest`` (what
+    maximum sparsity everywhere reaches) where that is below it, and never above ``budget``."""
+    return min(budget, max(budget / (1.0 + margin), lowest))

@@ -15,6 +15,9 @@ and measured. A trial holds one record, so its keys need no namespace:
     accuracy      proxy score on search-val        ratios       {flops, params[, latency]}
     reward        the env's reward                 reward_parts {...}
     within_budget bool                             searcher, episode, uid, worker, seconds
+    latency       {pairs, margin[, first]}: how a latency budget's figure was measured (latency
+                  budgets only; an episode recorded before it existed was measured with 30 pairs
+                  and aimed at the budget itself)
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ class SearchSpec(Record):
         latency_batch, latency_threads: what latency budgets are measured for.
         latency_runtime: what runs the model when its latency is measured (a name in
             :data:`~autoprune.runtimes.RUNTIMES`; studies made before it existed measured ``eager``).
+        latency_margin: under a latency budget, the action wall aimed at ``budget / (1 +
+            latency_margin)`` (studies made before it existed aimed at the budget, 0). The first
+            run's; every latency episode records the margin it was aimed with.
+        latency_remeasure: borderline episodes' latency was measured again with more pairs
+            (studies made before it existed measured once).
         ranges, share: per-unit sparsity bounds and shared sparsities (:mod:`autoprune.envs.space`).
         early_stop: the pruner that may stop scoring a policy after a chunk of search-val
             (``median``, ``halving``; None scores every episode in full).
@@ -70,6 +78,8 @@ class SearchSpec(Record):
     latency_batch: int = spec(1, identity=True, legacy=1)
     latency_threads: int | None = spec(None, legacy=None)
     latency_runtime: str = spec("eager", identity=True, legacy="eager")
+    latency_margin: float = spec(0.0, legacy=0.0)
+    latency_remeasure: bool = spec(True, legacy=False)
     ranges: tuple[str, ...] = spec((), identity=True, legacy=())
     share: tuple[str, ...] = spec((), identity=True, legacy=())
     early_stop: str | None = spec(None, legacy=None)
@@ -166,6 +176,7 @@ class EpisodeRecord(Record):
     eval_seconds: float
     reconstruction: dict | None = None
     rule: str | None = None  # the one-shot rule this episode played (the portfolio every search starts from)
+    latency: dict | None = None  # how a latency budget's figure was measured: pairs, margin[, first]
 
     @classmethod
     def of(cls, ep: Episode, searcher: str, index: int, uid: str, seconds: float) -> EpisodeRecord:
@@ -175,12 +186,12 @@ class EpisodeRecord(Record):
             accuracy=s["accuracy"], ratios=s["ratios"], reward=s["reward"], reward_parts=s["reward_parts"],
             within_budget=s["within_budget"], searcher=searcher, episode=index, uid=uid,
             seconds=round(seconds, 3), eval_seconds=round(s["eval_seconds"], 3),
-            reconstruction=s.get("reconstruction"), rule=s.get("rule"),
+            reconstruction=s.get("reconstruction"), rule=s.get("rule"), latency=s.get("latency"),
         )
 
     def to_attrs(self) -> dict[str, Any]:
         attrs = super().to_attrs()
-        for key in ("reconstruction", "rule"):
+        for key in ("reconstruction", "rule", "latency"):
             if attrs[key] is None:
                 del attrs[key]
         return attrs

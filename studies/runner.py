@@ -114,8 +114,8 @@ def search_spec(env: LayerSparsityEnv, config: SearchConfig) -> SearchSpec:
         budget=str(env.budget), searcher=config.searcher, episodes=config.episodes, seed=config.seed,
         reward=env.reward_name, reward_lambda=env.reward_lambda, min_sparsity=env.min_sparsity,
         max_sparsity=env.max_sparsity, latency_batch=env.latency_batch, latency_threads=env.latency_threads,
-        latency_runtime=env.latency_runtime,
-        ranges=env.ranges, share=env.share, early_stop=config.early_stop,
+        latency_runtime=env.latency_runtime, latency_margin=env.latency_margin,
+        latency_remeasure=env.latency_remeasure, ranges=env.ranges, share=env.share, early_stop=config.early_stop,
         options=dict(config.searcher_options),
     )
 
@@ -211,6 +211,8 @@ def run_search(env: LayerSparsityEnv, config: SearchConfig, quota: int | None = 
 def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> SearchResult:
     storage = storage or open_storage(config.storage)
     study = open_study(env, searcher, config, name, storage)
+    if config.progress:
+        announce(env)
     state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive, storage=storage)
@@ -273,6 +275,22 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
     finally:
         bar.close()
     return SearchResult(study, best_trial(study), new, state_dir)
+
+
+def announce(env: LayerSparsityEnv) -> None:
+    """Say once, at the start of a search, how a latency budget is aimed at and checked."""
+    if env.budget.metric != "latency":
+        return
+    from autoprune.envs.budget_check import BORDERLINE, FIRST_PAIRS, LATENCY_TOLERANCE, MORE_PAIRS
+
+    worst, mean = env.cost.fit_error
+    how = (f"measured again with {MORE_PAIRS} more pairs where the first {FIRST_PAIRS} put it at "
+           f"{BORDERLINE[0]:g}-{BORDERLINE[1]:g}x the budget" if env.latency_remeasure
+           else f"measured once with {FIRST_PAIRS} pairs")
+    print(f"note: latency budget {env.budget}: the action wall aims at {env.wall.aim:.4f} as the latency "
+          f"table predicts it, a margin of {env.latency_margin:.1%} (the table's fit error: mean {mean:.1%}, "
+          f"max {worst:.1%}); each episode's latency is {how}, and is within budget up to "
+          f"{LATENCY_TOLERANCE:.0%} over it", file=sys.stderr)
 
 
 def _report(trial: optuna.Trial, value: float, step: int) -> bool:

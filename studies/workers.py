@@ -18,6 +18,7 @@ from autoprune.studies.runner import (
     SearchConfig,
     SearchResult,
     agent_state_dir,
+    announce,
     default_study_name,
     open_study,
     run_search,
@@ -67,6 +68,8 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int) -> Se
                                                    env.budget.slug, config.searcher)
     storage = open_storage(config.storage)
     study = open_study(env, searcher, config, name, storage)
+    if config.progress:
+        announce(env)
     state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, config.episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, storage=storage)
@@ -121,8 +124,8 @@ def work(config: SearchConfig, name: str, quota: int, index: int, errors) -> Non
         env = LayerSparsityEnv(task, budget=s.budget, reward=s.reward, reward_lambda=s.reward_lambda,
                                min_sparsity=s.min_sparsity, max_sparsity=s.max_sparsity,
                                latency_batch=s.latency_batch, latency_threads=s.latency_threads,
-                               latency_runtime=s.latency_runtime,
-                               ranges=s.ranges, share=s.share)
+                               latency_runtime=s.latency_runtime, latency_margin=s.latency_margin,
+                               latency_remeasure=s.latency_remeasure, ranges=s.ranges, share=s.share)
         mine = replace(config, study_name=name, resume=True, progress=False, seed=config.seed + 7919 * (index + 1))
         run_search(env, mine, quota=quota)
     except AutopruneError as err:

@@ -83,16 +83,22 @@ def tiny_weights(trained_tiny, tmp_path):
 
 
 @pytest.fixture
-def fake_latency(monkeypatch):
+def fake_latency(monkeypatch, tmp_path_factory):
     """Latency tables and ratios computed instead of timed, for tests about what is recorded and
-    cached (tests never time): a layer's table cell is its MACs at those fractions, a measured
-    ratio is the ratio of the two models' parameter counts. The runtime is still checked (a name
-    or a package missing is refused as for real). Returns the runtime of every table measured and
-    of every ratio, in order: ``{"tables": [...], "ratios": [...]}``."""
-    from autoprune import latency
-    from autoprune.runtimes import get_runtime
+    cached (tests never time): a layer's table cell is its MACs at those fractions, and every
+    runtime's ``prepare`` returns a callable that does nothing, which a timed pair counts as 1 ms
+    per million parameters of its model, so a measured ratio is the ratio of the two models'
+    parameter counts. The runtime is still checked (a name or a package missing is
+    refused as for real). Returns what was measured, in order: ``{"tables": [runtime, ...],
+    "ratios": [runtime of each timing session, ...], "prepared": [(runtime, model), ...]}``;
+    a test may monkeypatch ``autoprune.latency._time_pairs`` again for timings of its own.
 
-    calls: dict[str, list[str]] = {"tables": [], "ratios": []}
+    The cache is the test's own: a fake table must never be read as a measured one, nor a table
+    another test measured stand in for one this test expects to be measured."""
+    from autoprune import latency
+    from autoprune.runtimes import RUNTIMES
+
+    calls: dict[str, list] = {"tables": [], "ratios": [], "prepared": []}
 
     def luts(table, device, batch_size, threads, runs, progress, runtime="eager", grid=latency.GRID):
         calls["tables"].append(runtime)
@@ -100,15 +106,24 @@ def fake_latency(monkeypatch):
         return {sig: [[lay.macs * fi * fo for fo in grid] for fi in ((1.0,) if lay.kind == "dwconv" else grid)]
                 for sig, lay in layers.items()}
 
-    def ratio(base, other, input_shape, device="cpu", batch_size=1, threads=None, pairs=30, warmup=3,
-              runtime="eager"):
-        get_runtime(runtime).check(device)
-        calls["ratios"].append(runtime)
-        sizes = [sum(p.numel() for p in m.parameters()) for m in (base, other)]
-        lat = [latency.Latency(1e-3 * s / sizes[0], 0.0, pairs, device, batch_size, threads or 1, runtime)
-               for s in sizes]
-        return sizes[1] / sizes[0], lat[0], lat[1]
+    class Run:
+        def __init__(self, model, runtime):
+            self.runtime, self.params = runtime, sum(p.numel() for p in model.parameters())
 
+        def __call__(self):
+            return None
+
+    def prepare(self, model, x, threads):
+        calls["prepared"].append((self.name, model))
+        return Run(model, self.name)
+
+    def time_pairs(run_base, run_other, device, pairs, warmup):
+        calls["ratios"].append(run_other.runtime)
+        return [1e-9 * run_base.params] * pairs, [1e-9 * run_other.params] * pairs
+
+    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path_factory.mktemp("fake-latency-cache")))
     monkeypatch.setattr(latency, "_measure_luts", luts)
-    monkeypatch.setattr(latency, "measure_ratio", ratio)
+    for name in RUNTIMES.names():
+        monkeypatch.setattr(RUNTIMES.get(name), "prepare", prepare)
+    monkeypatch.setattr(latency, "_time_pairs", time_pairs)
     return calls

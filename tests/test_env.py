@@ -161,3 +161,70 @@ def test_latency_budget_wall_uses_the_measured_table(tiny_task, tmp_path, monkey
     assert last["ratios"]["latency"] > 0  # measured, reported (not asserted: tests never time)
     again = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9, latency_batch=32)
     assert again.cost.coef == env.cost.coef  # reloaded from the cache, not re-measured
+
+
+def test_a_latency_wall_aims_below_the_budget_by_the_tables_stated_error(tiny_task, fake_latency):
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9)
+    plain = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0)
+    error = env.cost.fit_error[1]  # the fake table (MACs) fits the fake ratios (params) loosely
+    assert error > 0.05 and env.cost.margin() == error
+    assert env.latency_margin == pytest.approx(error) and env.wall.aim == pytest.approx(0.7 / (1 + error))
+    assert plain.latency_margin == 0 and plain.wall.aim == 0.7
+    # asking for no pruning: each wall cuts as little as its aim allows
+    aimed, at_budget = (e.cost.ratio(e.feasible_policy(np.zeros(e.n_units))) for e in (env, plain))
+    assert aimed <= env.wall.aim < at_budget <= 0.7 + 1e-9
+    _, infos = rollout(env, actions=[np.array([-1.0], np.float32)] * env.n_units)
+    last = infos[-1]
+    assert last["ratios"]["latency_predicted"] == pytest.approx(aimed)
+    assert last["latency"]["margin"] == env.latency_margin and last["latency"]["pairs"] >= 30
+    # FLOPs are exact: no margin, whatever is asked
+    assert LayerSparsityEnv(tiny_task, budget="0.5flops", latency_margin=0.2).wall.aim == 0.5
+
+
+def test_a_margin_that_would_leave_the_budget_out_of_reach_shrinks(tiny_task, fake_latency):
+    from autoprune.envs.wall import aim
+
+    assert aim(0.5, 0.25, 0.1) == 0.4 and aim(0.5, 0.25, 0.45) == 0.45 and aim(0.5, 0.25, 0.6) == 0.5
+    lowest = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9).wall.lowest
+    env = LayerSparsityEnv(tiny_task, budget=f"{1.2 * lowest:.6f}latency", max_sparsity=0.9, latency_margin=0.5)
+    assert env.wall.aim == pytest.approx(lowest)
+    assert env.latency_margin == pytest.approx(env.budget.ratio / lowest - 1) and env.latency_margin < 0.5
+    with pytest.raises(AutopruneError, match="non-negative"):
+        LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=-0.01)
+
+
+@pytest.mark.parametrize("first,then,remeasure,pairs,ratio,within", [
+    (1.05, (0.98, 1.01), True, 90, 1.01, True),  # borderline: 60 more pairs, pooled with the first 30
+    (0.99, None, True, 30, 0.99, True),  # under the budget: nothing could flip the verdict
+    (1.10, None, True, 30, 1.10, False),  # far over: nor here
+    (1.05, None, False, 30, 1.05, False),  # re-measuring turned off
+])
+def test_a_borderline_latency_is_measured_again_and_pooled(tiny_task, fake_latency, monkeypatch, first, then,
+                                                           remeasure, pairs, ratio, within):
+    from autoprune import latency
+
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_remeasure=remeasure)
+    sessions = []
+
+    def time_pairs(run_base, run_other, device, n, warmup):  # per-pair ratios we choose, x the budget
+        sessions.append(n)
+        ratios = [first] * n if len(sessions) == 1 else [then[0]] * (n // 2) + [then[1]] * (n - n // 2)
+        return [1.0] * n, [0.7 * r for r in ratios]
+
+    monkeypatch.setattr(latency, "_time_pairs", time_pairs)
+    _, infos = rollout(env, seed=0)
+    last = infos[-1]
+    assert sessions == ([30, 60] if pairs == 90 else [30])
+    assert last["latency"]["pairs"] == pairs and last["ratios"]["latency"] == pytest.approx(0.7 * ratio)
+    assert last["latency"].get("first") == (pytest.approx(0.7 * first) if pairs == 90 else None)
+    assert last["within_budget"] is within
+
+
+def test_the_dense_model_is_prepared_once_for_all_episodes(tiny_task, fake_latency):
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_runtime="onnxruntime")
+    fake_latency["prepared"].clear()  # the table's calibration prepared its own
+    for seed in range(3):
+        rollout(env, seed=seed)
+    prepared = fake_latency["prepared"]
+    assert sum(model is tiny_task.dense for _, model in prepared) == 1 and len(prepared) == 1 + 3
+    assert {runtime for runtime, _ in prepared} == {"onnxruntime"}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from autoprune.errors import AutopruneError
-from autoprune.latency import build_latency_model, measure_latency, measure_ratio
+from autoprune.latency import RatioMeter, build_latency_model, measure_latency, measure_ratio
 from autoprune.runtimes import RUNTIMES, get_runtime
 from autoprune.task import PruningTask
 
@@ -60,8 +60,31 @@ def test_the_runtime_is_part_of_the_latency_table_cache_key(tiny_task, fake_late
     again = build("onnxruntime")  # a cache hit: nothing measured
     assert fake_latency["tables"] == ["onnxruntime", "eager"]
     assert len(fake_latency["ratios"]) == 2 * 12  # the calibration pairs of the two tables only
+    # each table's calibration prepared the dense model once, not once per policy
+    assert sum(m is tiny_task.dense for _, m in fake_latency["prepared"]) == 2
     assert (again.runtime, again.coef, again.luts) == ("onnxruntime", ort.coef, ort.luts)
     assert eager.runtime == "eager" and set(eager.luts) == set(ort.luts)
+
+
+def test_a_ratio_meter_prepares_its_base_once_per_batch_threads_and_runtime(tiny_task, fake_latency):
+    dense, table = tiny_task.dense, tiny_task.table
+    pruned = [tiny_task.prune(table.kept_all(np.full(len(table.units), s))) for s in (0.25, 0.5)]
+    meter = RatioMeter(dense, table.input_shape)
+    settings = [(1, 1, "eager"), (1, 1, "eager"), (4, 1, "eager"), (4, 2, "eager"), (1, 1, "onnxruntime")]
+    for i, (batch, threads, runtime) in enumerate(settings):
+        times = meter.measure(pruned[i % 2], batch, threads, pairs=5, runtime=runtime)
+        assert (times.pairs, times.batch_size, times.threads, times.runtime) == (5, batch, threads, runtime)
+    assert sum(m is dense for _, m in fake_latency["prepared"]) == 4  # the first two settings are one
+    assert len(fake_latency["prepared"]) == 4 + len(settings)
+    # measure_ratio, for one-off comparisons, prepares both models every call and reads as before
+    ratio, base, other = measure_ratio(dense, pruned[0], table.input_shape, batch_size=2, threads=1, pairs=7)
+    params = [sum(p.numel() for p in m.parameters()) for m in (dense, pruned[0])]
+    assert ratio == pytest.approx(params[1] / params[0]) and ratio < 1
+    assert (base.runs, other.runs, base.batch_size, other.runtime) == (7, 7, 2, "eager")
+    assert other.median_s / base.median_s == pytest.approx(ratio)
+    assert sum(m is dense for _, m in fake_latency["prepared"]) == 5
+    with pytest.raises(ValueError, match="cannot pool"):
+        meter.measure(pruned[0], 1, 1, pairs=2) + meter.measure(pruned[0], 4, 1, pairs=2)
 
 
 @pytest.mark.slow  # about 30 s: every cell and every calibration pair exports an ONNX graph

@@ -120,6 +120,37 @@ def test_a_latency_study_records_its_runtime_and_resumes_only_with_it(tiny_task,
     assert SearchSpec.from_attrs(legacy).latency_runtime == "eager"
 
 
+def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_resumes(tiny_task, tmp_path,
+                                                                                      fake_latency, capsys):
+    import optuna
+
+    env = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9)
+    storage = f"sqlite:///{tmp_path}/s.db"
+    new = run_search(env, SearchConfig(searcher="random", episodes=2, storage=storage, study_name="new"))
+    said = capsys.readouterr().err
+    assert said.count("note: latency budget 0.9latency: the action wall aims at") == 1  # once, at the start
+    assert f"a margin of {env.latency_margin:.1%}" in said and env.latency_margin > 0
+    spec = StudyRecord.of(new.study).search
+    assert (spec.latency_margin, spec.latency_remeasure) == (pytest.approx(env.latency_margin), True)
+    for t in new.study.trials:  # each episode: how its latency was measured, and aimed at
+        assert t.user_attrs["latency"]["pairs"] in (30, 90)
+        assert t.user_attrs["latency"]["margin"] == pytest.approx(env.latency_margin)
+    # the same study as written before margins: no search.latency_margin/remeasure, no episode latency
+    old = optuna.create_study(storage=storage, study_name="old", directions=new.study.directions)
+    for key, value in new.study.user_attrs.items():
+        if key not in ("search.latency_margin", "search.latency_remeasure"):
+            old.set_user_attr(key, value)
+    for t in new.study.trials:
+        old.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, values=t.values,
+                                                user_attrs={k: v for k, v in t.user_attrs.items() if k != "latency"}))
+    spec = StudyRecord.of(old).search  # it aimed at the budget and measured once
+    assert (spec.latency_margin, spec.latency_remeasure) == (0.0, False)
+    resumed = _run(env, tmp_path, "random", episodes=4, study_name="old", resume=True)
+    assert resumed.new_trials == 2 and len(resumed.study.trials) == 4 and resumed.best is not None
+    assert ["latency" in t.user_attrs for t in resumed.study.trials] == [False, False, True, True]
+    assert resumed.study.user_attrs["search.latency_margin"] == pytest.approx(env.latency_margin)
+
+
 def test_rl_agent_checkpoint_restores_state(tiny_task, tmp_path):
     from autoprune.agents.rl import DDPGSearcher
 
