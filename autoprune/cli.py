@@ -269,7 +269,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, ranges=args.ranges, share=args.share,
         latency_batch=args.latency_batch[0],
         latency_threads=args.latency_threads,
-        latency_runtime=args.latency_runtime,
+        latency_runtime=args.latency_runtime, latency_margin=args.latency_margin,
         searcher_options={"warmup": args.warmup} if args.warmup is not None else None,
         early_stop=args.early_stop,
         progress=not args.quiet, command=" ".join(shlex.quote(a) for a in ["autoprune", *args.argv]),
@@ -446,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=None,
                    help="RL warm-up episodes: the one-shot rules, then random actions")
     add_latency_args(p, "a latency budget is measured at (one)")
+    p.add_argument("--latency-margin", type=float, default=None, metavar="FRACTION",
+                   help="a latency budget's episodes aim at budget/(1+FRACTION) (default: the latency "
+                        "table's mean fit error; 0: at the budget)")
     s = p.add_argument_group("study")
     _storage_arg(s)
     s.add_argument("--study-name", default=None, help="default: <model>-<dataset>-<budget>-<searcher>")

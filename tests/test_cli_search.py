@@ -53,3 +53,18 @@ def test_search_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path
     assert len(lines) == 1 and match in lines[0], err
     assert "training a dense" not in err  # nothing expensive ran before the refusal
     assert not (tmp_path / "autoprune.db").exists()
+
+
+@pytest.mark.parametrize("given,expect", [(["--latency-margin", "0"], 0.0), ([], None)])
+def test_latency_margin_option_reaches_the_study(capsys, tmp_path, tiny_weights, fake_latency, given, expect):
+    from tests.conftest import REPO
+
+    db = f"sqlite:///{tmp_path}/s.db"
+    code, _, err = run(capsys, "search", "--model", f"{REPO / 'tests' / 'tinynets.py'}:tiny", "--weights",
+                       str(tiny_weights), "--dataset", "digits", "--budget", "0.9latency", "--max-sparsity", "0.9",
+                       "--episodes", "2", "--searcher", "random", "--storage", db, *given)
+    assert code == 0, err
+    study = optuna.load_study(study_name="tinynets.tiny-digits-0.9latency-random", storage=db)
+    margin = study.user_attrs["search.latency_margin"]
+    assert margin == expect if expect is not None else margin > 0  # default: the table's fit error
+    assert all(t.user_attrs["latency"]["margin"] == pytest.approx(margin) for t in study.trials)
