@@ -44,12 +44,19 @@ def machine() -> str:
 
 def make_task(model: str, search_val_size: int = 1000, calib_batches: int = 10, importance: str = "l1",
               progress: bool = False, reconstruct: str = "lsq", granularity: str = "channel",
-              device: str = "cpu"):
-    """The pruning task every benchmark shares: a fixture, the JPEG CIFAR-10 folder, split seed 0."""
+              device: str = "cpu", round_to: int | None = None, dense: torch.nn.Module | None = None):
+    """The pruning task every benchmark shares: a fixture, the JPEG CIFAR-10 folder, split seed 0.
+
+    ``round_to`` is the width multiple (``None``: the task's default, 8 when every unit has 32+
+    channels, else 1). ``dense``, for timings alone, stands in for the fixture (weights do not change
+    how fast a network of given widths runs).
+    """
     from autoprune.task import PruningTask, TaskConfig
 
-    return PruningTask(TaskConfig(model=model, weights=str(fixture(model)), dataset="imagefolder",
+    weights = None if dense is not None else str(fixture(model))
+    return PruningTask(TaskConfig(model=model, weights=weights, dataset="imagefolder",
                                   data_dir=str(cifar_dir()), search_val_size=search_val_size,
                                   calib_batches=calib_batches, importance=importance,
-                                  reconstruct=reconstruct, granularity=granularity, device=device),
-                       progress=progress)
+                                  reconstruct=reconstruct, granularity=granularity, round_to=round_to,
+                                  device=device),
+                       dense=dense, progress=progress)
