@@ -309,6 +309,7 @@ class SearchResult:
         from dataclasses import asdict
 
         from autoprune.apply import run_finetune
+        from autoprune.artifacts import check_output_dir
         from autoprune.fileio import write_document
         from autoprune.studies.records import top_trials
 
@@ -320,9 +321,9 @@ class SearchResult:
         record = {"k": k, "select_epochs": epochs, "recipe": asdict(short), "candidates": []}
         if resume and path.exists():
             saved = json.loads(path.read_text())
-            if {key: saved.get(key) for key in ("k", "select_epochs", "recipe")} == \
-                    {key: record[key] for key in ("k", "select_epochs", "recipe")}:
+            if all(saved.get(key) == record[key] for key in ("k", "select_epochs", "recipe")):
                 record["candidates"] = saved["candidates"]
+        check_output_dir(directory)
         directory.mkdir(exist_ok=True)
         done = {c["trial"] for c in record["candidates"]}
         candidates = top_trials(self.study, k)
@@ -333,7 +334,7 @@ class SearchResult:
             ran = run_finetune(task, model, short, quiet, desc=f"top-{k} candidate {rank}/{len(candidates)}",
                                log_test=False)
             row = {"trial": t.number, "rank_by_proxy": rank, "proxy_acc": t.user_attrs["accuracy"],
-                   "val_acc": task.proxy_accuracy(model), "best_epoch": ran.best_epoch}
+                   "val_acc": ran.val_acc, "best_epoch": ran.best_epoch}
             if task.has_test:  # recorded to measure the pick afterwards, never used to make it
                 row["test_acc"] = task.test_accuracy(model)
             record["candidates"].append(row)

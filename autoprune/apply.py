@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from autoprune.artifacts import OutputDir, export_program, pruned_payload
+from autoprune.artifacts import OutputDir, check_output_dir, export_program, pruned_payload
 from autoprune.errors import AutopruneError
 from autoprune.finetune import FinetuneConfig, FinetuneResult, finetune, finished
 from autoprune.latency import default_threads, measure_ratio
@@ -117,8 +117,7 @@ def apply_policy(
     run_dir, made = None, False
     if isinstance(finetune_cfg, FinetuneConfig) and (finetune_cfg.epochs > 0 or finetune_cfg.steps):
         run_dir = Path(out_dir)
-        if not run_dir.parent.is_dir():
-            raise AutopruneError(f"output folder's parent {run_dir.parent} does not exist")
+        check_output_dir(run_dir)
         made = not run_dir.exists()
         run_dir.mkdir(exist_ok=True)
     tag = {"model": task.config.model, "weights": task.weights_id, "kept": [int(k) for k in kept]}
@@ -134,7 +133,9 @@ def apply_policy(
         if ran.history:
             metrics["finetune_run"] = {"epochs": len(ran.history), "best_epoch": ran.best_epoch,
                                        "resumed_after": ran.resumed_after, "log": "finetune.csv"}
-        metrics["pruned"]["proxy_acc_finetuned"] = task.proxy_accuracy(model)
+        # the fine-tune scored the weights it kept on search-val already (a user's own training did not)
+        metrics["pruned"]["proxy_acc_finetuned"] = ran.val_acc if ran.val_acc is not None else \
+            task.proxy_accuracy(model)
         if test:
             metrics["pruned"]["test_acc_finetuned"] = task.test_accuracy(model)
             _log(f"after fine-tuning: test accuracy {metrics['pruned']['test_acc_finetuned']:.2%}"

@@ -93,6 +93,14 @@ def export_program(model: nn.Module, example: torch.Tensor, path: str | Path) ->
     return Path(path)
 
 
+def check_output_dir(dest: Path) -> None:
+    """Refuse an output folder that cannot be made: a missing parent, or a file in its place."""
+    if not dest.parent.is_dir():
+        raise AutopruneError(f"output folder's parent {dest.parent} does not exist")
+    if dest.exists() and not dest.is_dir():
+        raise AutopruneError(f"{dest} exists and is not a folder")
+
+
 class OutputDir:
     """Write files into a private temporary folder and move them into place only on success.
 
@@ -103,11 +111,8 @@ class OutputDir:
         self.dest = Path(dest)
 
     def __enter__(self) -> Path:
+        check_output_dir(self.dest)
         parent = self.dest.parent
-        if not parent.exists():
-            raise AutopruneError(f"output folder's parent {parent} does not exist")
-        if self.dest.exists() and not self.dest.is_dir():
-            raise AutopruneError(f"{self.dest} exists and is not a folder")
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=parent))
         except OSError as err:

@@ -98,11 +98,13 @@ class FinetuneConfig:
 class FinetuneResult:
     """What a fine-tune did: the model (in eval mode, the best epoch's weights when validated),
     one history row per epoch (:data:`LOG_FIELDS`), the epoch kept (0: the model as it came, when
-    no epoch beat it on the held-out split) and the epoch it resumed after."""
+    no epoch beat it on the held-out split), its held-out accuracy (``None`` without
+    ``validate``) and the epoch it resumed after."""
 
     model: nn.Module
     history: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
+    val_acc: float | None = None
     resumed_after: int = 0
 
 
@@ -246,7 +248,7 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", refresh=False)
-                if step >= total or (cfg.steps is None and len(losses) >= per_epoch):
+                if step >= total:
                     break
             epoch += 1
             if cfg.steps is not None:
@@ -258,8 +260,9 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
                    "test_acc": float(test(model)) if test is not None else None,
                    "seconds": round(time.perf_counter() - started, 2)}
             result.history.append(row)
+            state = _state(model)  # one copy, for the best epoch and the checkpoint alike
             if row["val_acc"] is not None and (best is None or row["val_acc"] > best["val_acc"]):
-                best = {"epoch": epoch, "val_acc": row["val_acc"], "state": _state(model)}
+                best = {"epoch": epoch, "val_acc": row["val_acc"], "state": state}
             if progress:
                 bar.write(f"{desc}: epoch {epoch} loss {row['train_loss']:.4f}"
                           + (f", held-out {row['val_acc']:.2%}" if row["val_acc"] is not None else "")
@@ -268,7 +271,7 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
                 _write_log(run_dir, result.history)
                 atomic_torch_save({
                     "format": _FORMAT, "config": asdict(cfg), "tag": tag, "epoch": epoch, "step": step,
-                    "model": _state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "model": state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "rng": torch.get_rng_state(), "best": best,
                     "history": result.history,
                 }, ckpt_path)
@@ -276,7 +279,7 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
         bar.close()
     if best is not None:
         model.load_state_dict(best["state"])
-        result.best_epoch = best["epoch"]
+        result.best_epoch, result.val_acc = best["epoch"], best["val_acc"]
     elif result.history:
         result.best_epoch = result.history[-1]["epoch"]
     model.eval()

@@ -155,6 +155,13 @@ def test_export_top_k_finetunes_k_candidates_and_records_the_pick(tmp_path, tiny
     policy = json.loads((tmp_path / "p.json").read_text())
     assert policy["trial"] == sel["kept"]
     assert json.loads((tmp_path / "p_model" / "selection.json").read_text())["candidates"] == cands
+    # a model folder that cannot be made is one line, before any candidate is fine-tuned
+    code = main(["export", "tinynets.tiny-digits-0.5flops-tpe", "--storage", db, "-o", str(tmp_path / "q.json"),
+                 "--weights", str(tiny_weights), "--model-dir", str(tmp_path / "missing" / "m"),
+                 "--finetune-epochs", "1", "--top-k", "2", "-q"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "output folder's parent" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "q.json").exists()
 
 
 def test_top_k_needs_a_finetune(tmp_path, tiny_weights, capsys):
