@@ -132,7 +132,8 @@ def apply_policy(
         metrics["finetune"] = asdict(finetune_cfg) if isinstance(finetune_cfg, FinetuneConfig) else "user"
         if ran.history:
             metrics["finetune_run"] = {"epochs": len(ran.history), "best_epoch": ran.best_epoch,
-                                       "resumed_after": ran.resumed_after, "log": "finetune.csv"}
+                                       "val_before": ran.val_before, "resumed_after": ran.resumed_after,
+                                       "log": "finetune.csv"}
         # the fine-tune scored the weights it kept on search-val already (a user's own training did not)
         metrics["pruned"]["proxy_acc_finetuned"] = ran.val_acc if ran.val_acc is not None else \
             task.proxy_accuracy(model)

@@ -12,7 +12,11 @@ A run given a folder (``run_dir``) is safe to make long:
 * ``resume=True`` continues from the checkpoint where a killed run stopped. Each epoch's batch
   order and augmentation are seeded from ``(seed, epoch)``, so a resumed run ends with the same
   weights as one that was never interrupted;
-* the model kept is the best epoch on the held-out split (``validate``), never on test.
+* the model kept is the best trained epoch on the held-out split (``validate``), never on test.
+  The model as it came is scored too (``val_before``) but does not compete: the held-out split is
+  carved from the training images, which the dense model has fit, so a model that has not been
+  trained away from the dense weights scores high there by memory. On ResNet-56 the refit model
+  scored 97.4 % on it and 87.0 % on test; 21 epochs later, 97.5 % and 90.2 %.
 """
 
 from __future__ import annotations
@@ -97,14 +101,15 @@ class FinetuneConfig:
 @dataclass
 class FinetuneResult:
     """What a fine-tune did: the model (in eval mode, the best epoch's weights when validated),
-    one history row per epoch (:data:`LOG_FIELDS`), the epoch kept (0: the model as it came, when
-    no epoch beat it on the held-out split), its held-out accuracy (``None`` without
-    ``validate``) and the epoch it resumed after."""
+    one history row per epoch (:data:`LOG_FIELDS`), the epoch kept, its held-out accuracy and the
+    held-out accuracy before training (both ``None`` without ``validate``), and the epoch it
+    resumed after."""
 
     model: nn.Module
     history: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
     val_acc: float | None = None
+    val_before: float | None = None
     resumed_after: int = 0
 
 
@@ -173,8 +178,8 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
         teacher: the dense model, for ``cfg.distill > 0``.
         run_dir: folder for the per-epoch checkpoint and the CSV log (none: neither is written).
         resume: continue from ``run_dir``'s checkpoint (its settings and ``tag`` must match).
-        validate: ``model -> accuracy`` on a held-out split, before training and after every
-            epoch; the best epoch's weights are the ones returned.
+        validate: ``model -> accuracy`` on a held-out split, before training (recorded) and after
+            every epoch; the best epoch's weights are the ones returned.
         test: ``model -> accuracy`` on the test split, logged after every epoch, never used to choose.
         tag: what the checkpoint must have been made from (the policy, the dense weights).
 
@@ -218,11 +223,10 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
         sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
         step, epoch, best = int(ckpt["step"]), int(ckpt["epoch"]), ckpt["best"]
-        result.history = list(ckpt["history"])
+        result.history, result.val_before = list(ckpt["history"]), ckpt.get("val_before")
         result.resumed_after = epoch
     elif validate is not None and cfg.steps is None:
-        # epoch 0 competes too: a fine-tune that only loses held-out accuracy is not kept
-        best = {"epoch": 0, "val_acc": float(validate(model.eval())), "state": _state(model)}
+        result.val_before = float(validate(model.eval()))
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, unit="step", leave=False)
     try:
         while step < total:
@@ -273,7 +277,7 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
                     "format": _FORMAT, "config": asdict(cfg), "tag": tag, "epoch": epoch, "step": step,
                     "model": state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "rng": torch.get_rng_state(), "best": best,
-                    "history": result.history,
+                    "history": result.history, "val_before": result.val_before,
                 }, ckpt_path)
     finally:
         bar.close()

@@ -98,9 +98,10 @@ def test_log_has_one_row_per_epoch_and_the_best_epoch_is_kept(digits, trained_ti
     assert all(float(r["test_acc"]) == 0.5 and float(r["seconds"]) > 0 for r in rows)
     assert float(rows[-1]["lr"]) == pytest.approx(0.0, abs=1e-9)  # the cosine ends at 0
     vals = [float(r["val_acc"]) for r in rows]
-    if ran.best_epoch:  # else epoch 0, the model as it came, was best on the held-out split
-        assert vals[ran.best_epoch - 1] == max(vals)
-        assert accuracy(model, digits.search_val) == pytest.approx(vals[ran.best_epoch - 1])
+    # the model as it came is scored but never kept: its held-out images are ones the dense model fit
+    assert ran.val_before == pytest.approx(accuracy(_student(trained_tiny), digits.search_val))
+    assert ran.best_epoch >= 1 and vals[ran.best_epoch - 1] == max(vals) == ran.val_acc
+    assert accuracy(model, digits.search_val) == pytest.approx(vals[ran.best_epoch - 1])
 
 
 def test_apply_logs_the_finetune_and_resume_after_sigkill(tmp_path, tiny_weights):
@@ -152,6 +153,7 @@ def test_export_top_k_finetunes_k_candidates_and_records_the_pick(tmp_path, tiny
     assert len({c["trial"] for c in cands}) == 3
     assert sel["kept"] == max(cands, key=lambda c: (c["val_acc"], -c["rank_by_proxy"]))["trial"]
     assert sel["recipe"]["epochs"] == 0.5 and all("test_acc" in c for c in cands)
+    assert all(c["best_epoch"] == 1 for c in cands)  # compared after training, never as they came
     policy = json.loads((tmp_path / "p.json").read_text())
     assert policy["trial"] == sel["kept"]
     assert json.loads((tmp_path / "p_model" / "selection.json").read_text())["candidates"] == cands
