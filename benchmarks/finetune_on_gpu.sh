@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 14 on a lent GPU (the device tool): 30-epoch recipe fine-tunes of the best searched policy
+# and the best rule, the top-4 export on the TPE seed-0 study and an lr-0.01 ablation, run in
+# parallel from the repository root; logs in $OUT, runs in $WORK (default /tmp/gpuwork).
+#
+# It reads an ignored folder devcarry/ that travels with the call (carry: ["devcarry"]):
+#   devcarry/whl/     the autoprune wheel (pip wheel --no-deps .) and, for the device's Python 3.12,
+#                     the dependencies its image lacks (optuna, alembic, sqlalchemy, mako, colorlog,
+#                     cmaes, gymnasium, farama-notifications, stable-baselines3, torch-pruning,
+#                     optuna-dashboard, bottle; pip download --no-deps --python-version 3.12 ...)
+#   devcarry/shared/  models/resnet56_cifar10.{pt,json} and data/cifar10-jpeg.tar.gz from ../shared
+#   devcarry/r56.db   a copy of the search storage (sqlite3 .backup) holding resnet56-...-tpe-s0
+# Session 13 ran `BUDGET=515 bash benchmarks/finetune_on_gpu.sh` on an H200, then resumed the best
+# run alone on the still-warm machine (same command as below with --which best, no other job).
+# Local dry run: LOCAL=1 EPOCHS=0.02 SELECT=0.01 DEVICE=cpu OUT=/tmp/gout benchmarks/finetune_on_gpu.sh
+set -u
+REPO=$(pwd)
+C=$REPO/devcarry
+EPOCHS=${EPOCHS:-30}; SELECT=${SELECT:-2}; DEVICE=${DEVICE:-cuda}; BUDGET=${BUDGET:-530}
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+if [ -z "${LOCAL:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $C/whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site PY=python3
+  mkdir -p /work && [ -e /work/shared ] || ln -s $C/shared /work/shared
+  nvidia-smi --query-gpu=name,memory.total --format=csv
+else
+  PY=${PY:-$REPO/.venv/bin/python}
+fi
+export AUTOPRUNE_SHARED=$C/shared
+W=${WORK:-/tmp/gpuwork}; mkdir -p $W $OUT
+$PY - <<'EOF' || exit 1
+import torch, sys; sys.path.insert(0, '.')
+from benchmarks.common import cifar_dir
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'data', cifar_dir())
+EOF
+Q=benchmarks/results/quality-resnet56-portfolio.json
+T0=$(date +%s)
+timeout $BUDGET $PY -m benchmarks.finetune_recipe --quality $Q --which best --epochs $EPOCHS --device $DEVICE \
+  --work $W/ft --out $W/ft/recipe-best.json > $OUT/best.log 2>&1 &
+timeout $BUDGET $PY -m benchmarks.finetune_recipe --quality $Q --which rule --epochs $EPOCHS --device $DEVICE \
+  --work $W/ft --out $W/ft/recipe-rule.json > $OUT/rule.log 2>&1 &
+mkdir -p $W/topk
+(cd /tmp && timeout $BUDGET env PYTHONPATH=${PYTHONPATH:-$REPO} $PY -m autoprune.cli export resnet56-0.5flops-l1-lsq-tpe-s0 \
+  --storage sqlite:///$C/r56.db -o $W/topk/policy.json --weights $C/shared/models/resnet56_cifar10.pt \
+  --data-dir $HOME/.cache/autoprune-data/cifar10-jpeg --model-dir $W/topk/model --finetune-epochs $EPOCHS \
+  --top-k 4 --select-epochs $SELECT --device $DEVICE) > $OUT/topk.log 2>&1 &
+timeout $BUDGET nice -n 10 $PY -m benchmarks.finetune_recipe --quality $Q --which best --epochs $EPOCHS --device $DEVICE \
+  --lr 0.01 --label lr01 --work $W/ft --out $W/ft/recipe-best-lr01.json > $OUT/lr01.log 2>&1 &
+while [ -n "$(jobs -r)" ]; do
+  sleep 30; echo "t+$(( $(date +%s) - T0 ))s"; for f in $(find $W -name finetune.csv); do echo "  $f: $(tail -n 1 $f)"; done
+done
+wait
+echo "all done at t+$(( $(date +%s) - T0 ))s"
+(cd $W && find . -name '*.csv' -o -name '*.json' | xargs tail -n +1 > $OUT/results.txt 2>/dev/null)
+tar -czf $OUT/gpuwork.tar.gz --exclude='*.onnx' -C $W .
+for f in $OUT/*.log; do echo "== $f"; tail -n 5 $f; done
