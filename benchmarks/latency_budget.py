@@ -12,7 +12,9 @@ of 1,000 images), with the same searcher, seed, episodes, budget and latency set
   measured once with 30 alternated pairs (the code before issue 15);
 * ``margin``: the wall aims at ``budget / (1 + margin)``, the margin being the table's mean fit
   error, and an episode measured from the budget to 6 % over it is measured again (60 more
-  pairs, pooled).
+  pairs, pooled);
+* ``corrected`` (the default of a search): ``margin``, and from the third episode the wall aims by
+  the median ratio of measured to predicted latency of the episodes so far.
 
 For each it reports the fraction of episodes measured more than 3 % over the budget (by the
 episode's own figure, which the re-measure helps decide), with ``--verify-pairs N`` the same
@@ -21,6 +23,16 @@ arm chose, so the two arms are judged alike), how many episodes were measured ag
 trial's proxy accuracy, test accuracy (on the 10,000 test images, pruned, reconstructed and
 recalibrated as its episode was) and latency. The JSON is written after each arm; run the command
 again with the same ``--storage`` and each study resumes where it stopped.
+
+With ``--reference QUALITY_JSON`` (a ``search_quality`` result of the same model at a FLOPs
+budget) it also times the best searched FLOPs policy and the best rule of that file with the same
+meter and settings (``--verify-pairs`` pairs, default 90), and ``--budget match`` sets the latency
+budget to the FLOPs policy's measured ratio: the latency search then competes with the FLOPs
+search at equal measured latency, on test accuracy.
+
+    python -m benchmarks.latency_budget --model resnet56 --budget match --arms margin \
+        --reference benchmarks/results/quality-resnet56-portfolio.json --episodes 100 --verify-pairs 90 \
+        --storage sqlite:////path/kept/between/runs.db --out benchmarks/results/latency-vs-flops-resnet56.json
 
 ``--data digits`` runs the same on the digits dataset with a model named by ``--model`` (e.g.
 ``tests/tinynets.py:tiny``, its baseline trained on first use): a check that the script runs,
@@ -47,8 +59,9 @@ from autoprune.studies.runner import SearchConfig, run_search
 from benchmarks.common import machine, make_task
 
 ARMS = {  # LayerSparsityEnv settings of each arm
-    "plain": {"latency_margin": 0.0, "latency_remeasure": False},
-    "margin": {"latency_margin": None, "latency_remeasure": True},
+    "plain": {"latency_margin": 0.0, "latency_remeasure": False, "latency_correct": False},
+    "margin": {"latency_margin": None, "latency_remeasure": True, "latency_correct": False},
+    "corrected": {"latency_margin": None, "latency_remeasure": True, "latency_correct": True},
 }
 
 
@@ -57,11 +70,14 @@ def main() -> None:
     ap.add_argument("--model", default="resnet56")
     ap.add_argument("--data", default="cifar10", choices=("cifar10", "digits"),
                     help="cifar10: the shared fixture (the benchmark); digits: a check that the script runs")
-    ap.add_argument("--budget", default="0.6latency")
+    ap.add_argument("--budget", default="0.6latency",
+                    help="a latency budget, or 'match': the measured latency ratio of --reference's FLOPs policy")
+    ap.add_argument("--reference", default=None,
+                    help="a search_quality JSON at a FLOPs budget: time its best searched policy and best rule")
     ap.add_argument("--searcher", default="tpe")
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arms", default="plain,margin", help=f"which of {', '.join(ARMS)}, in order")
+    ap.add_argument("--arms", default="plain,margin,corrected", help=f"which of {', '.join(ARMS)}, in order")
     ap.add_argument("--latency-batch", type=int, default=1)
     ap.add_argument("--latency-threads", type=int, default=1)
     ap.add_argument("--latency-runtime", default="eager")
@@ -81,11 +97,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+    if args.budget == "match" and not args.reference:
+        ap.error("--budget match needs --reference")
     task = build_task(args)
     dense_test = task.test_accuracy(task.dense)
+    references = reference_rows(args, task) if args.reference else []
+    if args.budget == "match":
+        args.budget = f"{references[0]['latency_measured']:.3f}latency"
     print(f"# {args.model} on {args.data}, {args.budget}, {args.searcher} seed {args.seed}, {args.episodes} "
           f"episodes per arm; latency: {args.latency_runtime}, batch {args.latency_batch}, "
           f"{args.latency_threads} thread(s); {machine()}", flush=True)
+    for r in references:
+        print(f"reference {r['which']} ({r['searcher']} s{r['seed']}, trial {r['trial']}): flops "
+              f"{r['ratios']['flops']:.3f}, latency {r['latency_measured']:.3f} measured, test {r['test_acc']:.4f}",
+              flush=True)
     rows = []
     for arm in arms:
         env = LayerSparsityEnv(task, budget=args.budget, max_sparsity=args.max_sparsity,
@@ -101,8 +126,29 @@ def main() -> None:
         if args.out:  # after every arm: a run killed part-way keeps what it finished
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine(), "dense_test": dense_test,
-                                                  "rows": rows}, indent=1))
+                                                  "references": references, "rows": rows}, indent=1))
     print(table(rows, dense_test, args.budget))
+
+
+def reference_rows(args, task) -> list[dict]:
+    """The best searched FLOPs policy and the best rule of ``--reference``, timed by the meter the
+    arms' verification uses (their test accuracy is the file's: the same task scored them)."""
+    from benchmarks.finetune_recipe import pick
+
+    q = json.loads(Path(args.reference).read_text())
+    if q["args"]["model"] != args.model or q["args"].get("reconstruct", "lsq") != "lsq":
+        raise SystemExit(f"{args.reference} is not a {args.model} search with the lsq reconstruction")
+    meter = RatioMeter(task.dense, task.table.input_shape, task.device)
+    rows = []
+    for which in ("best", "rule"):
+        row = pick(q["rows"], which)
+        model = task.prune([row["widths"][name] for name in task.table.names])
+        times = meter.measure(model, args.latency_batch, args.latency_threads, pairs=args.verify_pairs or 90,
+                              runtime=args.latency_runtime)
+        rows.append({"which": which, "budget": q["args"]["budget"], "latency_measured": times.ratio,
+                     "pairs": times.pairs, **{k: row[k] for k in ("searcher", "seed", "trial", "proxy_acc",
+                                                                  "test_acc", "ratios")}})
+    return rows
 
 
 def build_task(args):
@@ -124,6 +170,7 @@ def summarise(arm: str, env: LayerSparsityEnv, task, result, seconds: float, ver
     pairs = [t.user_attrs.get("latency", {}).get("pairs", 30) for t in trials]
     line_ = budget * (1 + LATENCY_TOLERANCE)
     row = {"arm": arm, "episodes": len(trials), "margin": env.latency_margin, "aim": env.wall.aim,
+           "scale": env.wall.scale,
            "fit_error_max_mean": list(env.cost.fit_error),
            "over_3pct": float(np.mean(measured > line_)),
            "over_budget": float(np.mean(measured > budget)),

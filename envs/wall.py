@@ -9,7 +9,8 @@ A cost that is predicted rather than computed (latency, from a lookup table) is 
 prediction's error, so the wall can aim lower than the budget: at ``budget / (1 + margin)``, the
 margin stated by the cost model (:meth:`~autoprune.costs.CostModel.margin`). The aim never goes
 below what maximum sparsity everywhere reaches, so a budget within reach stays within reach and
-the margin shrinks instead (``ActionWall.margin`` is the one it kept).
+the margin shrinks instead (``ActionWall.margin`` is the one it kept). Where measurements show
+the prediction off by a steady factor, :meth:`ActionWall.rescale` aims by the measured figure.
 """
 
 from __future__ import annotations
@@ -54,10 +55,20 @@ class ActionWall:
         self.high = np.broadcast_to(np.asarray(high, dtype=np.float64), (n,))
         self.floor = np.array([table.kept(u.index, self.high[u.index]) for u in table.units], dtype=np.int64)
         self.lowest = cost.ratio(self.floor)
-        self.aim = aim(budget, margin, self.lowest)
-        self.margin = budget / self.aim - 1.0  # what is left of the margin where the aim was raised
+        self._asked = margin
+        self.rescale(1.0)
         # tolerance for float round-off in the closed form, far below one channel's worth
         self.eps = 1e-9
+
+    def rescale(self, scale: float) -> None:
+        """Aim as if the cost model's ratios were ``scale`` times what it predicts: measured
+        latency over predicted, from the episodes so far (1: trust the model)."""
+        if not scale > 0.0:
+            raise ValueError(f"a cost scale is positive, got {scale}")
+        self.scale = float(scale)
+        self.aim = aim(self.budget / self.scale, self._asked, self.lowest)
+        # what is left of the margin where the aim was raised, in measured terms
+        self.margin = self.budget / (self.aim * self.scale) - 1.0
 
     def check_feasible(self) -> None:
         """Refuse a budget that even maximum sparsity everywhere cannot meet."""

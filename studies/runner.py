@@ -216,6 +216,11 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
     state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive, storage=storage)
+    if env.budget.metric == "latency":  # a resumed study's measurements aim the wall as they did
+        for t in completed(study):
+            r = t.user_attrs.get("ratios", {})
+            if "latency" in r and "latency_predicted" in r:
+                env.observe_latency(r["latency_predicted"], r["latency"])
     done, _ = trial_counts(study)
     todo = max(0, episodes - done) if quota is None else min(quota, max(0, episodes - done))
     names = env.table.names
@@ -290,7 +295,9 @@ def announce(env: LayerSparsityEnv) -> None:
     print(f"note: latency budget {env.budget}: the action wall aims at {env.wall.aim:.4f} as the latency "
           f"table predicts it, a margin of {env.latency_margin:.1%} (the table's fit error: mean {mean:.1%}, "
           f"max {worst:.1%}); each episode's latency is {how}, and is within budget up to "
-          f"{LATENCY_TOLERANCE:.0%} over it", file=sys.stderr)
+          f"{LATENCY_TOLERANCE:.0%} over it"
+          + ("; from the third episode the wall aims by the median of measured over predicted latency"
+             if env.latency_correct else ""), file=sys.stderr)
 
 
 def _report(trial: optuna.Trial, value: float, step: int) -> bool:

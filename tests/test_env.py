@@ -228,3 +228,25 @@ def test_the_dense_model_is_prepared_once_for_all_episodes(tiny_task, fake_laten
     prepared = fake_latency["prepared"]
     assert sum(model is tiny_task.dense for _, model in prepared) == 1 and len(prepared) == 1 + 3
     assert {runtime for runtime, _ in prepared} == {"onnxruntime"}
+
+
+def test_the_wall_aims_by_measured_over_predicted_latency_from_the_third_episode(tiny_task, fake_latency):
+    from autoprune.envs.wall import aim
+
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9)
+    fixed = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_correct=False)
+    margin, start = env.cost.margin(), env.wall.aim
+    for e in (env, fixed):
+        e.observe_latency(0.5, 0.6)
+        e.observe_latency(0.5, 0.55)
+    assert env.wall.scale == 1.0 and env.wall.aim == start  # two episodes are not enough to go on
+    for e in (env, fixed):
+        e.observe_latency(0.5, 0.65)
+    assert env.wall.scale == pytest.approx(1.2)  # the median of 1.2, 1.1 and 1.3
+    assert env.wall.aim == pytest.approx(aim(0.7 / 1.2, margin, env.wall.lowest)) and env.wall.aim < start
+    assert fixed.wall.scale == 1.0 and fixed.wall.aim == start
+    # what the wall lets through is within the budget's margin once scaled as measured
+    kept = env.feasible_policy(np.zeros(env.n_units))
+    assert env.cost.ratio(kept) * 1.2 <= 0.7 / (1 + margin) + 1e-9
+    _, infos = rollout(env, seed=0)
+    assert infos[-1]["latency"]["scale"] == pytest.approx(1.2)  # recorded with the episode

@@ -120,6 +120,18 @@ def test_a_latency_study_records_its_runtime_and_resumes_only_with_it(tiny_task,
     assert SearchSpec.from_attrs(legacy).latency_runtime == "eager"
 
 
+def test_a_resumed_latency_study_aims_by_its_episodes_measurements(tiny_task, tmp_path, fake_latency):
+    env = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9)
+    first = _run(env, tmp_path, "random", episodes=3)
+    errors = [t.user_attrs["ratios"]["latency"] / t.user_attrs["ratios"]["latency_predicted"]
+              for t in first.study.trials]
+    assert [t.user_attrs["latency"]["scale"] for t in first.study.trials] == [1.0, 1.0, 1.0]
+    fresh = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9)
+    again = _run(fresh, tmp_path, "random", episodes=4, resume=True, study_name=first.study.study_name)
+    # the fourth episode, in a new process, aimed as the first three measured
+    assert again.study.trials[3].user_attrs["latency"]["scale"] == pytest.approx(float(np.median(errors)))
+
+
 def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_resumes(tiny_task, tmp_path,
                                                                                       fake_latency, capsys):
     import optuna
