@@ -75,7 +75,7 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
            min_sparsity: float = 0.0, max_sparsity: float = 0.8, ranges: Iterable[str] = (),
            share: Iterable[str] = (), latency_batch: int = 1,
            latency_threads: int | None = None, latency_runtime: str = "eager",
-           latency_margin: float | None = None, searcher_options: dict | None = None, early_stop: str | None = None,
+           latency_margin: float | None = None, latency_correct: bool = True, searcher_options: dict | None = None, early_stop: str | None = None,
            progress: bool = True, command: str = "", before_work: Callable[[], object] | None = None,
            **task_settings) -> SearchResult:
     """Search per-unit sparsities of ``model`` that meet ``budget``; every episode is one trial of
@@ -105,6 +105,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
             ``compile`` or ``onnxruntime`` (:data:`~autoprune.runtimes.RUNTIMES`).
         latency_margin: under a latency budget, aim at ``budget / (1 + margin)``; ``None`` takes
             the latency table's mean fit error, 0 aims at the budget itself.
+        latency_correct: from the third measured episode, aim by the median of measured over
+            predicted latency (False: trust the table).
         ranges: per-unit bounds, ``"PATTERN=LO:HI"`` or ``"PATTERN=V"`` (fnmatch on unit names).
         share: ``"PATTERN"`` or ``"stage"``: units that take one sparsity (:mod:`autoprune.envs.space`).
         searcher_options: e.g. ``{"warmup": 100}`` for RL agents.
@@ -158,7 +160,7 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
                            min_sparsity=min_sparsity, max_sparsity=max_sparsity, ranges=tuple(ranges),
                            share=tuple(share), latency_batch=latency_batch,
                            latency_threads=latency_threads, latency_runtime=latency_runtime,
-                           latency_margin=latency_margin, progress=progress)
+                           latency_margin=latency_margin, latency_correct=latency_correct, progress=progress)
     config = SearchConfig(searcher=searcher, storage=storage, episodes=episodes, seed=seed,
                           study_name=study_name, resume=resume, state_dir=state_dir,
                           searcher_options=dict(searcher_options or {}), early_stop=early_stop,

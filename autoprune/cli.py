@@ -270,7 +270,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         latency_batch=args.latency_batch[0],
         latency_threads=args.latency_threads,
         latency_runtime=args.latency_runtime, latency_margin=args.latency_margin,
-        searcher_options={"warmup": args.warmup} if args.warmup is not None else None,
+        latency_correct=args.latency_correct, searcher_options={"warmup": args.warmup} if args.warmup is not None else None,
         early_stop=args.early_stop,
         progress=not args.quiet, command=" ".join(shlex.quote(a) for a in ["autoprune", *args.argv]),
         before_work=None if dataset_given else lambda: _default_dataset(args),
@@ -449,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-margin", type=float, default=None, metavar="FRACTION",
                    help="a latency budget's episodes aim at budget/(1+FRACTION) (default: the latency "
                         "table's mean fit error; 0: at the budget)")
+    p.add_argument("--no-latency-correct", dest="latency_correct", action="store_false",
+                   help="trust the latency table; by default, from the third episode the wall aims by the "
+                        "median of measured over predicted latency")
     s = p.add_argument_group("study")
     _storage_arg(s)
     s.add_argument("--study-name", default=None, help="default: <model>-<dataset>-<budget>-<searcher>")

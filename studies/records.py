@@ -59,6 +59,8 @@ class SearchSpec(Record):
             run's; every latency episode records the margin it was aimed with.
         latency_remeasure: borderline episodes' latency was measured again with more pairs
             (studies made before it existed measured once).
+        latency_correct: from the third measured episode the wall aimed by the median of measured
+            over predicted latency (studies made before it existed trusted the table).
         ranges, share: per-unit sparsity bounds and shared sparsities (:mod:`autoprune.envs.space`).
         early_stop: the pruner that may stop scoring a policy after a chunk of search-val
             (``median``, ``halving``; None scores every episode in full).
@@ -80,6 +82,7 @@ class SearchSpec(Record):
     latency_runtime: str = spec("eager", identity=True, legacy="eager")
     latency_margin: float = spec(0.0, legacy=0.0)
     latency_remeasure: bool = spec(True, legacy=False)
+    latency_correct: bool = spec(True, legacy=False)
     ranges: tuple[str, ...] = spec((), identity=True, legacy=())
     share: tuple[str, ...] = spec((), identity=True, legacy=())
     early_stop: str | None = spec(None, legacy=None)

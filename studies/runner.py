@@ -115,7 +115,8 @@ def search_spec(env: LayerSparsityEnv, config: SearchConfig) -> SearchSpec:
         reward=env.reward_name, reward_lambda=env.reward_lambda, min_sparsity=env.min_sparsity,
         max_sparsity=env.max_sparsity, latency_batch=env.latency_batch, latency_threads=env.latency_threads,
         latency_runtime=env.latency_runtime, latency_margin=env.latency_margin,
-        latency_remeasure=env.latency_remeasure, ranges=env.ranges, share=env.share, early_stop=config.early_stop,
+        latency_remeasure=env.latency_remeasure, latency_correct=env.latency_correct, ranges=env.ranges,
+        share=env.share, early_stop=config.early_stop,
         options=dict(config.searcher_options),
     )
 

@@ -125,7 +125,8 @@ def work(config: SearchConfig, name: str, quota: int, index: int, errors) -> Non
                                min_sparsity=s.min_sparsity, max_sparsity=s.max_sparsity,
                                latency_batch=s.latency_batch, latency_threads=s.latency_threads,
                                latency_runtime=s.latency_runtime, latency_margin=s.latency_margin,
-                               latency_remeasure=s.latency_remeasure, ranges=s.ranges, share=s.share)
+                               latency_remeasure=s.latency_remeasure, latency_correct=s.latency_correct,
+                               ranges=s.ranges, share=s.share)
         mine = replace(config, study_name=name, resume=True, progress=False, seed=config.seed + 7919 * (index + 1))
         run_search(env, mine, quota=quota)
     except AutopruneError as err:

@@ -143,20 +143,21 @@ def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_re
     assert said.count("note: latency budget 0.9latency: the action wall aims at") == 1  # once, at the start
     assert f"a margin of {env.latency_margin:.1%}" in said and env.latency_margin > 0
     spec = StudyRecord.of(new.study).search
-    assert (spec.latency_margin, spec.latency_remeasure) == (pytest.approx(env.latency_margin), True)
+    assert (spec.latency_margin, spec.latency_remeasure, spec.latency_correct) == \
+        (pytest.approx(env.latency_margin), True, True)
     for t in new.study.trials:  # each episode: how its latency was measured, and aimed at
         assert t.user_attrs["latency"]["pairs"] in (30, 90)
         assert t.user_attrs["latency"]["margin"] == pytest.approx(env.latency_margin)
     # the same study as written before margins: no search.latency_margin/remeasure, no episode latency
     old = optuna.create_study(storage=storage, study_name="old", directions=new.study.directions)
     for key, value in new.study.user_attrs.items():
-        if key not in ("search.latency_margin", "search.latency_remeasure"):
+        if key not in ("search.latency_margin", "search.latency_remeasure", "search.latency_correct"):
             old.set_user_attr(key, value)
     for t in new.study.trials:
         old.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, values=t.values,
                                                 user_attrs={k: v for k, v in t.user_attrs.items() if k != "latency"}))
-    spec = StudyRecord.of(old).search  # it aimed at the budget and measured once
-    assert (spec.latency_margin, spec.latency_remeasure) == (0.0, False)
+    spec = StudyRecord.of(old).search  # it aimed at the budget, by the table, and measured once
+    assert (spec.latency_margin, spec.latency_remeasure, spec.latency_correct) == (0.0, False, False)
     resumed = _run(env, tmp_path, "random", episodes=4, study_name="old", resume=True)
     assert resumed.new_trials == 2 and len(resumed.study.trials) == 4 and resumed.best is not None
     assert ["latency" in t.user_attrs for t in resumed.study.trials] == [False, False, True, True]
