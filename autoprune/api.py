@@ -75,7 +75,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str = "0.
            min_sparsity: float = 0.0, max_sparsity: float = 0.8, ranges: Iterable[str] = (),
            share: Iterable[str] = (), latency_batch: int = 1,
            latency_threads: int | None = None, latency_runtime: str = "eager",
-           latency_margin: float | None = None, latency_correct: bool = True, searcher_options: dict | None = None, early_stop: str | None = None,
+           latency_margin: float | None = None, latency_correct: bool = True,
+           searcher_options: dict | None = None, early_stop: str | None = None,
            progress: bool = True, command: str = "", before_work: Callable[[], object] | None = None,
            **task_settings) -> SearchResult:
     """Search per-unit sparsities of ``model`` that meet ``budget``; every episode is one trial of
