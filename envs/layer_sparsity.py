@@ -13,14 +13,14 @@ margin), and the finished policy's latency is measured against the dense model, 
 pairs where it is borderline (:mod:`autoprune.envs.budget_check`); the dense model is prepared for
 the runtime once per env, not once per episode. From the third measured episode the wall aims by
 the median ratio of measured to predicted latency: the table fits its calibration policies to a
-few per cent, but a search visits other policies, and on ResNet-56 it measured 7 % over the
-table's figure on average (BENCHMARKS.md).
+few per cent, but a search visits other policies, and on ResNet-56 they measured 4-11 % over the
+table's figure (BENCHMARKS.md, where the timings also drifted as the process ran).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -250,12 +250,19 @@ class LayerSparsityEnv(gym.Env):
         return times.ratio, how
 
     def observe_latency(self, predicted: float, measured: float) -> None:
-        """Learn from one episode's predicted and measured latency ratios (the runner also feeds
-        it a resumed study's episodes): with ``latency_correct``, from the third on, the wall aims
-        by their median ratio."""
+        """Learn from one episode's predicted and measured latency ratios: with
+        ``latency_correct``, from the third on, the wall aims by their median ratio."""
         self._latency_errors.append(measured / predicted)
         if self.latency_correct and len(self._latency_errors) >= 3:
             self.wall.rescale(float(np.median(self._latency_errors)))
+
+    def replay_latency(self, episodes: Iterable[tuple[float, float]]) -> None:
+        """Aim as a study's (predicted, measured) episodes say, in place of what this env saw:
+        a search run again on the same env must not count its episodes twice."""
+        self._latency_errors = []
+        self.wall.rescale(1.0)
+        for predicted, measured in episodes:
+            self.observe_latency(predicted, measured)
 
     def feasible_policy(self, sparsity) -> np.ndarray:
         """Run the wall over a whole requested policy at once (what one episode would do)."""

@@ -130,6 +130,11 @@ def test_a_resumed_latency_study_aims_by_its_episodes_measurements(tiny_task, tm
     again = _run(fresh, tmp_path, "random", episodes=4, resume=True, study_name=first.study.study_name)
     # the fourth episode, in a new process, aimed as the first three measured
     assert again.study.trials[3].user_attrs["latency"]["scale"] == pytest.approx(float(np.median(errors)))
+    # run again on the env that saw the first three: each episode counts once, not twice
+    errors.append(again.study.trials[3].user_attrs["ratios"]["latency"]
+                  / again.study.trials[3].user_attrs["ratios"]["latency_predicted"])
+    last = _run(env, tmp_path, "random", episodes=5, resume=True, study_name=first.study.study_name)
+    assert last.study.trials[4].user_attrs["latency"]["scale"] == pytest.approx(float(np.median(errors)))
 
 
 def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_resumes(tiny_task, tmp_path,
