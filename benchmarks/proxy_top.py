@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     task = make_task("resnet56")
-    val = task._val  # the search-val the episodes were scored on
+    val = task.splits.search_val  # the search-val the episodes were scored on
     x, y = val.x.to(task.device), val.y.to(task.device)
     with torch.no_grad():
         dense_logits = torch.cat([task.dense.eval()(x[i:i + 500]) for i in range(0, len(x), 500)])
