@@ -28,6 +28,7 @@ _REGISTRIES = {
     "importance": ("autoprune.importance", "IMPORTANCE"),
     "granularity": ("autoprune.granularity", "GRANULARITIES"),
     "reconstruct": ("autoprune.reconstruct", "RECONSTRUCTIONS"),
+    "proxy": ("autoprune.evaluate", "PROXIES"),
     "searcher": ("autoprune.agents", "SEARCHERS"),
     "reward": ("autoprune.envs.rewards", "REWARDS"),
     "runtime": ("autoprune.runtimes", "RUNTIMES"),
@@ -102,6 +103,8 @@ def add_eval_args(p: argparse.ArgumentParser, reconstruct_default: str) -> None:
     g.add_argument("--reconstruct", default=None,
                    help=_Help.of("reconstruct", "what is done with calibration images after the cut",
                                  reconstruct_default))
+    g.add_argument("--proxy", default="acc",
+                   help=_Help.of("proxy", "how search-val scores each pruned model", "acc"))
     g.add_argument("--no-bn-recalibration", action="store_true",
                    help="score pruned models with the dense model's BN statistics")
     g.add_argument("--episode-finetune-steps", type=int, default=0,
@@ -164,7 +167,7 @@ def task_config(args: argparse.Namespace, reconstruct: str = "lsq"):
         round_to=args.round_to, search_val_size=getattr(args, "search_val_size", None),
         calib_batches=getattr(args, "calib_batches", 10), calib_batch_size=getattr(args, "calib_batch_size", 64),
         eval_batch_size=getattr(args, "eval_batch_size", 500),
-        bn_recalibration=not getattr(args, "no_bn_recalibration", False),
+        bn_recalibration=not getattr(args, "no_bn_recalibration", False), proxy=getattr(args, "proxy", "acc"),
         reconstruct=getattr(args, "reconstruct", None) or reconstruct,
         episode_finetune_steps=getattr(args, "episode_finetune_steps", 0), device=getattr(args, "device", "cpu"),
     )
@@ -189,7 +192,8 @@ def _finetune(args: argparse.Namespace, seed: int):
 # ------------------------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
     titles = {"model": "models", "dataset": "datasets", "importance": "importance criteria",
-              "granularity": "granularities", "reconstruct": "reconstructions", "searcher": "searchers",
+              "granularity": "granularities", "reconstruct": "reconstructions", "proxy": "search proxies",
+              "searcher": "searchers",
               "reward": "rewards", "runtime": "latency runtimes"}
     for kind, title in titles.items():
         reg = _registry(kind)
@@ -288,7 +292,10 @@ def summary(result) -> str:
     a = best.user_attrs
     dense = result.record.fingerprint.dense_score
     ratios = ", ".join(f"{k} {v:.3f}" for k, v in a["ratios"].items())
-    lines.append(f"best: trial {best.number} ({a['searcher']}), proxy accuracy {a['accuracy']:.2%}"
+    from autoprune.evaluate import proxy_label
+
+    label = proxy_label(result.record.task.proxy)
+    lines.append(f"best: trial {best.number} ({a['searcher']}), {label} {a['accuracy']:.2%}"
                  + (f" (dense {dense:.2%})" if dense is not None else "")
                  + f", reward {a['reward']:+.4f}; cost ratios: {ratios} (budget {result.record.search.budget})")
     from autoprune.studies.records import best_rule_trial
@@ -296,7 +303,7 @@ def summary(result) -> str:
     rule = best_rule_trial(study)
     if rule is not None and rule.number != best.number:
         r = rule.user_attrs
-        lines.append(f"best one-shot rule: {r['rule']} (trial {rule.number}), proxy accuracy {r['accuracy']:.2%}; "
+        lines.append(f"best one-shot rule: {r['rule']} (trial {rule.number}), {label} {r['accuracy']:.2%}; "
                      f"the search is {100 * (a['accuracy'] - r['accuracy']):+.2f} points past it")
     elif rule is not None:
         lines.append(f"the best trial is the one-shot rule {a['rule']}: the search has not beaten it yet")
@@ -353,8 +360,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         policy = result.policy(trial)
     policy.save(out, format=args.format)
     a = trial.user_attrs
-    print(f"wrote {out} ({args.format}): trial {trial.number} of {result.study.study_name!r}, proxy accuracy "
-          f"{a['accuracy']:.2%}, " + ", ".join(f"{k} {v:.3f}" for k, v in a["ratios"].items()))
+    from autoprune.evaluate import proxy_label
+
+    print(f"wrote {out} ({args.format}): trial {trial.number} of {result.study.study_name!r}, "
+          f"{proxy_label(result.record.task.proxy)} {a['accuracy']:.2%}, " + ", ".join(f"{k} {v:.3f}" for k, v in a["ratios"].items()))
     return 0
 
 

@@ -23,7 +23,7 @@ from autoprune.checkpoints import file_sha256, load_weights
 from autoprune.costs import Costs, closed_form, dense_costs
 from autoprune.data import DatasetInfo, Splits, TensorSplit, make_splits
 from autoprune.errors import AutopruneError
-from autoprune.evaluate import accuracy, accuracy_on, recalibrate_bn, running_accuracy
+from autoprune.evaluate import PROXIES, accuracy_on, log_probs, recalibrate_bn, running_score
 from autoprune.finetune import FinetuneConfig, finetune
 from autoprune.granularity import build_unit_table
 from autoprune.importance import rank_units
@@ -57,6 +57,8 @@ class TaskConfig(Record):
         calib_batch_size: images per calibration batch.
         eval_batch_size: images per evaluation batch.
         bn_recalibration: recalibrate BatchNorm before scoring (adaptive BN).
+        proxy: how search-val scores a pruned model (:data:`~autoprune.evaluate.PROXIES`):
+            ``acc`` top-1, ``ce`` exp(-cross-entropy), ``kl`` exp(-KL from the dense outputs).
         reconstruct: ``lsq`` refits each layer whose inputs shrank to the dense outputs
             (:mod:`autoprune.reconstruct`); ``none`` keeps the selected weights.
         episode_finetune_steps: SGD steps on each pruned model before scoring.
@@ -80,6 +82,7 @@ class TaskConfig(Record):
     calib_batch_size: int = spec(64, identity=True)
     eval_batch_size: int = 500
     bn_recalibration: bool = spec(True, identity=True, sibling=True)
+    proxy: str = spec("acc", identity=True, sibling=True, legacy="acc")
     reconstruct: str = spec("lsq", identity=True, sibling=True, legacy="none")
     episode_finetune_steps: int = spec(0, identity=True)
     device: str = "cpu"
@@ -104,6 +107,7 @@ class TaskConfig(Record):
         IMPORTANCE.get(self.importance)
         GRANULARITIES.get(self.granularity)
         RECONSTRUCTIONS.get(self.reconstruct)
+        PROXIES.get(self.proxy)
         for name in ("calib_batches", "calib_batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise AutopruneError(f"--{name.replace('_', '-')} must be at least 1")
@@ -150,7 +154,8 @@ class EpisodePruned(Exception):
 
 @dataclass
 class Evaluation:
-    """One scored model: proxy accuracy on search-val, and the reconstruction pass's record."""
+    """One scored model: its proxy score on search-val (top-1 accuracy unless the task's ``proxy``
+    says otherwise), and the reconstruction pass's record."""
 
     accuracy: float
     reconstruction: Report | None = None
@@ -232,8 +237,11 @@ class PruningTask:
         if device != "cpu":
             val = type(val)(val.x.to(device), val.y)
         self._val = val
+        self._dense_logp = None
+        if PROXIES.get(config.proxy).needs_dense:
+            self._dense_logp = log_probs(dense.to(device), val.batches(config.eval_batch_size), device)
         self._setup(config, dense, splits.example_input(1), splits.calib,
-                    lambda model: accuracy(model, val, config.eval_batch_size, device),
+                    lambda model: self._proxy_score(model),
                     data_identity=splits.identity, weights_id=weights_id, search_val_images=len(val),
                     table=traced[0] if traced else None)
         self.splits: Splits | None = splits
@@ -252,6 +260,9 @@ class PruningTask:
         recalibration and reconstruction. ``test_score``, if given, is reported for exports.
         """
         config.check(model=False, data=False)
+        if config.proxy != "acc":
+            raise AutopruneError(f"proxy {config.proxy!r} scores search-val of a registered dataset; "
+                                 "with a score function, the function is the proxy")
         task = cls.__new__(cls)
         example = _first_tensor(example_inputs)
         calib_x = _stack_inputs(calib, config.calib_batches * config.calib_batch_size)
@@ -381,11 +392,16 @@ class PruningTask:
         if self.splits is None:
             yield float(self._score(model))
             return
-        yield from running_accuracy(model, self._val.batches(self.config.eval_batch_size), self.device)
+        yield from running_score(model, self._val.batches(self.config.eval_batch_size), self.config.proxy,
+                                 self.device, self._dense_logp)
+
+    def _proxy_score(self, model: nn.Module) -> float:
+        *_, score = self._chunk_scores(model)  # the last value: over all of search-val
+        return score
 
     def proxy_accuracy(self, model: nn.Module) -> float:
-        """The search's score of ``model`` as it stands (top-1 on search-val for registered
-        datasets, the user's ``score`` otherwise): no fine-tuning, no recalibration."""
+        """The search's score of ``model`` as it stands (the config's ``proxy`` on search-val for
+        registered datasets, the user's ``score`` otherwise): no fine-tuning, no recalibration."""
         return float(self._score(model.eval()))
 
     @property

@@ -44,7 +44,8 @@ def machine() -> str:
 
 def make_task(model: str, search_val_size: int = 1000, calib_batches: int = 10, importance: str = "l1",
               progress: bool = False, reconstruct: str = "lsq", granularity: str = "channel",
-              device: str = "cpu", round_to: int | None = None, dense: torch.nn.Module | None = None):
+              device: str = "cpu", round_to: int | None = None, dense: torch.nn.Module | None = None,
+              proxy: str = "acc"):
     """The pruning task every benchmark shares: a fixture, the JPEG CIFAR-10 folder, split seed 0.
 
     ``round_to`` is the width multiple (``None``: the task's default, 8 when every unit has 32+
@@ -58,5 +59,5 @@ def make_task(model: str, search_val_size: int = 1000, calib_batches: int = 10, 
                                   data_dir=str(cifar_dir()), search_val_size=search_val_size,
                                   calib_batches=calib_batches, importance=importance,
                                   reconstruct=reconstruct, granularity=granularity, round_to=round_to,
-                                  device=device),
+                                  device=device, proxy=proxy),
                        dense=dense, progress=progress)

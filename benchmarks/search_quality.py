@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=10)
     ap.add_argument("--importance", default="l1")
     ap.add_argument("--reconstruct", default="lsq", help="lsq or none (studies of none keep their old names)")
+    ap.add_argument("--proxy", default="acc", help="acc, ce or kl (studies of acc keep their old names)")
     ap.add_argument("--storage", default="sqlite:///benchmarks-search.db")
     ap.add_argument("--out", default=None, help="JSON file for every figure")
     ap.add_argument("--threads", type=int, default=2)
@@ -64,13 +65,14 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     task = make_task(args.model, args.search_val_size, args.calib_batches, args.importance,
-                     reconstruct=args.reconstruct)
+                     reconstruct=args.reconstruct, proxy=args.proxy)
     env = LayerSparsityEnv(task, budget=args.budget)
     print(f"# {args.model} {args.budget}: {len(task.table.units)} units, search-val "
           f"{len(task.splits.search_val)}, {args.episodes} episodes per search; {machine()}", flush=True)
     dense_test = task.test_accuracy(task.dense)
     rows = []
     suffix = "" if args.reconstruct == "none" else f"-{args.reconstruct}"
+    suffix += "" if args.proxy == "acc" else f"-{args.proxy}"
     for name in args.searchers.split(","):
         SEARCHERS.get(name)
         seeds = [0] if SEARCHERS.get(name).one_shot else [int(s) for s in args.seeds.split(",")]
@@ -87,7 +89,9 @@ def main() -> None:
             best = result.best
             model, _ = task.pruned(best.user_attrs["widths"])  # as the episode scored it
             states = [t.state.name for t in result.study.trials]
-            row = {"searcher": name + (f"+es-{args.early_stop}" if args.early_stop else ""), "seed": seed,
+            label = name + (f"+es-{args.early_stop}" if args.early_stop else "") + (
+                f"+{args.proxy}" if args.proxy != "acc" else "")
+            row = {"searcher": label, "seed": seed, "proxy": args.proxy,
                    "trial": best.number, "episodes": len(result.study.trials),
                    "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
                    "episode_seconds": spent(result.study), "proxy_acc": best.user_attrs["accuracy"],

@@ -17,7 +17,7 @@ from autoprune.registry import Registry
 class Outcome:
     """What one finished episode achieved."""
 
-    accuracy: float  # proxy accuracy on search-val, in [0, 1]
+    accuracy: float  # the proxy score on search-val (top-1 by default), in [0, 1]
     cost_ratio: float  # the budget metric, as a fraction of dense
     budget: float  # the budget, as a fraction of dense
     flops: float  # absolute (effective) FLOPs of the pruned model, MACs per sample

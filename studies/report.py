@@ -16,6 +16,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from autoprune.errors import AutopruneError
+from autoprune.evaluate import proxy_label
 from autoprune.studies.export import policy_document
 from autoprune.studies.records import (
     SearchSpec,
@@ -219,13 +220,13 @@ def _baseline_policy(sibs, name: str) -> dict | None:
     return None
 
 
-def _rule_line(study: optuna.Study, best) -> list[str]:
+def _rule_line(study: optuna.Study, best, label: str) -> list[str]:
     """How far past the best one-shot rule of its portfolio the search got."""
     rule = best_rule_trial(study)
     if rule is None:
         return []
     gain = 100 * (best.user_attrs["accuracy"] - rule.user_attrs["accuracy"])
-    return [f"- best one-shot rule: {rule.user_attrs['rule']} (trial {rule.number}), proxy accuracy "
+    return [f"- best one-shot rule: {rule.user_attrs['rule']} (trial {rule.number}), {label} "
             f"{rule.user_attrs['accuracy']:.2%}; the best trial is {gain:+.2f} points past it", ""]
 
 
@@ -234,25 +235,26 @@ def summary_markdown(study: optuna.Study, best, sibs) -> str:
     task, fp, search = r.task, r.fingerprint, r.search
     doc = policy_document(study, best)
     dense = f"{fp.dense_score:.2%}" if fp.dense_score is not None else "-"
+    label = proxy_label(task.proxy)
     lines = [f"# {study.study_name}", "",
              f"- model `{task.model}`, weights `{fp.weights}`",
              f"- data `{task.dataset}` ({fp.data}), split seed {task.seed}, "
              f"search-val {fp.search_val_images} images",
              f"- budget **{search.budget}**, granularity {task.granularity}, importance "
-             f"{task.importance}, reconstruction {task.reconstruct}, reward {search.reward}, "
+             f"{task.importance}, reconstruction {task.reconstruct}, proxy {task.proxy}, reward {search.reward}, "
              f"searcher {search.searcher}",
-             f"- dense proxy accuracy {dense}",
+             f"- dense {label} {dense}",
              f"- trials: {len(completed(study))} complete of {len(study.trials)} "
              f"({sum(t.state == TrialState.FAIL for t in study.trials)} failed)", "",
-             *_rule_line(study, best),
+             *_rule_line(study, best, label),
              "## Best trial", "",
-             f"trial {best.number}: proxy accuracy **{best.user_attrs['accuracy']:.2%}**, reward "
+             f"trial {best.number}: {label} **{best.user_attrs['accuracy']:.2%}**, reward "
              f"{best.user_attrs['reward']:+.4f}, cost ratios "
              + ", ".join(f"{k} {v:.3f}" for k, v in best.user_attrs["ratios"].items()), "",
              "| unit | sparsity | kept |", "|---|---|---|"]
     lines += [f"| {u['name']} | {u['sparsity']:.3f} | {u['kept']} |" for u in doc["units"]]
     lines += ["", "## Same task, other searchers (this storage)", "",
-              "| study | searcher | trials | best proxy accuracy | best reward |", "|---|---|---|---|---|"]
+              f"| study | searcher | trials | best {label} | best reward |", "|---|---|---|---|---|"]
     for sib in sibs:
         b = best_trial(sib)
         if b is None:

@@ -227,7 +227,7 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
     best = best_trial(study)
     bar = tqdm(total=episodes, initial=done, desc=f"{config.searcher} {name}", unit="ep",
                disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
-    show_best(bar, best)
+    show_best(bar, best, env.task.config.proxy)
     me = worker_id()
     new = pruned = 0
     try:
@@ -276,7 +276,7 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
             candidate = frozen if frozen is not None else completed(study)[-1]
             if best is None or best_trial(study, [best, candidate]) is candidate:
                 best = candidate
-            show_best(bar, best)
+            show_best(bar, best, env.task.config.proxy)
     finally:
         bar.close()
     return SearchResult(study, best_trial(study), new, state_dir)
@@ -323,10 +323,11 @@ def pruner(config: SearchConfig) -> optuna.pruners.BasePruner | None:
     return None if config.early_stop is None else PRUNERS[config.early_stop]()
 
 
-def show_best(bar, best) -> None:
+def show_best(bar, best, proxy: str = "acc") -> None:
     if best is None:
         return
+    label = "proxy acc" if proxy == "acc" else f"proxy {proxy}"
     acc = best.user_attrs.get("accuracy")
     reward = best.user_attrs.get("reward")
-    bar.set_postfix_str(f"best reward {reward:+.4f}, best proxy acc {acc:.2%} (trial {best.number})"
+    bar.set_postfix_str(f"best reward {reward:+.4f}, best {label} {acc:.2%} (trial {best.number})"
                         if reward is not None and not math.isnan(reward) else "")

@@ -88,7 +88,7 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int) -> Se
             time.sleep(1.0)
             now, _ = trial_counts(study)
             bar.update(now - bar.n)
-            show_best(bar, best_trial(study))
+            show_best(bar, best_trial(study), task.config.proxy)
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()
