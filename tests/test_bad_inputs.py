@@ -83,6 +83,7 @@ CASES = {
     "unknown-searcher": (lambda f, db: _search(f, "--searcher", "bayes"), "unknown searcher 'bayes'"),
     "unknown-importance": (lambda f, db: _search(f, "--importance", "magic"), "unknown importance 'magic'"),
     "unknown-reward": (lambda f, db: _search(f, "--reward", "speed"), "unknown reward 'speed'"),
+    "unknown-proxy": (lambda f, db: _search(f, "--proxy", "top5"), "unknown proxy 'top5'; choose one of: acc, ce, kl"),
     "unknown-granularity": (lambda f, db: _search(f, "--granularity", "blocks"), "unknown granularity 'blocks'"),
     "unknown-latency-runtime": (lambda f, db: _search(f, "--latency-runtime", "tensorrt"),
                                 "unknown latency runtime 'tensorrt'; choose one of: eager, compile, onnxruntime"),

@@ -282,3 +282,62 @@ def test_an_episode_that_fails_is_recorded_failed_and_not_replayed(tiny_task, tm
     failed = next(t for t in result.study.trials if t.state == TrialState.FAIL)
     assert "NaN" in failed.user_attrs["error"]
     assert not any(t.user_attrs.get("retry_of") == failed.number for t in result.study.trials)
+
+
+def test_each_proxy_scores_search_val_as_its_formula_says(digits, trained_tiny, tiny_task):
+    import math
+
+    import torch
+    from torch.nn import functional as F
+
+    from autoprune.task import PruningTask, TaskConfig
+
+    def task(proxy):
+        return PruningTask(TaskConfig(model="tiny", dataset="digits", proxy=proxy), splits=digits, dense=trained_tiny)
+
+    ce, kl = task("ce"), task("kl")
+    val = digits.search_val
+    from autoprune.policy import Policy
+
+    kept = tiny_task.kept(Policy.uniform(tiny_task.table, 0.5))
+    pruned, _ = tiny_task.pruned(kept)
+    with torch.no_grad():
+        logits, dense = pruned.eval()(val.x).double(), trained_tiny.eval()(val.x).double()
+    want_ce = math.exp(-float(F.cross_entropy(logits, val.y)))
+    p_dense = F.softmax(dense, 1)
+    want_kl = math.exp(-float((p_dense * (F.log_softmax(dense, 1) - F.log_softmax(logits, 1))).sum(1).mean()))
+    assert ce.proxy_accuracy(pruned) == pytest.approx(want_ce, rel=1e-9)
+    assert kl.proxy_accuracy(pruned) == pytest.approx(want_kl, rel=1e-9)
+    assert tiny_task.proxy_accuracy(pruned) == pytest.approx(float((logits.argmax(1) == val.y).double().mean()))
+    assert kl.dense_accuracy() == pytest.approx(1.0) and 0 < kl.proxy_accuracy(pruned) < 1
+    assert 0 < want_ce < ce.dense_accuracy() < 1
+    # scored in chunks (for --early-stop), the last chunk's score is the whole split's
+    seen = []
+    _, evaluation = ce.evaluate(kept, on_chunk=lambda score, chunk: seen.append(score) and False)
+    assert len(seen) == math.ceil(len(val) / ce.config.eval_batch_size)
+    assert seen[-1] == pytest.approx(evaluation.accuracy) == pytest.approx(ce.evaluate(kept)[1].accuracy)
+
+
+def test_a_study_records_its_proxy_and_resumes_only_with_it(digits, trained_tiny, tmp_path):
+    from autoprune.task import PruningTask, TaskConfig
+
+    def env(proxy):
+        task = PruningTask(TaskConfig(model="tiny", dataset="digits", proxy=proxy), splits=digits, dense=trained_tiny)
+        return LayerSparsityEnv(task, budget="0.5flops")
+
+    result = _run(env("ce"), tmp_path, "random", episodes=3)
+    assert StudyRecord.of(result.study).task.proxy == "ce"
+    scores = [t.user_attrs["accuracy"] for t in result.study.trials]
+    assert all(0 < s < 1 for s in scores) and len(set(scores)) == 3  # exp(-CE): no two policies tie
+    with pytest.raises(AutopruneError, match="proxy='ce', this run has proxy='kl'"):
+        _run(env("kl"), tmp_path, "random", episodes=5, resume=True, study_name=result.study.study_name)
+    assert len(_run(env("ce"), tmp_path, "random", episodes=5, resume=True,
+                    study_name=result.study.study_name).study.trials) == 5
+
+
+def test_a_score_function_is_its_own_proxy(trained_tiny, digits):
+    from autoprune.task import PruningTask, TaskConfig
+
+    with pytest.raises(AutopruneError, match="with a score function, the function is the proxy"):
+        PruningTask.from_model(trained_tiny, digits.example_input(1), lambda m: 1.0, [digits.calib.x],
+                               TaskConfig(model="tiny", dataset="digits", proxy="ce"))
