@@ -16,6 +16,7 @@ from pathlib import Path
 
 from autoprune.artifacts import OutputDir, check_output_dir, export_program, pruned_payload
 from autoprune.errors import AutopruneError
+from autoprune.evaluate import proxy_label
 from autoprune.finetune import FinetuneConfig, FinetuneResult, finetune, finished
 from autoprune.latency import default_threads, measure_ratio
 from autoprune.policy import Policy
@@ -49,7 +50,7 @@ def run_finetune(task: PruningTask, model, how, quiet: bool = False, run_dir: Pa
                              "Python pass finetune=a function that trains the model in place")
     teacher = task.dense if how.distill > 0 else None
     return finetune(model, task.splits, how, teacher=teacher, device=task.device, progress=not quiet,
-                    desc=desc, run_dir=run_dir, resume=resume, validate=task.proxy_accuracy,
+                    desc=desc, run_dir=run_dir, resume=resume, validate=task.val_accuracy,
                     test=task.test_accuracy if log_test and task.has_test else None, tag=tag)
 
 
@@ -100,11 +101,11 @@ def apply_policy(
     metrics["pruned"]["proxy_acc_selected"] = task.proxy_accuracy(model)
     report = task.calibrate(model, kept)  # what the search scored, so what export writes
     metrics["pruned"]["proxy_acc"] = task.proxy_accuracy(model)
-    metrics["reconstruct"] = task.config.reconstruct
+    metrics["reconstruct"], metrics["proxy"] = task.config.reconstruct, task.config.proxy
     if report is not None:
         metrics["reconstruction"] = {"refit": report.refit, "fallbacks": report.fallbacks,
                                      "traced": report.traced, "seconds": round(report.seconds, 3)}
-    _log(f"proxy accuracy (search-val): dense {metrics['dense']['proxy_acc']:.2%}, pruned "
+    _log(f"{proxy_label(task.config.proxy)} (search-val): dense {metrics['dense']['proxy_acc']:.2%}, pruned "
          f"{metrics['pruned']['proxy_acc_selected']:.2%} as selected / {metrics['pruned']['proxy_acc']:.2%} "
          f"after {'reconstruction (' + str(report.refit) + ' layers refit) and ' if report else ''}"
          "BN recalibration", quiet)
@@ -134,9 +135,9 @@ def apply_policy(
             metrics["finetune_run"] = {"epochs": len(ran.history), "best_epoch": ran.best_epoch,
                                        "val_before": ran.val_before, "resumed_after": ran.resumed_after,
                                        "log": "finetune.csv"}
-        # the fine-tune scored the weights it kept on search-val already (a user's own training did not)
-        metrics["pruned"]["proxy_acc_finetuned"] = ran.val_acc if ran.val_acc is not None else \
-            task.proxy_accuracy(model)
+        # the fine-tune scored the weights it kept by top-1 on search-val (a user's own training did not)
+        scored = ran.val_acc is not None and task.config.proxy == "acc"
+        metrics["pruned"]["proxy_acc_finetuned"] = ran.val_acc if scored else task.proxy_accuracy(model)
         if test:
             metrics["pruned"]["test_acc_finetuned"] = task.test_accuracy(model)
             _log(f"after fine-tuning: test accuracy {metrics['pruned']['test_acc_finetuned']:.2%}"

@@ -404,6 +404,14 @@ class PruningTask:
         registered datasets, the user's ``score`` otherwise): no fine-tuning, no recalibration."""
         return float(self._score(model.eval()))
 
+    def val_accuracy(self, model: nn.Module) -> float:
+        """Top-1 on search-val whatever the proxy (the user's ``score`` for a model given in
+        Python): what a fine-tune keeps its best epoch by."""
+        if self.splits is None:
+            return self.proxy_accuracy(model)
+        *_, acc = running_score(model.eval(), self._val.batches(self.config.eval_batch_size), "acc", self.device)
+        return acc
+
     @property
     def has_test(self) -> bool:
         return self.splits is not None or getattr(self, "_test_score", None) is not None

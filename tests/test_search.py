@@ -310,6 +310,8 @@ def test_each_proxy_scores_search_val_as_its_formula_says(digits, trained_tiny, 
     assert kl.proxy_accuracy(pruned) == pytest.approx(want_kl, rel=1e-9)
     assert tiny_task.proxy_accuracy(pruned) == pytest.approx(float((logits.argmax(1) == val.y).double().mean()))
     assert kl.dense_accuracy() == pytest.approx(1.0) and 0 < kl.proxy_accuracy(pruned) < 1
+    # a fine-tune keeps its best epoch by top-1 whatever the search's proxy
+    assert ce.val_accuracy(pruned) == kl.val_accuracy(pruned) == tiny_task.proxy_accuracy(pruned)
     assert 0 < want_ce < ce.dense_accuracy() < 1
     # scored in chunks (for --early-stop), the last chunk's score is the whole split's
     seen = []
