@@ -274,9 +274,10 @@ class SearchResult:
         from autoprune.apply import run_finetune
 
         task = self.task(reconstruct)
-        model, _ = task.pruned(task.kept(self.policy(trial)))
+        kept = task.kept(self.policy(trial))
+        model, _ = task.pruned(kept)
         if finetune is not None:
-            run_finetune(task, model, finetune, quiet=True)
+            run_finetune(task, model, finetune, quiet=True, kept=kept)
         return task.pruner.finalize(model)
 
     def export(self, directory: str | Path, trial: int | optuna.trial.FrozenTrial | None = None,
@@ -333,9 +334,10 @@ class SearchResult:
         for rank, t in enumerate(candidates, 1):
             if t.number in done:
                 continue
-            model, _ = task.pruned(task.kept(self.policy(t)))
+            kept = task.kept(self.policy(t))
+            model, _ = task.pruned(kept)
             ran = run_finetune(task, model, short, quiet, desc=f"top-{k} candidate {rank}/{len(candidates)}",
-                               log_test=False)
+                               log_test=False, kept=kept)
             row = {"trial": t.number, "rank_by_proxy": rank, "proxy_acc": t.user_attrs["accuracy"],
                    "val_acc": ran.val_acc, "best_epoch": ran.best_epoch}
             if task.has_test:  # recorded to measure the pick afterwards, never used to make it

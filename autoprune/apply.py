@@ -14,12 +14,17 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch import nn
+
 from autoprune.artifacts import OutputDir, check_output_dir, export_program, pruned_payload
 from autoprune.errors import AutopruneError
 from autoprune.evaluate import proxy_label
 from autoprune.finetune import FinetuneConfig, FinetuneResult, finetune, finished
 from autoprune.latency import default_threads, measure_ratio
 from autoprune.policy import Policy
+from autoprune.pruning import removed_indices
 from autoprune.runtimes import get_runtime
 from autoprune.task import PruningTask
 
@@ -29,14 +34,30 @@ def _log(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def hint_points(task: PruningTask, kept) -> dict[str, torch.Tensor]:
+    """Where feature-map hints compare the pruned model with the dense one: every BatchNorm whose
+    channels a unit prunes, with the dense channel indices it kept (in order, as the cut keeps them)."""
+    if task.config.granularity != "channel":
+        raise AutopruneError("feature-map hints need --granularity channel (masked weights keep every channel)")
+    points = {}
+    for unit, removed in removed_indices(task.table, task.ranks, kept).items():
+        unit = task.table.units[unit]
+        keep = torch.as_tensor(np.setdiff1d(np.arange(unit.size), removed), dtype=torch.long)
+        for name in unit.members:
+            if isinstance(task.dense.get_submodule(name), nn.modules.batchnorm._BatchNorm):
+                points[name] = keep
+    return points
+
+
 def run_finetune(task: PruningTask, model, how, quiet: bool = False, run_dir: Path | None = None,
                  resume: bool = False, log_test: bool = False, tag: dict | None = None,
-                 desc: str = "fine-tune") -> FinetuneResult | None:
+                 desc: str = "fine-tune", kept=None) -> FinetuneResult | None:
     """Fine-tune ``model`` in place: a :class:`FinetuneConfig` on the task's training split (with
     distillation from the dense model if it asks, the best epoch kept by search-val, which the
     fine-tune never trains on), or ``how(model)``, the user's own training. With ``run_dir``
     the run checkpoints every epoch there and logs ``finetune.csv`` (test accuracy too with
-    ``log_test``). Returns what ran (``None``: nothing did)."""
+    ``log_test``). ``kept`` (the policy's widths) places feature-map hints when the config asks for
+    them. Returns what ran (``None``: nothing did)."""
     if how is None:
         return None
     if callable(how):
@@ -48,10 +69,13 @@ def run_finetune(task: PruningTask, model, how, quiet: bool = False, run_dir: Pa
     if task.splits is None:
         raise AutopruneError("FinetuneConfig trains on a registered dataset; for a model given in "
                              "Python pass finetune=a function that trains the model in place")
-    teacher = task.dense if how.distill > 0 else None
+    teacher = task.dense if how.distill > 0 or how.hint > 0 else None
+    if how.hint > 0 and kept is None:
+        raise AutopruneError("feature-map hints need the policy's kept widths")
+    hints = hint_points(task, kept) if how.hint > 0 else None
     return finetune(model, task.splits, how, teacher=teacher, device=task.device, progress=not quiet,
                     desc=desc, run_dir=run_dir, resume=resume, validate=task.val_accuracy,
-                    test=task.test_accuracy if log_test and task.has_test else None, tag=tag)
+                    test=task.test_accuracy if log_test and task.has_test else None, tag=tag, hints=hints)
 
 
 def apply_policy(
@@ -124,7 +148,7 @@ def apply_policy(
     tag = {"model": task.config.model, "weights": task.weights_id, "kept": [int(k) for k in kept]}
     try:
         ran = run_finetune(task, model, finetune_cfg, quiet, run_dir=run_dir, resume=resume, log_test=test,
-                           tag=tag)
+                           tag=tag, kept=kept)
     except AutopruneError:
         if made:  # a run that failed (not one killed: that keeps its checkpoint for --resume) leaves nothing
             shutil.rmtree(run_dir, ignore_errors=True)

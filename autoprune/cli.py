@@ -131,6 +131,9 @@ def add_finetune_args(g) -> None:
     g.add_argument("--distill", type=float, default=None,
                    help="weight of distillation from the dense model's logits, 0-1 (default 0.9)")
     g.add_argument("--label-smoothing", type=float, default=None, help="of the cross-entropy term (default 0)")
+    g.add_argument("--hint", type=float, default=None,
+                   help="weight of feature-map hints: the squared error between the pruned model's BatchNorm "
+                        "outputs and the dense model's on the kept channels (default 0: none)")
     g.add_argument("--resume", action="store_true",
                    help="continue the fine-tune a killed run left in the output folder")
 
@@ -182,7 +185,8 @@ def _finetune(args: argparse.Namespace, seed: int):
         if args.resume:
             raise AutopruneError("--resume continues a fine-tune: give the same --finetune-epochs as the killed run")
         return None
-    given = {"lr": args.finetune_lr, "distill": args.distill, "label_smoothing": args.label_smoothing}
+    given = {"lr": args.finetune_lr, "distill": args.distill, "label_smoothing": args.label_smoothing,
+             "hint": args.hint}
     return FinetuneConfig.recipe(args.finetune_epochs, batch_size=args.finetune_batch_size, seed=seed,
                                  **{k: v for k, v in given.items() if v is not None}).check()
 

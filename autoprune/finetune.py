@@ -26,7 +26,7 @@ import csv
 import io
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,9 @@ class FinetuneConfig:
         distill: weight of the KL term towards the dense teacher's logits (0 = cross-entropy only).
         temperature: distillation temperature.
         label_smoothing: label smoothing of the cross-entropy term.
+        hint: weight of feature-map hints (FitNets): the mean squared error between the pruned
+            model's outputs at the hint points (the units' BatchNorm layers) and the dense model's
+            on the channels it kept. 0 = none; needs the dense model and the hint points.
         amp: mixed precision (bfloat16 autocast) when training on CUDA; ignored on CPU.
         seed: seeds each epoch's batch order and augmentation.
     """
@@ -74,6 +77,7 @@ class FinetuneConfig:
     distill: float = 0.0
     temperature: float = 4.0
     label_smoothing: float = 0.0
+    hint: float = 0.0
     amp: bool = True
     seed: int = 0
 
@@ -95,6 +99,8 @@ class FinetuneConfig:
             raise AutopruneError("fine-tuning needs a batch size and steps of at least 1 and a positive lr")
         if not (0 <= self.distill <= 1 and 0 <= self.label_smoothing < 1 and 0 <= self.warmup < 1):
             raise AutopruneError("fine-tuning: distill must be in [0, 1], label smoothing and warm-up in [0, 1)")
+        if not (self.hint >= 0 and math.isfinite(self.hint)):
+            raise AutopruneError("fine-tuning: the hint weight must be 0 or more")
         return self
 
 
@@ -121,6 +127,38 @@ def _loss(logits, y, teacher_logits, cfg: FinetuneConfig):
                       reduction="batchmean") * t * t
         loss = (1 - cfg.distill) * loss + cfg.distill * kd
     return loss
+
+
+class _Hints:
+    """Forward hooks that catch the hint points' outputs in both models during a step."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, points: Mapping[str, torch.Tensor],
+                 device: str) -> None:
+        self.points = {name: idx.to(device) for name, idx in points.items()}
+        self.student: dict[str, torch.Tensor] = {}
+        self.teacher: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name in self.points:
+            for net, caught in ((model, self.student), (teacher, self.teacher)):
+                self.handles.append(net.get_submodule(name).register_forward_hook(self._catch(caught, name)))
+
+    @staticmethod
+    def _catch(caught: dict, name: str):
+        def hook(module, inputs, output):
+            caught[name] = output
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        """Mean over the points of the squared error on the kept channels (of this step's forwards)."""
+        errors = [F.mse_loss(self.student[n].float(), self.teacher[n].index_select(1, idx).float())
+                  for n, idx in self.points.items()]
+        self.student.clear()
+        self.teacher.clear()
+        return torch.stack(errors).mean()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _schedule(total: int, warmup: float) -> Callable[[int], float]:
@@ -157,8 +195,9 @@ def _read_checkpoint(path: Path, cfg: FinetuneConfig, tag: dict) -> dict:
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         raise AutopruneError(f"{path} is not an autoprune fine-tuning checkpoint")
-    if ckpt.get("config") != asdict(cfg):
-        diff = sorted(k for k, v in asdict(cfg).items() if ckpt.get("config", {}).get(k) != v)
+    saved = {"hint": 0.0, **ckpt.get("config", {})}  # checkpoints from before hints had none
+    if saved != asdict(cfg):
+        diff = sorted(k for k, v in asdict(cfg).items() if saved.get(k) != v)
         raise AutopruneError(f"{path} was written by a fine-tune with other settings ({', '.join(diff)}); "
                              "resume with the same settings, or remove it to start again")
     if ckpt.get("tag") != tag:
@@ -171,7 +210,8 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
              teacher: nn.Module | None = None, device: str = "cpu", progress: bool = True,
              desc: str = "fine-tune", run_dir: str | Path | None = None, resume: bool = False,
              validate: Callable[[nn.Module], float] | None = None,
-             test: Callable[[nn.Module], float] | None = None, tag: dict | None = None) -> FinetuneResult:
+             test: Callable[[nn.Module], float] | None = None, tag: dict | None = None,
+             hints: Mapping[str, torch.Tensor] | None = None) -> FinetuneResult:
     """Train ``model`` in place on ``splits.train`` (augmented) and return it in eval mode.
 
     Args:
@@ -182,6 +222,8 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
             every epoch; the best epoch's weights are the ones returned.
         test: ``model -> accuracy`` on the test split, logged after every epoch, never used to choose.
         tag: what the checkpoint must have been made from (the policy, the dense weights).
+        hints: for ``cfg.hint > 0``, module name -> the dense model's channel indices that
+            module kept in ``model`` (:func:`autoprune.apply.hint_points`).
 
     A non-finite loss stops training with a user error rather than writing a broken model.
     """
@@ -199,6 +241,9 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
     if teacher is not None:
         teacher.to(device).eval()
     distill = teacher is not None and cfg.distill > 0
+    if cfg.hint > 0 and (teacher is None or not hints):
+        raise AutopruneError("feature-map hints need the dense model and the hint points")
+    hinted = _Hints(model, teacher, hints, device) if cfg.hint > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(
         [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
@@ -239,8 +284,10 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast():
                     with torch.no_grad():
-                        t_logits = teacher(x) if distill else None
-                    loss = _loss(model(x).float(), y, None if t_logits is None else t_logits.float(), cfg)
+                        t_logits = teacher(x) if distill or hinted else None
+                    loss = _loss(model(x).float(), y, t_logits.float() if distill else None, cfg)
+                    if hinted is not None:
+                        loss = loss + cfg.hint * hinted.loss()
                 if not torch.isfinite(loss):
                     raise AutopruneError(f"fine-tuning loss became {loss.item()} at step {step}; lower the "
                                          "learning rate (--finetune-lr)")
@@ -281,6 +328,8 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
                 }, ckpt_path)
     finally:
         bar.close()
+        if hinted is not None:
+            hinted.remove()
     if best is not None:
         model.load_state_dict(best["state"])
         result.best_epoch, result.val_acc = best["epoch"], best["val_acc"]

@@ -8,7 +8,7 @@ best searched policy (the search row with the highest *proxy* score: the choice 
 without the test set) and the best one-shot rule (highest proxy among the rules). Each run is
 what ``autoprune apply --finetune-epochs N`` does: prune, refit, recalibrate, then the recipe,
 with a checkpoint every epoch and ``finetune.csv`` (held-out and test accuracy per epoch) in
-``WORK/<label>/``. Killed, it resumes: run the same command again. ``--distill`` and friends
+``WORK/<label>/``. Killed, it resumes: run the same command again. ``--distill``, ``--hint`` and friends
 override the recipe for ablations (give each its own ``--label``).
 """
 
@@ -49,13 +49,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--distill", type=float, default=None)
     ap.add_argument("--label-smoothing", type=float, default=None)
+    ap.add_argument("--hint", type=float, default=None, help="weight of feature-map hints (default 0)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     q = json.loads(Path(args.quality).read_text())
     overrides = {k: v for k, v in {"lr": args.lr, "distill": args.distill,
-                                   "label_smoothing": args.label_smoothing}.items() if v is not None}
+                                   "label_smoothing": args.label_smoothing, "hint": args.hint}.items()
+                 if v is not None}
     recipe = FinetuneConfig.recipe(args.epochs, seed=0, **overrides)
     task = make_task(q["args"]["model"], q["args"]["search_val_size"],
                      reconstruct=q["args"].get("reconstruct", "lsq"), device=args.device)

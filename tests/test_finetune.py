@@ -172,3 +172,52 @@ def test_top_k_needs_a_finetune(tmp_path, tiny_weights, capsys):
     _, err = capsys.readouterr()
     assert code == 2 and "--finetune-epochs" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "p.json").exists()
+
+
+def test_hint_points_map_each_pruned_batchnorm_to_the_dense_channels_it_kept(tiny_task):
+    from autoprune.apply import hint_points
+    from autoprune.policy import Policy
+
+    kept = tiny_task.kept(Policy.uniform(tiny_task.table, 0.5))
+    pruned, _ = tiny_task.pruned(kept)
+    points = hint_points(tiny_task, kept)
+    bns = {n for n, m in tiny_task.dense.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert set(points) == bns  # every unit of TinyNet ends in a BatchNorm
+    for name, idx in points.items():
+        mine, dense = pruned.get_submodule(name), tiny_task.dense.get_submodule(name)
+        assert len(idx) == mine.num_features < dense.num_features
+        # the refit and recalibration change weights before and statistics of a BatchNorm, never its affine
+        assert torch.equal(mine.weight, dense.weight[idx]) and torch.equal(mine.bias, dense.bias[idx])
+
+
+def _hint_error(task, model, points) -> float:
+    caught = {}
+    hooks = [net.get_submodule(n).register_forward_hook(
+        lambda m, i, o, key=(tag, n): caught.__setitem__(key, o))
+        for tag, net in (("s", model), ("t", task.dense)) for n in points]
+    with torch.no_grad():
+        x = task.calibration_inputs()
+        model.eval()(x), task.dense.eval()(x)
+    for h in hooks:
+        h.remove()
+    return sum(float(torch.nn.functional.mse_loss(caught["s", n], caught["t", n][:, idx]))
+               for n, idx in points.items()) / len(points)
+
+
+def test_hints_pull_the_pruned_features_towards_the_dense_ones(tiny_task):
+    from autoprune.apply import hint_points, run_finetune
+    from autoprune.policy import Policy
+
+    kept = tiny_task.kept(Policy.uniform(tiny_task.table, 0.5))
+    points = hint_points(tiny_task, kept)
+    errors = {}
+    for hint in (0.0, 5.0):
+        model, _ = tiny_task.pruned(kept)
+        cfg = FinetuneConfig.recipe(1, steps=40, lr=0.02, batch_size=32, hint=hint, seed=0)
+        run_finetune(tiny_task, model, cfg, quiet=True, kept=kept)
+        errors[hint] = _hint_error(tiny_task, model, points)
+    assert errors[5.0] < 0.7 * errors[0.0], errors
+    with pytest.raises(AutopruneError, match="kept widths"):
+        run_finetune(tiny_task, tiny_task.pruned(kept)[0], cfg, quiet=True)
+    with pytest.raises(AutopruneError, match="hint weight"):
+        FinetuneConfig.recipe(1, hint=-1.0).check()
