@@ -52,6 +52,11 @@ def main() -> None:
     ap.add_argument("--importance", default="l1")
     ap.add_argument("--reconstruct", default="lsq", help="lsq or none (studies of none keep their old names)")
     ap.add_argument("--proxy", default="acc", help="acc, ce or kl (studies of acc keep their old names)")
+    ap.add_argument("--range", action="append", default=[], metavar="PATTERN=LO:HI",
+                    help="per-unit bounds, as autoprune search --range (repeatable)")
+    ap.add_argument("--share", action="append", default=[], metavar="PATTERN",
+                    help="units that take one sparsity, as autoprune search --share (repeatable)")
+    ap.add_argument("--tag", default="", help="suffix of study names and row labels, for a steered space")
     ap.add_argument("--storage", default="sqlite:///benchmarks-search.db")
     ap.add_argument("--out", default=None, help="JSON file for every figure")
     ap.add_argument("--threads", type=int, default=2)
@@ -66,13 +71,14 @@ def main() -> None:
 
     task = make_task(args.model, args.search_val_size, args.calib_batches, args.importance,
                      reconstruct=args.reconstruct, proxy=args.proxy)
-    env = LayerSparsityEnv(task, budget=args.budget)
+    env = LayerSparsityEnv(task, budget=args.budget, ranges=args.range, share=args.share)
     print(f"# {args.model} {args.budget}: {len(task.table.units)} units, search-val "
           f"{len(task.splits.search_val)}, {args.episodes} episodes per search; {machine()}", flush=True)
     dense_test = task.test_accuracy(task.dense)
     rows = []
     suffix = "" if args.reconstruct == "none" else f"-{args.reconstruct}"
     suffix += "" if args.proxy == "acc" else f"-{args.proxy}"
+    suffix += f"-{args.tag}" if args.tag else ""
     for name in args.searchers.split(","):
         SEARCHERS.get(name)
         seeds = [0] if SEARCHERS.get(name).one_shot else [int(s) for s in args.seeds.split(",")]
@@ -90,7 +96,7 @@ def main() -> None:
             model, _ = task.pruned(best.user_attrs["widths"])  # as the episode scored it
             states = [t.state.name for t in result.study.trials]
             label = name + (f"+es-{args.early_stop}" if args.early_stop else "") + (
-                f"+{args.proxy}" if args.proxy != "acc" else "")
+                f"+{args.proxy}" if args.proxy != "acc" else "") + (f"+{args.tag}" if args.tag else "")
             row = {"searcher": label, "seed": seed, "proxy": args.proxy,
                    "trial": best.number, "episodes": len(result.study.trials),
                    "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
