@@ -366,8 +366,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     a = trial.user_attrs
     from autoprune.evaluate import proxy_label
 
+    ratios = ", ".join(f"{k} {v:.3f}" for k, v in a["ratios"].items())
     print(f"wrote {out} ({args.format}): trial {trial.number} of {result.study.study_name!r}, "
-          f"{proxy_label(result.record.task.proxy)} {a['accuracy']:.2%}, " + ", ".join(f"{k} {v:.3f}" for k, v in a["ratios"].items()))
+          f"{proxy_label(result.record.task.proxy)} {a['accuracy']:.2%}, {ratios}")
     return 0
 
 
