@@ -36,16 +36,17 @@ def _log(msg: str, quiet: bool) -> None:
 
 def hint_points(task: PruningTask, kept) -> dict[str, torch.Tensor]:
     """Where feature-map hints compare the pruned model with the dense one: every BatchNorm whose
-    channels a unit prunes, with the dense channel indices it kept (in order, as the cut keeps them)."""
+    channels a unit prunes, with the dense channel indices it kept (in order, as the cut keeps them;
+    all of them where the policy cut none)."""
     if task.config.granularity != "channel":
         raise AutopruneError("feature-map hints need --granularity channel (masked weights keep every channel)")
+    kept_out = task.table.kept_outputs(removed_indices(task.table, task.ranks, kept))
     points = {}
-    for unit, removed in removed_indices(task.table, task.ranks, kept).items():
-        unit = task.table.units[unit]
-        keep = torch.as_tensor(np.setdiff1d(np.arange(unit.size), removed), dtype=torch.long)
+    for unit in task.table.units:
         for name in unit.members:
-            if isinstance(task.dense.get_submodule(name), nn.modules.batchnorm._BatchNorm):
-                points[name] = keep
+            module = task.dense.get_submodule(name)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                points[name] = torch.as_tensor(kept_out.get(name, np.arange(module.num_features)), dtype=torch.long)
     return points
 
 

@@ -23,7 +23,7 @@ from autoprune.checkpoints import file_sha256, load_weights
 from autoprune.costs import Costs, closed_form, dense_costs
 from autoprune.data import DatasetInfo, Splits, TensorSplit, make_splits
 from autoprune.errors import AutopruneError
-from autoprune.evaluate import PROXIES, accuracy_on, log_probs, recalibrate_bn, running_score
+from autoprune.evaluate import PROXIES, accuracy, accuracy_on, log_probs, recalibrate_bn, running_score
 from autoprune.finetune import FinetuneConfig, finetune
 from autoprune.granularity import build_unit_table
 from autoprune.importance import rank_units
@@ -409,8 +409,7 @@ class PruningTask:
         Python): what a fine-tune keeps its best epoch by."""
         if self.splits is None:
             return self.proxy_accuracy(model)
-        *_, acc = running_score(model.eval(), self._val.batches(self.config.eval_batch_size), "acc", self.device)
-        return acc
+        return accuracy(model, self._val, self.config.eval_batch_size, self.device)
 
     @property
     def has_test(self) -> bool:
