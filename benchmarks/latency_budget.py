@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--latency-threads", type=int, default=1)
     ap.add_argument("--latency-runtime", default="eager")
     ap.add_argument("--max-sparsity", type=float, default=0.8)
+    ap.add_argument("--round-to", type=int, default=None,
+                    help="width multiple (default: the task's); --reference must have been searched with it")
     ap.add_argument("--search-val-size", type=int, default=1000)
     ap.add_argument("--calib-batches", type=int, default=10)
     ap.add_argument("--verify-pairs", type=int, default=0,
@@ -112,6 +114,8 @@ def main() -> None:
               f"{r['ratios']['flops']:.3f}, latency {r['latency_measured']:.3f} measured, test {r['test_acc']:.4f}",
               flush=True)
     rows = []
+    variant = "" if args.latency_runtime == "eager" else f"-{args.latency_runtime}-b{args.latency_batch}"
+    variant += "" if args.round_to is None else f"-r{args.round_to}"  # eager, default widths: the old names
     for arm in arms:
         env = LayerSparsityEnv(task, budget=args.budget, max_sparsity=args.max_sparsity,
                                latency_batch=args.latency_batch, latency_threads=args.latency_threads,
@@ -119,7 +123,7 @@ def main() -> None:
         start = time.perf_counter()
         result = run_search(env, SearchConfig(
             searcher=args.searcher, episodes=args.episodes, seed=args.seed, storage=args.storage, resume=True,
-            study_name=f"{args.model}-{args.data}-{env.budget.slug}-{args.searcher}-s{args.seed}-{arm}",
+            study_name=f"{args.model}-{args.data}-{env.budget.slug}-{args.searcher}-s{args.seed}-{arm}{variant}",
             progress=False))
         rows.append(summarise(arm, env, task, result, time.perf_counter() - start, args.verify_pairs))
         print(line(rows[-1]), flush=True)
@@ -138,6 +142,9 @@ def reference_rows(args, task) -> list[dict]:
     q = json.loads(Path(args.reference).read_text())
     if q["args"]["model"] != args.model or q["args"].get("reconstruct", "lsq") != "lsq":
         raise SystemExit(f"{args.reference} is not a {args.model} search with the lsq reconstruction")
+    if q["args"].get("round_to") != args.round_to:
+        raise SystemExit(f"{args.reference} was searched with round_to {q['args'].get('round_to')}, "
+                         f"not {args.round_to}")
     meter = RatioMeter(task.dense, task.table.input_shape, task.device)
     rows = []
     for which in ("best", "rule"):
@@ -153,11 +160,11 @@ def reference_rows(args, task) -> list[dict]:
 
 def build_task(args):
     if args.data == "cifar10":
-        return make_task(args.model, args.search_val_size, args.calib_batches)
+        return make_task(args.model, args.search_val_size, args.calib_batches, round_to=args.round_to)
     from autoprune.task import PruningTask, TaskConfig
 
     return PruningTask(TaskConfig(model=args.model, dataset="digits", search_val_size=args.search_val_size,
-                                  calib_batches=args.calib_batches), progress=False)
+                                  calib_batches=args.calib_batches, round_to=args.round_to), progress=False)
 
 
 def summarise(arm: str, env: LayerSparsityEnv, task, result, seconds: float, verify_pairs: int) -> dict:

@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--share", action="append", default=[], metavar="PATTERN",
                     help="units that take one sparsity, as autoprune search --share (repeatable)")
     ap.add_argument("--tag", default="", help="suffix of study names and row labels, for a steered space")
+    ap.add_argument("--round-to", type=int, default=None,
+                    help="width multiple (default: the task's, 8 when every unit has 32+ channels, else 1); "
+                         "a non-default value suffixes study names with -rN")
     ap.add_argument("--storage", default="sqlite:///benchmarks-search.db")
     ap.add_argument("--out", default=None, help="JSON file for every figure")
     ap.add_argument("--threads", type=int, default=2)
@@ -70,7 +73,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     task = make_task(args.model, args.search_val_size, args.calib_batches, args.importance,
-                     reconstruct=args.reconstruct, proxy=args.proxy)
+                     reconstruct=args.reconstruct, proxy=args.proxy, round_to=args.round_to)
     env = LayerSparsityEnv(task, budget=args.budget, ranges=args.range, share=args.share)
     print(f"# {args.model} {args.budget}: {len(task.table.units)} units, search-val "
           f"{len(task.splits.search_val)}, {args.episodes} episodes per search; {machine()}", flush=True)
@@ -79,6 +82,7 @@ def main() -> None:
     suffix = "" if args.reconstruct == "none" else f"-{args.reconstruct}"
     suffix += "" if args.proxy == "acc" else f"-{args.proxy}"
     suffix += f"-{args.tag}" if args.tag else ""
+    suffix += f"-r{args.round_to}" if args.round_to is not None else ""
     for name in args.searchers.split(","):
         SEARCHERS.get(name)
         seeds = [0] if SEARCHERS.get(name).one_shot else [int(s) for s in args.seeds.split(",")]
@@ -96,7 +100,8 @@ def main() -> None:
             model, _ = task.pruned(best.user_attrs["widths"])  # as the episode scored it
             states = [t.state.name for t in result.study.trials]
             label = name + (f"+es-{args.early_stop}" if args.early_stop else "") + (
-                f"+{args.proxy}" if args.proxy != "acc" else "") + (f"+{args.tag}" if args.tag else "")
+                f"+{args.proxy}" if args.proxy != "acc" else "") + (f"+{args.tag}" if args.tag else "") + (
+                f"+r{args.round_to}" if args.round_to is not None else "")
             row = {"searcher": label, "seed": seed, "proxy": args.proxy,
                    "trial": best.number, "episodes": len(result.study.trials),
                    "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
