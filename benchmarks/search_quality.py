@@ -147,7 +147,7 @@ def sd(xs: list[float]) -> float:
 def table(rows: list[dict], dense_test: float) -> str:
     from autoprune.agents.baselines import PORTFOLIO
 
-    rules = [r for r in rows if r["searcher"] in PORTFOLIO]
+    rules = [r for r in rows if r["searcher"].split("+")[0] in PORTFOLIO]  # "uncoupled+r16" is a rule too
     best_rule = max(rules, key=lambda r: r["test_acc"]) if rules else None
     lines = [f"dense test accuracy {dense_test:.2%}"
              + (f"; best one-shot rule: {best_rule['searcher']}" if best_rule else ""), "",
