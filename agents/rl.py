@@ -166,12 +166,27 @@ class RLSearcher(Searcher):
         buffer = self.model.replay_buffer
         for o, a, o2, d in steps:  # AMC: the final reward for every step of the episode
             buffer.add(o[None], o2[None], a[None], np.array([reward]), np.array([d]), [{}])
-        if self.episode_index >= self.warmup:  # batches are drawn with replacement
+        learning = self.episode_index >= self.warmup
+        if learning:  # batches are drawn with replacement
             self.model.train(gradient_steps=len(steps), batch_size=self.batch_size)
+            info = {**info, "agent": self._diagnostics()}
         self.episode_index += 1
         if rule is not None:
             info = {**info, "rule": rule}
         return Episode(np.asarray(requested), float(reward), info)
+
+    def _diagnostics(self) -> dict:
+        """What the agent learned from this episode, recorded in its trial (``agent``) so a learning
+        curve can be read from the study: the mean critic and actor losses of its gradient steps,
+        the exploration sigma it acted with, and the replay buffer's reward baseline."""
+        logged = self.model.logger.name_to_value  # what train() recorded; never dumped here
+        out = {key: round(float(logged[f"train/{key}"]), 6) for key in ("critic_loss", "actor_loss")
+               if f"train/{key}" in logged}
+        if self.explore_with_noise:
+            out["sigma"] = round(self.sigma, 6)
+        if self.model.replay_buffer.baseline is not None:
+            out["baseline"] = round(float(self.model.replay_buffer.baseline), 6)
+        return out
 
     # -- persistence --------------------------------------------------------------------------------
     def _torch_state(self) -> dict:

@@ -180,6 +180,7 @@ class EpisodeRecord(Record):
     reconstruction: dict | None = None
     rule: str | None = None  # the one-shot rule this episode played (the portfolio every search starts from)
     latency: dict | None = None  # how a latency budget's figure was measured: pairs, margin[, first]
+    agent: dict | None = None  # an RL agent's learning after this episode: critic/actor loss, sigma, baseline
 
     @classmethod
     def of(cls, ep: Episode, searcher: str, index: int, uid: str, seconds: float) -> EpisodeRecord:
@@ -190,11 +191,12 @@ class EpisodeRecord(Record):
             within_budget=s["within_budget"], searcher=searcher, episode=index, uid=uid,
             seconds=round(seconds, 3), eval_seconds=round(s["eval_seconds"], 3),
             reconstruction=s.get("reconstruction"), rule=s.get("rule"), latency=s.get("latency"),
+            agent=s.get("agent"),
         )
 
     def to_attrs(self) -> dict[str, Any]:
         attrs = super().to_attrs()
-        for key in ("reconstruction", "rule", "latency"):
+        for key in ("reconstruction", "rule", "latency", "agent"):
             if attrs[key] is None:
                 del attrs[key]
         return attrs

@@ -189,6 +189,13 @@ def test_rl_agent_checkpoint_restores_state(tiny_task, tmp_path):
     assert pending["user_attrs"]["uid"] == result.study.trials[-1].user_attrs["uid"]
     assert saved.model.replay_buffer.size() == 5 * env.n_units
     assert saved.model._n_updates > 0
+    # each learning episode records what the agent learned from it; warm-up episodes do not
+    agent = [t.user_attrs.get("agent") for t in result.study.trials]
+    assert agent[:2] == [None, None]
+    for a in agent[2:]:
+        assert np.isfinite(a["critic_loss"]) and a["critic_loss"] >= 0 and np.isfinite(a["actor_loss"])
+        assert a["sigma"] > 0 and np.isfinite(a["baseline"])
+    assert agent[3]["sigma"] == pytest.approx(agent[2]["sigma"] * 0.95)  # AMC's decay per episode
 
 
 def _same(a, b) -> bool:
