@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--latency-threads", type=int, default=1)
     ap.add_argument("--latency-runtime", default="eager")
     ap.add_argument("--max-sparsity", type=float, default=0.8)
+    ap.add_argument("--proxy", default="acc", help="acc, ce or kl: how search-val scores a policy (as the reference's)")
     ap.add_argument("--round-to", type=int, default=None,
                     help="width multiple (default: the task's); --reference must have been searched with it")
     ap.add_argument("--search-val-size", type=int, default=1000)
@@ -115,7 +116,8 @@ def main() -> None:
               flush=True)
     rows = []
     variant = "" if args.latency_runtime == "eager" else f"-{args.latency_runtime}-b{args.latency_batch}"
-    variant += "" if args.round_to is None else f"-r{args.round_to}"  # eager, default widths: the old names
+    variant += "" if args.round_to is None else f"-r{args.round_to}"
+    variant += "" if args.proxy == "acc" else f"-{args.proxy}"  # eager, default widths, top-1: the old names
     for arm in arms:
         env = LayerSparsityEnv(task, budget=args.budget, max_sparsity=args.max_sparsity,
                                latency_batch=args.latency_batch, latency_threads=args.latency_threads,
@@ -142,6 +144,9 @@ def reference_rows(args, task) -> list[dict]:
     q = json.loads(Path(args.reference).read_text())
     if q["args"]["model"] != args.model or q["args"].get("reconstruct", "lsq") != "lsq":
         raise SystemExit(f"{args.reference} is not a {args.model} search with the lsq reconstruction")
+    if q["args"].get("proxy", "acc") != args.proxy:
+        raise SystemExit(f"{args.reference} was searched with --proxy {q['args'].get('proxy', 'acc')}, "
+                         f"not {args.proxy}")
     if q["args"].get("round_to") != args.round_to:
         raise SystemExit(f"{args.reference} was searched with round_to {q['args'].get('round_to')}, "
                          f"not {args.round_to}")
@@ -160,11 +165,13 @@ def reference_rows(args, task) -> list[dict]:
 
 def build_task(args):
     if args.data == "cifar10":
-        return make_task(args.model, args.search_val_size, args.calib_batches, round_to=args.round_to)
+        return make_task(args.model, args.search_val_size, args.calib_batches, round_to=args.round_to,
+                         proxy=args.proxy)
     from autoprune.task import PruningTask, TaskConfig
 
     return PruningTask(TaskConfig(model=args.model, dataset="digits", search_val_size=args.search_val_size,
-                                  calib_batches=args.calib_batches, round_to=args.round_to), progress=False)
+                                  calib_batches=args.calib_batches, round_to=args.round_to, proxy=args.proxy),
+                       progress=False)
 
 
 def summarise(arm: str, env: LayerSparsityEnv, task, result, seconds: float, verify_pairs: int) -> dict:
