@@ -25,10 +25,10 @@ recalibrated as its episode was) and latency. The JSON is written after each arm
 again with the same ``--storage`` and each study resumes where it stopped.
 
 With ``--reference QUALITY_JSON`` (a ``search_quality`` result of the same model at a FLOPs
-budget) it also times the best searched FLOPs policy and the best rule of that file with the same
-meter and settings (``--verify-pairs`` pairs, default 90), and ``--budget match`` sets the latency
-budget to the FLOPs policy's measured ratio: the latency search then competes with the FLOPs
-search at equal measured latency, on test accuracy.
+budget) it also times the best searched FLOPs policy and the best rule of that file (or of
+``--rules FILE``) with the same meter and settings (``--verify-pairs`` pairs, default 90), and
+``--budget match`` sets the latency budget to the FLOPs policy's measured ratio: the latency
+search then competes with the FLOPs search at equal measured latency, on test accuracy.
 
     python -m benchmarks.latency_budget --model resnet56 --budget match --arms margin \
         --reference benchmarks/results/quality-resnet56-portfolio.json --episodes 100 --verify-pairs 90 \
@@ -74,6 +74,9 @@ def main() -> None:
                     help="a latency budget, or 'match': the measured latency ratio of --reference's FLOPs policy")
     ap.add_argument("--reference", default=None,
                     help="a search_quality JSON at a FLOPs budget: time its best searched policy and best rule")
+    ap.add_argument("--rules", default=None,
+                    help="a search_quality JSON whose best rule is timed beside --reference's policy "
+                         "(default: --reference itself)")
     ap.add_argument("--searcher", default="tpe")
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
@@ -82,9 +85,9 @@ def main() -> None:
     ap.add_argument("--latency-threads", type=int, default=1)
     ap.add_argument("--latency-runtime", default="eager")
     ap.add_argument("--max-sparsity", type=float, default=0.8)
-    ap.add_argument("--proxy", default="acc", help="acc, ce or kl: how search-val scores a policy (as the reference's)")
+    ap.add_argument("--proxy", default="acc", help="acc, ce or kl: how search-val scores a policy")
     ap.add_argument("--round-to", type=int, default=None,
-                    help="width multiple (default: the task's); --reference must have been searched with it")
+                    help="width multiple of the latency search (default: the task's)")
     ap.add_argument("--search-val-size", type=int, default=1000)
     ap.add_argument("--calib-batches", type=int, default=10)
     ap.add_argument("--verify-pairs", type=int, default=0,
@@ -137,29 +140,26 @@ def main() -> None:
 
 
 def reference_rows(args, task) -> list[dict]:
-    """The best searched FLOPs policy and the best rule of ``--reference``, timed by the meter the
-    arms' verification uses (their test accuracy is the file's: the same task scored them)."""
+    """The best searched FLOPs policy of ``--reference`` and the best rule of ``--rules`` (default: the
+    same file), timed by the meter the arms' verification uses. Their test accuracy is the file's:
+    the same fixture, split and reconstruction scored them, whatever proxy or width multiple the
+    search used (each row records its own)."""
     from benchmarks.finetune_recipe import pick
 
-    q = json.loads(Path(args.reference).read_text())
-    if q["args"]["model"] != args.model or q["args"].get("reconstruct", "lsq") != "lsq":
-        raise SystemExit(f"{args.reference} is not a {args.model} search with the lsq reconstruction")
-    if q["args"].get("proxy", "acc") != args.proxy:
-        raise SystemExit(f"{args.reference} was searched with --proxy {q['args'].get('proxy', 'acc')}, "
-                         f"not {args.proxy}")
-    if q["args"].get("round_to") != args.round_to:
-        raise SystemExit(f"{args.reference} was searched with round_to {q['args'].get('round_to')}, "
-                         f"not {args.round_to}")
     meter = RatioMeter(task.dense, task.table.input_shape, task.device)
     rows = []
-    for which in ("best", "rule"):
+    for which, path in (("best", args.reference), ("rule", args.rules or args.reference)):
+        q = json.loads(Path(path).read_text())
+        if q["args"]["model"] != args.model or q["args"].get("reconstruct", "lsq") != "lsq":
+            raise SystemExit(f"{path} is not a {args.model} search with the lsq reconstruction")
         row = pick(q["rows"], which)
         model = task.prune([row["widths"][name] for name in task.table.names])
         times = meter.measure(model, args.latency_batch, args.latency_threads, pairs=args.verify_pairs or 90,
                               runtime=args.latency_runtime)
-        rows.append({"which": which, "budget": q["args"]["budget"], "latency_measured": times.ratio,
-                     "pairs": times.pairs, **{k: row[k] for k in ("searcher", "seed", "trial", "proxy_acc",
-                                                                  "test_acc", "ratios")}})
+        rows.append({"which": which, "file": path, "budget": q["args"]["budget"],
+                     "proxy": q["args"].get("proxy", "acc"), "round_to": q["args"].get("round_to"),
+                     "latency_measured": times.ratio, "pairs": times.pairs,
+                     **{k: row[k] for k in ("searcher", "seed", "trial", "proxy_acc", "test_acc", "ratios")}})
     return rows
 
 
