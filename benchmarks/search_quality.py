@@ -33,6 +33,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from autoprune.agents import SEARCHERS
 from autoprune.envs import LayerSparsityEnv
@@ -142,8 +143,9 @@ def read_earlier(args: argparse.Namespace) -> dict | None:
 def spent(study: optuna.Study) -> float:
     """Summed duration of a study's finished episodes (complete and pruned): its search time,
     whatever sessions and restarts it was run in."""
-    return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
-               if t.datetime_complete is not None and t.datetime_start is not None)
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    # a trial failed by a kill is closed when the search resumes: its span is downtime, not search
+    return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished)
 
 
 def run_for(env: LayerSparsityEnv, config: SearchConfig, seconds: float):
