@@ -19,69 +19,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from autoprune.studies.report import learning_markdown, learning_windows
+
 MARKS = (100, 200, 300, 400)
-AGENT_KEYS = ("critic_loss", "actor_loss", "sigma", "baseline")
 
 
 def curve(study: optuna.Study, window: int) -> dict:
-    """A study's learning curve: per-window rows, and the best score at each of :data:`MARKS`."""
+    """A study's learning curve (:func:`~autoprune.studies.report.learning_windows`) and the best
+    score it had reached after each of :data:`MARKS` episodes (trial order, portfolio included)."""
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    scores, policies = [], []
-    for t in trials:
-        done = t.state == TrialState.COMPLETE and "accuracy" in t.user_attrs
-        scores.append(t.user_attrs["accuracy"] if done else None)
-        policies.append(np.array(list(t.user_attrs["policy"].values())) if done else None)
-    rows, best = [], -np.inf
-    for start in range(0, len(trials), window):
-        idx = range(start, min(start + window, len(trials)))
-        got = [scores[i] for i in idx if scores[i] is not None]
-        best = max([best, *got])
-        steps = [float(np.mean(np.abs(policies[i] - policies[i - 1]))) for i in idx
-                 if i > 0 and policies[i] is not None and policies[i - 1] is not None]
-        row = {"episodes": f"{start + 1}-{idx[-1] + 1}", "complete": len(got),
-               "mean": statistics.mean(got) if got else None, "best_in_window": max(got) if got else None,
-               "best_so_far": best if np.isfinite(best) else None,
-               "policy_step": statistics.mean(steps) if steps else None}
-        agent = [trials[i].user_attrs["agent"] for i in idx if "agent" in trials[i].user_attrs]
-        for key in AGENT_KEYS:
-            vals = [a[key] for a in agent if key in a]
-            if vals:
-                row[key] = statistics.mean(vals)
-        rows.append(row)
-    marks = {}
-    for m in MARKS:
-        got = [s for s in scores[:m] if s is not None]
-        if len(scores) >= m and got:
-            marks[m] = max(got)
-    return {"study": study.study_name, "episodes": len(trials), "windows": rows, "best_at": marks}
-
-
-def fmt(x, spec: str = ".4f") -> str:
-    return "-" if x is None else format(x, spec)
+    scores = [t.user_attrs["accuracy"] if t.state == TrialState.COMPLETE and "policy" in t.user_attrs else None
+              for t in trials]
+    marks = {m: max(s for s in scores[:m] if s is not None) for m in MARKS
+             if len(scores) >= m and any(s is not None for s in scores[:m])}
+    return {"study": study.study_name, "episodes": len(trials), "windows": learning_windows(study, window),
+            "best_at": marks}
 
 
 def table(result: dict) -> str:
-    has_agent = any(k in r for r in result["windows"] for k in AGENT_KEYS)
-    head = "| episodes | complete | mean score | best in window | best so far | policy step |"
-    head += " critic loss | actor loss | sigma | baseline |" if has_agent else ""
-    lines = [f"**{result['study']}** ({result['episodes']} episodes)", "", head,
-             "|" + "---|" * head.count(" | ") + "---|"]
-    for r in result["windows"]:
-        line = (f"| {r['episodes']} | {r['complete']} | {fmt(r['mean'])} | {fmt(r['best_in_window'])} | "
-                f"{fmt(r['best_so_far'])} | {fmt(r['policy_step'], '.3f')} |")
-        if has_agent:
-            line += "".join(f" {fmt(r.get(k), '.4g')} |" for k in AGENT_KEYS)
-        lines.append(line)
     marks = ", ".join(f"{m}: {v:.4f}" for m, v in result["best_at"].items())
-    lines += ["", f"best score after {marks}" if marks else "fewer than 100 episodes"]
-    return "\n".join(lines)
+    return "\n".join([f"**{result['study']}** ({result['episodes']} episodes)", "",
+                      *learning_markdown(result["windows"]), "",
+                      f"best score after {marks}" if marks else "fewer than 100 episodes"])
 
 
 def main() -> None:

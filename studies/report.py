@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
@@ -100,9 +101,60 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                "within_budget": a.get("within_budget"), "seconds": a.get("seconds"),
                "retry_of": a.get("retry_of")}
         row.update({f"{k}_ratio": v for k, v in (a.get("ratios") or {}).items()})
+        row.update({f"agent_{k}": v for k, v in (a.get("agent") or {}).items()})
         row.update({f"s/{k}": v for k, v in (a.get("policy") or {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+AGENT_KEYS = ("critic_loss", "actor_loss", "sigma", "baseline")
+
+
+def learning_windows(study: optuna.Study, window: int) -> list[dict]:
+    """Does the search learn? Per window of ``window`` episodes, in trial order: how many completed,
+    their mean and best proxy score, the best so far, and ``policy_step``, how far each episode's
+    policy moved from the one before (mean absolute difference of the unit sparsities: how much
+    the searcher still explores). Where an RL agent recorded its learning (``agent``), the window's
+    mean critic and actor loss, exploration sigma and reward baseline too."""
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    scores, policies = [], []
+    for t in trials:
+        done = t.state == TrialState.COMPLETE and "policy" in t.user_attrs
+        scores.append(t.user_attrs["accuracy"] if done else None)
+        policies.append(np.array(list(t.user_attrs["policy"].values())) if done else None)
+    rows, best = [], None
+    for start in range(0, len(trials), window):
+        idx = range(start, min(start + window, len(trials)))
+        got = [scores[i] for i in idx if scores[i] is not None]
+        best = max([*([best] if best is not None else []), *got], default=None)
+        steps = [float(np.abs(policies[i] - policies[i - 1]).mean()) for i in idx
+                 if i > 0 and policies[i] is not None and policies[i - 1] is not None]
+        row = {"episodes": f"{start + 1}-{idx[-1] + 1}", "complete": len(got),
+               "mean": float(np.mean(got)) if got else None, "best_in_window": max(got, default=None),
+               "best_so_far": best, "policy_step": float(np.mean(steps)) if steps else None}
+        agent = [trials[i].user_attrs["agent"] for i in idx if "agent" in trials[i].user_attrs]
+        for key in AGENT_KEYS:
+            values = [a[key] for a in agent if key in a]
+            if values:
+                row[key] = float(np.mean(values))
+        rows.append(row)
+    return rows
+
+
+def learning_markdown(rows: list[dict], label: str = "proxy score") -> list[str]:
+    """:func:`learning_windows` as a markdown table."""
+    def cell(x, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    agent = [k for k in AGENT_KEYS if any(k in r for r in rows)]
+    head = (f"| episodes | complete | mean {label} | best in window | best so far | policy step |"
+            + "".join(f" {k.replace('_', ' ')} |" for k in agent))
+    lines = [head, "|" + "---|" * (6 + len(agent))]
+    for r in rows:
+        lines.append(f"| {r['episodes']} | {r['complete']} | {cell(r['mean'], '.2%')} | "
+                     f"{cell(r['best_in_window'], '.2%')} | {cell(r['best_so_far'], '.2%')} | "
+                     f"{cell(r['policy_step'], '.3f')} |" + "".join(f" {cell(r.get(k), '.4g')} |" for k in agent))
+    return lines
 
 
 def _scatter_points(study: optuna.Study, metric: str):
@@ -253,6 +305,12 @@ def summary_markdown(study: optuna.Study, best, sibs) -> str:
              + ", ".join(f"{k} {v:.3f}" for k, v in best.user_attrs["ratios"].items()), "",
              "| unit | sparsity | kept |", "|---|---|---|"]
     lines += [f"| {u['name']} | {u['sparsity']:.3f} | {u['kept']} |" for u in doc["units"]]
+    if any("agent" in t.user_attrs for t in study.trials):  # an RL agent: is it learning?
+        window = max(5, -(-len(study.trials) // 10))
+        lines += ["", "## Learning", "",
+                  f"Per {window} episodes: scores, how far each policy moved from the last, and the agent's "
+                  "losses, exploration sigma and reward baseline.", "",
+                  *learning_markdown(learning_windows(study, window), label)]
     lines += ["", "## Same task, other searchers (this storage)", "",
               f"| study | searcher | trials | best {label} | best reward |", "|---|---|---|---|---|"]
     for sib in sibs:

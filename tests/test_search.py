@@ -196,6 +196,20 @@ def test_rl_agent_checkpoint_restores_state(tiny_task, tmp_path):
         assert np.isfinite(a["critic_loss"]) and a["critic_loss"] >= 0 and np.isfinite(a["actor_loss"])
         assert a["sigma"] > 0 and np.isfinite(a["baseline"])
     assert agent[3]["sigma"] == pytest.approx(agent[2]["sigma"] * 0.95)  # AMC's decay per episode
+    # and a report shows it: per-trial columns, and the learning curve in windows of episodes
+    from autoprune.studies.report import learning_windows, summary_markdown, trials_frame
+
+    frame = trials_frame(result.study)
+    assert frame["agent_critic_loss"].isna().tolist() == [True, True, False, False, False]
+    windows = learning_windows(result.study, 2)
+    assert [w["episodes"] for w in windows] == ["1-2", "3-4", "5-5"]
+    assert "critic_loss" not in windows[0] and windows[1]["critic_loss"] == pytest.approx(
+        (agent[2]["critic_loss"] + agent[3]["critic_loss"]) / 2)
+    scores = [t.user_attrs["accuracy"] for t in result.study.trials]
+    assert [w["best_so_far"] for w in windows] == [max(scores[:2]), max(scores[:4]), max(scores)]
+    assert windows[1]["policy_step"] > 0
+    md = summary_markdown(result.study, result.best, [])
+    assert "## Learning" in md and "| critic loss | actor loss | sigma | baseline |" in md
 
 
 def _same(a, b) -> bool:
