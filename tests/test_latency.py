@@ -66,6 +66,20 @@ def test_the_runtime_is_part_of_the_latency_table_cache_key(tiny_task, fake_late
     assert eager.runtime == "eager" and set(eager.luts) == set(ort.luts)
 
 
+def test_the_width_multiple_is_part_of_the_latency_table_cache_key(tiny_task, fake_latency, tmp_path):
+    """The calibration models are cut at the task's width multiple, so a table calibrated at one
+    multiple is never reused for another."""
+    import dataclasses
+
+    coarse = dataclasses.replace(tiny_task.table, round_to=4)
+    assert coarse.multiple == 4 != tiny_task.table.multiple
+    for table in (tiny_task.table, coarse, coarse):
+        build_latency_model(table, tiny_task.dense, tiny_task.prune, batch_size=4, threads=1, cache_dir=tmp_path,
+                            progress=False, runtime="eager")
+    assert fake_latency["tables"] == ["eager", "eager"]  # measured once per multiple, then read back
+    assert len(list((tmp_path / "latency").glob("*.json"))) == 2
+
+
 def test_a_ratio_meter_prepares_its_base_once_per_batch_threads_and_runtime(tiny_task, fake_latency):
     dense, table = tiny_task.dense, tiny_task.table
     pruned = [tiny_task.prune(table.kept_all(np.full(len(table.units), s))) for s in (0.25, 0.5)]
