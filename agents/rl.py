@@ -166,8 +166,7 @@ class RLSearcher(Searcher):
         buffer = self.model.replay_buffer
         for o, a, o2, d in steps:  # AMC: the final reward for every step of the episode
             buffer.add(o[None], o2[None], a[None], np.array([reward]), np.array([d]), [{}])
-        learning = self.episode_index >= self.warmup
-        if learning:  # batches are drawn with replacement
+        if self.episode_index >= self.warmup:  # batches are drawn with replacement
             self.model.train(gradient_steps=len(steps), batch_size=self.batch_size)
             info = {**info, "agent": self._diagnostics()}
         self.episode_index += 1

@@ -126,7 +126,8 @@ def learning_windows(study: optuna.Study, window: int) -> list[dict]:
     for start in range(0, len(trials), window):
         idx = range(start, min(start + window, len(trials)))
         got = [scores[i] for i in idx if scores[i] is not None]
-        best = max([*([best] if best is not None else []), *got], default=None)
+        if got:
+            best = max(got) if best is None else max(best, *got)
         steps = [float(np.abs(policies[i] - policies[i - 1]).mean()) for i in idx
                  if i > 0 and policies[i] is not None and policies[i - 1] is not None]
         row = {"episodes": f"{start + 1}-{idx[-1] + 1}", "complete": len(got),
