@@ -86,6 +86,11 @@ def main() -> None:
     ap.add_argument("--latency-runtime", default="eager")
     ap.add_argument("--max-sparsity", type=float, default=0.8)
     ap.add_argument("--proxy", default="acc", help="acc, ce or kl: how search-val scores a policy")
+    ap.add_argument("--range", action="append", default=[], metavar="PATTERN=LO:HI",
+                    help="per-unit bounds, as autoprune search --range (repeatable)")
+    ap.add_argument("--share", action="append", default=[], metavar="PATTERN",
+                    help="units that take one sparsity, as autoprune search --share (repeatable)")
+    ap.add_argument("--tag", default="", help="suffix of study names, for a steered space")
     ap.add_argument("--round-to", type=int, default=None,
                     help="width multiple of the latency search (default: the task's)")
     ap.add_argument("--search-val-size", type=int, default=1000)
@@ -121,10 +126,12 @@ def main() -> None:
     variant = "" if args.latency_runtime == "eager" else f"-{args.latency_runtime}-b{args.latency_batch}"
     variant += "" if args.round_to is None else f"-r{args.round_to}"
     variant += "" if args.proxy == "acc" else f"-{args.proxy}"  # eager, default widths, top-1: the old names
+    variant += f"-{args.tag}" if args.tag else ""
     for arm in arms:
         env = LayerSparsityEnv(task, budget=args.budget, max_sparsity=args.max_sparsity,
                                latency_batch=args.latency_batch, latency_threads=args.latency_threads,
-                               latency_runtime=args.latency_runtime, progress=True, **ARMS[arm])
+                               latency_runtime=args.latency_runtime, ranges=args.range, share=args.share,
+                               progress=True, **ARMS[arm])
         start = time.perf_counter()
         result = run_search(env, SearchConfig(
             searcher=args.searcher, episodes=args.episodes, seed=args.seed, storage=args.storage, resume=True,
