@@ -42,6 +42,19 @@ def machine() -> str:
             f"torch {torch.__version__}, {date.today().isoformat()}")
 
 
+def add_space_args(ap) -> None:
+    """The search space and width options every search benchmark spells alike: ``--range``,
+    ``--share`` (as ``autoprune search``), ``--tag`` and ``--round-to``."""
+    ap.add_argument("--range", action="append", default=[], metavar="PATTERN=LO:HI",
+                    help="per-unit bounds, as autoprune search --range (repeatable)")
+    ap.add_argument("--share", action="append", default=[], metavar="PATTERN",
+                    help="units that take one sparsity, as autoprune search --share (repeatable)")
+    ap.add_argument("--tag", default="", help="suffix of study names (and row labels), for a steered space")
+    ap.add_argument("--round-to", type=int, default=None,
+                    help="width multiple (default: the task's, 8 when every unit has 32+ channels, else 1); "
+                         "a non-default value suffixes study names with -rN")
+
+
 def make_task(model: str, search_val_size: int = 1000, calib_batches: int = 10, importance: str = "l1",
               progress: bool = False, reconstruct: str = "lsq", granularity: str = "channel",
               device: str = "cpu", round_to: int | None = None, dense: torch.nn.Module | None = None,

@@ -56,7 +56,7 @@ from autoprune.envs import LayerSparsityEnv
 from autoprune.envs.budget_check import LATENCY_TOLERANCE
 from autoprune.latency import RatioMeter
 from autoprune.studies.runner import SearchConfig, run_search
-from benchmarks.common import machine, make_task
+from benchmarks.common import add_space_args, machine, make_task
 
 ARMS = {  # LayerSparsityEnv settings of each arm
     "plain": {"latency_margin": 0.0, "latency_remeasure": False, "latency_correct": False},
@@ -86,13 +86,7 @@ def main() -> None:
     ap.add_argument("--latency-runtime", default="eager")
     ap.add_argument("--max-sparsity", type=float, default=0.8)
     ap.add_argument("--proxy", default="acc", help="acc, ce or kl: how search-val scores a policy")
-    ap.add_argument("--range", action="append", default=[], metavar="PATTERN=LO:HI",
-                    help="per-unit bounds, as autoprune search --range (repeatable)")
-    ap.add_argument("--share", action="append", default=[], metavar="PATTERN",
-                    help="units that take one sparsity, as autoprune search --share (repeatable)")
-    ap.add_argument("--tag", default="", help="suffix of study names, for a steered space")
-    ap.add_argument("--round-to", type=int, default=None,
-                    help="width multiple of the latency search (default: the task's)")
+    add_space_args(ap)
     ap.add_argument("--search-val-size", type=int, default=1000)
     ap.add_argument("--calib-batches", type=int, default=10)
     ap.add_argument("--verify-pairs", type=int, default=0,

@@ -38,7 +38,7 @@ from optuna.trial import TrialState
 from autoprune.agents import SEARCHERS
 from autoprune.envs import LayerSparsityEnv
 from autoprune.studies.runner import SearchConfig, run_search
-from benchmarks.common import machine, make_task
+from benchmarks.common import add_space_args, machine, make_task
 
 
 def main() -> None:
@@ -53,14 +53,7 @@ def main() -> None:
     ap.add_argument("--importance", default="l1")
     ap.add_argument("--reconstruct", default="lsq", help="lsq or none (studies of none keep their old names)")
     ap.add_argument("--proxy", default="acc", help="acc, ce or kl (studies of acc keep their old names)")
-    ap.add_argument("--range", action="append", default=[], metavar="PATTERN=LO:HI",
-                    help="per-unit bounds, as autoprune search --range (repeatable)")
-    ap.add_argument("--share", action="append", default=[], metavar="PATTERN",
-                    help="units that take one sparsity, as autoprune search --share (repeatable)")
-    ap.add_argument("--tag", default="", help="suffix of study names and row labels, for a steered space")
-    ap.add_argument("--round-to", type=int, default=None,
-                    help="width multiple (default: the task's, 8 when every unit has 32+ channels, else 1); "
-                         "a non-default value suffixes study names with -rN")
+    add_space_args(ap)
     ap.add_argument("--storage", default="sqlite:///benchmarks-search.db")
     ap.add_argument("--out", default=None, help="JSON file for every figure")
     ap.add_argument("--threads", type=int, default=2)
