@@ -10,8 +10,11 @@
 #                     optuna-dashboard, bottle; pip download --no-deps --python-version 3.12 ...)
 #   devcarry/shared/  models/resnet56_cifar10.{pt,json} and data/cifar10-jpeg.tar.gz from ../shared
 #   devcarry/r56.db   a copy of the search storage (sqlite3 .backup) holding resnet56-...-tpe-s0
+# JOBS picks the runs (default "best rule topk lr01"); each resumes from its last epoch when the machine is
+# still warm, so a run cut by BUDGET goes on with the same command.
 # Session 13 ran `BUDGET=515 bash benchmarks/finetune_on_gpu.sh` on an H200, then resumed the best
-# run alone on the still-warm machine (same command as below with --which best, no other job).
+# run alone on the still-warm machine (JOBS=best). Session 21 ran `JOBS="rule hint1" BUDGET=535` and
+# then the same with BUDGET=220 to finish epoch 30 (17-21 s per epoch each, 8 loader workers each).
 # Local dry run: LOCAL=1 EPOCHS=0.02 SELECT=0.01 DEVICE=cpu OUT=/tmp/gout benchmarks/finetune_on_gpu.sh
 set -u
 REPO=$(pwd)
@@ -35,22 +38,32 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'data', cif
 EOF
 Q=benchmarks/results/quality-resnet56-portfolio.json
 T0=$(date +%s)
-timeout $BUDGET $PY -m benchmarks.finetune_recipe --quality $Q --which best --epochs $EPOCHS --device $DEVICE \
-  --work $W/ft --out $W/ft/recipe-best.json > $OUT/best.log 2>&1 &
-timeout $BUDGET $PY -m benchmarks.finetune_recipe --quality $Q --which rule --epochs $EPOCHS --device $DEVICE \
-  --work $W/ft --out $W/ft/recipe-rule.json > $OUT/rule.log 2>&1 &
-mkdir -p $W/topk
-(cd /tmp && timeout $BUDGET env PYTHONPATH=${PYTHONPATH:-$REPO} $PY -m autoprune.cli export resnet56-0.5flops-l1-lsq-tpe-s0 \
-  --storage sqlite:///$C/r56.db -o $W/topk/policy.json --weights $C/shared/models/resnet56_cifar10.pt \
-  --data-dir $HOME/.cache/autoprune-data/cifar10-jpeg --model-dir $W/topk/model --finetune-epochs $EPOCHS \
-  --top-k 4 --select-epochs $SELECT --device $DEVICE) > $OUT/topk.log 2>&1 &
-timeout $BUDGET nice -n 10 $PY -m benchmarks.finetune_recipe --quality $Q --which best --epochs $EPOCHS --device $DEVICE \
-  --lr 0.01 --label lr01 --work $W/ft --out $W/ft/recipe-best-lr01.json > $OUT/lr01.log 2>&1 &
+recipe() {  # recipe LOG ARGS...: one finetune_recipe run in the background, resumed if its checkpoint is there
+  local log=$1; shift
+  timeout $BUDGET $PY -m benchmarks.finetune_recipe --quality $Q --epochs $EPOCHS --device $DEVICE --work $W/ft "$@" \
+    >> $OUT/$log.log 2>&1 &
+}
+for job in ${JOBS:-best rule topk lr01}; do
+  case $job in
+    best)  recipe best --which best --out $W/ft/recipe-best.json ;;
+    rule)  recipe rule --which rule --out $W/ft/recipe-rule.json ;;
+    lr01)  recipe lr01 --which best --lr 0.01 --label lr01 --out $W/ft/recipe-best-lr01.json ;;
+    hint1) recipe hint1 --which best --hint 1 --label hint1 --out $W/ft/recipe-best-hint1.json ;;
+    topk)
+      mkdir -p $W/topk
+      (cd /tmp && timeout $BUDGET env PYTHONPATH=${PYTHONPATH:-$REPO} $PY -m autoprune.cli export \
+        resnet56-0.5flops-l1-lsq-tpe-s0 --storage sqlite:///$C/r56.db -o $W/topk/policy.json \
+        --weights $C/shared/models/resnet56_cifar10.pt --data-dir $HOME/.cache/autoprune-data/cifar10-jpeg \
+        --model-dir $W/topk/model --finetune-epochs $EPOCHS --top-k 4 --select-epochs $SELECT \
+        --device $DEVICE) >> $OUT/topk.log 2>&1 & ;;
+    *) echo "unknown job $job (best, rule, lr01, hint1, topk)"; exit 2 ;;
+  esac
+done
 while [ -n "$(jobs -r)" ]; do
   sleep 30; echo "t+$(( $(date +%s) - T0 ))s"; for f in $(find $W -name finetune.csv); do echo "  $f: $(tail -n 1 $f)"; done
 done
 wait
 echo "all done at t+$(( $(date +%s) - T0 ))s"
 (cd $W && find . -name '*.csv' -o -name '*.json' | xargs tail -n +1 > $OUT/results.txt 2>/dev/null)
-tar -czf $OUT/gpuwork.tar.gz --exclude='*.onnx' -C $W .
+tar -czf $OUT/gpuwork.tar.gz --exclude='*.onnx' --exclude='*.pt' -C $W .
 for f in $OUT/*.log; do echo "== $f"; tail -n 5 $f; done
