@@ -62,7 +62,13 @@ def main() -> None:
     ap.add_argument("--match-time", action="store_true",
                     help="with --early-stop: instead of --episodes, run until the study's summed episode time "
                          "reaches that of the same searcher and seed without early stopping (equal wall-clock)")
+    ap.add_argument("--searcher-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a searcher option (e.g. sigma_decay=0.99 for RL agents); repeatable; needs --tag, "
+                         "which names the variant's studies")
     args = ap.parse_args()
+    options = {k: float(v) for k, v in (o.split("=", 1) for o in args.searcher_option)}
+    if options and not args.tag:
+        ap.error("--searcher-option needs --tag, so the variant's studies get names of their own")
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -87,7 +93,8 @@ def main() -> None:
             plain = f"{args.model}-{env.budget.slug}-{args.importance}{suffix}-{name}-s{seed}"
             study_name = plain if not args.early_stop else plain.replace(f"-s{seed}", f"-es-{args.early_stop}-s{seed}")
             config = SearchConfig(searcher=name, episodes=args.episodes, seed=seed, storage=args.storage,
-                                  resume=True, study_name=study_name, progress=False, early_stop=args.early_stop)
+                                  resume=True, study_name=study_name, progress=False, early_stop=args.early_stop,
+                                  searcher_options=options)
             if args.match_time:
                 result = run_for(env, config, spent(optuna.load_study(study_name=plain, storage=args.storage)))
             else:
