@@ -66,7 +66,10 @@ def main() -> None:
                     help="a searcher option (e.g. sigma_decay=0.99 for RL agents); repeatable; needs --tag, "
                          "which names the variant's studies")
     args = ap.parse_args()
-    options = {k: float(v) for k, v in (o.split("=", 1) for o in args.searcher_option)}
+    try:
+        options = {k: float(v) for k, v in (o.split("=", 1) for o in args.searcher_option)}
+    except ValueError:
+        ap.error(f"--searcher-option takes KEY=NUMBER, not {args.searcher_option}")
     if options and not args.tag:
         ap.error("--searcher-option needs --tag, so the variant's studies get names of their own")
     torch.set_num_threads(args.threads)
