@@ -1,17 +1,83 @@
-"""Helpers shared by the benchmark scripts: locating ../shared and building the CIFAR-10 tasks."""
+"""Helpers shared by the benchmark scripts: locating ../shared, building the CIFAR-10 tasks, the
+one-shot rules' widths, and writing a results file that says which code and command made it."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import tarfile
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True,
+                              timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _commit() -> str:
+    """HEAD, with ``-dirty`` where tracked files (results aside) differ from it; ``unknown``
+    outside a git checkout (a copy of the tree on a lent machine)."""
+    head = _git("rev-parse", "HEAD")
+    if not head:
+        return "unknown"
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    return head.strip() + ("" if changed == "" else "-dirty")
+
+
+# Read once, when the script starts: the code it runs is the code of that moment, whatever is
+# committed during a run of hours.
+COMMIT = _commit()
+
+
+def provenance() -> dict[str, str]:
+    """What made a results file: ``commit`` (:data:`COMMIT`) and ``command``, the command line
+    as ``python -m benchmarks.NAME ARGS``."""
+    script = Path(sys.argv[0])
+    if script.parent.name == "benchmarks":
+        command = f"python -m benchmarks.{script.stem} {shlex.join(sys.argv[1:])}".rstrip()
+    else:
+        command = shlex.join(["python", *sys.argv])
+    return {"commit": COMMIT, "command": command}
+
+
+def write_results(path: str | Path, payload: dict, earlier: dict | None = None) -> Path:
+    """Write a benchmark's results JSON atomically (folders made), its :func:`provenance` first.
+
+    ``earlier`` is the same file as a resumed run found it: its rows were made by an earlier run,
+    whose provenance is kept in ``earlier_runs`` (``not recorded`` for files written before
+    results carried it).
+    """
+    from autoprune.common.fileio import atomic_write_text
+
+    runs = list((earlier or {}).get("earlier_runs", []))
+    if earlier:
+        before = {k: earlier.get(k, "not recorded") for k in ("commit", "command")}
+        if before != provenance() and before not in runs:
+            runs.append(before)
+    doc = {**provenance(), **{k: v for k, v in payload.items() if k not in ("commit", "command", "earlier_runs")}}
+    if runs:
+        doc["earlier_runs"] = runs
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def read_results(path: str | Path | None) -> dict | None:
+    """A results file written earlier (to resume from), or ``None``."""
+    return json.loads(Path(path).read_text()) if path and Path(path).is_file() else None
 
 
 def shared_dir() -> Path:
@@ -74,3 +140,34 @@ def make_task(model: str, search_val_size: int = 1000, calib_batches: int = 10, 
                                   reconstruct=reconstruct, granularity=granularity, round_to=round_to,
                                   device=device, proxy=proxy),
                        dense=dense, progress=progress)
+
+
+def rule_widths(task, rule: str, budget: str, **env_options) -> np.ndarray:
+    """Kept widths of a one-shot rule (``uncoupled``, ``uniform``, ... of
+    :mod:`autoprune.agents.baselines`) at ``budget``: the widths its episode records, played
+    through the env as a search plays it (one evaluation of the pruned model)."""
+    from autoprune.agents import SEARCHERS
+    from autoprune.envs import LayerSparsityEnv
+
+    searcher = SEARCHERS.get(rule)
+    if not searcher.one_shot:
+        raise SystemExit(f"{rule} is a search, not a one-shot rule")
+    env = LayerSparsityEnv(task, budget=budget, **env_options)
+    return np.asarray(searcher().episode(env, None).outcome.widths, dtype=np.int64)
+
+
+def is_rule(label: str) -> bool:
+    """Whether a ``search_quality`` row label names a one-shot rule of the portfolio (a variant
+    such as ``uncoupled+r16`` too)."""
+    from autoprune.agents.baselines import PORTFOLIO
+
+    return label.split("+")[0] in PORTFOLIO
+
+
+def pick(rows: list[dict], which: str) -> dict:
+    """Of a ``search_quality`` file's rows, ``best``: the searched row with the best proxy score
+    (the choice a user can make without the test set); ``rule``: the best one-shot rule by proxy."""
+    pool = [r for r in rows if is_rule(r["searcher"]) == (which == "rule")]
+    if not pool:
+        raise SystemExit(f"no {which} row in the quality file")
+    return max(pool, key=lambda r: r["proxy_acc"])

@@ -1,6 +1,6 @@
 """Random-action episodes of LayerSparsity-v0 on a CIFAR-10 fixture: budget met, episode cost.
 
-    python benchmarks/env_episode.py --model resnet56 --budget 0.5flops --episodes 20
+    python -m benchmarks.env_episode --model resnet56 --budget 0.5flops --episodes 20
 
 Prints, for each episode, the achieved cost ratios and proxy accuracy, then the mean episode wall
 time as a ratio to one dense forward pass over the same search-val images (measured in the same
@@ -16,7 +16,7 @@ import time
 import torch
 
 from autoprune.envs import LayerSparsityEnv
-from autoprune.evaluate import accuracy
+from autoprune.evaluate.metrics import accuracy
 from benchmarks.common import machine, make_task
 
 

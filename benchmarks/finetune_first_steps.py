@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from autoprune.finetune import FinetuneConfig, _loss, _schedule
-from autoprune.policy import Policy
-from benchmarks.common import machine, make_task
-from benchmarks.finetune_recipe import pick
+from autoprune.finetune.loop import FinetuneConfig, _loss, _schedule
+from autoprune.units.policy import Policy
+from benchmarks.common import machine, make_task, pick, write_results
 
 VARIANTS = {
     "ce, lr 0.01, no warm-up": (FinetuneConfig(lr=0.01), None),
@@ -79,7 +78,7 @@ def main() -> None:
         print(f"{name}: loss first {losses[0]:.2f}, last {losses[-1]:.2f}, max {max(losses):.2f}; search-val "
               f"{results['val_start']:.2%} -> {results['val_after'][name]:.2%}", flush=True)
         if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+            write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@
 # Session 13 ran `BUDGET=515 bash benchmarks/finetune_on_gpu.sh` on an H200, then resumed the best
 # run alone on the still-warm machine (JOBS=best). Session 21 ran `JOBS="rule hint1" BUDGET=535` and
 # then the same with BUDGET=220 to finish epoch 30 (17-21 s per epoch each, 8 loader workers each).
-# Local dry run: LOCAL=1 EPOCHS=0.02 SELECT=0.01 DEVICE=cpu OUT=/tmp/gout benchmarks/finetune_on_gpu.sh
+# Local dry run: LOCAL=1 EPOCHS=0.02 SELECT=0.01 DEVICE=cpu OUT=/tmp/gout bash benchmarks/finetune_on_gpu.sh
 set -u
 REPO=$(pwd)
 C=$REPO/devcarry
@@ -24,7 +24,6 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 if [ -z "${LOCAL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $C/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site PY=python3
-  mkdir -p /work && [ -e /work/shared ] || ln -s $C/shared /work/shared
   nvidia-smi --query-gpu=name,memory.total --format=csv
 else
   PY=${PY:-$REPO/.venv/bin/python}

@@ -1,7 +1,7 @@
 """Fine-tuning with the export recipe: the best searched policy against the best one-shot rule.
 
     python -m benchmarks.finetune_recipe --quality benchmarks/results/quality-resnet56-portfolio.json \\
-        --epochs 30 --work /path/kept/between/runs --out benchmarks/results/finetune-resnet56-recipe.json
+        --epochs 30 --work runs/ft --out benchmarks/results/finetune-resnet56-recipe.json
 
 Takes a ``search_quality`` result file and fine-tunes, each with the same recipe and seed, the
 best searched policy (the search row with the highest *proxy* score: the choice a user can make
@@ -22,20 +22,10 @@ from pathlib import Path
 
 import torch
 
-from autoprune.apply import apply_policy
-from autoprune.finetune import FinetuneConfig, has_checkpoint
-from autoprune.policy import Policy
-from benchmarks.common import machine, make_task
-
-RULES = ("uncoupled", "uniform", "erk", "lamp", "global")
-
-
-def pick(rows: list[dict], which: str) -> dict:
-    """``best``: the searched row with the best proxy score; ``rule``: the best rule by proxy."""
-    pool = [r for r in rows if (r["searcher"] in RULES) == (which == "rule")]
-    if not pool:
-        raise SystemExit(f"no {which} row in the quality file")
-    return max(pool, key=lambda r: r["proxy_acc"])
+from autoprune.export.apply import apply_policy
+from autoprune.finetune.loop import FinetuneConfig, has_checkpoint
+from autoprune.units.policy import Policy
+from benchmarks.common import machine, make_task, pick, read_results, write_results
 
 
 def main() -> None:
@@ -64,7 +54,8 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else None
-    results = json.loads(out.read_text()) if out and out.exists() else {"machine": machine(), "runs": {}}
+    earlier = read_results(out)
+    results = {**earlier, "runs": dict(earlier["runs"])} if earlier else {"machine": machine(), "runs": {}}
     print(f"# {q['args']['model']} {q['args']['budget']}, recipe {recipe}; {machine()}", flush=True)
     for which in args.which.split(","):
         row = pick(q["rows"], which)
@@ -86,7 +77,7 @@ def main() -> None:
               f"(dense {metrics['dense']['test_acc']:.2%}), best epoch {metrics['finetune_run']['best_epoch']}",
               flush=True)
         if out:
-            out.write_text(json.dumps(results, indent=2) + "\n")
+            write_results(out, results, earlier=earlier)
             shutil.copy(run_dir / "finetune.csv", out.with_name(f"{out.stem}-{label}.csv"))
 
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.latency_budget --model resnet56 --budget 0.6latency --searcher tpe \\
         --episodes 100 --seed 0 --verify-pairs 90 \\
-        --storage sqlite:////path/kept/between/runs.db --out benchmarks/results/latency-budget-resnet56.json
+        --storage sqlite:///bench-state/latency.db --out benchmarks/results/latency-budget-resnet56.json
 
 Two searches of one task (the CIFAR-10 fixture, split seed 0, ``lsq`` reconstruction, search-val
 of 1,000 images), with the same searcher, seed, episodes, budget and latency settings (CPU, batch
@@ -32,7 +32,7 @@ search then competes with the FLOPs search at equal measured latency, on test ac
 
     python -m benchmarks.latency_budget --model resnet56 --budget match --arms margin \
         --reference benchmarks/results/quality-resnet56-portfolio.json --episodes 100 --verify-pairs 90 \
-        --storage sqlite:////path/kept/between/runs.db --out benchmarks/results/latency-vs-flops-resnet56.json
+        --storage sqlite:///bench-state/latency.db --out benchmarks/results/latency-vs-flops-resnet56.json
 
 ``--data digits`` runs the same on the digits dataset with a model named by ``--model`` (e.g.
 ``tests/tinynets.py:tiny``, its baseline trained on first use): a check that the script runs,
@@ -52,11 +52,11 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from autoprune.cost.latency import RatioMeter
 from autoprune.envs import LayerSparsityEnv
 from autoprune.envs.budget_check import LATENCY_TOLERANCE
-from autoprune.latency import RatioMeter
 from autoprune.studies.runner import SearchConfig, run_search
-from benchmarks.common import add_space_args, machine, make_task
+from benchmarks.common import add_space_args, machine, make_task, pick, write_results
 
 ARMS = {  # LayerSparsityEnv settings of each arm
     "plain": {"latency_margin": 0.0, "latency_remeasure": False, "latency_correct": False},
@@ -134,9 +134,8 @@ def main() -> None:
         rows.append(summarise(arm, env, task, result, time.perf_counter() - start, args.verify_pairs))
         print(line(rows[-1]), flush=True)
         if args.out:  # after every arm: a run killed part-way keeps what it finished
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine(), "dense_test": dense_test,
-                                                  "references": references, "rows": rows}, indent=1))
+            write_results(args.out, {"args": vars(args), "machine": machine(), "dense_test": dense_test,
+                                     "references": references, "rows": rows})
     print(table(rows, dense_test, args.budget))
 
 
@@ -145,8 +144,6 @@ def reference_rows(args, task) -> list[dict]:
     same file), timed by the meter the arms' verification uses. Their test accuracy is the file's:
     the same fixture, split and reconstruction scored them, whatever proxy or width multiple the
     search used (each row records its own)."""
-    from benchmarks.finetune_recipe import pick
-
     meter = RatioMeter(task.dense, task.table.input_shape, task.device)
     rows = []
     for which, path in (("best", args.reference), ("rule", args.rules or args.reference)):
@@ -184,7 +181,7 @@ def summarise(arm: str, env: LayerSparsityEnv, task, result, seconds: float, ver
     predicted = np.array([t.user_attrs["ratios"]["latency_predicted"] for t in trials])
     pairs = [t.user_attrs.get("latency", {}).get("pairs", 30) for t in trials]
     line_ = budget * (1 + LATENCY_TOLERANCE)
-    row = {"arm": arm, "episodes": len(trials), "margin": env.latency_margin, "aim": env.wall.aim,
+    row = {"arm": arm, "episodes": len(trials), "margin": env.config.latency_margin, "aim": env.wall.aim,
            "scale": env.wall.scale,
            "fit_error_max_mean": list(env.cost.fit_error),
            "over_3pct": float(np.mean(measured > line_)),

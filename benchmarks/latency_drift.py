@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoprune.latency import RatioMeter
+from autoprune.cost.latency import RatioMeter
 from benchmarks.common import make_task
 
 

@@ -1,6 +1,6 @@
 """Does a searcher learn? Learning curves of finished searches, read from their studies.
 
-    python -m benchmarks.learning_curve --storage sqlite:////path/r56-search.db \\
+    python -m benchmarks.learning_curve --storage sqlite:///bench-state/r56-search.db \\
         --studies resnet56-0.5flops-l1-lsq-ddpg-s0,resnet56-0.5flops-l1-lsq-random-s0 --window 50 \\
         --out benchmarks/results/learning-curve-resnet56.json
 
@@ -18,13 +18,12 @@ Nothing is re-scored: it reads the studies only, so it runs in seconds, beside t
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
 from autoprune.studies.report import learning_markdown, learning_windows
+from benchmarks.common import write_results
 
 MARKS = (100, 200, 300, 400)
 
@@ -65,8 +64,7 @@ def main() -> None:
         results.append(curve(study, args.window))
         print(table(results[-1]), end="\n\n", flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "studies": results}, indent=1))
+        write_results(args.out, {"args": vars(args), "studies": results})
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ search would hand the model over, then prints Spearman rank correlations.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
 from autoprune.envs import LayerSparsityEnv
-from autoprune.evaluate import accuracy
-from benchmarks.common import machine, make_task
+from autoprune.evaluate.metrics import accuracy
+from benchmarks.common import machine, make_task, write_results
 
 
 def main() -> None:
@@ -70,8 +68,8 @@ def main() -> None:
     print(f"| search-val, reconstruct {args.reconstruct} + BN recalibrated | {rho_bn:.3f} |\n"
           f"| search-val, as selected (dense BN statistics) | {rho_no:.3f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine(), "rows": rows,
-                                              "spearman_bn": rho_bn, "spearman_no_bn": rho_no}, indent=1))
+        write_results(args.out, {"args": vars(args), "machine": machine(), "rows": rows,
+                                 "spearman_bn": rho_bn, "spearman_no_bn": rho_no})
 
 
 if __name__ == "__main__":

@@ -5,12 +5,13 @@
         --quality benchmarks/results/quality-resnet56-lsq.json \\
         --out benchmarks/results/reconstruction-resnet56.json
 
-Policies: uniform over every unit; the block-inner rule (uniform over the units with a single
-conv member, so the groups a residual add couples stay whole); and the best policy of every
-searcher/seed in the given ``search_quality`` result files (a search made with ``none`` and one
-with ``lsq``). Each is scored on search-val and on the 10,000 test images with every method of
-``--methods``. Then the time of one episode (prune, calibrate, score on search-val) with each,
-against one dense forward pass over search-val, as medians of ``--repeats`` runs.
+Policies: the one-shot rules ``uniform`` (every unit) and ``uncoupled`` (the units with a single
+conv member, so the groups a residual add couples stay whole), as a search's portfolio plays them;
+and the best policy of every searcher/seed in the given ``search_quality`` result files (a search
+made with ``none`` and one with ``lsq``). Each is scored on search-val and on the 10,000 test
+images with every method of ``--methods``. Then the time of one episode (prune, calibrate, score on
+search-val) with each, against one dense forward pass over search-val, as medians of ``--repeats``
+runs.
 """
 
 from __future__ import annotations
@@ -19,33 +20,13 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from autoprune.budget import parse_budget
-from autoprune.evaluate import accuracy
-from autoprune.task import PruningTask
-from benchmarks.common import machine, make_task
-
-
-def rule_kept(task: PruningTask, ratio: float, metric: str, units: list[int]) -> np.ndarray:
-    """One sparsity for ``units`` (the rest whole), the smallest that meets the budget (bisection)."""
-    def kept_at(s: float) -> np.ndarray:
-        return task.table.kept_all([s if u in units else 0.0 for u in range(len(task.table.units))])
-
-    lo, hi = 0.0, 0.95
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if task.cost_ratios(kept_at(mid))[metric] > ratio else (lo, mid)
-    return kept_at(hi)
-
-
-def block_inner_units(task: PruningTask) -> list[int]:
-    convs = {lay.name for lay in task.table.layers if lay.kind in ("conv", "linear")}
-    return [u.index for u in task.table.units if sum(m in convs for m in u.members) == 1]
+from autoprune.evaluate.metrics import accuracy
+from benchmarks.common import machine, make_task, rule_widths, write_results
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -73,19 +54,15 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    budget = parse_budget(args.budget)
     lsq = make_task(args.model, args.search_val_size, importance=args.importance, reconstruct="lsq",
                     granularity=args.granularity)
     methods = args.methods.split(",")
-    tasks = {m: lsq if m == "lsq" else PruningTask(replace(lsq.config, reconstruct=m), splits=lsq.splits,
-                                                   dense=lsq.dense, progress=False) for m in methods}
+    tasks = {m: lsq if m == "lsq" else lsq.variant(m) for m in methods}
     print(f"# {args.model} {args.budget}: {len(lsq.table.units)} units, search-val "
           f"{len(lsq.splits.search_val)}; {machine()}", flush=True)
 
-    policies = [("uniform", "-", rule_kept(lsq, budget.ratio, budget.metric, list(range(len(lsq.table.units))))),
-                ("block-inner rule", "-", rule_kept(lsq, budget.ratio, budget.metric, block_inner_units(lsq)))]
-    if args.granularity != "channel":  # one unit per layer: the rule is uniform, searched widths differ
-        policies = policies[:1]
+    rules = ("uniform", "uncoupled") if args.granularity == "channel" else ("uniform",)  # else a unit is a layer
+    policies = [(rule, "-", rule_widths(lsq, rule, args.budget)) for rule in rules]
     wanted = set(args.searchers.split(","))
     for path in args.quality:
         q = json.loads(Path(path).read_text())
@@ -115,13 +92,13 @@ def main() -> None:
     for label, _, kept in policies[:2]:  # the rule refits the fewest layers, uniform every one
         for name, task in tasks.items():
             timing[f"{label}: episode_{name}"] = median_seconds(lambda t=task, k=kept: t.evaluate(k), args.repeats)
-        for name in methods:
+        for name in methods if "none" in methods else ():  # what each method adds to a plain episode
             timing[f"{label}: extra_{name}"] = (timing[f"{label}: episode_{name}"]
                                                 - timing[f"{label}: episode_none"]) / timing["dense_forward"]
     print(table(rows, dense_test, timing, methods))
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine(), "dense_test": dense_test,
-                                              "rows": rows, "timing": timing}, indent=1))
+        write_results(args.out, {"args": vars(args), "machine": machine(), "dense_test": dense_test,
+                                 "rows": rows, "timing": timing})
 
 
 def table(rows: list[dict], dense_test: float, timing: dict, methods: list[str]) -> str:
@@ -141,14 +118,13 @@ def table(rows: list[dict], dense_test: float, timing: dict, methods: list[str])
         lines.append(f"| **{label}, mean of {len(rs)}** | | | "
                      + " | ".join(f"{statistics.mean(r[f'test_{m}'] for r in rs):.2%}" for m in methods)
                      + " |" + " |" * len(methods))
+    adds = [m for m in methods if m != "none"] if "none" in methods else []  # against a plain episode
     lines += ["", f"one dense forward pass over search-val: {timing['dense_forward']:.2f} s (median)", "",
-              "| episode of (median) | " + " | ".join(methods) + " | "
-              + " | ".join(f"{m} adds (x dense forward)" for m in methods if m != "none") + " |",
-              "|---" * (1 + 2 * len(methods) - 1) + "|"]
+              "| episode of (median) | " + " | ".join(methods + [f"{m} adds (x dense forward)" for m in adds]) + " |",
+              "|---" * (1 + len(methods) + len(adds)) + "|"]
     for label in dict.fromkeys(k.split(": ")[0] for k in timing if ": " in k):
-        lines.append(f"| {label} | " + " | ".join(f"{timing[f'{label}: episode_{m}']:.2f} s" for m in methods)
-                     + " | " + " | ".join(f"{timing[f'{label}: extra_{m}']:.2f}" for m in methods if m != "none")
-                     + " |")
+        lines.append(f"| {label} | " + " | ".join([f"{timing[f'{label}: episode_{m}']:.2f} s" for m in methods]
+                                                  + [f"{timing[f'{label}: extra_{m}']:.2f}" for m in adds]) + " |")
     return "\n".join(lines)
 
 

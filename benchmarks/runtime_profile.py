@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autoprune.runtimes import get_runtime, import_onnxruntime, onnx_program
+from autoprune.cost.runtimes import get_runtime, import_onnxruntime, onnx_program
 
 TOP = 15
 LAYER = "layer::"

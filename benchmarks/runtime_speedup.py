@@ -20,15 +20,16 @@ core from the timed work.) Two tables per model, at ``--budget`` (0.5flops):
    ``--round-to``, with the same columns per runtime and batch size.
 
 A latency ratio is the median of per-pair ratios over ``--pairs`` alternated runs of the dense and
-pruned model (:class:`~autoprune.latency.RatioMeter`: the dense model is prepared once per
+pruned model (:class:`~autoprune.cost.latency.RatioMeter`: the dense model is prepared once per
 runtime and batch size), with ``--threads`` intra-op threads. A runtime that fails (``compile``
 without a C++ compiler) gets its error string in its rows and the run goes on.
 
 The JSON (``--out``) is rewritten after every row, so a killed run keeps what it measured; run the
 same command again and it measures only the rows it lacks (a row is keyed by model, budget,
-policy, round_to, runtime, batch size and threads, not by ``--pairs``; rows that failed are tried
-again; ``--fresh`` starts over). ``--profile RUNTIME`` adds, per model, where the pruned ``uncoupled``
-model spends its time at ``--profile-batch`` against the dense one (:mod:`benchmarks.runtime_profile`).
+policy, round_to, runtime, batch size and threads, not by ``--pairs``; rows that failed, or that
+timed other widths than the policy has now, are measured again; ``--fresh`` starts over).
+``--profile RUNTIME`` adds, per model, where the pruned ``uncoupled`` model spends its time at
+``--profile-batch`` against the dense one (:mod:`benchmarks.runtime_profile`).
 """
 
 from __future__ import annotations
@@ -41,25 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoprune.agents.baselines import uncoupled_policy, uniform_policy
-from autoprune.envs import LayerSparsityEnv
-from autoprune.fileio import atomic_write_text
-from autoprune.latency import RatioMeter
-from autoprune.models import ModelSpec, build_model
-from autoprune.policy import Policy
-from autoprune.runtimes import RUNTIMES
+from autoprune.cost.latency import RatioMeter
+from autoprune.cost.runtimes import RUNTIMES
+from autoprune.model.zoo import ModelSpec, build_model
+from autoprune.units.policy import Policy
 from benchmarks import runtime_profile
-from benchmarks.common import fixture, machine, make_task
-from benchmarks.finetune_recipe import pick
+from benchmarks.common import fixture, machine, make_task, pick, read_results, rule_widths, write_results
 
-RULES = {"uncoupled": uncoupled_policy, "uniform": uniform_policy}
-
-
-def rule_kept(task, rule: str, budget: str) -> np.ndarray:
-    """Kept widths of a one-shot rule at ``budget``, as the env plays it (units that share a
-    sparsity take their leader's)."""
-    env = LayerSparsityEnv(task, budget=budget)
-    return task.table.kept_all(RULES[rule](env)[env.space.leader])
+RULES = ("uncoupled", "uniform")
 
 
 class Results:
@@ -69,7 +59,8 @@ class Results:
 
     def __init__(self, path: Path, args: argparse.Namespace, fresh: bool) -> None:
         self.path = path
-        old = json.loads(path.read_text()) if path.exists() and not fresh else {}
+        self.earlier = None if fresh else read_results(path)
+        old = self.earlier or {}
         self.rows = {self.key(r): r for r in old.get("rows", [])}
         self.profiles: dict = old.get("profiles", {})
         self.args = vars(args)
@@ -89,7 +80,7 @@ class Results:
 
     def save(self) -> None:
         doc = {"machine": machine(), "args": self.args, "rows": list(self.rows.values()), "profiles": self.profiles}
-        atomic_write_text(self.path, json.dumps(doc, indent=1) + "\n")
+        write_results(self.path, doc, earlier=self.earlier)
 
 
 class ModelBench:
@@ -108,7 +99,7 @@ class ModelBench:
         self.round_to = self.task.table.round_to
         self._tasks[self.round_to] = self.task
         self.meter = RatioMeter(self.task.dense, self.task.table.input_shape, "cpu")
-        self.policies = {rule: rule_kept(self.task, rule, budget) for rule in RULES}
+        self.policies = {rule: rule_widths(self.task, rule, budget) for rule in RULES}
         if quality:
             q = json.loads(Path(quality).read_text())
             if (q["args"]["model"], q["args"]["budget"]) != (name, budget):
@@ -145,9 +136,10 @@ def measure(bench: ModelBench, model, runtime: str, batch: int, threads: int, pa
 
 def run_row(results: Results, broken: dict, bench: ModelBench, key: dict, task, kept: np.ndarray,
             args) -> dict:
-    """The stored row of ``key``, or a new measurement of it (an error row where the runtime fails)."""
+    """The stored row of ``key``, or a new measurement of it (an error row where the runtime fails,
+    or where the stored row timed other widths)."""
     row = results.done(key)
-    if row is not None:
+    if row is not None and row["widths"] == [int(k) for k in kept]:
         return row
     ratios = task.cost_ratios(kept)
     row = {**key, "flops_ratio": ratios["flops"], "params_ratio": ratios["params"],
@@ -198,21 +190,20 @@ def round_to_table(results: Results, broken: dict, bench: ModelBench, args) -> N
           f"{args.pairs} pairs\n\n| round_to | FLOPs ratio | runtime | batch | {COLUMNS}\n"
           "|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for round_to in args.round_to:
-        task, kept = None, None
+        task = bench.task_for(round_to)
+        kept = rule_widths(task, "uncoupled", args.budget)
         for runtime in args.runtimes:
             for batch in args.batches:
                 key = {"section": "round_to", "model": bench.name, "budget": args.budget, "policy": "uncoupled",
                        "round_to": round_to, "runtime": runtime, "batch": batch, "threads": args.threads}
-                if results.done(key) is None and task is None:  # build the task only for a row to measure
-                    task = bench.task_for(round_to)
-                    kept = rule_kept(task, "uncoupled", args.budget)
                 row = run_row(results, broken, bench, key, task, kept, args)
                 print(f"| {round_to} | {row['flops_ratio']:.3f} | {runtime} | {batch} | {cells(row)}", flush=True)
 
 
 def profile_section(results: Results, bench: ModelBench, args) -> None:
     key = f"{bench.name}|{args.budget}|uncoupled|{args.profile}|b{args.profile_batch}|t{args.threads}"
-    if key not in results.profiles:
+    widths = [int(k) for k in bench.policies["uncoupled"]]
+    if results.profiles.get(key, {}).get("widths") != widths:  # absent, or of other widths (or unrecorded)
         shape = tuple(bench.task.table.input_shape)[-3:]
         x = torch.randn(args.profile_batch, *shape, generator=torch.Generator().manual_seed(0))
         pruned = bench.pruned(bench.task, bench.policies["uncoupled"])
@@ -221,6 +212,7 @@ def profile_section(results: Results, bench: ModelBench, args) -> None:
                                                             args.threads, args.profile_runs)
         except Exception as err:
             results.profiles[key] = {"error": f"{type(err).__name__}: {str(err).strip()[:300]}"}
+        results.profiles[key]["widths"] = widths
         results.save()
     prof = results.profiles[key]
     print(f"\n## {bench.name}: where the pruned uncoupled model spends its time", flush=True)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.search_quality --model resnet56 --budget 0.5flops --episodes 200 \\
         --searchers uncoupled,uniform,erk,lamp,global,tpe,cmaes,random --seeds 0,1,2 \\
-        --storage sqlite:////path/kept/between/runs.db --out results.json
+        --storage sqlite:///bench-state/r56-search.db --out results.json
 
 Every searcher runs on the same task (same split, same reconstruction and BN recalibration, same
 importance), each (searcher, seed) in its own study of one SQLite file. The best trial of each
@@ -16,7 +16,7 @@ study where it stopped.
 Early stopping at equal wall-clock (after the plain searches of the same seeds exist in the storage):
 
     python -m benchmarks.search_quality --model resnet56 --searchers tpe --seeds 0,1,2 \\
-        --early-stop median --match-time --storage sqlite:////same.db --out es.json
+        --early-stop median --match-time --storage sqlite:///bench-state/r56-search.db --out es.json
 
 Each ``tpe+es-median`` study then runs until its summed episode time equals the plain study's.
 Episode times are read from the studies, so a machine busier in one run than the other biases the
@@ -26,10 +26,8 @@ comparison: run both on the same quiet machine when the figure matters.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import optuna
 import torch
@@ -38,7 +36,7 @@ from optuna.trial import TrialState
 from autoprune.agents import SEARCHERS
 from autoprune.envs import LayerSparsityEnv
 from autoprune.studies.runner import SearchConfig, run_search
-from benchmarks.common import add_space_args, machine, make_task
+from benchmarks.common import add_space_args, is_rule, machine, make_task, read_results, write_results
 
 
 def main() -> None:
@@ -123,9 +121,8 @@ def main() -> None:
             print(f"{name:8s} seed {seed}: proxy {row['proxy_acc']:.4f} test {row['test_acc']:.4f} "
                   f"flops {row['ratios']['flops']:.3f} ({row['seconds']:.0f}s)", flush=True)
             if args.out:  # after every search: a run killed part-way keeps what it finished
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine(),
-                                                      "dense_test": dense_test, "rows": rows}, indent=1))
+                write_results(args.out, {"args": vars(args), "machine": machine(), "dense_test": dense_test,
+                                         "rows": rows}, earlier=earlier)
     print(table(rows, dense_test))
 
 
@@ -136,9 +133,9 @@ SAME_TASK = ("model", "budget", "search_val_size", "calib_batches", "importance"
 def read_earlier(args: argparse.Namespace) -> dict | None:
     """The ``--out`` file of an earlier run of the same task, whose test figures a rerun reuses
     (a study's best trial, once scored on test, scores the same: the task is deterministic)."""
-    if not args.out or not Path(args.out).is_file():
+    earlier = read_results(args.out)
+    if earlier is None:
         return None
-    earlier = json.loads(Path(args.out).read_text())
     same = all(earlier["args"].get(k) == getattr(args, k) for k in SAME_TASK)
     return earlier if same else None
 
@@ -169,9 +166,7 @@ def sd(xs: list[float]) -> float:
 
 
 def table(rows: list[dict], dense_test: float) -> str:
-    from autoprune.agents.baselines import PORTFOLIO
-
-    rules = [r for r in rows if r["searcher"].split("+")[0] in PORTFOLIO]  # "uncoupled+r16" is a rule too
+    rules = [r for r in rows if is_rule(r["searcher"])]
     best_rule = max(rules, key=lambda r: r["test_acc"]) if rules else None
     lines = [f"dense test accuracy {dense_test:.2%}"
              + (f"; best one-shot rule: {best_rule['searcher']}" if best_rule else ""), "",

@@ -20,7 +20,7 @@ import optuna
 import torch
 
 from autoprune.envs import LayerSparsityEnv
-from autoprune.evaluate import accuracy
+from autoprune.evaluate.metrics import accuracy
 from autoprune.studies.runner import SearchConfig, run_search
 from benchmarks.common import machine, make_task
 
