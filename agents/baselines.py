@@ -24,7 +24,7 @@ import numpy as np
 import optuna
 
 from autoprune.agents.base import SEARCHERS, Episode, Searcher, run_policy
-from autoprune.envs import LayerSparsityEnv
+from autoprune.envs import LayerSparsityEnv, Stop
 
 
 def _meets(env: LayerSparsityEnv, sparsity: np.ndarray) -> bool:
@@ -51,7 +51,7 @@ def uniform_policy(env: LayerSparsityEnv) -> np.ndarray:
     """The least uniform sparsity that meets the budget (max_sparsity if none below does), each
     unit held to its range."""
     n = env.n_units
-    return _bisect(env, lambda s: np.full(n, s), env.min_sparsity, env.max_sparsity)
+    return _bisect(env, lambda s: np.full(n, s), env.config.min_sparsity, env.config.max_sparsity)
 
 
 def _element_scores(env: LayerSparsityEnv, squared: bool) -> list[np.ndarray]:
@@ -99,7 +99,7 @@ class Baseline(Searcher):
     def policy(self, env: LayerSparsityEnv) -> np.ndarray:
         raise NotImplementedError
 
-    def episode(self, env: LayerSparsityEnv, trial: optuna.Trial | None) -> Episode:
+    def episode(self, env: LayerSparsityEnv, trial: optuna.Trial, stop: Stop | None = None) -> Episode:
         return run_policy(env, self.policy(env))
 
 
@@ -121,12 +121,12 @@ def uncoupled_units(env: LayerSparsityEnv) -> np.ndarray:
 def uncoupled_policy(env: LayerSparsityEnv) -> np.ndarray:
     """The ``uncoupled`` rule's sparsities (see module docstring)."""
     free = uncoupled_units(env)
-    top = env.max_sparsity
+    top = env.config.max_sparsity
 
     def policy(knob: float) -> np.ndarray:  # [0, top]: uncoupled units; (top, 2 top]: coupled ones too
         return np.where(free, min(knob, top), max(0.0, knob - top))
 
-    return _bisect(env, policy, env.min_sparsity, 2 * top)
+    return _bisect(env, policy, env.config.min_sparsity, 2 * top)
 
 
 @SEARCHERS.register("uncoupled", help="uniform over units no add or concat couples; coupled groups kept whole")

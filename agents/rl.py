@@ -41,9 +41,9 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.logger import configure
 
 from autoprune.agents.base import SEARCHERS, Episode, Searcher
-from autoprune.envs import LayerSparsityEnv
+from autoprune.common.fileio import atomic_torch_save
+from autoprune.envs import LayerSparsityEnv, Stop
 from autoprune.errors import AutopruneError
-from autoprune.fileio import atomic_torch_save
 
 STATE_FILE = "agent.pt"
 
@@ -153,7 +153,7 @@ class RLSearcher(Searcher):
         a, b = (-1.0 - mu) / s, (1.0 - mu) / s
         return float(truncnorm.rvs(a, b, loc=mu, scale=s, random_state=self.rng))
 
-    def episode(self, env: LayerSparsityEnv, trial: optuna.Trial | None) -> Episode:
+    def episode(self, env: LayerSparsityEnv, trial: optuna.Trial, stop: Stop | None = None) -> Episode:
         obs, _ = env.reset()
         steps, requested, info, reward, done = [], [], {}, 0.0, False
         rule, plan = self.portfolio[self.episode_index] if self.episode_index < len(self.portfolio) else (None, None)
@@ -166,13 +166,12 @@ class RLSearcher(Searcher):
         buffer = self.model.replay_buffer
         for o, a, o2, d in steps:  # AMC: the final reward for every step of the episode
             buffer.add(o[None], o2[None], a[None], np.array([reward]), np.array([d]), [{}])
+        agent = None
         if self.episode_index >= self.warmup:  # batches are drawn with replacement
             self.model.train(gradient_steps=len(steps), batch_size=self.batch_size)
-            info = {**info, "agent": self._diagnostics()}
+            agent = self._diagnostics()
         self.episode_index += 1
-        if rule is not None:
-            info = {**info, "rule": rule}
-        return Episode(np.asarray(requested), float(reward), info)
+        return Episode(np.asarray(requested), info["outcome"], rule=rule, agent=agent)
 
     def _diagnostics(self) -> dict:
         """What the agent learned from this episode, recorded in its trial (``agent``) so a learning

@@ -10,12 +10,13 @@ is deprecated since Optuna 4.9, so it is not set: CMA-ES starts from the rules a
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import optuna
 
 from autoprune.agents.base import SEARCHERS, Episode, Searcher, param_name, run_policy
-from autoprune.envs import LayerSparsityEnv
+from autoprune.envs import LayerSparsityEnv, Stop
 
 
 class SamplerSearcher(Searcher):
@@ -40,12 +41,13 @@ class SamplerSearcher(Searcher):
                 study.enqueue_trial({param_name(units[u].name): float(policy[u]) for u in leaders},
                                     user_attrs={"rule": rule})
 
-    def episode(self, env: LayerSparsityEnv, trial: optuna.Trial | None) -> Episode:
-        assert trial is not None
+    def episode(self, env: LayerSparsityEnv, trial: optuna.Trial, stop: Stop | None = None) -> Episode:
         space, units = env.space, env.table.units
         asked = {u: trial.suggest_float(param_name(units[u].name), space.low[u], space.high[u])
                  for u in space.leaders}  # units that share a sparsity take their leader's
-        return run_policy(env, [asked[space.leader[u]] for u in range(len(units))])
+        episode = run_policy(env, [asked[space.leader[u]] for u in range(len(units))], stop=stop)
+        rule = trial.user_attrs.get("rule")  # an enqueued rule of the portfolio
+        return dataclasses.replace(episode, rule=rule) if rule else episode
 
 
 def _startup(env: LayerSparsityEnv) -> int:
@@ -105,5 +107,4 @@ class NSGA2(SamplerSearcher):
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, min(50, env.n_units)))
 
     def values(self, episode: Episode) -> list[float]:
-        s = episode.summary
-        return [s["accuracy"], s["ratios"][s["budget_metric"]]]
+        return [episode.outcome.accuracy, episode.outcome.cost]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -23,15 +25,15 @@ from autoprune.studies import DEFAULT_STORAGE
 
 # Where each extension point's registry lives, imported only when its names are needed.
 _REGISTRIES = {
-    "model": ("autoprune.models", "MODELS"),
-    "dataset": ("autoprune.data", "DATASETS"),
-    "importance": ("autoprune.importance", "IMPORTANCE"),
-    "granularity": ("autoprune.granularity", "GRANULARITIES"),
-    "reconstruct": ("autoprune.reconstruct", "RECONSTRUCTIONS"),
-    "proxy": ("autoprune.evaluate", "PROXIES"),
+    "model": ("autoprune.model.zoo", "MODELS"),
+    "dataset": ("autoprune.data.datasets", "DATASETS"),
+    "importance": ("autoprune.prune.importance", "IMPORTANCE"),
+    "granularity": ("autoprune.prune.granularity", "GRANULARITIES"),
+    "reconstruct": ("autoprune.reconstruct.refit", "RECONSTRUCTIONS"),
+    "proxy": ("autoprune.evaluate.metrics", "PROXIES"),
     "searcher": ("autoprune.agents", "SEARCHERS"),
     "reward": ("autoprune.envs.rewards", "REWARDS"),
-    "runtime": ("autoprune.runtimes", "RUNTIMES"),
+    "runtime": ("autoprune.cost.runtimes", "RUNTIMES"),
 }
 
 
@@ -177,7 +179,7 @@ def task_config(args: argparse.Namespace, reconstruct: str = "lsq"):
 
 
 def _finetune(args: argparse.Namespace, seed: int):
-    from autoprune.finetune import FinetuneConfig
+    from autoprune.finetune.loop import FinetuneConfig
 
     if args.finetune_batch_size < 1:
         raise AutopruneError("--finetune-batch-size must be at least 1")
@@ -208,56 +210,38 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
-
-    from autoprune.checkpoints import load_weights
-    from autoprune.data import dataset_info
-    from autoprune.inspect import format_units, unit_rows
-    from autoprune.models import ModelSpec, build_model
-    from autoprune.task import unit_table
+    from autoprune.api import inspect
 
     args.dataset = args.dataset or "digits"
-    config = task_config(args).check()
-    info = dataset_info(config.dataset, args.data_dir)
-    model = build_model(args.model, ModelSpec(info.num_classes, info.in_channels, info.image_size))
-    if args.weights:
-        load_weights(model, args.weights)
-    table = unit_table(model, torch.zeros(1, info.in_channels, info.image_size, info.image_size), config)
-    if args.json:
-        print(json.dumps({"model": args.model, "dataset": config.dataset, "granularity": table.granularity,
-                          "dense_flops": table.dense_macs, "dense_params": table.dense_params,
-                          "round_to": table.round_to, "units": unit_rows(table)}, indent=2))
-    else:
-        title = (f"{args.model} on {config.dataset} ({info.in_channels}x{info.image_size}x{info.image_size}, "
-                 f"{info.num_classes} classes), {table.granularity} granularity")
-        print(format_units(table, title))
+    report = inspect(task_config(args))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from autoprune.apply import apply_policy
-    from autoprune.policy import Policy
-    from autoprune.runtimes import get_runtime
-    from autoprune.task import PruningTask, check_device
+    from autoprune.api import apply
 
     config = task_config(args).check()
     args.dataset = _default_dataset(args)
-    ft = _finetune(args, args.split_seed)
-    check_device(args.latency_device)
-    get_runtime(args.latency_runtime).check(args.latency_device)
-    policy = Policy.load(args.policy)  # a malformed policy fails before any model is built
-    if args.reconstruct is None:  # rebuild the model as the policy's search scored it
-        from dataclasses import replace
-
-        config = replace(config, reconstruct=policy.meta.get("reconstruct", "lsq"))
-    task = PruningTask(config, progress=not args.quiet)
-    metrics = apply_policy(task, policy, args.output, ft, test=not args.no_test,
-                           latency_batches=args.latency_batch, latency_device=args.latency_device,
-                           latency_threads=args.latency_threads, latency_runtime=args.latency_runtime,
-                           quiet=args.quiet, resume=args.resume)
+    metrics = apply(args.policy, config, args.output, finetune=_finetune(args, args.split_seed),
+                    reconstruct=args.reconstruct, test=not args.no_test, latency_batches=args.latency_batch,
+                    latency_device=args.latency_device, latency_threads=args.latency_threads,
+                    latency_runtime=args.latency_runtime, resume=args.resume, progress=not args.quiet)
     print(f"wrote {args.output}/pruned.pt, model.pt2, policy.json, metrics.json "
           f"(FLOPs x{metrics['ratios']['flops']:.3f}, params x{metrics['ratios']['params']:.3f})")
     return 0
+
+
+def env_settings(args: argparse.Namespace) -> dict:
+    """The :class:`~autoprune.envs.EnvConfig` fields among the parsed flags, by name (a flag
+    spelled like its field needs nothing here)."""
+    from autoprune.envs.config import EnvConfig
+
+    if len(args.latency_batch) != 1:
+        raise AutopruneError("--latency-batch: a search measures its latency budget at one batch size")
+    settings = {name: getattr(args, name) for name in EnvConfig.names() if hasattr(args, name)}
+    settings["latency_batch"] = args.latency_batch[0]
+    return settings
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -266,29 +250,26 @@ def cmd_search(args: argparse.Namespace) -> int:
     from autoprune.api import search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if len(args.latency_batch) != 1:
-        raise AutopruneError("--latency-batch: a search measures its latency budget at one batch size")
     dataset_given = args.dataset is not None
-    config = task_config(args)
     result = search(
-        config, budget=args.budget, searcher=args.searcher, episodes=args.episodes, seed=args.seed,
+        task_config(args), searcher=args.searcher, episodes=args.episodes, seed=args.seed,
         storage=args.storage, study_name=args.study_name, resume=args.resume, workers=args.workers,
-        state_dir=args.state_dir, reward=args.reward, reward_lambda=args.reward_lambda,
-        min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, ranges=args.ranges, share=args.share,
-        latency_batch=args.latency_batch[0],
-        latency_threads=args.latency_threads,
-        latency_runtime=args.latency_runtime, latency_margin=args.latency_margin,
-        latency_correct=args.latency_correct,
-        searcher_options={"warmup": args.warmup} if args.warmup is not None else None,
-        early_stop=args.early_stop,
-        progress=not args.quiet, command=" ".join(shlex.quote(a) for a in ["autoprune", *args.argv]),
-        before_work=None if dataset_given else lambda: _default_dataset(args),
+        state_dir=args.state_dir, searcher_options={"warmup": args.warmup} if args.warmup is not None else None,
+        early_stop=args.early_stop, progress=not args.quiet,
+        command=" ".join(shlex.quote(a) for a in ["autoprune", *args.argv]),
+        before_work=None if dataset_given else lambda: _default_dataset(args), **env_settings(args),
     )
     print(summary(result))
     return 0
 
 
 def summary(result) -> str:
+    """What a finished search says: the study, its best trial against the best one-shot rule, the
+    best policy per unit, and where to look next."""
+    from autoprune.evaluate.metrics import proxy_label
+    from autoprune.studies.records import best_rule_trial
+    from autoprune.studies.storage import journal_path, storage_kind
+
     study, best, storage = result.study, result.best, result.storage
     lines = [f"study {study.study_name!r} in {storage}: {len(study.trials)} trials ({result.new_trials} new)"]
     if best is None:
@@ -296,29 +277,24 @@ def summary(result) -> str:
     a = best.user_attrs
     dense = result.record.fingerprint.dense_score
     ratios = ", ".join(f"{k} {v:.3f}" for k, v in a["ratios"].items())
-    from autoprune.evaluate import proxy_label
-
     label = proxy_label(result.record.task.proxy)
-    lines.append(f"best: trial {best.number} ({a['searcher']}), {label} {a['accuracy']:.2%}"
+    who = f"the one-shot rule {a['rule']}" if a.get("rule") else f"searched by {a['searcher']}"
+    lines.append(f"best: trial {best.number}, {who}: {label} {a['accuracy']:.2%}"
                  + (f" (dense {dense:.2%})" if dense is not None else "")
                  + f", reward {a['reward']:+.4f}; cost ratios: {ratios} (budget {result.record.search.budget})")
-    from autoprune.studies.records import best_rule_trial
-
     rule = best_rule_trial(study)
     if rule is not None and rule.number != best.number:
         r = rule.user_attrs
         lines.append(f"best one-shot rule: {r['rule']} (trial {rule.number}), {label} {r['accuracy']:.2%}; "
                      f"the search is {100 * (a['accuracy'] - r['accuracy']):+.2f} points past it")
     elif rule is not None:
-        lines.append(f"the best trial is the one-shot rule {a['rule']}: the search has not beaten it yet")
+        lines.append("the search has not beaten the best one-shot rule yet")
     lines.append("per-unit sparsity (achieved -> kept width):")
     policy = result.policy(best)
     sizes = result.task().table.sizes()
     width = max(len(n) for n in policy.sparsity)
     for (name, s), size in zip(policy.sparsity.items(), sizes):
         lines.append(f"  {name:<{width}}  {s:6.3f}  {size:>6} -> {policy.widths[name]}")
-    from autoprune.studies.storage import journal_path, storage_kind
-
     plain = str(journal_path(storage)) if storage_kind(storage) == "journal" else storage
     lines.append(f"dashboard: autoprune dashboard --storage {storage}   (or: optuna-dashboard {plain})")
     lines.append(f"export:    autoprune export {study.study_name} --storage {storage} -o policy.json")
@@ -327,12 +303,12 @@ def summary(result) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from autoprune.api import load
-    from autoprune.policy import FORMATS
+    from autoprune.units.policy import FORMATS
 
     if args.format not in FORMATS:
         raise AutopruneError(f"unknown --format {args.format!r}; choose one of: {', '.join(FORMATS)}")
     if args.latency_runtime is not None:
-        from autoprune.runtimes import get_runtime
+        from autoprune.cost.runtimes import get_runtime
 
         get_runtime(args.latency_runtime).check("cpu")
     out = Path(args.output)
@@ -364,7 +340,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         policy = result.policy(trial)
     policy.save(out, format=args.format)
     a = trial.user_attrs
-    from autoprune.evaluate import proxy_label
+    from autoprune.evaluate.metrics import proxy_label
 
     ratios = ", ".join(f"{k} {v:.3f}" for k, v in a["ratios"].items())
     print(f"wrote {out} ({args.format}): trial {trial.number} of {result.study.study_name!r}, "
@@ -407,20 +383,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for add in (_models_command, _inspect_command, _apply_command, _search_command, _export_command,
+                _studies_commands):
+        add(sub)
+    return parser
 
-    def command(name: str, func, help: str, **kw) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, allow_abbrev=False, help=help, **kw)
-        p.set_defaults(func=func)
-        return p
 
-    command("models", cmd_models, "list the registered models, datasets, criteria, searchers and rewards")
+def _command(sub, name: str, func, help: str, **kw) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, allow_abbrev=False, help=help, **kw)
+    p.set_defaults(func=func, parser=p)
+    return p
 
-    p = command("inspect", cmd_inspect, "show a model's prunable units and what each costs")
+
+def _models_command(sub) -> None:
+    _command(sub, "models", cmd_models, "list the registered models, datasets, criteria, searchers and rewards")
+
+
+def _inspect_command(sub) -> None:
+    p = _command(sub, "inspect", cmd_inspect, "show a model's prunable units and what each costs")
     add_model_args(p)
     add_unit_args(p)
     p.add_argument("--json", action="store_true", help="print the table as JSON")
 
-    p = command("apply", cmd_apply, "prune a model with a policy file and measure the result")
+
+def _apply_command(sub) -> None:
+    p = _command(sub, "apply", cmd_apply, "prune a model with a policy file and measure the result")
     add_model_args(p)
     add_unit_args(p)
     add_eval_args(p, "the policy's, else lsq")
@@ -432,9 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true")
 
-    p = command("search", cmd_search, "search per-unit sparsities that meet a budget",
-                description="Search per-unit sparsities that meet a budget; every episode is one "
-                            "trial of an Optuna study.")
+
+def _search_command(sub) -> None:
+    p = _command(sub, "search", cmd_search, "search per-unit sparsities that meet a budget",
+                 description="Search per-unit sparsities that meet a budget; every episode is one "
+                             "trial of an Optuna study.")
     add_model_args(p)
     add_unit_args(p)
     g = p.add_argument_group("search")
@@ -464,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-margin", type=float, default=None, metavar="FRACTION",
                    help="a latency budget's episodes aim at budget/(1+FRACTION) (default: the latency "
                         "table's mean fit error; 0: at the budget)")
+    p.add_argument("--latency-pairs", type=int, default=30, metavar="N",
+                   help="alternated dense/pruned runs behind each episode's measured latency (default 30)")
     p.add_argument("--no-latency-correct", dest="latency_correct", action="store_false",
                    help="trust the latency table; by default, from the third episode the wall aims by the "
                         "median of measured over predicted latency")
@@ -477,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_eval_args(p, "lsq")
 
-    p = command("export", cmd_export, "write a study's best policy (and, with weights, the pruned model)")
+
+def _export_command(sub) -> None:
+    p = _command(sub, "export", cmd_export, "write a study's best policy (and, with weights, the pruned model)")
     p.add_argument("study", help="study name (see `autoprune studies`)")
     _storage_arg(p)
     p.add_argument("--trial", type=int, default=None, help="export this trial instead of the best")
@@ -506,20 +499,34 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("-q", "--quiet", action="store_true")
 
-    p = command("studies", cmd_studies, "list the studies in a storage")
+
+def _studies_commands(sub) -> None:
+    p = _command(sub, "studies", cmd_studies, "list the studies in a storage")
     _storage_arg(p)
     p.add_argument("--json", action="store_true")
 
-    p = command("dashboard", cmd_dashboard, "serve optuna-dashboard on the study storage")
+    p = _command(sub, "dashboard", cmd_dashboard, "serve optuna-dashboard on the study storage")
     _storage_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
     p.add_argument("--port", type=int, default=8080)
 
-    p = command("report", cmd_report, "trials CSV, markdown summary and plots of a study")
+    p = _command(sub, "report", cmd_report, "trials CSV, markdown summary and plots of a study")
     p.add_argument("study")
     _storage_arg(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR")
-    return parser
+
+
+def _in_flags(message: str, command: argparse.ArgumentParser) -> str:
+    """A library error in the command line's terms: a setting it names (``calib_batches``) becomes
+    the flag that sets it (``--calib-batches``), where the command has that flag."""
+    flags = set(re.findall(r"--[a-z][a-z0-9-]*", command.format_help()))
+
+    def flag(m: re.Match) -> str:
+        name = "--" + m.group(1).replace("_", "-")
+        return name if name in flags else m.group(0)
+
+    message = re.sub(r"\b([a-z]+(?:_[a-z0-9]+)*)=True\b", flag, message)  # resume=True -> --resume
+    return re.sub(r"(?<![\w-])([a-z]+(?:_[a-z0-9]+)+)\b", flag, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -528,14 +535,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     _Help.full = bool({"-h", "--help"} & set(argv[1:])) and argv[0] not in ("-h", "--help")
     args = build_parser().parse_args(argv)
     args.argv = argv
+    # the library's notes, one line each on stderr (the search's progress bar is tqdm's)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    lib = logging.getLogger("autoprune")
+    lib.addHandler(handler)
+    lib.setLevel(logging.ERROR if getattr(args, "quiet", False) else logging.INFO)
+    lib.propagate = False
     try:
         return int(args.func(args) or 0)
     except AutopruneError as err:
-        print(f"autoprune: error: {err}", file=sys.stderr)
+        print(f"autoprune: error: {_in_flags(str(err), args.parser)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("autoprune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        lib.removeHandler(handler)
+        lib.propagate, lib.level = True, logging.NOTSET
 
 
 if __name__ == "__main__":

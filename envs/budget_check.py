@@ -1,9 +1,10 @@
 """Whether a finished episode met its budget, and when its measured latency is measured again.
 
 FLOPs and params have a closed form and the wall meets them exactly. Latency is measured: the
-median of per-pair ratios over alternated runs of the dense and the pruned model, whose noise is
-about 1 % (sd) for 30 pairs on a shared CPU. So an episode counts as within a latency budget up
-to :data:`LATENCY_TOLERANCE` over it, and a measurement close enough to that line for the noise
+median of per-pair ratios over alternated runs of the dense and the pruned model (an episode's
+first measurement takes :attr:`~autoprune.envs.EnvConfig.latency_pairs`, 30 by default), whose
+noise is about 1 % (sd) for 30 pairs on a shared CPU. So an episode counts as within a latency
+budget up to :data:`LATENCY_TOLERANCE` over it, and a measurement close enough to that line for the noise
 to put it on the wrong side is measured again with more pairs, pooled with the first.
 
 The band is :data:`BORDERLINE`, from the budget itself to 6 % over it: three noise sds either side
@@ -15,13 +16,10 @@ back. 60 more pairs make 90 in all, which cuts the noise of the median by about 
 
 from __future__ import annotations
 
-from autoprune.budget import Budget
+from autoprune.cost.budget import Budget
 
 LATENCY_TOLERANCE = 0.03
 """An episode's measured latency may exceed its budget by this fraction (measurement noise)."""
-
-FIRST_PAIRS = 30
-"""Alternated pairs behind every episode's measured latency, as every latency figure of the engine."""
 
 BORDERLINE = (1.0, 1.06)
 """Measured latency ratios from ``budget * BORDERLINE[0]`` to ``budget * BORDERLINE[1]`` are

@@ -19,44 +19,49 @@ table's figure (BENCHMARKS.md, where the timings also drifted as the process ran
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from autoprune.budget import Budget, parse_budget
-from autoprune.costs import COST_MODELS, CostModel, closed_form
-from autoprune.envs.budget_check import FIRST_PAIRS, extra_pairs, within_budget
+from autoprune.cost.budget import Budget
+from autoprune.cost.flops import COST_MODELS, CostModel, closed_form
+from autoprune.envs.budget_check import BORDERLINE, LATENCY_TOLERANCE, MORE_PAIRS, extra_pairs, within_budget
+from autoprune.envs.config import EnvConfig
+from autoprune.envs.outcome import EpisodeOutcome
 from autoprune.envs.rewards import REWARDS, Outcome
 from autoprune.envs.space import SearchSpace
 from autoprune.envs.state import N_FEATURES, observation, rest_flops, static_features
 from autoprune.envs.wall import ActionWall
 from autoprune.errors import AutopruneError
-from autoprune.policy import Policy
-from autoprune.runtimes import RUNTIMES
-from autoprune.task import EpisodePruned, PruningTask, TaskConfig
+from autoprune.task import PruningTask, TaskConfig
+from autoprune.units.policy import Policy
+
+Stop = Callable[[float, int], bool]
+"""``stop(score so far, chunk index) -> bool``: called after each chunk of search-val; True ends
+scoring there (an Optuna pruner's decision). Passed per episode: ``reset(options={"stop": stop})``."""
 
 
-def make_cost_model(task: PruningTask, budget: Budget, latency_batch: int = 1,
-                    latency_threads: int | None = None, progress: bool = True,
-                    latency_runtime: str = "eager") -> CostModel:
-    """The cost model of ``budget.metric`` for ``task`` (latency: measured once per runtime, cached)."""
-    import autoprune.latency  # noqa: F401  (registers the latency cost model)
+def make_cost_model(task: PruningTask, config: EnvConfig, progress: bool = True) -> CostModel:
+    """The cost model of the budget's metric for ``task`` (latency: measured once per runtime, cached)."""
+    import autoprune.cost.latency  # noqa: F401  (registers the latency cost model)
 
-    return COST_MODELS.get(budget.metric).build(task, batch_size=latency_batch, threads=latency_threads,
-                                                runtime=latency_runtime, progress=progress)
+    return COST_MODELS.get(config.parsed_budget.metric).build(
+        task, batch_size=config.latency_batch, threads=config.latency_threads, runtime=config.latency_runtime,
+        progress=progress)
 
 
-def check_reachable(table, budget: Budget, min_sparsity: float, max_sparsity: float,
-                    ranges: Sequence[str] = (), share: Sequence[str] = ()) -> None:
+def check_reachable(table, config: EnvConfig) -> None:
     """Refuse a FLOPs or params budget the search space cannot meet, from the unit table alone
     (a latency budget needs the model's measured latency table: the env checks it)."""
+    budget = config.parsed_budget
     if budget.metric == "latency":
         return
-    space = SearchSpace.build(table, min_sparsity, max_sparsity, ranges, share)
+    space = SearchSpace.build(table, config.min_sparsity, config.max_sparsity, config.ranges, config.share)
     ActionWall(table, COST_MODELS.get(budget.metric)(table), budget.ratio, space.low, space.high).check_feasible()
 
 
@@ -64,70 +69,53 @@ class LayerSparsityEnv(gym.Env):
     """Choose each unit's sparsity in turn; the reward is accuracy minus a cost penalty.
 
     Args:
-        task: a built :class:`~autoprune.task.PruningTask`; if ``None``, one is built from
-            ``task_kwargs`` (the fields of :class:`~autoprune.task.TaskConfig`).
-        budget: ``0.5flops``, ``0.3params``, ``0.7latency``, ``2xflops``, ``50%flops``.
-        reward: a name in :data:`~autoprune.envs.rewards.REWARDS`.
-        reward_lambda: the penalty weight of ``acc-penalty``.
-        min_sparsity, max_sparsity: the range actions are rescaled to.
-        ranges, share: per-unit bounds and shared sparsities (:mod:`autoprune.envs.space`).
-        latency_batch, latency_threads: what latency budgets are measured for.
-        latency_runtime: what runs the model when its latency is measured, a name in
-            :data:`~autoprune.runtimes.RUNTIMES` (``eager``, ``compile``, ``onnxruntime``).
-        latency_margin: under a latency budget, the wall aims at ``budget / (1 + margin)``;
-            ``None`` (the default) takes the latency table's stated error
-            (:meth:`~autoprune.latency.LatencyModel.margin`), 0 aims at the budget itself.
-        latency_remeasure: measure a borderline episode's latency again with more pairs
-            (:func:`~autoprune.envs.budget_check.extra_pairs`).
-        latency_correct: from the third measured episode on, aim the wall by the median ratio of
-            measured to predicted latency so far (:meth:`observe_latency`), so a table that is
-            off by a steady factor on the policies a search visits does not put most episodes
-            over budget.
+        task: a built :class:`~autoprune.task.PruningTask`; if ``None``, one is built from the
+            settings that are fields of :class:`~autoprune.task.TaskConfig`.
+        config: the env's settings (:class:`~autoprune.envs.config.EnvConfig`: budget, reward,
+            sparsity range, search space, how latency is measured); or give them as keywords
+            (``budget="0.5flops", max_sparsity=0.9``), as ``gymnasium.make`` does.
         progress: let the task and latency table show progress bars.
+
+    After construction ``config`` holds what the env resolved (the latency margin it aims with),
+    which is what a study records.
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, task: PruningTask | None = None, budget: str | Budget = "0.5flops",
-                 reward: str = "acc", reward_lambda: float = 1.0, min_sparsity: float = 0.0,
-                 max_sparsity: float = 0.8, latency_batch: int = 1,
-                 latency_threads: int | None = None, progress: bool = False,
-                 ranges: Sequence[str] = (), share: Sequence[str] = (), latency_runtime: str = "eager",
-                 latency_margin: float | None = None, latency_remeasure: bool = True,
-                 latency_correct: bool = True, **task_kwargs: Any) -> None:
+    def __init__(self, task: PruningTask | None = None, config: EnvConfig | str | Budget | None = None, *,
+                 progress: bool = False, **settings: Any) -> None:
         super().__init__()
-        self.budget = budget if isinstance(budget, Budget) else parse_budget(budget)
-        self.reward_fn = REWARDS.get(reward)
-        self.reward_name, self.reward_lambda = reward, reward_lambda
-        RUNTIMES.get(latency_runtime)  # a typo is refused whatever the budget
-        if not 0.0 <= min_sparsity <= max_sparsity < 1.0:
-            raise AutopruneError(f"need 0 <= min_sparsity <= max_sparsity < 1, got "
-                                 f"{min_sparsity:g} and {max_sparsity:g}")
+        if isinstance(config, (str, Budget)):  # LayerSparsityEnv(task, "0.5flops")
+            settings["budget"], config = str(config), None
+        given, task_settings = EnvConfig.split(settings)
+        if config is None:
+            config = given
+        elif set(settings) - set(task_settings):
+            both = sorted(set(settings) - set(task_settings))
+            raise TypeError(f"pass either config or env settings, not both: {both}")
+        config.check()
+        self.budget = config.parsed_budget
+        self.reward_fn = REWARDS.get(config.reward)
         if task is None:
             try:
-                config = TaskConfig(**task_kwargs)
+                task_config = TaskConfig(**task_settings)
             except TypeError as err:
                 raise AutopruneError(f"LayerSparsity-v0: {err}") from None
-            task = PruningTask(config, progress=progress)
-        elif task_kwargs:
-            raise TypeError(f"pass either task or task settings, not both: {sorted(task_kwargs)}")
+            task = PruningTask(task_config, progress=progress)
+        elif task_settings:
+            raise TypeError(f"pass either task or task settings, not both: {sorted(task_settings)}")
         self.task = task
         self.table = task.table
         self.n_units = len(self.table.units)
-        self.space = SearchSpace.build(self.table, min_sparsity, max_sparsity, ranges, share)
-        self.ranges, self.share = tuple(ranges), tuple(share)
-        self.cost = make_cost_model(task, self.budget, latency_batch, latency_threads, progress, latency_runtime)
+        self.space = SearchSpace.build(self.table, config.min_sparsity, config.max_sparsity, config.ranges,
+                                       config.share)
+        self.cost = make_cost_model(task, config, progress)
         margin = 0.0
         if self.budget.metric == "latency":
-            margin = self.cost.margin() if latency_margin is None else float(latency_margin)
+            margin = self.cost.margin() if config.latency_margin is None else float(config.latency_margin)
         self.wall = ActionWall(self.table, self.cost, self.budget.ratio, self.space.low, self.space.high, margin)
         self.wall.check_feasible()
-        self.min_sparsity, self.max_sparsity = min_sparsity, max_sparsity
-        self.latency_batch, self.latency_threads = latency_batch, latency_threads
-        self.latency_runtime = latency_runtime
-        self.latency_margin = self.wall.margin  # what the wall kept of it (see ActionWall)
-        self.latency_remeasure = bool(latency_remeasure)
-        self.latency_correct = bool(latency_correct)
+        self.config = dataclasses.replace(config, latency_margin=self.wall.margin)  # what the wall kept of it
         self._latency_errors: list[float] = []  # measured / predicted, one per measured episode
         self._meter = None  # measures episodes against the dense model, prepared once (latency budgets)
         self._static = static_features(self.table)
@@ -137,10 +125,8 @@ class LayerSparsityEnv(gym.Env):
         self._t = 0
         self._kept = self.table.sizes().copy()
         self._requested = np.zeros(self.n_units)
+        self._stop: Stop | None = None
         self.episodes = 0
-        # Set by the study runner for --early-stop: called with the score so far after each chunk
-        # of search-val; returning True stops the episode (EpisodePruned).
-        self.on_chunk: Callable[[float, int], bool] | None = None
 
     # -- pure helpers ---------------------------------------------------------------------------
     def action_to_sparsity(self, action, t: int | None = None) -> float:
@@ -165,7 +151,9 @@ class LayerSparsityEnv(gym.Env):
 
     # -- gymnasium API ----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start an episode; ``options={"stop": stop}`` lets ``stop`` end its scoring early (:data:`Stop`)."""
         super().reset(seed=seed)
+        self._stop = (options or {}).get("stop")
         self._t = 0
         self._kept = self.table.sizes().copy()
         return self._obs(), {"unit": self.table.units[0].name, "step": 0}
@@ -181,58 +169,43 @@ class LayerSparsityEnv(gym.Env):
         if t + 1 < self.n_units:
             self._t = t + 1
             return self._obs(), 0.0, False, False, info
-        reward, summary = self.finish(self._kept)
-        info.update(summary)
+        outcome = self.finish(self._kept, self._stop)
+        info.update(outcome.info())
         self.episodes += 1
-        return self._obs(), reward, True, False, info
+        return self._obs(), outcome.reward, True, False, info
 
-    def finish(self, kept: np.ndarray) -> tuple[float, dict]:
-        """Apply, evaluate and score the policy of ``kept`` widths; returns reward and summary."""
+    def finish(self, kept: np.ndarray, stop: Stop | None = None) -> EpisodeOutcome:
+        """Apply, evaluate and score the policy of ``kept`` widths. With ``stop``, scoring may end
+        early (the outcome's ``stopped_after``; its latency is then not measured)."""
         kept = np.asarray(kept, dtype=np.int64)
         start = time.perf_counter()
-        try:
-            model, evaluation = self.task.evaluate(kept, self.on_chunk)
-        except EpisodePruned as stop:  # what the pruned trial records
-            stop.summary = {"policy": Policy.from_kept(self.table, kept).sparsity, "widths": [int(k) for k in kept],
-                            "accuracy": stop.score, "ratios": self.task.cost_ratios(kept),
-                            "pruned_after_chunks": stop.chunks, "eval_seconds": time.perf_counter() - start}
-            raise
+        model, evaluation = self.task.evaluate(kept, stop)
         ratios = self.task.cost_ratios(kept)
         measurement = None
-        if self.budget.metric == "latency":
+        if self.budget.metric == "latency" and evaluation.stopped_after is None:
             ratios["latency_predicted"] = self.cost.ratio(kept)
             ratios["latency"], measurement = self.measure_latency(model)
             measurement["scale"] = self.wall.scale  # how the wall aimed this episode
             self.observe_latency(ratios["latency_predicted"], ratios["latency"])
-        outcome = Outcome(evaluation.accuracy, ratios[self.budget.metric], self.budget.ratio,
-                          closed_form(self.table, kept).flops)
-        reward, parts = self.reward_fn(outcome, self.reward_lambda)
-        policy = Policy.from_kept(self.table, kept)
-        summary = {
-            "policy": policy.sparsity,
-            "widths": [int(k) for k in kept],
-            "accuracy": evaluation.accuracy,
-            "ratios": ratios,
-            "budget": str(self.budget),
-            "budget_metric": self.budget.metric,
-            "within_budget": within_budget(ratios[self.budget.metric], self.budget),
-            "reward": reward,
-            "reward_parts": parts,
-            "eval_seconds": time.perf_counter() - start,
-        }
-        if measurement is not None:
-            summary["latency"] = measurement
+        cost = ratios.get(self.budget.metric, ratios["flops"])  # a stopped latency episode is not timed
+        reward, parts = self.reward_fn(Outcome(evaluation.accuracy, cost, self.budget.ratio,
+                                               closed_form(self.table, kept).flops), self.config.reward_lambda)
         rec = evaluation.reconstruction
-        if rec is not None:
-            summary["reconstruction"] = {"refit": rec.refit, "fallbacks": rec.fallbacks,
-                                         "seconds": round(rec.seconds, 3)}
-        return float(reward), summary
+        return EpisodeOutcome(
+            policy=Policy.from_kept(self.table, kept).sparsity, widths=tuple(int(k) for k in kept),
+            accuracy=evaluation.accuracy, ratios=ratios, budget=str(self.budget), metric=self.budget.metric,
+            within_budget=within_budget(cost, self.budget), reward=float(reward), reward_parts=parts,
+            eval_seconds=time.perf_counter() - start, latency=measurement,
+            reconstruction=None if rec is None else {"refit": rec.refit, "fallbacks": rec.fallbacks,
+                                                     "seconds": round(rec.seconds, 3)},
+            stopped_after=evaluation.stopped_after,
+        )
 
     def measure_latency(self, model) -> tuple[float, dict]:
         """The latency ratio of ``model`` to the dense model, measured as the budget is checked,
         and how: the pairs behind it, the wall's margin and, if it was measured again, the first
         figure."""
-        from autoprune.latency import RatioMeter
+        from autoprune.cost.latency import RatioMeter
 
         if self._meter is None:
             self._meter = RatioMeter(self.task.dense, self.table.input_shape, self.task.device)
@@ -240,12 +213,13 @@ class LayerSparsityEnv(gym.Env):
 
         def more(times) -> int:
             first.append(times.ratio)
-            return extra_pairs(times.ratio, self.budget) if self.latency_remeasure else 0
+            return extra_pairs(times.ratio, self.budget) if self.config.latency_remeasure else 0
 
-        times = self._meter.measure(model, self.cost.batch_size, self.cost.threads, pairs=FIRST_PAIRS,
+        pairs = self.config.latency_pairs
+        times = self._meter.measure(model, self.cost.batch_size, self.cost.threads, pairs=pairs,
                                     runtime=self.cost.runtime, more=more)
-        how = {"pairs": times.pairs, "margin": self.latency_margin}
-        if times.pairs > FIRST_PAIRS:
+        how = {"pairs": times.pairs, "margin": self.config.latency_margin}
+        if times.pairs > pairs:
             how["first"] = first[0]
         return times.ratio, how
 
@@ -253,7 +227,7 @@ class LayerSparsityEnv(gym.Env):
         """Learn from one episode's predicted and measured latency ratios: with
         ``latency_correct``, from the third on, the wall aims by their median ratio."""
         self._latency_errors.append(measured / predicted)
-        if self.latency_correct and len(self._latency_errors) >= 3:
+        if self.config.latency_correct and len(self._latency_errors) >= 3:
             self.wall.rescale(float(np.median(self._latency_errors)))
 
     def replay_latency(self, episodes: Iterable[tuple[float, float]]) -> None:
@@ -270,3 +244,19 @@ class LayerSparsityEnv(gym.Env):
         for t in range(self.n_units):
             kept[t] = self.wall.decide(kept, t, float(sparsity[self.space.leader[t]])).kept
         return kept
+
+    def latency_note(self) -> str | None:
+        """How a latency budget is aimed at and checked, in one line (None for other budgets)."""
+        if self.budget.metric != "latency":
+            return None
+        worst, mean = self.cost.fit_error
+        c = self.config
+        how = (f"measured again with {MORE_PAIRS} more pairs where the first {c.latency_pairs} put it at "
+               f"{BORDERLINE[0]:g}-{BORDERLINE[1]:g}x the budget" if c.latency_remeasure
+               else f"measured once with {c.latency_pairs} pairs")
+        return (f"latency budget {self.budget}: the action wall aims at {self.wall.aim:.4f} as the latency "
+                f"table predicts it, a margin of {c.latency_margin:.1%} (the table's fit error: mean {mean:.1%}, "
+                f"max {worst:.1%}); each episode's latency is {how}, and is within budget up to "
+                f"{LATENCY_TOLERANCE:.0%} over it"
+                + ("; from the third episode the wall aims by the median of measured over predicted latency"
+                   if c.latency_correct else ""))

@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from autoprune.registry import Registry
+from autoprune.common.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,12 @@ class SearchSpace:
         high = np.full(len(names), float(max_sparsity))
         for entry in ranges:
             pattern, lo, hi = parse_range(entry)
-            hit = _matching(names, pattern, f"--range {entry!r}")
+            hit = _matching(names, pattern, f"range {entry!r}")
             low[hit], high[hit] = lo, hi
         leader = np.arange(len(names))
         grouped = np.zeros(len(names), dtype=bool)
         for entry in share:
-            groups = _stages(names) if entry == "stage" else [_matching(names, entry, f"--share {entry!r}")]
+            groups = _stages(names) if entry == "stage" else [_matching(names, entry, f"share {entry!r}")]
             for members in groups:
                 members = [u for u in members if not grouped[u]]
                 if len(members) > 1:
@@ -62,7 +62,7 @@ class SearchSpace:
                     # one decision: the group takes the range all its members allow
                     lo, hi = low[members].max(), high[members].min()
                     if lo > hi:
-                        raise AutopruneError(f"--share {entry!r} joins units whose --range bounds do not "
+                        raise AutopruneError(f"share {entry!r} joins units whose range bounds do not "
                                              f"overlap ({names[members[0]]} and others)")
                     low[members], high[members] = lo, hi
         return cls(low, high, leader)
@@ -77,10 +77,10 @@ def parse_range(entry: str) -> tuple[str, float, float]:
         lo, _, hi = bounds.partition(":")
         lo_v, hi_v = float(lo), float(hi or lo)
     except ValueError:
-        raise AutopruneError(f"--range {entry!r}: expected PATTERN=LO:HI or PATTERN=VALUE, e.g. "
+        raise AutopruneError(f"range {entry!r}: expected PATTERN=LO:HI or PATTERN=VALUE, e.g. "
                              "'layer1.*=0:0.3' or 'conv1=0'") from None
     if not 0.0 <= lo_v <= hi_v < 1.0:
-        raise AutopruneError(f"--range {entry!r}: need 0 <= LO <= HI < 1")
+        raise AutopruneError(f"range {entry!r}: need 0 <= LO <= HI < 1")
     return pattern, lo_v, hi_v
 
 

@@ -7,7 +7,7 @@ with a closed form), whatever the agent asks for.
 
 A cost that is predicted rather than computed (latency, from a lookup table) is off by the
 prediction's error, so the wall can aim lower than the budget: at ``budget / (1 + margin)``, the
-margin stated by the cost model (:meth:`~autoprune.costs.CostModel.margin`). The aim never goes
+margin stated by the cost model (:meth:`~autoprune.cost.flops.CostModel.margin`). The aim never goes
 below what maximum sparsity everywhere reaches, so a budget within reach stays within reach and
 the margin shrinks instead (``ActionWall.margin`` is the one it kept). Where measurements show
 the prediction off by a steady factor, :meth:`ActionWall.rescale` aims by the measured figure.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autoprune.costs import CostModel
+from autoprune.cost.flops import CostModel
 from autoprune.errors import AutopruneError
 from autoprune.units import UnitTable
 
@@ -75,9 +75,9 @@ class ActionWall:
         if self.lowest > self.budget + self.eps:
             raise AutopruneError(
                 f"budget {self.budget:g}{self.cost.metric} is out of reach: with max sparsity "
-                f"{self.high.max():g} on every unit (less where --range says) the model keeps "
+                f"{self.high.max():g} on every unit (less where a range says) the model keeps "
                 f"{self.lowest:.4f} of its dense {self.cost.metric}; ask for at least "
-                f"{self.lowest:.4f}{self.cost.metric}, or raise --max-sparsity or the --range bounds"
+                f"{self.lowest:.4f}{self.cost.metric}, or raise max_sparsity or the range bounds"
             )
 
     def decide(self, kept: np.ndarray, t: int, requested: float) -> WallDecision:

@@ -1,6 +1,6 @@
 """Reading results out of a study: pick a trial, write its policy, rebuild its pruned model.
 
-The policy file is versioned and self-describing (see :mod:`autoprune.policy`): every unit with
+The policy file is versioned and self-describing (see :mod:`autoprune.units.policy`): every unit with
 its sparsity, size and kept width, the budget and the achieved costs, the proxy accuracy, and the
 identity of the model, weights, data and study it came from. ``--format torch-pruning`` writes a
 ``pruning_ratio_dict`` keyed by module name and ``--format nni`` an NNI ``config_list``, for users
@@ -17,9 +17,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.errors import AutopruneError
-from autoprune.policy import Policy
 from autoprune.studies.records import StudyRecord, best_trial, completed, is_finite, pareto_front
 from autoprune.studies.storage import open_storage
+from autoprune.units.policy import Policy
 
 PICKS = ("accuracy", "cost", "knee")
 
@@ -49,14 +49,14 @@ def choose_trial(study: optuna.Study, number: int | None = None, pick: str = "ac
                                  "not a complete episode")
         return match[0]
     if pick not in PICKS:
-        raise AutopruneError(f"unknown --pick {pick!r}; choose one of: {', '.join(PICKS)}")
+        raise AutopruneError(f"unknown pick {pick!r}; choose one of: {', '.join(PICKS)}")
     trials = [t for t in completed(study) if is_finite(t) and "policy" in t.user_attrs]
     if not trials:
         raise AutopruneError(f"study {study.study_name!r} has no complete trial to export yet")
     if len(study.directions) == 1:
         return best_trial(study, trials)
     within = [t for t in trials if t.user_attrs.get("within_budget", True)] or trials
-    metric = StudyRecord.of(study).search.parsed_budget().metric
+    metric = StudyRecord.of(study).search.env.parsed_budget.metric
     front = pareto_front(within, metric)
     if pick == "cost":
         return front[0]
@@ -101,7 +101,7 @@ def rebuild_task(record: StudyRecord, weights: str | None = None, data_dir: str 
     """The study's task, built again from its record: the same weights (checked by SHA-256), data,
     units and evaluation. ``weights`` and ``data_dir`` replace files that moved; ``device`` and
     ``reconstruct`` change how the model is scored and rebuilt."""
-    from autoprune.checkpoints import file_sha256
+    from autoprune.model.checkpoints import file_sha256
     from autoprune.task import PruningTask
 
     task, fp = record.task, record.fingerprint
@@ -111,7 +111,8 @@ def rebuild_task(record: StudyRecord, weights: str | None = None, data_dir: str 
     weights = weights or task.weights or fp.weights_path
     if not task.pretrained:
         if not weights or not Path(weights).is_file():
-            raise AutopruneError(f"the study's weights file is not at {weights!r}; pass --weights PATH")
+            raise AutopruneError(f"the study's weights file is not at {weights!r}; give its new path "
+                                 "(weights)")
         if fp.weights.split(":")[-1] != file_sha256(weights):
             raise AutopruneError(f"{weights} is not the weights study {study_name!r} searched ({fp.weights}); "
                                  "pass the same file with --weights")

@@ -1,6 +1,6 @@
 """The records a study holds, and trials <-> policies.
 
-A study's user attributes are typed records (:mod:`autoprune.records`), each under its own
+A study's user attributes are typed records (:mod:`autoprune.common.records`), each under its own
 namespace: ``task.*`` (:class:`~autoprune.task.TaskConfig`, how to rebuild the task),
 ``fingerprint.*`` (:class:`~autoprune.task.Fingerprint`, what the built task was),
 ``search.*`` (:class:`SearchSpec`) and ``run.*`` (:class:`Provenance`). The fields marked
@@ -28,40 +28,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from autoprune.agents.base import Episode, param_name
-from autoprune.budget import Budget, parse_budget
+from autoprune.agents.base import Episode
+from autoprune.common.records import Record, spec
+from autoprune.envs.config import EnvConfig
 from autoprune.errors import AutopruneError
-from autoprune.records import Record, spec
 from autoprune.task import Fingerprint, TaskConfig
 
 
 @dataclass(frozen=True)
 class SearchSpec(Record):
-    """How the search chooses and scores policies (``search.*``).
+    """How the search chooses and scores policies (``search.*``): the env's settings
+    (:class:`~autoprune.envs.config.EnvConfig`, stored flat under the same namespace) and the
+    searcher's.
 
     Attributes:
-        budget: ``0.5flops``, ``0.3params``, ``0.7latency``, ... (see :func:`~autoprune.budget.parse_budget`).
+        env: the env's settings, budget first.
         searcher: a registered searcher.
         episodes: complete trials the study should hold.
         seed: the searcher's seed.
-        reward: a registered reward; ``reward_lambda`` its penalty weight.
-        min_sparsity, max_sparsity: the range of each unit's sparsity.
-        latency_batch, latency_threads: what latency budgets are measured for.
-        latency_runtime: what runs the model when its latency is measured (a name in
-            :data:`~autoprune.runtimes.RUNTIMES`; studies made before it existed measured ``eager``).
-        latency_margin: under a latency budget, the action wall aimed at ``budget / (1 +
-            latency_margin)`` (studies made before it existed aimed at the budget, 0). The first
-            run's; every latency episode records the margin it was aimed with.
-        latency_remeasure: borderline episodes' latency was measured again with more pairs
-            (studies made before it existed measured once).
-        latency_correct: from the third measured episode the wall aimed by the median of measured
-            over predicted latency (studies made before it existed trusted the table).
-        ranges, share: per-unit sparsity bounds and shared sparsities (:mod:`autoprune.envs.space`).
         early_stop: the pruner that may stop scoring a policy after a chunk of search-val
             (``median``, ``halving``; None scores every episode in full).
         options: searcher options (e.g. ``{"warmup": 100}`` for RL agents).
@@ -69,27 +57,16 @@ class SearchSpec(Record):
 
     namespace: ClassVar[str] = "search"
 
-    budget: str = spec("0.5flops", identity=True, sibling=True)
+    env: EnvConfig = field(default_factory=EnvConfig)
     searcher: str = spec("tpe", identity=True)
     episodes: int = spec(60, legacy_key="episodes_requested")
     seed: int = 0
-    reward: str = spec("acc", identity=True)
-    reward_lambda: float = spec(1.0, identity=True)
-    min_sparsity: float = spec(0.0, identity=True)
-    max_sparsity: float = spec(0.8, identity=True)
-    latency_batch: int = spec(1, identity=True, legacy=1)
-    latency_threads: int | None = spec(None, legacy=None)
-    latency_runtime: str = spec("eager", identity=True, legacy="eager")
-    latency_margin: float = spec(0.0, legacy=0.0)
-    latency_remeasure: bool = spec(True, legacy=False)
-    latency_correct: bool = spec(True, legacy=False)
-    ranges: tuple[str, ...] = spec((), identity=True, legacy=())
-    share: tuple[str, ...] = spec((), identity=True, legacy=())
     early_stop: str | None = spec(None, legacy=None)
     options: dict = spec(default_factory=dict, legacy={})
 
-    def parsed_budget(self) -> Budget:
-        return parse_budget(self.budget)
+    @property
+    def budget(self) -> str:
+        return self.env.budget
 
 
 @dataclass(frozen=True)
@@ -109,7 +86,7 @@ class Provenance(Record):
         import torch
 
         import autoprune
-        from autoprune import tp_adapter
+        from autoprune.units import tp_adapter
 
         return cls(command, time.strftime("%Y-%m-%dT%H:%M:%S%z"), {
             "autoprune": autoprune.__version__, "torch": torch.__version__, "optuna": optuna.__version__,
@@ -182,43 +159,31 @@ class EpisodeRecord(Record):
     latency: dict | None = None  # how a latency budget's figure was measured: pairs, margin[, first]
     agent: dict | None = None  # an RL agent's learning after this episode: critic/actor loss, sigma, baseline
 
+    pruned_after_chunks: int | None = None  # scoring stopped early (--early-stop): the trial is pruned
+
     @classmethod
     def of(cls, ep: Episode, searcher: str, index: int, uid: str, seconds: float) -> EpisodeRecord:
-        s = ep.summary
+        o = ep.outcome
         return cls(
-            policy={k: round(float(v), 10) for k, v in s["policy"].items()}, widths=tuple(s["widths"]),
-            accuracy=s["accuracy"], ratios=s["ratios"], reward=s["reward"], reward_parts=s["reward_parts"],
-            within_budget=s["within_budget"], searcher=searcher, episode=index, uid=uid,
-            seconds=round(seconds, 3), eval_seconds=round(s["eval_seconds"], 3),
-            reconstruction=s.get("reconstruction"), rule=s.get("rule"), latency=s.get("latency"),
-            agent=s.get("agent"),
+            policy={k: round(float(v), 10) for k, v in o.policy.items()}, widths=o.widths,
+            accuracy=o.accuracy, ratios=o.ratios, reward=o.reward, reward_parts=o.reward_parts,
+            within_budget=o.within_budget, searcher=searcher, episode=index, uid=uid,
+            seconds=round(seconds, 3), eval_seconds=round(o.eval_seconds, 3),
+            reconstruction=o.reconstruction, rule=ep.rule, latency=o.latency, agent=ep.agent,
+            pruned_after_chunks=o.stopped_after,
         )
 
     def to_attrs(self) -> dict[str, Any]:
         attrs = super().to_attrs()
-        for key in ("reconstruction", "rule", "latency", "agent"):
+        for key in ("reconstruction", "rule", "latency", "agent", "pruned_after_chunks"):
             if attrs[key] is None:
                 del attrs[key]
         return attrs
 
 
-def episode_attrs(ep: Episode, searcher: str, index: int, uid: str, seconds: float) -> dict:
-    return EpisodeRecord.of(ep, searcher, index, uid, seconds).to_attrs()
-
-
-def frozen_record(ep: Episode, unit_names: list[str], low, high, values: list[float],
-                  attrs: dict) -> dict:
-    """A complete trial as plain data (JSON-able), to add to a study with :func:`add_record`;
-    ``low`` and ``high`` bound each unit's parameter (one number for all, or one per unit)."""
-    n = len(unit_names)
-    lows = [float(v) for v in np.broadcast_to(np.asarray(low, dtype=np.float64), (n,))]
-    highs = [float(v) for v in np.broadcast_to(np.asarray(high, dtype=np.float64), (n,))]
-    params = {param_name(name): float(min(max(r, lo), hi))
-              for name, r, lo, hi in zip(unit_names, ep.requested, lows, highs)}
-    return {"params": params, "low": lows, "high": highs, "values": values, "user_attrs": attrs}
-
-
 def add_record(study: optuna.Study, record: dict) -> None:
+    """Add a complete trial saved as plain data (an RL agent's pending episode, as checkpoints
+    written before every episode went through ask/tell held it)."""
     names = list(record["params"])
     # a record saved before per-unit bounds holds one number for all units
     lows = record["low"] if isinstance(record["low"], list) else [record["low"]] * len(names)

@@ -2,16 +2,16 @@
 
 A trial left ``RUNNING`` by a dead worker is failed; a sampler's trial is retried with the same
 parameters (enqueued, so the next ask picks it up); an RL agent's episode saved with its
-checkpoint but not yet in the study is added. Who is dead is told by the worker's process id on
+checkpoint but not yet told to the study is told. Who is dead is told by the worker's process id on
 this host, by RDB heartbeats across hosts, or, for SQLite, by holding the study's lock.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
-import sys
 import threading
 import warnings
 from contextlib import contextmanager
@@ -25,6 +25,8 @@ from autoprune.agents import Searcher
 from autoprune.errors import AutopruneError
 from autoprune.studies.records import add_record, completed
 from autoprune.studies.storage import GRACE_PERIOD, sqlite_path, storage_kind
+
+log = logging.getLogger(__name__)
 
 
 def worker_id() -> str:
@@ -69,6 +71,9 @@ def recover(study: optuna.Study, searcher: Searcher, state_dir: Path, quiet: boo
     """
     host = socket.gethostname()
     failed = []
+    finished = _finish_pending(study, searcher.load(state_dir))
+    if finished and not quiet:
+        log.warning("note: recorded the agent's last episode, saved before the kill")
     if _heartbeat_interval(storage):
         failed += [t.number for t in _fail_heartbeat_stale(study)]
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -81,17 +86,28 @@ def recover(study: optuna.Study, searcher: Searcher, state_dir: Path, quiet: boo
             if params and searcher.uses_trial and "retry_of" not in trial.user_attrs:
                 study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
     if failed and not quiet:
-        print(f"note: failed {len(failed)} trial(s) left running by a killed worker "
-              f"({', '.join(map(str, failed))}); sampler trials are retried with the same parameters",
-              file=sys.stderr)
-    pending = searcher.load(state_dir)
-    if pending is not None:
-        uid = pending["user_attrs"]["uid"]
-        if not any(t.user_attrs.get("uid") == uid for t in completed(study)):
-            add_record(study, pending)
-            if not quiet:
-                print("note: recorded the agent's last episode, saved before the kill", file=sys.stderr)
+        log.warning("note: failed %d trial(s) left running by a killed worker (%s); sampler trials are "
+                    "retried with the same parameters", len(failed), ", ".join(map(str, failed)))
     return failed
+
+
+def _finish_pending(study: optuna.Study, pending: dict | None) -> bool:
+    """Tell the trial of an episode whose searcher saved its state but was killed before the
+    study heard of it (see :func:`~autoprune.studies.runner.play_episode`); whether one was told."""
+    if pending is None:
+        return False
+    if "user_attrs" in pending:  # a checkpoint written when such episodes were added whole
+        uid = pending["user_attrs"]["uid"]
+        if any(t.user_attrs.get("uid") == uid for t in completed(study)):
+            return False
+        add_record(study, pending)
+        return True
+    trials = study.get_trials(deepcopy=False)
+    trial = trials[pending["trial"]] if pending["trial"] < len(trials) else None
+    if trial is None or trial.state != TrialState.RUNNING or trial.user_attrs.get("uid") != pending["uid"]:
+        return False
+    study.tell(trial.number, pending["values"])
+    return True
 
 
 def _fail_heartbeat_stale(study: optuna.Study):

@@ -9,7 +9,9 @@ one-shot baselines and other searchers evaluated the same way.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
@@ -17,7 +19,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from autoprune.errors import AutopruneError
-from autoprune.evaluate import proxy_label
+from autoprune.evaluate.metrics import proxy_label
 from autoprune.studies.export import policy_document
 from autoprune.studies.records import (
     SearchSpec,
@@ -29,6 +31,13 @@ from autoprune.studies.records import (
     pareto_front,
 )
 from autoprune.studies.storage import open_storage
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from autoprune.cost.budget import Budget
+
+log = logging.getLogger(__name__)
 
 BASELINES = ("uniform", "global", "erk", "lamp")
 
@@ -179,91 +188,104 @@ def write_report(study: optuna.Study, out_dir: str | Path, storage_url: str) -> 
     siblings are looked for) into ``out_dir``."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # files only: no window, and no display needed
 
-    from autoprune.artifacts import OutputDir
+    from autoprune.export.artifacts import OutputDir
 
     if not completed(study) or "policy" not in completed(study)[0].user_attrs:
         raise AutopruneError(f"study {study.study_name!r} has no complete autoprune trial to report on")
     record = StudyRecord.of(study)
-    budget = record.search.parsed_budget()
-    metric, budget_ratio = budget.metric, budget.ratio
+    budget = record.search.env.parsed_budget
     sibs = siblings(study, storage_url)
     labels = _labels(sibs, study)
     best = best_trial(study)
-    written = {}
     with OutputDir(out_dir) as tmp:
         trials_frame(study).to_csv(tmp / "trials.csv", index=False)
-        written["trials.csv"] = Path(out_dir) / "trials.csv"
-
-        # 1. proxy accuracy against cost, every sibling study, Pareto front, baselines marked
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for sib in sibs:
-            name = _searcher(sib)
-            xs, ys, _ = _scatter_points(sib, metric)
-            if name in BASELINES:
-                ax.scatter(xs, ys, marker="*", s=220, edgecolor="black", zorder=5, label=f"{name} (baseline)")
-            else:
-                ax.scatter(xs, ys, s=14, alpha=0.55, label=labels[sib.study_name])
-        _, _, trials = _scatter_points(study, metric)
-        front = pareto_front(trials, metric)
-        ax.plot([t.user_attrs["ratios"][metric] for t in front], [t.user_attrs["accuracy"] for t in front],
-                "k--", lw=1, label="Pareto front (this study)")
-        if budget_ratio:
-            ax.axvline(budget_ratio, color="red", lw=1, ls=":", label=f"budget {budget}")
-        ax.set_xlabel(f"{metric} ratio (pruned / dense)")
-        ax.set_ylabel("proxy accuracy (search-val, after BN recalibration)")
-        ax.set_title(f"{record.task.model} on {record.task.dataset}: accuracy against cost")
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(tmp / "accuracy_vs_cost.png", dpi=120)
-        plt.close(fig)
-
-        # 2. the best policy's per-unit sparsity (AMC's figure)
-        names = list(best.user_attrs["policy"])
-        values = [best.user_attrs["policy"][n] for n in names]
-        fig, ax = plt.subplots(figsize=(max(7, 0.28 * len(names)), 4.5))
-        ax.bar(range(len(names)), values, color="tab:blue", label=f"trial {best.number}")
-        uniform = _baseline_policy(sibs, "uniform")
-        if uniform:
-            ax.plot(range(len(names)), [uniform.get(n, float("nan")) for n in names], "r_", ms=12, mew=2,
-                    label="uniform baseline")
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=90, fontsize=7)
-        ax.set_ylabel("sparsity (fraction removed)")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"best policy: {study.study_name}, proxy acc {best.user_attrs['accuracy']:.2%}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(tmp / "policy.png", dpi=120)
-        plt.close(fig)
-
-        # 3. reward over episodes, per searcher
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        for sib in sibs:
-            done = [t for t in completed(sib) if is_finite(t) and "reward" in t.user_attrs]
-            if len(done) < 2:
-                continue
-            rewards = [t.user_attrs["reward"] for t in done]
-            running = pd.Series(rewards).cummax()
-            line = ax.plot(range(len(rewards)), running, lw=2,
-                           label=f"{labels[sib.study_name]} (best so far)")[0]
-            ax.scatter(range(len(rewards)), rewards, s=8, alpha=0.35, color=line.get_color())
-        ax.set_xlabel("episode")
-        ax.set_ylabel(f"reward ({record.search.reward})")
-        ax.set_title("reward over episodes")
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(tmp / "reward.png", dpi=120)
-        plt.close(fig)
-
+        _save(_accuracy_vs_cost(study, record, budget, sibs, labels), tmp / "accuracy_vs_cost.png")
+        _save(_policy_bars(study, best, sibs), tmp / "policy.png")
+        _save(_rewards(record, sibs, labels), tmp / "reward.png")
         (tmp / "summary.md").write_text(summary_markdown(study, best, sibs))
-    for name in ("accuracy_vs_cost.png", "policy.png", "reward.png", "summary.md"):
-        written[name] = Path(out_dir) / name
-    return written
+    return {name: Path(out_dir) / name
+            for name in ("trials.csv", "accuracy_vs_cost.png", "policy.png", "reward.png", "summary.md")}
+
+
+def _save(fig: Figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _accuracy_vs_cost(study: optuna.Study, record: StudyRecord, budget: Budget, sibs: list[optuna.Study],
+                      labels: dict[str, str]) -> Figure:
+    """Proxy accuracy against cost for every sibling study, this study's Pareto front, the
+    baselines marked and the budget drawn."""
+    import matplotlib.pyplot as plt
+
+    metric = budget.metric
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for sib in sibs:
+        name = _searcher(sib)
+        xs, ys, _ = _scatter_points(sib, metric)
+        if name in BASELINES:
+            ax.scatter(xs, ys, marker="*", s=220, edgecolor="black", zorder=5, label=f"{name} (baseline)")
+        else:
+            ax.scatter(xs, ys, s=14, alpha=0.55, label=labels[sib.study_name])
+    _, _, trials = _scatter_points(study, metric)
+    front = pareto_front(trials, metric)
+    ax.plot([t.user_attrs["ratios"][metric] for t in front], [t.user_attrs["accuracy"] for t in front],
+            "k--", lw=1, label="Pareto front (this study)")
+    if budget.ratio:
+        ax.axvline(budget.ratio, color="red", lw=1, ls=":", label=f"budget {budget}")
+    ax.set_xlabel(f"{metric} ratio (pruned / dense)")
+    ax.set_ylabel("proxy accuracy (search-val, after BN recalibration)")
+    ax.set_title(f"{record.task.model} on {record.task.dataset}: accuracy against cost")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _policy_bars(study: optuna.Study, best, sibs: list[optuna.Study]) -> Figure:
+    """The best policy's per-unit sparsity (AMC's figure), the uniform baseline's beside it."""
+    import matplotlib.pyplot as plt
+
+    names = list(best.user_attrs["policy"])
+    values = [best.user_attrs["policy"][n] for n in names]
+    fig, ax = plt.subplots(figsize=(max(7, 0.28 * len(names)), 4.5))
+    ax.bar(range(len(names)), values, color="tab:blue", label=f"trial {best.number}")
+    uniform = _baseline_policy(sibs, "uniform")
+    if uniform:
+        ax.plot(range(len(names)), [uniform.get(n, float("nan")) for n in names], "r_", ms=12, mew=2,
+                label="uniform baseline")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylabel("sparsity (fraction removed)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"best policy: {study.study_name}, proxy acc {best.user_attrs['accuracy']:.2%}")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _rewards(record: StudyRecord, sibs: list[optuna.Study], labels: dict[str, str]) -> Figure:
+    """Reward over episodes per sibling study: every episode, and the best so far."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for sib in sibs:
+        done = [t for t in completed(sib) if is_finite(t) and "reward" in t.user_attrs]
+        if len(done) < 2:
+            continue
+        rewards = [t.user_attrs["reward"] for t in done]
+        running = pd.Series(rewards).cummax()
+        line = ax.plot(range(len(rewards)), running, lw=2, label=f"{labels[sib.study_name]} (best so far)")[0]
+        ax.scatter(range(len(rewards)), rewards, s=8, alpha=0.35, color=line.get_color())
+    ax.set_xlabel("episode")
+    ax.set_ylabel(f"reward ({record.search.env.reward})")
+    ax.set_title("reward over episodes")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.grid(alpha=0.3)
+    return fig
 
 
 def _baseline_policy(sibs, name: str) -> dict | None:
@@ -294,7 +316,7 @@ def summary_markdown(study: optuna.Study, best, sibs) -> str:
              f"- data `{task.dataset}` ({fp.data}), split seed {task.seed}, "
              f"search-val {fp.search_val_images} images",
              f"- budget **{search.budget}**, granularity {task.granularity}, importance "
-             f"{task.importance}, reconstruction {task.reconstruct}, proxy {task.proxy}, reward {search.reward}, "
+             f"{task.importance}, reconstruction {task.reconstruct}, proxy {task.proxy}, reward {search.env.reward}, "
              f"searcher {search.searcher}",
              f"- dense {label} {dense}",
              f"- trials: {len(completed(study))} complete of {len(study.trials)} "
@@ -328,16 +350,13 @@ def summary_markdown(study: optuna.Study, best, sibs) -> str:
 
 def serve_dashboard(storage_url: str, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Serve optuna-dashboard on ``storage_url`` until interrupted (loopback unless told otherwise)."""
-    import sys
-
     from optuna_dashboard import run_server
 
     storage = open_storage(storage_url)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: the dashboard has no authentication and listens on {host}; anyone who can "
-              "reach this port can read and annotate the studies", file=sys.stderr)
-    print(f"optuna-dashboard on {storage_url}: http://{host}:{port}/ (Ctrl-C to stop)", file=sys.stderr,
-          flush=True)
+        log.warning("warning: the dashboard has no authentication and listens on %s; anyone who can "
+                    "reach this port can read and annotate the studies", host)
+    log.warning("optuna-dashboard on %s: http://%s:%s/ (Ctrl-C to stop)", storage_url, host, port)
     try:
         run_server(storage, host=host, port=port)
     except OSError as err:

@@ -9,6 +9,7 @@ exactly the requested number of complete trials.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -18,30 +19,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from autoprune.agents import SEARCHERS, Searcher
 from autoprune.envs import LayerSparsityEnv
 from autoprune.errors import AutopruneError
 from autoprune.studies.records import (
+    EpisodeRecord,
     Provenance,
     SearchSpec,
     StudyRecord,
-    add_record,
     best_trial,
     completed,
-    episode_attrs,
-    frozen_record,
 )
 from autoprune.studies.recovery import Heartbeat, recover, sqlite_study_lock, worker_id
+from autoprune.studies.result import SearchResult
 from autoprune.studies.storage import (
     DEFAULT_STORAGE,
     open_storage,
     sqlite_path,
     storage_kind,
 )
-from autoprune.task import EpisodePruned
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,6 @@ class SearchConfig:
     early_stop: str | None = None
     progress: bool = True
     command: str = ""
-
-
-@dataclass
-class SearchResult:
-    study: optuna.Study
-    best: optuna.trial.FrozenTrial | None
-    new_trials: int
-    state_dir: Path
 
 
 def model_slug(model: str) -> str:
@@ -110,15 +103,8 @@ def agent_state_dir(config: SearchConfig, study: optuna.Study) -> Path:
 
 def search_spec(env: LayerSparsityEnv, config: SearchConfig) -> SearchSpec:
     """The record of what this search chooses and how it scores (the env's settings and the config's)."""
-    return SearchSpec(
-        budget=str(env.budget), searcher=config.searcher, episodes=config.episodes, seed=config.seed,
-        reward=env.reward_name, reward_lambda=env.reward_lambda, min_sparsity=env.min_sparsity,
-        max_sparsity=env.max_sparsity, latency_batch=env.latency_batch, latency_threads=env.latency_threads,
-        latency_runtime=env.latency_runtime, latency_margin=env.latency_margin,
-        latency_remeasure=env.latency_remeasure, latency_correct=env.latency_correct, ranges=env.ranges,
-        share=env.share, early_stop=config.early_stop,
-        options=dict(config.searcher_options),
-    )
+    return SearchSpec(env=env.config, searcher=config.searcher, episodes=config.episodes, seed=config.seed,
+                      early_stop=config.early_stop, options=dict(config.searcher_options))
 
 
 def study_record(env: LayerSparsityEnv, config: SearchConfig) -> StudyRecord:
@@ -145,8 +131,8 @@ def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, 
         if not config.resume:
             n = len(optuna.load_study(study_name=name, storage=storage).trials)
             raise AutopruneError(
-                f"study {name!r} already exists in {config.storage} ({n} trials); pass --resume to "
-                "continue it, or --study-name to start another"
+                f"study {name!r} already exists in {config.storage} ({n} trials); continue it with "
+                "resume=True, or give another study_name to start another"
             )
         study = optuna.load_study(study_name=name, storage=storage)
         stored = study.user_attrs
@@ -155,7 +141,7 @@ def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, 
             key, theirs, mine = different
             raise AutopruneError(
                 f"study {name!r} was made with {key}={theirs!r}, this run has {key}={mine!r}; resume "
-                "with the same settings or pick another --study-name"
+                "with the same settings or give another study_name"
             )
         for key, value in attrs.items():  # a run killed while creating the study left some out
             if key not in stored:
@@ -173,7 +159,7 @@ def open_study(env: LayerSparsityEnv, searcher: Searcher, config: SearchConfig, 
     with warnings.catch_warnings():  # names shown by the dashboard; the API is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["proxy accuracy", f"{metric} ratio"] if len(searcher.directions) == 2
-                               else [f"reward ({env.reward_name})"])
+                               else [f"reward ({env.config.reward})"])
     return study
 
 
@@ -203,7 +189,7 @@ def run_search(env: LayerSparsityEnv, config: SearchConfig, quota: int | None = 
                                                    env.budget.slug, config.searcher)
     episodes = 1 if searcher.one_shot else config.episodes
     if episodes < 1:
-        raise AutopruneError("--episodes must be at least 1")
+        raise AutopruneError("episodes must be at least 1")
     env.task.dense_accuracy()  # a model that cannot be evaluated fails here, before any file is made
     with sqlite_study_lock(config.storage, name) as exclusive:
         return _run(env, config, searcher, name, episodes, quota, storage, exclusive)
@@ -212,8 +198,9 @@ def run_search(env: LayerSparsityEnv, config: SearchConfig, quota: int | None = 
 def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> SearchResult:
     storage = storage or open_storage(config.storage)
     study = open_study(env, searcher, config, name, storage)
-    if config.progress:
-        announce(env)
+    note = env.latency_note()
+    if note and config.progress:
+        log.warning("note: %s", note)
     state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive, storage=storage)
@@ -223,87 +210,94 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
                            if "latency" in r and "latency_predicted" in r)
     done, _ = trial_counts(study)
     todo = max(0, episodes - done) if quota is None else min(quota, max(0, episodes - done))
-    names = env.table.names
-    best = best_trial(study)
-    bar = tqdm(total=episodes, initial=done, desc=f"{config.searcher} {name}", unit="ep",
-               disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
-    show_best(bar, best, env.task.config.proxy)
-    me = worker_id()
-    new = pruned = 0
+    progress = Progress(config, name, episodes, done, env.task.config.proxy)
+    progress.show(best_trial(study))
+    new = 0
     try:
         while new < todo:
             if quota is None and sum(trial_counts(study)) >= episodes:
                 break  # other hosts are finishing the last episodes
-            start = time.perf_counter()
-            uid = uuid.uuid4().hex
-            if searcher.uses_trial:
-                trial = study.ask()
-                trial.set_user_attr("worker", me)
-                with Heartbeat(storage, trial):
-                    if config.early_stop:
-                        env.on_chunk = lambda value, step, trial=trial: _report(trial, value, step)
-                    try:
-                        ep = searcher.episode(env, trial)
-                    except EpisodePruned as stop:  # recorded, not counted: the study still gets its episodes
-                        for key, value in stop.summary.items():
-                            trial.set_user_attr(key, value)
-                        trial.set_user_attr("searcher", config.searcher)
-                        study.tell(trial, state=TrialState.PRUNED)
-                        pruned += 1
-                        bar.set_description_str(f"{config.searcher} {name} ({pruned} stopped early)")
-                        continue
-                    except AutopruneError as err:
-                        # recorded as failed, not left running: a resume must not replay it
-                        trial.set_user_attr("error", str(err))
-                        study.tell(trial, state=TrialState.FAIL)
-                        raise
-                    finally:
-                        env.on_chunk = None
-                    for key, value in episode_attrs(ep, config.searcher, done + new, uid,
-                                                    time.perf_counter() - start).items():
-                        trial.set_user_attr(key, value)
-                    frozen = study.tell(trial, searcher.values(ep))
-            else:
-                ep = searcher.episode(env, None)
-                attrs = episode_attrs(ep, config.searcher, done + new, uid, time.perf_counter() - start)
-                record = frozen_record(ep, names, env.space.low, env.space.high, searcher.values(ep),
-                                       attrs | {"worker": me})
-                searcher.save(state_dir, pending=record)
-                add_record(study, record)
-                frozen = None
+            trial = play_episode(env, searcher, study, storage, config, state_dir, done + new)
+            if trial.state == TrialState.PRUNED:  # recorded, not counted: the study still gets its episodes
+                progress.stopped_early()
+                continue
             new += 1
-            bar.update(1)
-            candidate = frozen if frozen is not None else completed(study)[-1]
-            if best is None or best_trial(study, [best, candidate]) is candidate:
-                best = candidate
-            show_best(bar, best, env.task.config.proxy)
+            progress.advance(study, trial)
     finally:
-        bar.close()
-    return SearchResult(study, best_trial(study), new, state_dir)
+        progress.close()
+    return SearchResult(study, config.storage, env.task, new_trials=new, state_dir=state_dir)
 
 
-def announce(env: LayerSparsityEnv) -> None:
-    """Say once, at the start of a search, how a latency budget is aimed at and checked."""
-    if env.budget.metric != "latency":
-        return
-    from autoprune.envs.budget_check import BORDERLINE, FIRST_PAIRS, LATENCY_TOLERANCE, MORE_PAIRS
+def play_episode(env: LayerSparsityEnv, searcher: Searcher, study: optuna.Study, storage,
+                 config: SearchConfig, state_dir: Path, index: int) -> FrozenTrial:
+    """One episode as one trial, whatever the searcher: ask, play, record, save, tell.
 
-    worst, mean = env.cost.fit_error
-    how = (f"measured again with {MORE_PAIRS} more pairs where the first {FIRST_PAIRS} put it at "
-           f"{BORDERLINE[0]:g}-{BORDERLINE[1]:g}x the budget" if env.latency_remeasure
-           else f"measured once with {FIRST_PAIRS} pairs")
-    print(f"note: latency budget {env.budget}: the action wall aims at {env.wall.aim:.4f} as the latency "
-          f"table predicts it, a margin of {env.latency_margin:.1%} (the table's fit error: mean {mean:.1%}, "
-          f"max {worst:.1%}); each episode's latency is {how}, and is within budget up to "
-          f"{LATENCY_TOLERANCE:.0%} over it"
-          + ("; from the third episode the wall aims by the median of measured over predicted latency"
-             if env.latency_correct else ""), file=sys.stderr)
+    The searcher's state is saved with how to finish the trial before the trial is told, so a
+    kill at any moment loses nothing: on resume :func:`~autoprune.studies.recovery.recover`
+    either fails the trial (the saved state is the previous episode's) or tells it (the state
+    has this one).
+    """
+    start = time.perf_counter()
+    trial = study.ask()
+    trial.set_user_attr("worker", worker_id())
+    stop = None
+    if config.early_stop:
+        def stop(value: float, step: int) -> bool:
+            trial.report(value, step)
+            return trial.should_prune()
+    with Heartbeat(storage, trial):
+        try:
+            ep = searcher.episode(env, trial, stop)
+        except AutopruneError as err:
+            # recorded as failed, not left running: a resume must not replay it
+            trial.set_user_attr("error", str(err))
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        searcher.record_params(env, trial, ep)
+        record = EpisodeRecord.of(ep, config.searcher, index, uuid.uuid4().hex, time.perf_counter() - start)
+        for key, value in record.to_attrs().items():
+            trial.set_user_attr(key, value)
+        if ep.outcome.stopped:
+            return study.tell(trial, state=TrialState.PRUNED)
+        values = searcher.values(ep)
+        searcher.save(state_dir, pending={"trial": trial.number, "uid": record.uid, "values": values})
+        return study.tell(trial, values)
 
 
-def _report(trial: optuna.Trial, value: float, step: int) -> bool:
-    """Report a partial score to the trial; whether its pruner says to stop."""
-    trial.report(value, step)
-    return trial.should_prune()
+class Progress:
+    """The search's progress bar: episodes done of the study's total, the best so far, the ETA."""
+
+    def __init__(self, config: SearchConfig, name: str, episodes: int, done: int, proxy: str,
+                 label: str = "") -> None:
+        self.desc, self.proxy, self.pruned = f"{config.searcher} {name}{label}", proxy, 0
+        self.bar = tqdm(total=episodes, initial=done, desc=self.desc, unit="ep", disable=not config.progress,
+                        dynamic_ncols=True, file=sys.stderr)
+        self.best: FrozenTrial | None = None
+
+    def show(self, best: FrozenTrial | None) -> None:
+        self.best = best
+        if best is None:
+            return
+        label = "proxy acc" if self.proxy == "acc" else f"proxy {self.proxy}"
+        acc, reward = best.user_attrs.get("accuracy"), best.user_attrs.get("reward")
+        self.bar.set_postfix_str(f"best reward {reward:+.4f}, best {label} {acc:.2%} (trial {best.number})"
+                                 if reward is not None and not math.isnan(reward) else "")
+
+    def advance(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.bar.update(1)
+        if self.best is None or best_trial(study, [self.best, trial]) is trial:
+            self.show(trial)
+
+    def set_done(self, n: int, best: FrozenTrial | None) -> None:
+        self.bar.update(n - self.bar.n)
+        self.show(best)
+
+    def stopped_early(self) -> None:
+        self.pruned += 1
+        self.bar.set_description_str(f"{self.desc} ({self.pruned} stopped early)")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 PRUNERS = {
@@ -314,20 +308,10 @@ PRUNERS = {
 
 def check_early_stop(name: str | None) -> None:
     if name is not None and name not in PRUNERS:
-        raise AutopruneError(f"unknown --early-stop {name!r}; choose one of: {', '.join(PRUNERS)}")
+        raise AutopruneError(f"unknown early_stop {name!r}; choose one of: {', '.join(PRUNERS)}")
 
 
 def pruner(config: SearchConfig) -> optuna.pruners.BasePruner | None:
     """The study's pruner for ``--early-stop`` (None: every episode is scored in full)."""
     check_early_stop(config.early_stop)
     return None if config.early_stop is None else PRUNERS[config.early_stop]()
-
-
-def show_best(bar, best, proxy: str = "acc") -> None:
-    if best is None:
-        return
-    label = "proxy acc" if proxy == "acc" else f"proxy {proxy}"
-    acc = best.user_attrs.get("accuracy")
-    reward = best.user_attrs.get("reward")
-    bar.set_postfix_str(f"best reward {reward:+.4f}, best {label} {acc:.2%} (trial {best.number})"
-                        if reward is not None and not math.isnan(reward) else "")

@@ -60,7 +60,7 @@ def _check_writable_dir(path: Path, what: str) -> None:
     except OSError as err:
         where = path if path.exists() else parent
         raise AutopruneError(f"cannot write {what} {path}: {where} is read-only ({err.strerror}); "
-                             "pass --storage with a writable location") from None
+                             "use a storage in a writable location") from None
 
 
 def _check_sqlite(path: Path) -> None:

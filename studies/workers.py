@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import sys
 import time
 from dataclasses import replace
-
-from tqdm.auto import tqdm
 
 from autoprune.agents import SEARCHERS
 from autoprune.envs import LayerSparsityEnv
 from autoprune.errors import AutopruneError
 from autoprune.studies.records import best_trial
 from autoprune.studies.recovery import recover
+from autoprune.studies.result import SearchResult
 from autoprune.studies.runner import (
+    Progress,
     SearchConfig,
-    SearchResult,
     agent_state_dir,
-    announce,
     default_study_name,
     open_study,
     run_search,
-    show_best,
     trial_counts,
 )
 from autoprune.studies.storage import open_storage, storage_kind
+
+log = logging.getLogger(__name__)
 
 
 def split_quota(remaining: int, workers: int) -> list[int]:
@@ -40,13 +40,13 @@ def check_workers(searcher_name: str, storage: str, workers: int) -> None:
     cls = SEARCHERS.get(searcher_name)
     if not cls.uses_trial or cls.one_shot:
         raise AutopruneError(
-            f"--workers needs a sampler searcher (tpe, cmaes, gp, qmc, random, nsga2): {searcher_name} "
+            f"several workers need a sampler searcher (tpe, cmaes, gp, qmc, random, nsga2): {searcher_name} "
             + ("learns from its own episodes in order" if not cls.one_shot else "is a single episode")
         )
     if storage_kind(storage) == "sqlite":
         raise AutopruneError(
             "SQLite serves one writer, so several workers would fail on locked-database errors; use "
-            "--storage journal:///FILE.log (one host) or a PostgreSQL URL (several hosts)"
+            "a journal storage, journal:///FILE.log (one host), or a PostgreSQL URL (several hosts)"
         )
 
 
@@ -68,8 +68,9 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int) -> Se
                                                    env.budget.slug, config.searcher)
     storage = open_storage(config.storage)
     study = open_study(env, searcher, config, name, storage)
-    if config.progress:
-        announce(env)
+    note = env.latency_note()
+    if note and config.progress:
+        log.warning("note: %s", note)
     state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, config.episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, storage=storage)
@@ -81,20 +82,17 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int) -> Se
              for index, quota in enumerate(quotas)]  # not daemons: a worker may load data with DataLoader workers
     for p in procs:
         p.start()
-    bar = tqdm(total=config.episodes, initial=done, desc=f"{config.searcher} {name} x{len(procs)} workers",
-               unit="ep", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
+    progress = Progress(config, name, config.episodes, done, task.config.proxy, label=f" x{len(procs)} workers")
     try:
         while any(p.is_alive() for p in procs):
             time.sleep(1.0)
-            now, _ = trial_counts(study)
-            bar.update(now - bar.n)
-            show_best(bar, best_trial(study), task.config.proxy)
+            progress.set_done(trial_counts(study)[0], best_trial(study))
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()
         raise
     finally:
-        bar.close()
+        progress.close()
         for p in procs:
             p.join()
     failures = []
@@ -104,7 +102,7 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int) -> Se
     if failures:
         raise AutopruneError("; ".join(failures))
     final, _ = trial_counts(study)
-    return SearchResult(study, best_trial(study), final - done, state_dir)
+    return SearchResult(study, config.storage, task, new_trials=final - done, state_dir=state_dir)
 
 
 def work(config: SearchConfig, name: str, quota: int, index: int, errors) -> None:
@@ -119,14 +117,8 @@ def work(config: SearchConfig, name: str, quota: int, index: int, errors) -> Non
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         record = StudyRecord.of(load_study(name, config.storage))
-        s = record.search
         task = rebuild_task(record, progress=False, study_name=name)
-        env = LayerSparsityEnv(task, budget=s.budget, reward=s.reward, reward_lambda=s.reward_lambda,
-                               min_sparsity=s.min_sparsity, max_sparsity=s.max_sparsity,
-                               latency_batch=s.latency_batch, latency_threads=s.latency_threads,
-                               latency_runtime=s.latency_runtime, latency_margin=s.latency_margin,
-                               latency_remeasure=s.latency_remeasure, latency_correct=s.latency_correct,
-                               ranges=s.ranges, share=s.share)
+        env = LayerSparsityEnv(task, record.search.env)
         mine = replace(config, study_name=name, resume=True, progress=False, seed=config.seed + 7919 * (index + 1))
         run_search(env, mine, quota=quota)
     except AutopruneError as err:

@@ -43,7 +43,7 @@ def cifar_dir(shared, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def digits():
-    from autoprune.data import make_splits
+    from autoprune.data.datasets import make_splits
 
     return make_splits("digits", seed=0, calib_batches=4, calib_batch_size=64)
 
@@ -51,7 +51,7 @@ def digits():
 @pytest.fixture(scope="session")
 def trained_tiny(digits):
     """A TinyNet trained for a few seconds on digits: enough signal for pruning to matter."""
-    from autoprune.finetune import FinetuneConfig, finetune
+    from autoprune.finetune.loop import FinetuneConfig, finetune
     from tests.tinynets import tiny
 
     torch.manual_seed(0)
@@ -91,12 +91,12 @@ def fake_latency(monkeypatch, tmp_path_factory):
     parameter counts. The runtime is still checked (a name or a package missing is
     refused as for real). Returns what was measured, in order: ``{"tables": [runtime, ...],
     "ratios": [runtime of each timing session, ...], "prepared": [(runtime, model), ...]}``;
-    a test may monkeypatch ``autoprune.latency._time_pairs`` again for timings of its own.
+    a test may monkeypatch ``autoprune.cost.latency._time_pairs`` again for timings of its own.
 
     The cache is the test's own: a fake table must never be read as a measured one, nor a table
     another test measured stand in for one this test expects to be measured."""
-    from autoprune import latency
-    from autoprune.runtimes import RUNTIMES
+    from autoprune.cost import latency
+    from autoprune.cost.runtimes import RUNTIMES
 
     calls: dict[str, list] = {"tables": [], "ratios": [], "prepared": []}
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import autoprune
 from autoprune.errors import AutopruneError
-from autoprune.evaluate import accuracy
+from autoprune.evaluate.metrics import accuracy
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import sys
 import pytest
 import torch
 
-from autoprune.artifacts import export_program, load_pruned, pruned_payload
-from autoprune.granularity import GRANULARITIES, build_unit_table
-from autoprune.importance import rank_units
-from autoprune.models import ModelSpec, build_model
-from autoprune.policy import Policy
-from autoprune.pruning import pruner_for
+from autoprune.export.artifacts import export_program, load_pruned, pruned_payload
+from autoprune.model.zoo import ModelSpec, build_model
+from autoprune.prune.granularity import GRANULARITIES, build_unit_table
+from autoprune.prune.importance import rank_units
+from autoprune.prune.pruners import pruner_for
+from autoprune.units.policy import Policy
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES.names())

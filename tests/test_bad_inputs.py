@@ -179,7 +179,7 @@ def test_read_only_database_folder(world, tmp_path, monkeypatch, capsys):
         out, err = capsys.readouterr()
         assert code == 2 and out == ""
         assert err.count("\n") == 1 and err.startswith(f"autoprune: error: cannot write database {ro}/x.db: "), err
-        assert f"{ro} is read-only" in err and "pass --storage with a writable location" in err
+        assert f"{ro} is read-only" in err and "use a storage in a writable location" in err
         assert list(ro.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["ro"]
     finally:
         if locked:

@@ -5,8 +5,8 @@ import pickle
 import pytest
 import torch
 
-from autoprune.checkpoints import load_weights
 from autoprune.errors import AutopruneError
+from autoprune.model.checkpoints import load_weights
 from tests.tinynets import tiny
 
 

@@ -51,7 +51,7 @@ def test_apply_writes_model_policy_and_metrics(capsys, tmp_path, tiny_weights):
     assert m["latency"]["batch1"]["runs"] >= 30 and m["latency"]["batch1"]["runtime"] == "eager"
     pol = json.loads((out_dir / "policy.json").read_text())
     assert {u["name"]: u["kept"] for u in pol["units"]}["stem.0"] == 8
-    from autoprune.artifacts import load_pruned
+    from autoprune.export.artifacts import load_pruned
 
     model, _ = load_pruned(out_dir / "pruned.pt", allow_import=True)  # our own file, a user model
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoprune.data import make_splits
+from autoprune.data.datasets import make_splits
 from autoprune.errors import AutopruneError
 
 
@@ -59,5 +59,5 @@ def test_unknown_dataset():
 
 
 def test_cifar_without_network_is_a_clear_error(tmp_path):
-    with pytest.raises(AutopruneError, match="--data-dir"):
+    with pytest.raises(AutopruneError, match="data_dir"):
         make_splits("cifar10", tmp_path, download=False)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import autoprune.envs  # noqa: F401  (registers the env)
-from autoprune.budget import parse_budget
+from autoprune.cost.budget import parse_budget
 from autoprune.envs import ENV_ID, LayerSparsityEnv
 from autoprune.envs.rewards import REWARDS, Outcome
 from autoprune.errors import AutopruneError
@@ -154,7 +154,7 @@ def test_latency_budget_wall_uses_the_measured_table(tiny_task, tmp_path, monkey
     env = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9, latency_batch=32)
     cached = list((tmp_path / "latency").glob("*.json"))  # measured once, cached on disk
     assert len(cached) == 1 and '"runtime": "eager"' in cached[0].read_text()  # the default runtime
-    assert env.latency_runtime == env.cost.runtime == "eager"
+    assert env.config.latency_runtime == env.cost.runtime == "eager"
     reward, infos = rollout(env, seed=3)
     last = infos[-1]
     assert last["ratios"]["latency_predicted"] <= 0.9 + 1e-9
@@ -168,7 +168,7 @@ def test_a_latency_wall_aims_below_the_budget_by_the_tables_stated_error(tiny_ta
     plain = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0)
     error = env.cost.fit_error[1]  # the fake table (MACs) fits the fake ratios (params) loosely
     assert error > 0.05 and env.cost.margin() == error
-    assert env.latency_margin == pytest.approx(error) and env.wall.aim == pytest.approx(0.7 / (1 + error))
+    assert env.config.latency_margin == pytest.approx(error) and env.wall.aim == pytest.approx(0.7 / (1 + error))
     assert plain.latency_margin == 0 and plain.wall.aim == 0.7
     # asking for no pruning: each wall cuts as little as its aim allows
     aimed, at_budget = (e.cost.ratio(e.feasible_policy(np.zeros(e.n_units))) for e in (env, plain))
@@ -176,7 +176,7 @@ def test_a_latency_wall_aims_below_the_budget_by_the_tables_stated_error(tiny_ta
     _, infos = rollout(env, actions=[np.array([-1.0], np.float32)] * env.n_units)
     last = infos[-1]
     assert last["ratios"]["latency_predicted"] == pytest.approx(aimed)
-    assert last["latency"]["margin"] == env.latency_margin and last["latency"]["pairs"] >= 30
+    assert last["latency"]["margin"] == env.config.latency_margin and last["latency"]["pairs"] >= 30
     # FLOPs are exact: no margin, whatever is asked
     assert LayerSparsityEnv(tiny_task, budget="0.5flops", latency_margin=0.2).wall.aim == 0.5
 
@@ -188,7 +188,7 @@ def test_a_margin_that_would_leave_the_budget_out_of_reach_shrinks(tiny_task, fa
     lowest = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9).wall.lowest
     env = LayerSparsityEnv(tiny_task, budget=f"{1.2 * lowest:.6f}latency", max_sparsity=0.9, latency_margin=0.5)
     assert env.wall.aim == pytest.approx(lowest)
-    assert env.latency_margin == pytest.approx(env.budget.ratio / lowest - 1) and env.latency_margin < 0.5
+    assert env.config.latency_margin == pytest.approx(env.budget.ratio / lowest - 1) and env.config.latency_margin < 0.5
     with pytest.raises(AutopruneError, match="non-negative"):
         LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=-0.01)
 
@@ -201,7 +201,7 @@ def test_a_margin_that_would_leave_the_budget_out_of_reach_shrinks(tiny_task, fa
 ])
 def test_a_borderline_latency_is_measured_again_and_pooled(tiny_task, fake_latency, monkeypatch, first, then,
                                                            remeasure, pairs, ratio, within):
-    from autoprune import latency
+    from autoprune.cost import latency
 
     env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_remeasure=remeasure)
     sessions = []

@@ -63,14 +63,14 @@ def test_export_best_policy_is_self_describing(capsys, searched, tmp_path, suffi
     doc = (yaml.safe_load if suffix == ".yaml" else json.loads)(out.read_text())
     study = optuna.load_study(study_name="tinynets.tiny-digits-0.5flops-tpe", storage=db)
     best = max(study.trials, key=lambda t: (t.user_attrs["reward"], -t.number))
-    assert doc["format"] == "autoprune.policy" and doc["version"] == 1
+    assert doc["format"] == "autoprune.units.policy" and doc["version"] == 1
     assert doc["trial"] == best.number and doc["proxy_accuracy"] == best.user_attrs["accuracy"]
     assert doc["budget"] == "0.5flops" and doc["achieved"]["flops"] <= 0.5
     assert doc["weights"].startswith("sha256:") and doc["model"] == TINY
     assert [u["name"] for u in doc["units"]] == study.user_attrs["fingerprint.unit_names"]
     assert all({"sparsity", "kept"} <= set(u) for u in doc["units"])
     # the file is a valid policy for `autoprune apply`
-    from autoprune.policy import Policy
+    from autoprune.units.policy import Policy
 
     assert Policy.load(out).sparsity == {u["name"]: u["sparsity"] for u in doc["units"]}
 
@@ -106,7 +106,7 @@ def test_export_pareto_picks(capsys, searched, tmp_path):
     (["export", "no-such-study", "-o", "p.json"], "no study 'no-such-study'"),
     (["export", "tinynets.tiny-digits-0.5flops-tpe", "--trial", "99", "-o", "p.json"], "no trial 99"),
     (["export", "tinynets.tiny-digits-0.5flops-tpe", "--format", "keras", "-o", "p.json"], "unknown --format"),
-    (["export", "tinynets.tiny-digits-0.5flops-nsga2", "--pick", "best", "-o", "p.json"], "unknown --pick"),
+    (["export", "tinynets.tiny-digits-0.5flops-nsga2", "--pick", "best", "-o", "p.json"], "unknown pick"),
     (["report", "no-such-study", "-o", "rep"], "no study"),
 ])
 def test_export_and_report_errors(capsys, searched, tmp_path, monkeypatch, argv, match):
@@ -131,7 +131,7 @@ def test_export_with_weights_writes_a_model_plain_torch_can_run(capsys, searched
     assert metrics["ratios"]["flops"] <= 0.5 and metrics["onnx"]["max_abs_diff"] < 1e-3
     recorded = metrics["pruned"]["test_acc_finetuned"]
     # the digits test split, saved as plain tensors for a process that has no autoprune
-    from autoprune.data import make_splits
+    from autoprune.data.datasets import make_splits
 
     test = make_splits("digits").test
     torch.save({"x": test.tensors[0], "y": test.tensors[1]}, tmp_path / "test.pt")

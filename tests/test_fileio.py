@@ -4,8 +4,8 @@ import stat
 import pytest
 import torch
 
+from autoprune.common.fileio import atomic_torch_save, atomic_write_text
 from autoprune.errors import AutopruneError
-from autoprune.fileio import atomic_torch_save, atomic_write_text
 
 
 def test_atomic_files_get_the_permissions_of_a_plain_write(tmp_path):
@@ -30,7 +30,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         f.write(b"half")
         raise RuntimeError("killed mid-write")
 
-    from autoprune import fileio
+    from autoprune.common import fileio
 
     with pytest.raises(RuntimeError):
         fileio._atomic(path, explode)

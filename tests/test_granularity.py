@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from autoprune.costs import closed_form, dense_costs
-from autoprune.granularity import GRANULARITIES, Granularity, build_unit_table
-from autoprune.importance import rank_units
-from autoprune.policy import Policy
-from autoprune.pruning import pruner_for
+from autoprune.cost.flops import closed_form, dense_costs
+from autoprune.prune.granularity import GRANULARITIES, Granularity, build_unit_table
+from autoprune.prune.importance import rank_units
+from autoprune.prune.pruners import pruner_for
+from autoprune.units.policy import Policy
 from tests.tinynets import tiny
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from autoprune.cost.latency import RatioMeter, build_latency_model, measure_latency, measure_ratio
+from autoprune.cost.runtimes import RUNTIMES, get_runtime
 from autoprune.errors import AutopruneError
-from autoprune.latency import RatioMeter, build_latency_model, measure_latency, measure_ratio
-from autoprune.runtimes import RUNTIMES, get_runtime
 from autoprune.task import PruningTask
 
 # torch.compile's first compilation in a process takes 20 s or more on two cores

@@ -1,5 +1,9 @@
 """The architecture's layering, checked from the source: cli -> api -> studies -> agents -> envs -> engine.
 
+The engine is itself layered, by the steps of an episode, bottom to top: ``errors``, ``common``,
+``model``, ``data``, ``units``, ``cost``, ``evaluate``, ``reconstruct``, ``prune``, ``finetune``,
+``task``, ``export`` (each a subpackage of ``autoprune``, ``errors`` a module).
+
 A module may import its own layer and the layers below it, never one above (lazy imports inside
 functions included: they run too; imports under ``if TYPE_CHECKING:`` do not run and are not
 counted), and no two modules may import each other, directly or round a circle. The package's
@@ -15,22 +19,28 @@ from tests.conftest import REPO
 
 FOLDERS = {"autoprune": "autoprune", "envs": "autoprune.envs", "agents": "autoprune.agents",
            "studies": "autoprune.studies"}
-LAYERS = ["engine", "envs", "agents", "studies", "api", "cli"]  # bottom to top
+ENGINE = ["errors", "common", "model", "data", "units", "cost", "evaluate", "reconstruct", "prune", "finetune",
+          "task", "export"]
+LAYERS = [*ENGINE, "envs", "agents", "studies", "api", "cli"]  # bottom to top
 
 
 def _modules() -> dict[str, Path]:
     out = {}
     for folder, package in FOLDERS.items():
-        for path in sorted((REPO / folder).glob("*.py")):
-            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join((package, *parts))] = path
     return out
 
 
 def layer(module: str) -> str:
+    """The layer of a module: ``autoprune.<layer>[.<module>]``."""
     parts = module.split(".")
-    if len(parts) > 1 and parts[1] in ("envs", "agents", "studies", "api", "cli"):
+    if len(parts) > 1 and parts[1] in LAYERS:
         return parts[1]
-    return "engine"
+    raise AssertionError(f"{module} is in no layer: put it in one of {', '.join(LAYERS)}")
 
 
 def _runtime_nodes(tree: ast.AST):
@@ -69,9 +79,16 @@ def _graph() -> dict[str, set[str]]:
 
 def test_the_layers_are_known():
     graph = _graph()
-    assert {layer(m) for m in graph} == set(LAYERS)
-    assert layer("autoprune.cli") == "cli" and layer("autoprune.task") == "engine"
+    assert {layer(m) for m in graph} == set(LAYERS)  # every module is in a layer, every layer has one
+    assert layer("autoprune.cli") == "cli" and layer("autoprune.task.task") == "task"
     assert "autoprune.studies.runner" in graph["autoprune.api"]  # the check sees real edges
+    assert "autoprune.units.channels" in graph["autoprune.units.table"]
+
+
+def test_the_top_of_autoprune_is_the_public_face():
+    """Only the API, the CLI and the error type sit beside the engine's subpackages."""
+    loose = sorted(p.name for p in (REPO / "autoprune").glob("*.py"))
+    assert loose == ["__init__.py", "api.py", "cli.py", "errors.py"]
 
 
 def test_no_import_runs_upward():

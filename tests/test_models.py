@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune.checkpoints import load_weights
 from autoprune.errors import AutopruneError
-from autoprune.models import MODELS, ModelSpec, build_model
+from autoprune.model.checkpoints import load_weights
+from autoprune.model.zoo import MODELS, ModelSpec, build_model
 
 LIGHT = [n for n in MODELS.names() if n not in ("resnet101", "resnet110", "densenet121", "vgg16_bn",
                                                  "resnet50", "resnet34", "mobilenet_v3_large")]
@@ -59,7 +59,7 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
-    with pytest.raises(AutopruneError, match="--weights"):
+    with pytest.raises(AutopruneError, match="weights file"):
         build_model("resnet18", ModelSpec(10, 3, 32, pretrained=True))
 
 
@@ -76,8 +76,8 @@ def test_shared_fixtures_load_strictly(shared, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,expected", [("resnet56", 0.9031), ("resnet18", 0.9117)])
 def test_shared_fixtures_reproduce_their_test_accuracy(shared, cifar_dir, name, expected):
-    from autoprune.data import make_splits
-    from autoprune.evaluate import accuracy_on
+    from autoprune.data.datasets import make_splits
+    from autoprune.evaluate.metrics import accuracy_on
 
     splits = make_splits("imagefolder", cifar_dir, search_val_size=10, calib_batches=1)
     model = build_model(name, ModelSpec(10, 3, 32))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from autoprune.errors import AutopruneError
-from autoprune.granularity import build_unit_table
-from autoprune.policy import Policy
+from autoprune.prune.granularity import build_unit_table
+from autoprune.units.policy import Policy
 from tests.tinynets import tiny
 
 
@@ -59,7 +59,7 @@ def test_malformed_policies_are_user_errors(table, tmp_path, content, match):
 
 
 def test_widths_survive_a_round_trip_on_units_of_millions_of_weights(tmp_path):
-    from autoprune.models import ModelSpec, build_model
+    from autoprune.model.zoo import ModelSpec, build_model
 
     big = build_unit_table(build_model("resnet18", ModelSpec(10, 3, 32)), torch.zeros(1, 3, 32, 32),
                            "unstructured")
@@ -73,10 +73,10 @@ def test_widths_survive_a_round_trip_on_units_of_millions_of_weights(tmp_path):
 
 def test_a_policy_for_another_granularity_or_rounding_is_refused(table, tmp_path):
     p = Policy({u.name: 0.5 for u in table.units}, {"granularity": "unstructured"})
-    with pytest.raises(AutopruneError, match="--granularity unstructured"):
+    with pytest.raises(AutopruneError, match="set granularity to unstructured"):
         p.kept(table)
     q = Policy({u.name: 0.5 for u in table.units}, {"round_to": 8})
-    with pytest.raises(AutopruneError, match="--round-to 8"):
+    with pytest.raises(AutopruneError, match="set round_to to 8"):
         q.kept(table)
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune.granularity import build_unit_table
-from autoprune.importance import rank_units
-from autoprune.lsq import solve
-from autoprune.models import ModelSpec, build_model
-from autoprune.policy import Policy
-from autoprune.pruning import pruner_for, removed_indices
-from autoprune.reconstruct import Reconstructor
+from autoprune.model.zoo import ModelSpec, build_model
+from autoprune.prune.granularity import build_unit_table
+from autoprune.prune.importance import rank_units
+from autoprune.prune.pruners import pruner_for, removed_indices
+from autoprune.reconstruct.lsq import solve
+from autoprune.reconstruct.refit import Reconstructor
+from autoprune.units.policy import Policy
 
 
 def _half_of(task, name: str) -> np.ndarray:
@@ -174,7 +174,7 @@ def test_depthwise_and_concat_networks_run_through_reconstruction(name):
     pruned = pruner_for(table).apply(model, table, ranks, kept)
     calib = torch.randn(32, 3, 32, 32)
     rec = Reconstructor(model, table.refittable_layers(), calib)
-    report = rec(pruned, table.kept_outputs(removed_indices(table, ranks, kept)), recalibrate=True)
+    report = rec(pruned, table.strategy.kept_outputs(table, removed_indices(table, ranks, kept)), recalibrate=True)
     assert report.traced and report.refit > 0
     kinds = {n: m for n, m in pruned.named_modules()}
     assert all(kinds[f.name].groups == 1 for f in report.layers if isinstance(kinds[f.name], nn.Conv2d))
@@ -202,7 +202,7 @@ def test_untraceable_model_is_refit_through_hooks(tiny_task):
     kept[table.index_of("inner.block.0")] //= 2
     pruned = pruner_for(table).apply(dense, table, ranks, kept)
     rec = Reconstructor(dense, table.refittable_layers(), tiny_task.splits.calib.x)
-    report = rec(pruned, table.kept_outputs(removed_indices(table, ranks, kept)), recalibrate=True)
+    report = rec(pruned, table.strategy.kept_outputs(table, removed_indices(table, ranks, kept)), recalibrate=True)
     assert not report.traced and [f.name for f in report.layers] == ["inner.block.3"]
     assert report.refit == 1 and not report.layers[0].residual
 

@@ -87,32 +87,74 @@ def test_five_random_sigkills_then_resume(tmp_path, tiny_weights, searcher):
             assert original.state == TrialState.FAIL
             assert original.params.items() <= t.params.items()
     if searcher == "ddpg":
-        assert not failed  # an agent's episode is recorded whole or not at all
+        # an episode killed before the agent saved it is failed, whole: never half-recorded
+        assert all("uid" not in t.user_attrs for t in failed), summary
         (state,) = (tmp_path / "autoprune-state").glob("s-*/agent.pt")
         agent = torch.load(state, weights_only=True)
-        assert agent["episode_index"] >= episodes  # the checkpoint followed every episode
+        assert agent["episode_index"] == episodes  # the agent learned from exactly the episodes the study holds
 
 
-def test_pending_rl_episode_is_recorded_on_resume(tiny_task, tmp_path):
-    """A kill between the agent's checkpoint and the trial insert loses nothing."""
+class _Killed(BaseException):
+    pass
+
+
+def test_pending_rl_episode_is_recorded_on_resume(tiny_task, tmp_path, monkeypatch):
+    """A kill between the agent's checkpoint and telling the study loses nothing: the resumed run
+    tells the trial the checkpoint describes, once."""
     from autoprune.agents.rl import DDPGSearcher
     from autoprune.envs import LayerSparsityEnv
-    from autoprune.studies.records import episode_attrs, frozen_record
+    from autoprune.studies.recovery import recover
+    from autoprune.studies.runner import SearchConfig, play_episode
+
+    env = LayerSparsityEnv(tiny_task, budget="0.5flops")
+    agent = DDPGSearcher(seed=0, warmup=1)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/p.db", study_name="p", sampler=agent.sampler(env, 0))
+    agent.setup(env, study, 4)
+
+    def die(*args, **kwargs):
+        raise _Killed  # the process dies after the agent saved its state, before the study heard
+
+    with monkeypatch.context() as m:
+        m.setattr(optuna.study.Study, "tell", die)
+        with pytest.raises(_Killed):
+            play_episode(env, agent, study, None, SearchConfig(searcher="ddpg"), tmp_path / "state", 0)
+    (running,) = study.get_trials(states=(TrialState.RUNNING,))
+    assert running.params and running.user_attrs["searcher"] == "ddpg"  # recorded before the save
+    fresh = DDPGSearcher(seed=0, warmup=1)
+    fresh.sampler(env, 1)
+    fresh.setup(env, study, 4)
+    recover(study, fresh, tmp_path / "state", quiet=True, exclusive=True)
+    (done,) = study.trials
+    assert done.state == TrialState.COMPLETE and done.values == [running.user_attrs["reward"]]
+    assert fresh.episode_index == 1  # the agent's state has the episode the study now has
+    recover(study, fresh, tmp_path / "state", quiet=True, exclusive=True)  # idempotent
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
+def test_a_pending_episode_saved_whole_by_an_older_checkpoint_is_added(tiny_task, tmp_path):
+    """Checkpoints written before every episode went through ask/tell held the whole trial."""
+    from autoprune.agents.base import param_name
+    from autoprune.agents.rl import DDPGSearcher
+    from autoprune.envs import LayerSparsityEnv
+    from autoprune.studies.records import EpisodeRecord
     from autoprune.studies.recovery import recover
 
     env = LayerSparsityEnv(tiny_task, budget="0.5flops")
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/p.db", study_name="p")
     agent = DDPGSearcher(seed=0, warmup=1)
+    agent.sampler(env, 0)
     agent.setup(env, study, 4)
     ep = agent.episode(env, None)
-    record = frozen_record(ep, env.table.names, env.min_sparsity, env.max_sparsity, [ep.reward],
-                           episode_attrs(ep, "ddpg", 0, "uid-1", 0.1))
-    agent.save(tmp_path / "state", pending=record)  # ...and the process dies here
+    attrs = EpisodeRecord.of(ep, "ddpg", 0, "uid-1", 0.1).to_attrs()
+    low, high = env.space.low.tolist(), env.space.high.tolist()
+    params = {param_name(n): min(max(float(r), lo), hi)
+              for n, r, lo, hi in zip(env.table.names, ep.requested, low, high)}
+    agent.save(tmp_path / "state", pending={"params": params, "low": low, "high": high, "values": [ep.reward],
+                                            "user_attrs": attrs})
     fresh = DDPGSearcher(seed=0, warmup=1)
     fresh.setup(env, study, 4)
     recover(study, fresh, tmp_path / "state", quiet=True)
     assert [t.user_attrs["uid"] for t in study.trials] == ["uid-1"]
-    assert fresh.episode_index == 1
     recover(study, fresh, tmp_path / "state", quiet=True)  # idempotent
     assert len(study.trials) == 1
 

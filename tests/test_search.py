@@ -60,7 +60,7 @@ def test_every_searcher_starts_from_the_portfolio_of_rules(tiny_task, tmp_path, 
         assert t.user_attrs["widths"] == one_shot.user_attrs["widths"], name
         assert t.user_attrs["ratios"]["flops"] <= 0.5 + 1e-9
         asked = [t.params[f"s/{u.name}"] for u in env.table.units]
-        assert np.allclose(asked, np.clip(policy, env.min_sparsity, env.max_sparsity), atol=1e-5), name
+        assert np.allclose(asked, np.clip(policy, env.config.min_sparsity, env.config.max_sparsity), atol=1e-5), name
     best, rule = best_trial(study), best_rule_trial(study)
     assert best.user_attrs["reward"] >= rule.user_attrs["reward"]  # never below the best rule
 
@@ -72,7 +72,7 @@ def test_uncoupled_rule_keeps_coupled_groups_whole_where_the_budget_allows(tiny_
     policy = uncoupled_policy(env)
     assert (policy[~free] == 0).all() and (policy[free] > 0).all()
     # a budget the single-conv units cannot meet alone, even at the most sparsity allowed
-    reach = env.cost.ratio(env.table.kept_all(np.where(free, env.max_sparsity, 0.0)))
+    reach = env.cost.ratio(env.table.kept_all(np.where(free, env.config.max_sparsity, 0.0)))
     tight = LayerSparsityEnv(tiny_task, budget=f"{0.9 * reach:.4f}flops")
     policy = uncoupled_policy(tight)
     assert (policy[~free] > 0).all() and np.allclose(policy[free], tight.max_sparsity)
@@ -92,7 +92,7 @@ def test_baselines_differ_from_uniform_and_meet_budget(tiny_task, tmp_path):
 def test_existing_study_needs_resume_and_the_same_task(tiny_task, tmp_path):
     env = LayerSparsityEnv(tiny_task, budget="0.5flops")
     _run(env, tmp_path, "random", episodes=3)
-    with pytest.raises(AutopruneError, match="already exists.*--resume"):
+    with pytest.raises(AutopruneError, match="already exists.*resume=True"):
         _run(env, tmp_path, "random", episodes=5)
     result = _run(env, tmp_path, "random", episodes=5, resume=True)
     assert result.new_trials == 2 and len(result.study.trials) == 5
@@ -146,13 +146,13 @@ def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_re
     new = run_search(env, SearchConfig(searcher="random", episodes=2, storage=storage, study_name="new"))
     said = capsys.readouterr().err
     assert said.count("note: latency budget 0.9latency: the action wall aims at") == 1  # once, at the start
-    assert f"a margin of {env.latency_margin:.1%}" in said and env.latency_margin > 0
+    assert f"a margin of {env.config.latency_margin:.1%}" in said and env.config.latency_margin > 0
     spec = StudyRecord.of(new.study).search
     assert (spec.latency_margin, spec.latency_remeasure, spec.latency_correct) == \
-        (pytest.approx(env.latency_margin), True, True)
+        (pytest.approx(env.config.latency_margin), True, True)
     for t in new.study.trials:  # each episode: how its latency was measured, and aimed at
         assert t.user_attrs["latency"]["pairs"] in (30, 90)
-        assert t.user_attrs["latency"]["margin"] == pytest.approx(env.latency_margin)
+        assert t.user_attrs["latency"]["margin"] == pytest.approx(env.config.latency_margin)
     # the same study as written before margins: no search.latency_margin/remeasure, no episode latency
     old = optuna.create_study(storage=storage, study_name="old", directions=new.study.directions)
     for key, value in new.study.user_attrs.items():
@@ -166,7 +166,7 @@ def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_re
     resumed = _run(env, tmp_path, "random", episodes=4, study_name="old", resume=True)
     assert resumed.new_trials == 2 and len(resumed.study.trials) == 4 and resumed.best is not None
     assert ["latency" in t.user_attrs for t in resumed.study.trials] == [False, False, True, True]
-    assert resumed.study.user_attrs["search.latency_margin"] == pytest.approx(env.latency_margin)
+    assert resumed.study.user_attrs["search.latency_margin"] == pytest.approx(env.config.latency_margin)
 
 
 def test_rl_agent_checkpoint_restores_state(tiny_task, tmp_path):
@@ -318,7 +318,7 @@ def test_each_proxy_scores_search_val_as_its_formula_says(digits, trained_tiny, 
 
     ce, kl = task("ce"), task("kl")
     val = digits.search_val
-    from autoprune.policy import Policy
+    from autoprune.units.policy import Policy
 
     kept = tiny_task.kept(Policy.uniform(tiny_task.table, 0.5))
     pruned, _ = tiny_task.pruned(kept)
@@ -336,7 +336,7 @@ def test_each_proxy_scores_search_val_as_its_formula_says(digits, trained_tiny, 
     assert 0 < want_ce < ce.dense_accuracy() < 1
     # scored in chunks (for --early-stop), the last chunk's score is the whole split's
     seen = []
-    _, evaluation = ce.evaluate(kept, on_chunk=lambda score, chunk: seen.append(score) and False)
+    _, evaluation = ce.evaluate(kept, stop=lambda score, chunk: seen.append(score) and False)
     assert len(seen) == math.ceil(len(val) / ce.config.eval_batch_size)
     assert seen[-1] == pytest.approx(evaluation.accuracy) == pytest.approx(ce.evaluate(kept)[1].accuracy)
 

@@ -1,6 +1,6 @@
 """The Torch-Pruning adapter: fails loudly, saying what moved, when an upgrade breaks what it uses.
 
-Every name ``autoprune.tp_adapter`` relies on is checked to exist, and the internals it reads (group
+Every name ``autoprune.units.tp_adapter`` relies on is checked to exist, and the internals it reads (group
 items' ``root_idxs``, a dependency's handler and target, a handler's ``pruning_dim``) are checked
 to behave, on a conv-BN-conv residual block with a bare parameter, where the coupling is known.
 """
@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune import tp_adapter
+from autoprune.units import tp_adapter
 
 WIDTH = 8
 ORDER = ["conv1", "conv2", "conv3"]
 
 
 def _changed(what: str) -> str:
-    return (f"Torch-Pruning {tp_adapter.version()} changed {what}; autoprune/tp_adapter.py relies on it "
+    return (f"Torch-Pruning {tp_adapter.version()} changed {what}; autoprune/units/tp_adapter.py relies on it "
             "(see its docstring): adapt the adapter, or pin torch-pruning below this version")
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from autoprune.costs import closed_form, count_flops, count_params, dense_costs
-from autoprune.granularity import build_unit_table
-from autoprune.importance import IMPORTANCE, rank_units
-from autoprune.models import ModelSpec, build_model
-from autoprune.policy import Policy
-from autoprune.pruning import pruner_for
+from autoprune.cost.flops import closed_form, count_flops, count_params, dense_costs
+from autoprune.model.zoo import ModelSpec, build_model
+from autoprune.prune.granularity import build_unit_table
+from autoprune.prune.importance import IMPORTANCE, rank_units
+from autoprune.prune.pruners import pruner_for
+from autoprune.units.policy import Policy
 from tests.tinynets import tiny
 
 MODELS_32 = ["resnet20", "resnet18", "mobilenet_v2", "vgg11_bn", "mobilenet_v3_small",
@@ -80,7 +80,7 @@ def test_pristine_model_is_untouched():
 
 
 def _calib(x):
-    from autoprune.data import TensorSplit
+    from autoprune.data.datasets import TensorSplit
 
     return TensorSplit(torch.randn(8, *x.shape[1:]), torch.randint(0, 10, (8,)))
 
@@ -130,7 +130,7 @@ def test_unstructured_costs_are_effective_and_masks_finalize():
     kept = Policy.uniform(table, 0.75).kept(table)
     pruned = pruner_for(table).apply(model, table, ranks, kept)
     closed = closed_form(table, kept)
-    from autoprune.costs import count_effective_flops
+    from autoprune.cost.flops import count_effective_flops
 
     assert closed.flops == pytest.approx(count_effective_flops(pruned, x), rel=0.01)
     assert closed.flops / table.dense_macs == pytest.approx(0.25, abs=0.01)

@@ -1,0 +1,504 @@
+"""Latency: measuring it, and predicting it from kept widths for latency budgets.
+
+:func:`measure_latency` times real forward passes; :func:`measure_ratio` times two models in
+alternation and takes the median of the per-pair ratios, which stays stable (about 1%) on a
+shared machine whose absolute timings drift by tens of percent between seconds.
+
+:class:`LatencyModel` is what the action wall uses for a ``latency`` budget, since measuring a
+model at every step would be far too slow. It is a lookup table in the manner of NetAdapt: every
+conv/linear layer shape of the network is timed on its own over a grid of kept input and output
+fractions (minimum of repeated runs, made monotone). A policy's latency ratio is predicted as
+
+    1 - a * (1 - L(kept) / L(dense)) - b * (1 - A(kept) / A(dense))
+
+where L sums the layers' table lookups and A is the activation volume, which stands for the
+memory-bound work (BatchNorm, ReLU, adds) that shrinks with output widths. The non-negative a and
+b are fitted on paired measurements of real slimmed networks at a dozen policies, so the
+prediction is 1 at the dense model by construction. Everything is measured once per (model,
+input shape, device, batch size, threads, runtime, torch and runtime versions) and cached on disk
+as JSON.
+
+Every timing, of a whole model or of one cell of the table, runs through a runtime
+(:mod:`autoprune.cost.runtimes`: eager PyTorch, ``torch.compile``, ONNX Runtime), so a latency budget
+is a budget for the runtime the model will be served with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoprune.common.fileio import atomic_write_text
+from autoprune.cost.flops import COST_MODELS, CostModel, layer_fractions
+from autoprune.cost.runtimes import get_runtime
+from autoprune.data.datasets import default_cache_dir
+from autoprune.errors import AutopruneError
+from autoprune.units import Layer, UnitTable
+
+log = logging.getLogger(__name__)
+
+GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A latency measurement: median seconds per batch over ``runs`` timed runs."""
+
+    median_s: float
+    iqr_s: float
+    runs: int
+    device: str
+    batch_size: int
+    threads: int
+    runtime: str = "eager"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: str, runs: int, warmup: int) -> list[float]:
+    times = []
+    for i in range(warmup + runs):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _input(input_shape: tuple[int, ...], batch_size: int, device: str) -> torch.Tensor:
+    shape = tuple(input_shape[-3:]) if len(input_shape) >= 3 else tuple(input_shape[1:])
+    # a generator of its own: timing a model never moves the search's random stream
+    return torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def default_threads(device: str) -> int:
+    """One intra-op thread on CPU: single-stream inference, the most repeatable figure."""
+    return 1 if device == "cpu" else torch.get_num_threads()
+
+
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    device: str = "cpu",
+    batch_size: int = 1,
+    threads: int | None = None,
+    runs: int = 30,
+    warmup: int = 5,
+    runtime: str = "eager",
+) -> Latency:
+    """Median wall time of one forward pass over ``runs`` timed runs after ``warmup`` untimed ones.
+
+    Each run is timed on its own (CUDA synchronised before and after), so the median and spread
+    are over single forward passes, the figure a deployment sees.
+
+    Args:
+        model: the model to time (moved to ``device``; run under ``inference_mode``).
+        input_shape: one sample's shape, with or without the batch dimension.
+        device: ``cpu`` or ``cuda[:i]``.
+        batch_size: images per forward pass.
+        threads: intra-op threads on CPU (default: torch's current setting).
+        runs: timed runs (at least 30 for a stable median).
+        warmup: untimed runs first.
+        runtime: what runs the model, a name in :data:`~autoprune.cost.runtimes.RUNTIMES`.
+    """
+    engine = get_runtime(runtime)
+    engine.check(device)
+    before = torch.get_num_threads()
+    threads = threads or before
+    model = model.to(device).eval()
+    x = _input(input_shape, batch_size, device)
+    torch.set_num_threads(threads)
+    try:
+        run = engine.prepare(model, x, threads)
+        with torch.inference_mode():
+            times = _time(run, device, runs, warmup)
+    finally:
+        torch.set_num_threads(before)
+    return _latency(times, device, batch_size, threads, runtime)
+
+
+def _latency(times, device: str, batch_size: int, threads: int, runtime: str) -> Latency:
+    q1, q3 = np.percentile(times, [25, 75])
+    return Latency(statistics.median(times), float(q3 - q1), len(times), device, batch_size, threads, runtime)
+
+
+def _time_pairs(run_base, run_other, device: str, pairs: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``pairs`` alternated runs of two prepared callables, after ``warmup`` untimed
+    pairs: (base's, other's), pair by pair."""
+    ta, tb = [], []
+    for i in range(warmup + pairs):
+        a = _time(run_base, device, 1, 0)[0]
+        b = _time(run_other, device, 1, 0)[0]
+        if i >= warmup:
+            ta.append(a)
+            tb.append(b)
+    return ta, tb
+
+
+@dataclass(frozen=True)
+class PairedTimes:
+    """Alternated runs of a base model and another: each one's seconds, pair by pair.
+
+    The ratio is the median of the per-pair ratios: machine drift between seconds hits both
+    runs of a pair alike. Two sessions of the same two models pool with ``+``.
+    """
+
+    base_s: tuple[float, ...]
+    other_s: tuple[float, ...]
+    device: str
+    batch_size: int
+    threads: int
+    runtime: str
+
+    @property
+    def pairs(self) -> int:
+        return len(self.base_s)
+
+    @property
+    def ratio(self) -> float:
+        return float(statistics.median(np.asarray(self.other_s) / np.asarray(self.base_s)))
+
+    def latencies(self) -> tuple[Latency, Latency]:
+        """The base's and the other's latency (medians of their runs)."""
+        return tuple(_latency(ts, self.device, self.batch_size, self.threads, self.runtime)
+                     for ts in (self.base_s, self.other_s))
+
+    def __add__(self, more: PairedTimes) -> PairedTimes:
+        setting = (self.device, self.batch_size, self.threads, self.runtime)
+        if setting != (more.device, more.batch_size, more.threads, more.runtime):
+            raise ValueError(f"cannot pool timings of {setting} with those of {more}")
+        return PairedTimes(self.base_s + more.base_s, self.other_s + more.other_s, *setting)
+
+
+class RatioMeter:
+    """Latency ratios of many models against one base model, whose prepared callable is kept.
+
+    Preparing a model for a runtime is one-off work that can dwarf the timing itself (an ONNX
+    export of ResNet-56 takes about 4.5 s, ``torch.compile`` about 16 s). A search measures every
+    episode's pruned model against the same dense model, so the base is prepared once per (batch
+    size, threads, runtime), on one input batch that every other model is then run on, and only
+    the other model is prepared per measurement. (A ``compile`` base recompiles from Inductor's
+    on-disk cache after another model's preparation resets Dynamo; the warm-up pairs absorb it.)
+
+    Args:
+        base: the model every ratio is relative to (moved to ``device``, in eval mode); it must
+            not change while the meter is in use.
+        input_shape: one sample's shape, with or without the batch dimension.
+        device: ``cpu`` or ``cuda[:i]``.
+    """
+
+    def __init__(self, base: nn.Module, input_shape: tuple[int, ...], device: str = "cpu") -> None:
+        self.base, self.input_shape, self.device = base, tuple(input_shape), device
+        self._prepared: dict[tuple[int, int, str], tuple[torch.Tensor, object]] = {}
+
+    def _base(self, engine, batch_size: int, threads: int) -> tuple[torch.Tensor, object]:
+        key = (batch_size, threads, engine.name)
+        if key not in self._prepared:
+            x = _input(self.input_shape, batch_size, self.device)
+            self._prepared[key] = x, engine.prepare(self.base.to(self.device).eval(), x, threads)
+        return self._prepared[key]
+
+    def measure(self, other: nn.Module, batch_size: int = 1, threads: int | None = None, pairs: int = 30,
+                warmup: int = 3, runtime: str = "eager",
+                more: Callable[[PairedTimes], int] | None = None) -> PairedTimes:
+        """Time ``other`` against the base in ``pairs`` alternated runs after ``warmup`` pairs.
+
+        Args:
+            other: the model to compare (moved to the meter's device, in eval mode).
+            batch_size, threads: what to time (threads: intra-op threads on CPU, default torch's
+                current setting).
+            pairs, warmup: timed and untimed pairs.
+            runtime: what runs both models, a name in :data:`~autoprune.cost.runtimes.RUNTIMES`.
+            more: given the first ``pairs``, how many more to time (0: none); they are pooled
+                with the first, without preparing ``other`` again.
+        """
+        engine = get_runtime(runtime)
+        engine.check(self.device)
+        before = torch.get_num_threads()
+        threads = threads or before
+        other = other.to(self.device).eval()
+        torch.set_num_threads(threads)
+        try:
+            x, run_base = self._base(engine, batch_size, threads)
+            run_other = engine.prepare(other, x, threads)
+            setting = (self.device, batch_size, threads, runtime)
+            with torch.inference_mode():
+                ta, tb = _time_pairs(run_base, run_other, self.device, pairs, warmup)
+                times = PairedTimes(tuple(ta), tuple(tb), *setting)
+                extra = more(times) if more is not None else 0
+                if extra > 0:
+                    ta, tb = _time_pairs(run_base, run_other, self.device, extra, warmup)
+                    times = times + PairedTimes(tuple(ta), tuple(tb), *setting)
+        finally:
+            torch.set_num_threads(before)
+        return times
+
+
+def measure_ratio(base: nn.Module, other: nn.Module, input_shape: tuple[int, ...],
+                  device: str = "cpu", batch_size: int = 1, threads: int | None = None,
+                  pairs: int = 30, warmup: int = 3, runtime: str = "eager") -> tuple[float, Latency, Latency]:
+    """Latency of ``other`` relative to ``base``: the median over ``pairs`` alternated runs, both
+    run by ``runtime`` (a name in :data:`~autoprune.cost.runtimes.RUNTIMES`).
+
+    Returns the ratio and both models' latencies (medians of their runs in the same session).
+    Both models are prepared for the runtime here; to compare many models with one base, keep
+    a :class:`RatioMeter`.
+    """
+    times = RatioMeter(base, input_shape, device).measure(other, batch_size, threads, pairs, warmup, runtime)
+    return (times.ratio, *times.latencies())
+
+
+# ------------------------------------------------------------------------------------------------
+# the lookup-table model
+# ------------------------------------------------------------------------------------------------
+def _signature(layer: Layer) -> str | None:
+    if layer.kind not in ("conv", "dwconv", "linear"):
+        return None
+    return (f"{layer.kind}:{layer.in_channels}:{layer.out_channels}:{layer.kernel}:{layer.stride}:"
+            f"{layer.in_hw[0]}x{layer.in_hw[1]}")
+
+
+def _layer_module(layer: Layer, cin: int, cout: int) -> tuple[nn.Module, tuple[int, ...]]:
+    if layer.kind == "linear":
+        return nn.Linear(cin, cout), (cin,)
+    if layer.kind == "dwconv":
+        return nn.Conv2d(cout, cout, layer.kernel, layer.stride, layer.kernel // 2, groups=cout,
+                         bias=False), (cout, *layer.in_hw)
+    return (nn.Conv2d(cin, cout, layer.kernel, layer.stride, layer.kernel // 2, bias=False),
+            (cin, *layer.in_hw))
+
+
+def _width(n: int, f: float) -> int:
+    return max(1, int(round(n * f)))
+
+
+def _bilinear(arr: np.ndarray, grid: np.ndarray, fi: float, fo: float) -> float:
+    rows = np.array([np.interp(fo, grid, arr[i]) for i in range(arr.shape[0])])
+    return float(np.interp(fi, grid, rows))
+
+
+@COST_MODELS.register("latency", help="measured latency, predicted by a calibrated lookup table")
+@dataclass
+class LatencyModel(CostModel):
+    """Predicted latency ratio of a slimmed network from its kept widths (see module docstring).
+
+    Attributes:
+        luts: per layer signature, seconds over (input fraction x output fraction) of ``grid``
+            (one row for depthwise convs, whose cost follows their outputs alone).
+        coef: the fitted (a, b).
+        dense_s: the dense model's measured latency, seconds per batch.
+        fit_error: (max, mean) relative error of the fit on its calibration policies.
+        runtime: what ran every timing (a name in :data:`~autoprune.cost.runtimes.RUNTIMES`).
+        grid: the kept fractions the table was measured at.
+    """
+
+    table: UnitTable
+    device: str
+    batch_size: int
+    threads: int
+    luts: dict[str, list[list[float]]]
+    coef: tuple[float, float]
+    dense_s: float
+    fit_error: tuple[float, float]
+    runtime: str = "eager"
+    grid: tuple[float, ...] = GRID
+    metric: str = "latency"
+    _sigs: list = field(default_factory=list, repr=False)
+
+    @classmethod
+    def build(cls, task, batch_size: int = 1, threads: int | None = None, progress: bool = True,
+              runtime: str = "eager", **options) -> LatencyModel:
+        """Measured once per model, device, batch size, thread count and runtime, then read from
+        the cache."""
+        if not task.table.strategy.physical:
+            raise AutopruneError("a latency budget needs channel granularity: masked weights run "
+                                 "as fast as dense ones on dense hardware")
+        return build_latency_model(task.table, task.dense, task.prune, task.device, batch_size, threads,
+                                   progress=progress, runtime=runtime)
+
+    def __post_init__(self) -> None:
+        self._sigs = [_signature(lay) for lay in self.table.layers]
+        self._act = np.array([lay.out_channels * lay.out_hw[0] * lay.out_hw[1]
+                              for lay in self.table.layers], dtype=np.float64)
+        self._arrays = {k: np.asarray(v) for k, v in self.luts.items()}
+        self._grid = np.asarray(self.grid)
+        dense = self.table.sizes()
+        self._l0, self._a0 = self._raw(dense)
+
+    def _raw(self, kept: np.ndarray) -> tuple[float, float]:
+        f_out, f_in = layer_fractions(self.table, kept)
+        lut = 0.0
+        for sig, fo, fi in zip(self._sigs, f_out, f_in):
+            if sig is None:
+                continue
+            arr = self._arrays[sig]
+            lut += float(np.interp(fo, self._grid, arr[0])) if arr.shape[0] == 1 else \
+                _bilinear(arr, self._grid, fi, fo)
+        return lut, float(self._act @ f_out)
+
+    def features(self, kept: np.ndarray) -> tuple[float, float]:
+        """(1 - L/L0, 1 - A/A0): how much of the table time and activation volume is gone."""
+        lut, act = self._raw(kept)
+        return 1.0 - lut / self._l0, 1.0 - act / self._a0
+
+    def ratio(self, kept: np.ndarray) -> float:
+        dl, da = self.features(kept)
+        return 1.0 - self.coef[0] * dl - self.coef[1] * da
+
+    def margin(self) -> float:
+        """The table's mean relative fit error on its calibration policies (never below 0).
+
+        The mean rather than the maximum: the maximum of a dozen policies is the noisiest figure
+        the fit gives and would cut every episode's latency by the worst case. An episode counts
+        as within a latency budget up to 3 % over it, so aiming the mean error lower covers
+        errors up to about ``(1 + mean) * 1.03 - 1``, near the maximum the fit sees (ResNet-56 on
+        a CPU: mean 2.9 %, max 6.4 %, covered up to 6 %).
+        """
+        return max(0.0, float(self.fit_error[1]))
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads,
+                "runtime": self.runtime, "luts": self.luts, "coef": list(self.coef), "dense_s": self.dense_s,
+                "fit_error": list(self.fit_error), "grid": list(self.grid)}
+
+
+def _cache_key(table: UnitTable, device: str, batch_size: int, threads: int, runtime: str,
+               grid: tuple[float, ...]) -> str:
+    shape = "|".join(f"{lay.name}:{_signature(lay)}" for lay in table.layers)
+    units = "|".join(f"{u.name}:{u.size}" for u in table.units)
+    version = get_runtime(runtime).version()
+    # the width multiple shapes the calibration models (kept_all rounds), so it shapes the fit: a
+    # table calibrated on widths in multiples of 16 under-predicts odd widths on ONNX Runtime
+    key = (f"v3#{shape}#{units}#{table.input_shape}#{device}#{batch_size}#{threads}#{torch.__version__}"
+           f"#{runtime}#{version}#{list(grid)}#{table.multiple}")
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _measure_luts(table: UnitTable, device: str, batch_size: int, threads: int, runs: int, progress: bool,
+                  runtime: str = "eager", grid: tuple[float, ...] = GRID) -> dict:
+    """Seconds of every distinct conv/linear layer over the grid (torch's threads already set)."""
+    from tqdm.auto import tqdm
+
+    engine = get_runtime(runtime)
+    sigs = {}
+    for lay in table.layers:
+        sig = _signature(lay)
+        if sig is not None and sig not in sigs:
+            sigs[sig] = lay
+    luts = {}
+    for sig, lay in tqdm(sigs.items(), desc="latency table", disable=not progress, leave=False):
+        in_grid = (1.0,) if lay.kind == "dwconv" else grid
+        rows = []
+        for fi in in_grid:
+            row = []
+            for fo in grid:
+                module, shape = _layer_module(lay, _width(lay.in_channels, fi), _width(lay.out_channels, fo))
+                module = module.to(device).eval()
+                x = torch.randn(batch_size, *shape, device=device)
+                run = engine.prepare(module, x, threads)
+                with torch.inference_mode():
+                    # the minimum is the run least disturbed by the rest of the machine
+                    row.append(min(_time(run, device, runs, 2)))
+            rows.append(row)
+        # a narrower layer is never slower: make the table monotone along both axes
+        arr = np.maximum.accumulate(np.maximum.accumulate(np.asarray(rows), axis=1), axis=0)
+        luts[sig] = arr.tolist()
+    return luts
+
+
+def _read_cache(path: Path, runtime: str) -> dict | None:
+    """The cached table, or None if absent, unreadable or another runtime's (then it is measured
+    again)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = {"luts", "coef", "dense_s", "fit_error", "grid"} <= set(data) and data.get("runtime") == runtime
+    return data if ok else None
+
+
+def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str = "cpu",
+                        batch_size: int = 1, threads: int | None = None, cache_dir: Path | None = None,
+                        progress: bool = True, calibration_policies: int = 12, runtime: str = "eager",
+                        grid: tuple[float, ...] = GRID) -> LatencyModel:
+    """Measure (or load from the cache) the latency model of ``dense``.
+
+    Args:
+        table: the dense model's unit table (channel granularity).
+        dense: the dense model.
+        prune: ``kept -> slimmed model`` (the task's pruner), for calibration measurements.
+        device, batch_size, threads: what the latency is measured for (threads default to 1 on
+            CPU, see :func:`default_threads`).
+        cache_dir: where the JSON table is kept (default: the autoprune cache dir).
+        progress: show a progress bar while measuring.
+        calibration_policies: slimmed models measured to fit the coefficients (at least the four
+            uniform ones).
+        runtime: what runs every timing, a name in :data:`~autoprune.cost.runtimes.RUNTIMES`.
+        grid: the increasing kept fractions, ending at 1, each layer is timed at (per axis).
+    """
+    get_runtime(runtime).check(device)
+    grid = tuple(float(f) for f in grid)
+    if not grid or grid[-1] != 1.0 or any(a >= b for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"a latency grid increases to 1.0, got {grid}")
+    threads = threads or default_threads(device)
+    key = _cache_key(table, device, batch_size, threads, runtime, grid)
+    path = (cache_dir or default_cache_dir()) / "latency" / f"{key}.json"
+    cached = _read_cache(path, runtime)
+    if cached is not None:
+        return LatencyModel(table, device, batch_size, threads, cached["luts"], tuple(cached["coef"]),
+                            cached["dense_s"], tuple(cached["fit_error"]), runtime, tuple(cached["grid"]))
+    if progress:
+        log.warning("note: measuring a latency table for this model (%s on %s, batch %d, %d thread(s)) once; "
+                    "cached at %s", runtime, device, batch_size, threads, path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        luts = _measure_luts(table, device, batch_size, threads, 12, progress, runtime, grid)
+    finally:
+        torch.set_num_threads(before)
+    uncalibrated = LatencyModel(table, device, batch_size, threads, luts, (1.0, 0.0), 1.0, (0.0, 0.0), runtime, grid)
+    result = _calibrate(uncalibrated, dense, prune, calibration_policies, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result.to_json()))
+    return result
+
+
+def _calibrate(model: LatencyModel, dense: nn.Module, prune, policies: int, progress: bool) -> LatencyModel:
+    """``model`` with its coefficients fitted on real slimmed networks: the four uniform levels and
+    random policies up to ``policies``, each timed in alternation with the dense model."""
+    from scipy.optimize import nnls
+    from tqdm.auto import tqdm
+
+    table = model.table
+    rng = np.random.default_rng(0)
+    n = len(table.units)
+    sparsities = [np.full(n, s) for s in (0.2, 0.4, 0.6, 0.8)]
+    sparsities += [rng.uniform(0.0, 0.8, n) for _ in range(max(0, policies - len(sparsities)))]
+    feats, measured, dense_times = [], [], []
+    meter = RatioMeter(dense, table.input_shape, model.device)  # the dense model is prepared once
+    for sparsity in tqdm(sparsities, desc="latency calibration", disable=not progress, leave=False):
+        kept = table.kept_all(sparsity)
+        times = meter.measure(prune(kept), model.batch_size, model.threads, pairs=20, runtime=model.runtime)
+        feats.append(model.features(kept))
+        measured.append(times.ratio)
+        dense_times.append(times.latencies()[0].median_s)
+    X, y = np.asarray(feats), 1.0 - np.asarray(measured)
+    coef, _ = nnls(X, y)
+    errors = np.abs((1.0 - X @ coef) / np.asarray(measured) - 1.0)
+    return replace(model, coef=(float(coef[0]), float(coef[1])), dense_s=float(np.median(dense_times)),
+                   fit_error=(float(errors.max()), float(errors.mean())))

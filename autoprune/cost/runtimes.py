@@ -1,0 +1,136 @@
+"""Runtimes: how a deployment runs the model, so that latency is measured as it will be served.
+
+A latency figure belongs to the runtime that produced it. Eager PyTorch, ``torch.compile`` and
+ONNX Runtime run the same network differently (fused operators, other kernels, another cost per
+call), so a pruned model that is 30% faster in one may be 15% faster in another. A
+:class:`Runtime` turns an ``nn.Module`` and an input batch into a callable that runs one forward
+pass; :mod:`autoprune.cost.latency` times that callable for whole models and for every cell of its
+per-layer lookup table alike. :data:`RUNTIMES` holds the names ``--latency-runtime`` accepts.
+
+The ONNX export with a dynamic batch dimension lives here too (:func:`onnx_program`), because the
+``onnxruntime`` runtime and ``export --onnx`` (:mod:`autoprune.export.artifacts`) must run the same graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from autoprune.common.registry import Registry
+from autoprune.errors import AutopruneError
+
+
+class Runtime(ABC):
+    """Turns a module into a callable that runs one forward pass, the thing latency is timed on.
+
+    :meth:`prepare` is called outside ``torch.inference_mode()``, with torch's intra-op threads
+    already set to ``threads``, and does everything a deployment does once (export, compile,
+    open a session), so that the callable costs one forward pass and nothing else. The callable
+    takes no arguments (its input is bound in ``prepare``, converted once) and is called under
+    ``torch.inference_mode()``, with the same threads, many times in a row.
+    """
+
+    name: str = ""
+
+    def check(self, device: str) -> None:
+        """Raise :class:`AutopruneError` if this runtime cannot time models on ``device`` here (a
+        package missing, a device it does not serve). Cheap: it runs before any work."""
+
+    def version(self) -> str:
+        """The version of what runs the model beyond torch's own (part of the latency table's
+        cache key, so an upgrade measures the table again)."""
+        return ""
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+        """A callable that runs ``model`` (in eval mode, on ``x``'s device) on the batch ``x``."""
+
+
+RUNTIMES: Registry[type[Runtime]] = Registry("latency runtime")
+
+
+def get_runtime(name: str) -> Runtime:
+    """The runtime registered as ``name`` (an unknown name is a user error listing the known ones)."""
+    runtime = RUNTIMES.get(name)()
+    runtime.name = name
+    return runtime
+
+
+@RUNTIMES.register("eager", help="PyTorch eager mode under inference_mode")
+class EagerRuntime(Runtime):
+    def prepare(self, model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+        return lambda: model(x)
+
+
+@RUNTIMES.register("compile", help="torch.compile (Inductor; needs a C++ compiler on CPU)")
+class CompileRuntime(Runtime):
+    def prepare(self, model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+        # Every module of one class shares its forward's compiled-code cache, and past the
+        # recompile limit (8) Dynamo silently runs eager code: the latency table compiles dozens
+        # of shapes of one conv, so each preparation starts from an empty cache. A callable
+        # prepared earlier stays valid; it compiles again (from Inductor's on-disk cache) on its
+        # next call, which the timing's warm-up runs absorb.
+        torch.compiler.reset()
+        compiled = torch.compile(model, dynamic=False)  # static shapes, as a deployment serves them
+        try:
+            with torch.inference_mode():
+                compiled(x)  # compile now, not inside a timed run
+        except Exception as err:  # Dynamo and Inductor fail with many types (no compiler, no Triton)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise AutopruneError(
+                f"torch.compile does not work on this machine ({type(err).__name__}: {first}); it needs "
+                "a C++ compiler on CPU (Triton on GPU): install one, or use --latency-runtime eager "
+                "or onnxruntime") from None
+        return lambda: compiled(x)
+
+
+def import_onnxruntime():
+    """The ``onnxruntime`` module, or a user error that says how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise AutopruneError("ONNX export and the onnxruntime latency runtime need onnx, onnxscript "
+                             "and onnxruntime: pip install 'autoprune[onnx]'") from None
+    return onnxruntime
+
+
+def onnx_program(model: nn.Module, example: torch.Tensor):
+    """``model`` (put in eval mode, on CPU) exported to ONNX with a dynamic batch dimension.
+
+    The graph is traced at batch 2 (two copies of ``example``'s first sample), so the batch
+    dimension can be made dynamic. Returns a ``torch.onnx.ONNXProgram``: ``.save(path)`` writes
+    the file, ``.model_proto`` is the graph in memory.
+    """
+    model = model.eval().cpu()
+    x = torch.cat([example[:1].cpu()] * 2)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(model, (x,), None, input_names=["input"], output_names=["logits"],
+                                 dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+
+
+@RUNTIMES.register("onnxruntime", help="ONNX Runtime on CPU (pip install 'autoprune[onnx]')")
+class OnnxRuntime(Runtime):
+    def check(self, device: str) -> None:
+        import_onnxruntime()
+        if device != "cpu":
+            raise AutopruneError(f"the onnxruntime latency runtime times on CPU (CPUExecutionProvider), "
+                                 f"not {device}: measure latency on cpu")
+
+    def version(self) -> str:
+        return import_onnxruntime().__version__
+
+    def prepare(self, model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+        ort = import_onnxruntime()
+        proto = onnx_program(model, x).model_proto
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.detach().cpu().numpy()}
+        return lambda: session.run(None, feed)

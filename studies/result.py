@@ -1,0 +1,176 @@
+"""What a search leaves: :class:`SearchResult`, a study and what can be made of it.
+
+Policies (the best, any trial, a Pareto point), pruned models rebuilt exactly as the search
+scored them, and exports (the model folder, optionally fine-tuned, the best of the top K kept).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+from torch import nn
+
+from autoprune.errors import AutopruneError
+from autoprune.finetune.loop import FinetuneConfig
+from autoprune.studies.export import choose_trial, trial_policy
+from autoprune.studies.records import StudyRecord, best_trial, top_trials
+from autoprune.task import PruningTask
+from autoprune.units.policy import Policy
+
+log = logging.getLogger(__name__)
+
+Finetune = FinetuneConfig | Callable[[nn.Module], object] | None
+"""A fine-tune: a recipe for a registered dataset, or any callable that trains the model in place."""
+
+
+class SearchResult:
+    """A search's study and what can be made of it: policies, pruned models, exports.
+
+    What :func:`autoprune.search` and :func:`autoprune.load` return, and what the study runner
+    returns for a search it ran: one type for all three.
+
+    Attributes:
+        study: the Optuna study (every episode one trial; the dashboard reads the same storage).
+        storage: its storage URL.
+        new_trials: episodes this call added (0 for :func:`autoprune.load`).
+        state_dir: where the searcher kept its state (RL agents), for a search this process ran.
+        record: the study's typed records (task, fingerprint, search, run).
+    """
+
+    def __init__(self, study: optuna.Study, storage: str, task: PruningTask | None = None,
+                 build: Callable[[str | None], PruningTask] | None = None, new_trials: int = 0,
+                 state_dir: Path | None = None) -> None:
+        self.study, self.storage, self.new_trials, self.state_dir = study, storage, new_trials, state_dir
+        self.record = StudyRecord.of(study)
+        self._task, self._build = task, build
+
+    def __repr__(self) -> str:
+        best = self.best
+        tail = f", best trial {best.number} score {best.user_attrs['accuracy']:.4f}" if best else ""
+        return f"SearchResult(study={self.study.study_name!r}, trials={len(self.study.trials)}{tail})"
+
+    # -- reading the study ---------------------------------------------------------------------
+    @property
+    def best(self) -> optuna.trial.FrozenTrial | None:
+        """The best complete trial within budget (``None`` before the first)."""
+        return best_trial(self.study)
+
+    def trial(self, number: int | None = None, pick: str = "accuracy") -> optuna.trial.FrozenTrial:
+        """Trial ``number``, or the best (two-objective studies: the Pareto point ``pick``:
+        ``accuracy``, ``cost`` or ``knee``)."""
+        return choose_trial(self.study, number, pick)
+
+    def policy(self, trial: int | optuna.trial.FrozenTrial | None = None) -> Policy:
+        """The achieved, self-describing policy of ``trial`` (default: the best)."""
+        return trial_policy(self.study, self._trial(trial))
+
+    @property
+    def best_policy(self) -> Policy:
+        return self.policy()
+
+    # -- models ----------------------------------------------------------------------------------
+    def task(self, reconstruct: str | None = None) -> PruningTask:
+        """The search's task (rebuilt on first use for a loaded study), or a variant of it that
+        reconstructs pruned models with ``reconstruct`` instead."""
+        if self._task is None:
+            if self._build is None:
+                raise AutopruneError("this result has no task to rebuild models from")
+            self._task = self._build(None)
+        if reconstruct is None or reconstruct == self._task.config.reconstruct:
+            return self._task
+        return self._task.variant(reconstruct=reconstruct)
+
+    def pruned_model(self, trial: int | optuna.trial.FrozenTrial | None = None, reconstruct: str | None = None,
+                     finetune: Finetune = None) -> nn.Module:
+        """The pruned model of ``trial`` (default: the best): pruned, reconstructed and recalibrated
+        as the search scored it, then fine-tuned if asked (a :class:`~autoprune.finetune.loop.FinetuneConfig`
+        on a registered dataset, or any callable that trains the model in place), with masks made
+        permanent. A plain ``nn.Module`` on the task's device."""
+        from autoprune.export.apply import run_finetune
+
+        task = self.task(reconstruct)
+        kept = task.kept(self.policy(trial))
+        model, _ = task.pruned(kept)
+        if finetune is not None:
+            run_finetune(task, model, finetune, quiet=True, kept=kept)
+        return task.pruner.finalize(model)
+
+    def export(self, directory: str | Path, trial: int | optuna.trial.FrozenTrial | None = None,
+               reconstruct: str | None = None, finetune: Finetune = None, onnx: bool = False,
+               latency_batches: tuple[int, ...] = (1,), quiet: bool = True, resume: bool = False,
+               top_k: int = 1, select_epochs: float = 1.0, latency_runtime: str | None = None) -> dict:
+        """Write ``trial``'s pruned model and measurements to ``directory`` (made atomically):
+        ``model.pt2`` (a ``torch.export`` program: ``torch.export.load(path).module()`` needs no
+        autoprune), ``policy.json``, ``metrics.json``, ``pruned.pt`` for registered models, and
+        ``model.onnx`` with ``onnx=True``. Latency is measured with ``latency_runtime`` (default:
+        the one the study searched with). Returns the metrics.
+
+        A :class:`~autoprune.finetune.loop.FinetuneConfig` fine-tune checkpoints every epoch into
+        ``directory`` and logs ``finetune.csv`` there; ``resume`` continues a killed one. With
+        ``top_k > 1`` the ``top_k`` best trials are each fine-tuned for ``select_epochs`` with the
+        same recipe, the one best on search-val is kept (``metrics["selection"]``) and fine-tuned
+        in full."""
+        from autoprune.export.apply import apply_policy
+
+        task = self.task(reconstruct)
+        extra = None
+        if top_k > 1:
+            trial, extra = self._select(task, top_k, select_epochs, finetune, Path(directory), resume, quiet)
+        policy = self.policy(trial)
+        return apply_policy(task, policy, directory, finetune, test=task.has_test,
+                            latency_batches=latency_batches, onnx=onnx, quiet=quiet, resume=resume, extra=extra,
+                            latency_runtime=latency_runtime or self.record.search.env.latency_runtime)
+
+    def _select(self, task: PruningTask, k: int, epochs: float, finetune: Finetune, directory: Path,
+                resume: bool, quiet: bool) -> tuple[optuna.trial.FrozenTrial, dict]:
+        """Fine-tune the ``k`` best trials briefly and keep the best on search-val. Each finished
+        candidate is written to ``directory/selection.json`` at once, so ``resume`` skips it."""
+        from dataclasses import asdict
+
+        from autoprune.common.fileio import write_document
+        from autoprune.export.apply import run_finetune
+        from autoprune.export.artifacts import check_output_dir
+
+        if not isinstance(finetune, FinetuneConfig) or finetune.epochs <= 0:
+            raise AutopruneError("top-k selection fine-tunes the candidates with the same recipe: "
+                                 "pass finetune=FinetuneConfig.recipe(epochs)")
+        short = replace(finetune, epochs=epochs)
+        path = directory / "selection.json"
+        record = {"k": k, "select_epochs": epochs, "recipe": asdict(short), "candidates": []}
+        if resume and path.exists():
+            saved = json.loads(path.read_text())
+            if all(saved.get(key) == record[key] for key in ("k", "select_epochs", "recipe")):
+                record["candidates"] = saved["candidates"]
+        check_output_dir(directory)
+        directory.mkdir(exist_ok=True)
+        done = {c["trial"] for c in record["candidates"]}
+        candidates = top_trials(self.study, k)
+        for rank, t in enumerate(candidates, 1):
+            if t.number in done:
+                continue
+            kept = task.kept(self.policy(t))
+            model, _ = task.pruned(kept)
+            ran = run_finetune(task, model, short, quiet, desc=f"top-{k} candidate {rank}/{len(candidates)}",
+                               log_test=False, kept=kept)
+            row = {"trial": t.number, "rank_by_proxy": rank, "proxy_acc": t.user_attrs["accuracy"],
+                   "val_acc": ran.val_acc, "best_epoch": ran.best_epoch}
+            if task.has_test:  # recorded to measure the pick afterwards, never used to make it
+                row["test_acc"] = task.test_accuracy(model)
+            record["candidates"].append(row)
+            write_document(path, record)
+        best = max(record["candidates"], key=lambda c: (c["val_acc"], -c["rank_by_proxy"]))
+        record["kept"] = best["trial"]
+        if not quiet:
+            log.warning("top-%d: kept trial %d (proxy rank %d), search-val %.2f%% after %g epoch(s)",
+                        k, best["trial"], best["rank_by_proxy"], 100 * best["val_acc"], epochs)
+        return self.trial(best["trial"]), {"selection": record}
+
+    def _trial(self, trial) -> optuna.trial.FrozenTrial:
+        if isinstance(trial, optuna.trial.FrozenTrial):
+            return trial
+        return self.trial(trial)
