@@ -37,14 +37,26 @@ def _bisect(env: LayerSparsityEnv, policy_of: Callable[[float], np.ndarray], lo:
             iters: int = 60) -> np.ndarray:
     """Smallest knob in [lo, hi] whose policy meets the budget (policies grow sparser with it)."""
     if _meets(env, policy_of(lo)):
-        return np.clip(policy_of(lo), env.space.low, env.space.high)
+        return _playable(env, policy_of(lo))
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         if _meets(env, policy_of(mid)):
             hi = mid
         else:
             lo = mid
-    return np.clip(policy_of(hi), env.space.low, env.space.high)
+    return _playable(env, policy_of(hi))
+
+
+def _playable(env: LayerSparsityEnv, sparsity: np.ndarray) -> np.ndarray:
+    """The policy as the env will play it: each unit's request moved to the middle of the width it
+    keeps. Bisection ends just past a rounding step, where the float32 action the env takes can
+    round the other way, to a width over budget that the wall then cuts from the last units."""
+    low, high = env.space.low, env.space.high
+    asked = np.clip(sparsity, low, high)
+    kept = env.table.kept_all(asked[env.space.leader])
+    centre = np.array([env.table.achieved(u, int(k)) for u, k in enumerate(kept)])
+    inside = (centre >= low) & (centre <= high) & (asked > 0)  # a unit left whole stays at 0
+    return np.where(inside, centre, asked)
 
 
 def uniform_policy(env: LayerSparsityEnv) -> np.ndarray:

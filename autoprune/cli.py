@@ -540,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(message)s"))
     lib = logging.getLogger("autoprune")
     lib.addHandler(handler)
-    lib.setLevel(logging.ERROR if getattr(args, "quiet", False) else logging.INFO)
+    lib.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)  # -q: no progress
     lib.propagate = False
     try:
         return int(args.func(args) or 0)

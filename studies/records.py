@@ -178,6 +178,9 @@ class EpisodeRecord(Record):
         for key in ("reconstruction", "rule", "latency", "agent", "pruned_after_chunks"):
             if attrs[key] is None:
                 del attrs[key]
+        if self.pruned_after_chunks is not None:  # a partial score earns no reward and meets no budget
+            for key in ("reward", "reward_parts", "within_budget"):
+                del attrs[key]
         return attrs
 
 

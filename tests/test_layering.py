@@ -115,3 +115,15 @@ def test_no_import_circle():
         if m not in state:
             visit(m, [m])
     assert circles == []
+
+
+def test_no_function_runs_over_80_lines():
+    """A function a reader cannot hold in one screen is split into its phases (STYLE.md)."""
+    long = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{module}.{node.name}: {lines} lines")
+    assert long == []

@@ -3,7 +3,7 @@
 Torch-Pruning (VainF/Torch-Pruning) owns what it does best here: finding the channels a network
 couples (its ``DependencyGraph``), scoring a coupled group, and slimming one layer. Part of what
 autoprune needs is not its public API, so all of it lives in this one module: an upgrade that
-moves something breaks here, and ``tests/test_tp_adapter.py`` says what moved. Nothing else in
+moves something breaks here, and ``tests/engine/test_tp_adapter.py`` says what moved. Nothing else in
 autoprune imports ``torch_pruning`` (``studies/runner.py`` only records its version).
 
 Relied on, public (documented in Torch-Pruning's README and docstrings):
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-# What tests/test_tp_adapter.py checks exists, as paths under the ``torch_pruning`` package.
+# What tests/engine/test_tp_adapter.py checks exists, as paths under the ``torch_pruning`` package.
 RELIED_ON = (
     "__version__",
     "DependencyGraph",

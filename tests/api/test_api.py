@@ -90,7 +90,7 @@ def test_bad_api_arguments_are_one_clear_error(user_task, tmp_path):
     model, example, score, calib = user_task
     with pytest.raises(AutopruneError, match="needs score, calib"):
         autoprune.search(model, example, storage=f"sqlite:///{tmp_path}/x.db")
-    with pytest.raises(AutopruneError, match="unknown task setting"):
+    with pytest.raises(AutopruneError, match="unknown setting"):
         _search(user_task, tmp_path, granularty="channel")
     with pytest.raises(AutopruneError, match="needs class labels"):
         _search(user_task, tmp_path, importance="taylor")

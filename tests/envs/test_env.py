@@ -169,7 +169,7 @@ def test_a_latency_wall_aims_below_the_budget_by_the_tables_stated_error(tiny_ta
     error = env.cost.fit_error[1]  # the fake table (MACs) fits the fake ratios (params) loosely
     assert error > 0.05 and env.cost.margin() == error
     assert env.config.latency_margin == pytest.approx(error) and env.wall.aim == pytest.approx(0.7 / (1 + error))
-    assert plain.latency_margin == 0 and plain.wall.aim == 0.7
+    assert plain.config.latency_margin == 0 and plain.wall.aim == 0.7
     # asking for no pruning: each wall cuts as little as its aim allows
     aimed, at_budget = (e.cost.ratio(e.feasible_policy(np.zeros(e.n_units))) for e in (env, plain))
     assert aimed <= env.wall.aim < at_budget <= 0.7 + 1e-9

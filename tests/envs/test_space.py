@@ -26,7 +26,7 @@ def test_ranges_and_shares_hold_in_every_episode(tiny_task, tmp_path, searcher):
     env = LayerSparsityEnv(tiny_task, budget="0.6flops", ranges=RANGES, share=SHARE)
     names = env.table.names
     study = _search(env, tmp_path, searcher, episodes=10).study
-    assert StudyRecord.of(study).search.ranges == RANGES and StudyRecord.of(study).search.share == SHARE
+    assert StudyRecord.of(study).search.env.ranges == RANGES and StudyRecord.of(study).search.env.share == SHARE
     a, b = names.index("branch_a.0"), names.index("branch_b.0")
     for t in study.trials:
         achieved = t.user_attrs["policy"]
