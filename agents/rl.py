@@ -147,11 +147,15 @@ class RLSearcher(Searcher):
         return np.array([self._truncated_normal(float(np.asarray(mu).reshape(-1)[0]))], np.float32)
 
     def _truncated_normal(self, mu: float) -> float:
-        from scipy.stats import truncnorm
-
-        s = self.sigma
-        a, b = (-1.0 - mu) / s, (1.0 - mu) / s
-        return float(truncnorm.rvs(a, b, loc=mu, scale=s, random_state=self.rng))
+        """A draw of N(mu, sigma) truncated to [-1, 1], by rejection. The actor's mu lies in [-1, 1],
+        so at least about half of the draws land inside; scipy's ``truncnorm.rvs`` cost ~4.5 ms a
+        step, a third of a small DDPG search."""
+        mu = min(max(mu, -1.0), 1.0)
+        for _ in range(64):
+            x = self.rng.normal(mu, self.sigma)
+            if -1.0 <= x <= 1.0:
+                return float(x)
+        return mu  # (0.52 ** 64: never, in practice)
 
     def episode(self, env: LayerSparsityEnv, trial: optuna.Trial, stop: Stop | None = None) -> Episode:
         obs, _ = env.reset()
