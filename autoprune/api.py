@@ -64,14 +64,18 @@ def make_task(model: nn.Module | TaskConfig, example_inputs=None, score: Score |
     return PruningTask.from_model(model, example_inputs, score, calib, config, data_name, test_score)
 
 
-def _python_config(model: nn.Module, data_name: str, settings: dict) -> TaskConfig:
-    """The :class:`~autoprune.task.TaskConfig` of a model given in Python: the settings that
-    apply to a built model, refused by name otherwise."""
-    allowed = {f.name for f in fields(TaskConfig)} - set(_REGISTRY_ONLY)
-    unknown = sorted(set(settings) - allowed)
+def _refuse_unknown(task_settings: dict, allowed: set[str]) -> None:
+    """One clear error for settings that are neither the task's (``allowed``) nor the env's."""
+    unknown = sorted(set(task_settings) - allowed)
     if unknown:
         raise AutopruneError(f"unknown setting(s) {', '.join(unknown)}; choose from "
                              f"{', '.join(sorted(allowed | EnvConfig.names()))}")
+
+
+def _python_config(model: nn.Module, data_name: str, settings: dict) -> TaskConfig:
+    """The :class:`~autoprune.task.TaskConfig` of a model given in Python: the settings that
+    apply to a built model, refused by name otherwise."""
+    _refuse_unknown(settings, {f.name for f in fields(TaskConfig)} - set(_REGISTRY_ONLY))
     return TaskConfig(model=python_model_name(model), dataset=data_name, **settings)
 
 
@@ -120,7 +124,9 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str | Non
     from autoprune.envs.layer_sparsity import check_reachable
     from autoprune.studies.runner import SearchConfig, run_search
 
-    env_settings, task_settings = _env_settings(budget, settings)
+    env_settings, task_settings = EnvConfig.split(settings)
+    if budget is not None:
+        env_settings["budget"] = budget
     env_config = replace(env or EnvConfig(), **env_settings)
     _check_search(model, env_config, task_settings, searcher, episodes, early_stop, workers, storage)
     if before_work is not None:
@@ -138,16 +144,6 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str | Non
 
         return run_workers(pruning_env, config, workers)
     return run_search(pruning_env, config)
-
-
-def _env_settings(budget: str | None, settings: dict) -> tuple[dict, dict]:
-    """The settings that are :class:`~autoprune.envs.EnvConfig` fields (``budget`` among them,
-    if given), and the rest, for the task."""
-    _, task_settings = EnvConfig.split(settings)
-    env_settings = {k: v for k, v in settings.items() if k not in task_settings}
-    if budget is not None:
-        env_settings["budget"] = budget
-    return env_settings, task_settings
 
 
 def _check_search(model, env_config: EnvConfig, task_settings: dict, searcher: str, episodes: int,
@@ -173,10 +169,7 @@ def _check_search(model, env_config: EnvConfig, task_settings: dict, searcher: s
     check_workers(searcher, storage, workers)
     check_storage(storage)
     if isinstance(model, TaskConfig):
-        unknown = sorted(set(task_settings) - {f.name for f in fields(TaskConfig)})
-        if unknown:
-            raise AutopruneError(f"unknown setting(s) {', '.join(unknown)}; choose from "
-                                 f"{', '.join(sorted({f.name for f in fields(TaskConfig)} | EnvConfig.names()))}")
+        _refuse_unknown(task_settings, {f.name for f in fields(TaskConfig)})
         replace(model, **task_settings).check()
 
 

@@ -100,7 +100,8 @@ class EnvConfig(Record):
         return {f.name for f in dataclasses.fields(cls)}
 
     @classmethod
-    def split(cls, settings: Mapping[str, Any]) -> tuple[EnvConfig, dict[str, Any]]:
-        """``settings`` as an :class:`EnvConfig` of the keys it knows, and the rest (for the task)."""
-        mine = {k: v for k, v in settings.items() if k in cls.names()}
-        return cls(**mine), {k: v for k, v in settings.items() if k not in mine}
+    def split(cls, settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``settings`` parted into the keys that are fields here, and the rest (for the task)."""
+        names = cls.names()
+        return ({k: v for k, v in settings.items() if k in names},
+                {k: v for k, v in settings.items() if k not in names})

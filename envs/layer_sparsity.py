@@ -87,12 +87,11 @@ class LayerSparsityEnv(gym.Env):
         super().__init__()
         if isinstance(config, (str, Budget)):  # LayerSparsityEnv(task, "0.5flops")
             settings["budget"], config = str(config), None
-        given, task_settings = EnvConfig.split(settings)
+        env_settings, task_settings = EnvConfig.split(settings)
         if config is None:
-            config = given
-        elif set(settings) - set(task_settings):
-            both = sorted(set(settings) - set(task_settings))
-            raise TypeError(f"pass either config or env settings, not both: {both}")
+            config = EnvConfig(**env_settings)
+        elif env_settings:
+            raise TypeError(f"pass either config or env settings, not both: {sorted(env_settings)}")
         config.check()
         self.budget = config.parsed_budget
         self.reward_fn = REWARDS.get(config.reward)
