@@ -24,7 +24,6 @@ from autoprune.errors import AutopruneError
 from autoprune.evaluate.metrics import proxy_label
 from autoprune.export.artifacts import OutputDir, check_output_dir, export_program, pruned_payload
 from autoprune.finetune.loop import FinetuneConfig, FinetuneResult, finetune, finished
-from autoprune.prune.pruners import removed_indices
 from autoprune.task import PruningTask
 from autoprune.units.policy import Policy
 
@@ -43,7 +42,7 @@ def hint_points(task: PruningTask, kept) -> dict[str, torch.Tensor]:
     all of them where the policy cut none)."""
     if task.config.granularity != "channel":
         raise AutopruneError("feature-map hints need granularity 'channel' (masked weights keep every channel)")
-    kept_out = task.table.strategy.kept_outputs(task.table, removed_indices(task.table, task.ranks, kept))
+    kept_out = task.kept_outputs(kept)
     points = {}
     for unit in task.table.units:
         for name in unit.members:

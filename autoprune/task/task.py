@@ -200,11 +200,16 @@ class PruningTask:
         (``lsq``: one pass that refits and recalibrates BatchNorm together) or plain BN
         recalibration."""
         if RECONSTRUCTIONS.get(self.config.reconstruct) is not None:
-            kept_out = self.table.strategy.kept_outputs(self.table, removed_indices(self.table, self.ranks, kept))
+            kept_out = self.kept_outputs(kept)
             return self.reconstructor(model, kept_out, self.config.bn_recalibration, self.device)
         if self.config.bn_recalibration:
             recalibrate_bn(model, self._calib, self.config.calib_batch_size, self.device)
         return None
+
+    def kept_outputs(self, kept) -> dict[str, np.ndarray]:
+        """Per module whose outputs the cut at widths ``kept`` shrinks, the dense output indices it
+        keeps: what the refit aims the next layers at, and where feature-map hints compare."""
+        return self.table.strategy.kept_outputs(self.table, removed_indices(self.table, self.ranks, kept))
 
     @property
     def reconstructor(self) -> Reconstructor:
