@@ -116,8 +116,9 @@ def _fail_heartbeat_stale(study: optuna.Study):
     with warnings.catch_warnings():  # marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    stale = [t for t in study.get_trials(deepcopy=False) if t.number in before - after]
+    # failed by it, not every trial that left RUNNING meanwhile: one its live worker completed in
+    # between is no stale trial, and retrying it would ask for the same policy twice
+    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before]
     for t in stale:
         if t.params and "retry_of" not in t.user_attrs and "error" not in t.user_attrs:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})

@@ -159,6 +159,27 @@ def test_a_pending_episode_saved_whole_by_an_older_checkpoint_is_added(tiny_task
     assert len(study.trials) == 1
 
 
+def test_a_trial_completed_while_heartbeats_are_checked_is_not_retried(tmp_path, monkeypatch):
+    """Only the trials the heartbeat check failed are retried; one its live worker completed
+    meanwhile is not (a retry would ask for the same policy twice: seen with four workers)."""
+    from optuna.distributions import FloatDistribution
+
+    from autoprune.studies import recovery
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/h.db")
+    done = study.ask({"x": FloatDistribution(0, 1)})
+    stale = study.ask({"x": FloatDistribution(0, 1)})
+
+    def check(s):  # meanwhile its worker completes one; the heartbeat check fails the other
+        s.tell(done, 1.0)
+        s.tell(stale, state=TrialState.FAIL)
+
+    monkeypatch.setattr(optuna.storages, "fail_stale_trials", check)
+    assert [t.number for t in recovery._fail_heartbeat_stale(study)] == [stale.number]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs["retry_of"] for t in waiting] == [stale.number]
+
+
 def test_a_hot_journal_left_by_a_kill_mid_write_is_rolled_back_not_refused(tmp_path):
     """kill -9 inside a write transaction leaves a hot journal; the storage check must accept it."""
     from autoprune.studies.storage import check_storage
