@@ -88,6 +88,9 @@ def add_model_args(p: argparse.ArgumentParser, weights_required: bool = False) -
 def add_unit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("units")
     g.add_argument("--granularity", default="channel", help=_Help.of("granularity", "what a unit is", "channel"))
+    g.add_argument("--nm-ladder", default=None, metavar="N:M,...",
+                   help="with --granularity nm: the rungs a unit may take (default "
+                        "8:8,6:8,4:8,2:4,2:8,1:4,1:8; dense is always one)")
     g.add_argument("--importance", default="l1", help=_Help.of("importance", "channel/weight ranking", "l1"))
     g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="module-name pattern never pruned (repeatable, fnmatch)")
@@ -160,6 +163,16 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
 
 
+def _granularity(args: argparse.Namespace) -> str:
+    """``--granularity`` with ``--nm-ladder`` folded in: ``nm:2:4,1:4``, the spec studies store."""
+    ladder = getattr(args, "nm_ladder", None)
+    if ladder is None:
+        return args.granularity
+    if args.granularity != "nm":
+        raise AutopruneError(f"--nm-ladder goes with --granularity nm, not {args.granularity!r}")
+    return f"nm:{ladder}"
+
+
 def task_config(args: argparse.Namespace, reconstruct: str = "lsq"):
     """The :class:`~autoprune.task.TaskConfig` of the parsed flags (checked by whoever uses it:
     ``TaskConfig.check`` runs before any data is read)."""
@@ -168,7 +181,7 @@ def task_config(args: argparse.Namespace, reconstruct: str = "lsq"):
     return TaskConfig(
         model=args.model, weights=_absolute(args.weights), pretrained=args.pretrained,
         dataset=args.dataset or "digits", data_dir=_absolute(args.data_dir), seed=args.split_seed,
-        granularity=args.granularity, importance=args.importance, exclude=tuple(args.exclude),
+        granularity=_granularity(args), importance=args.importance, exclude=tuple(args.exclude),
         round_to=args.round_to, search_val_size=getattr(args, "search_val_size", None),
         calib_batches=getattr(args, "calib_batches", 10), calib_batch_size=getattr(args, "calib_batch_size", 64),
         eval_batch_size=getattr(args, "eval_batch_size", 500),
@@ -294,7 +307,8 @@ def summary(result) -> str:
     sizes = result.task().table.sizes()
     width = max(len(n) for n in policy.sparsity)
     for (name, s), size in zip(policy.sparsity.items(), sizes):
-        lines.append(f"  {name:<{width}}  {s:6.3f}  {size:>6} -> {policy.widths[name]}")
+        pattern = f"  {policy.patterns[name]}" if name in policy.patterns else ""
+        lines.append(f"  {name:<{width}}  {s:6.3f}  {size:>6} -> {policy.widths[name]}{pattern}")
     plain = str(journal_path(storage)) if storage_kind(storage) == "journal" else storage
     lines.append(f"dashboard: autoprune dashboard --storage {storage}   (or: optuna-dashboard {plain})")
     lines.append(f"export:    autoprune export {study.study_name} --storage {storage} -o policy.json")

@@ -190,8 +190,9 @@ class LayerSparsityEnv(gym.Env):
         reward, parts = self.reward_fn(Outcome(evaluation.accuracy, cost, self.budget.ratio,
                                                closed_form(self.table, kept).flops), self.config.reward_lambda)
         rec = evaluation.reconstruction
+        policy = Policy.from_kept(self.table, kept)
         return EpisodeOutcome(
-            policy=Policy.from_kept(self.table, kept).sparsity, widths=tuple(int(k) for k in kept),
+            policy=policy.sparsity, widths=tuple(int(k) for k in kept), patterns=policy.patterns or None,
             accuracy=evaluation.accuracy, ratios=ratios, budget=str(self.budget), metric=self.budget.metric,
             within_budget=within_budget(cost, self.budget), reward=float(reward), reward_parts=parts,
             eval_seconds=time.perf_counter() - start, latency=measurement,

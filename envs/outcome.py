@@ -30,6 +30,7 @@ class EpisodeOutcome:
             ``scale``), latency budgets only.
         stopped_after: the chunks of search-val scored before an early stop ended the episode;
             ``None`` for an episode scored in full. A stopped episode is recorded as pruned.
+        patterns: ``{unit name: pattern}`` where units take patterns (``nm`` granularity).
     """
 
     policy: dict[str, float]
@@ -45,6 +46,7 @@ class EpisodeOutcome:
     reconstruction: dict | None = None
     latency: dict | None = None
     stopped_after: int | None = None
+    patterns: dict[str, str] | None = None
 
     @property
     def stopped(self) -> bool:

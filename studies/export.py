@@ -87,7 +87,8 @@ def trial_policy(study: optuna.Study, trial: FrozenTrial) -> Policy:
         "reward": a.get("reward"), "study": study.study_name, "trial": trial.number,
         "searcher": a.get("searcher"),
     }
-    return Policy({n: a["policy"][n] for n in names}, meta, {n: int(k) for n, k in zip(names, a["widths"])})
+    return Policy({n: a["policy"][n] for n in names}, meta, {n: int(k) for n, k in zip(names, a["widths"])},
+                  dict(a.get("patterns") or {}))
 
 
 def policy_document(study: optuna.Study, trial: FrozenTrial) -> dict:

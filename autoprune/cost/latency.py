@@ -326,8 +326,9 @@ class LatencyModel(CostModel):
         """Measured once per model, device, batch size, thread count and runtime, then read from
         the cache."""
         if not task.table.strategy.physical:
-            raise AutopruneError("a latency budget needs channel granularity: masked weights run "
-                                 "as fast as dense ones on dense hardware")
+            raise AutopruneError(f"a latency budget needs channel granularity: {task.table.granularity} "
+                                 "masks run as fast as dense weights on the runtimes autoprune times "
+                                 "(none of them runs N:M or block-sparse kernels); use a flops or params budget")
         return build_latency_model(task.table, task.dense, task.prune, task.device, batch_size, threads,
                                    progress=progress, runtime=runtime)
 

@@ -24,6 +24,7 @@ from autoprune.errors import AutopruneError
 from autoprune.evaluate.metrics import proxy_label
 from autoprune.export.artifacts import OutputDir, check_output_dir, export_program, pruned_payload
 from autoprune.finetune.loop import FinetuneConfig, FinetuneResult, finetune, finished
+from autoprune.prune.granularity import check_patterns
 from autoprune.task import PruningTask
 from autoprune.units.policy import Policy
 
@@ -118,6 +119,9 @@ def apply_policy(
     metrics.update(extra or {})
 
     model = task.pruner.finalize(model.cpu())
+    checked = check_patterns(model, task.table, kept)
+    if checked:
+        metrics["patterns_checked"] = checked  # every layer cut to a pattern satisfies it
     metrics["latency"] = _latencies(task, model, latency_batches, latency_device, latency_threads,
                                     latency_runtime, quiet)
     task.dense.to(task.device)

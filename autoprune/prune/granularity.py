@@ -14,12 +14,21 @@ call; nothing else in the engine changes.
 * ``unstructured``: a unit is one conv/linear weight tensor and its elements are single weights,
   masked (:class:`~autoprune.prune.pruners.Masker`); FLOPs and params are *effective*: weighted by each
   layer's density, what a sparse kernel could save.
+* ``nm`` (``nm:2:4,1:4`` for another ladder): a unit is one weight tensor cut to an N:M
+  pattern, a rung of a ladder ordered by density (:mod:`autoprune.prune.patterns`), masked;
+  effective costs at the rung's density.
+* ``block:RxC``: a unit is one weight tensor, its elements are RxC tiles, masked by tile.
+
+``nm`` and ``block`` take an argument after a colon; :func:`granularity_of` reads the whole
+spec and returns a strategy whose ``name`` is the spec that studies and policy files store.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -35,8 +44,11 @@ from autoprune.cost.flops import (
     slimmed_costs,
 )
 from autoprune.errors import AutopruneError
-from autoprune.prune.pruners import Masker, Pruner, Slimmer
+from autoprune.prune import patterns
+from autoprune.prune.pruners import BlockMasker, Masker, NMMasker, Pruner, Slimmer
 from autoprune.units import Layer, UnitTable, channel_table, classifier_name, excluded_by, trace_layers, weight_table
+
+log = logging.getLogger(__name__)
 
 
 class Granularity(ABC):
@@ -57,6 +69,7 @@ class Granularity(ABC):
             ``Importance.weight_scores``; ``False`` when they are root channels, ranked by
             ``Importance.unit_scores``.
         rounded: kept widths are multiples of the table's ``round_to``.
+        example: a spec that selects it (its name, or with an argument: ``block:4x4``).
     """
 
     name: str = ""
@@ -66,6 +79,22 @@ class Granularity(ABC):
     physical: bool = True
     per_weight: bool = False
     rounded: bool = True
+
+    @property
+    def example(self) -> str:
+        return self.name
+
+    def configure(self, arg: str | None) -> Granularity:
+        """The strategy for ``NAME:ARG`` (``arg`` the text after the colon; ``None``: no colon).
+        Granularities without an argument refuse one."""
+        if arg is not None:
+            raise AutopruneError(f"granularity {self.name!r} takes no argument (got {self.name}:{arg})")
+        return self
+
+    def pattern(self, table: UnitTable, u: int, kept: int) -> str | None:
+        """The pattern unit ``u``'s weight is cut to at width ``kept`` (``2:4``, ``4x4``,
+        ``dense``), which :func:`check_patterns` verifies; ``None``: no pattern to check."""
+        return None
 
     @abstractmethod
     def build_table(self, model: nn.Module, example: torch.Tensor, layers: Sequence[Layer],
@@ -215,8 +244,136 @@ class Unstructured(Granularity):
         return dense  # masks were made permanent before saving: the shapes are the dense ones
 
 
+class NMPattern(Unstructured):
+    """N:M patterns: a unit is one weight tensor, its action picks a rung of the ladder."""
+
+    name = "nm"
+    help = ("N:M patterns per conv/linear (a ladder: dense, 6:8, 4:8, 2:4, 2:8, 1:4, 1:8; "
+            "nm:2:4,1:4 for another), masked")
+    size_label = "weights"
+
+    def __init__(self, ladder: tuple[patterns.NM, ...] | None = None) -> None:
+        self.ladder = ladder or patterns.parse_ladder(patterns.DEFAULT_LADDER)
+        if ladder is not None and ladder != patterns.parse_ladder(patterns.DEFAULT_LADDER):
+            self.name = f"nm:{patterns.ladder_text(ladder)}"
+
+    def configure(self, arg):
+        return self if arg is None else NMPattern(patterns.parse_ladder(arg))
+
+    def build_table(self, model, example, layers, excluded, other, round_to):
+        rungs = {}
+        for lay in layers:
+            if lay.kind in ("conv", "dwconv", "linear") and lay.name not in excluded:
+                shape = model.get_submodule(lay.name).weight.shape
+                rungs[lay.name] = [r for r in self.ladder if patterns.fits_nm(shape, r)]
+        table = _masked_table(self, layers, excluded, other, example, rungs,
+                              "fits no N:M rung of the ladder (too few input channels)")
+        table.levels = tuple(
+            tuple(sorted({u.size * r.n // r.m: str(r) for r in reversed(rungs[u.name])}.items()))
+            + ((u.size, "dense"),)
+            for u in table.units)
+        return table
+
+    def pruner(self):
+        return NMMasker()
+
+    def pattern(self, table, u, kept):
+        return table.pattern(u, kept)
+
+
+class BlockPattern(Unstructured):
+    """RxC blocks: a unit is one weight tensor, its elements are tiles, ranked by their norm."""
+
+    name = "block"
+    help = "RxC tiles of each conv/linear weight (block:4x4, block:1x8), masked"
+    size_label = "blocks"
+
+    def __init__(self, block: tuple[int, int] | None = None) -> None:
+        self.block = block
+        if block is not None:
+            self.name = f"block:{block[0]}x{block[1]}"
+
+    @property
+    def example(self):
+        return self.name if self.block else "block:4x4"
+
+    def configure(self, arg):
+        if not arg:
+            raise AutopruneError("granularity block needs a tile shape: block:RxC, e.g. block:4x4")
+        return BlockPattern(patterns.parse_block(arg))
+
+    def build_table(self, model, example, layers, excluded, other, round_to):
+        fits = {}
+        for lay in layers:
+            if lay.kind in ("conv", "dwconv", "linear") and lay.name not in excluded:
+                shape = model.get_submodule(lay.name).weight.shape
+                fits[lay.name] = [self.block] if patterns.fits_block(shape, self.block) else []
+        r, c = self.block
+        table = _masked_table(self, layers, excluded, other, example, fits,
+                              f"is not divided into {r}x{c} blocks (outputs by input channels)")
+        grids = {lay.name: patterns.block_grid(model.get_submodule(lay.name).weight.shape, self.block)
+                 for lay in layers if lay.name in fits and fits[lay.name]}
+        table.units = tuple(replace(u, size=int(np.prod(grids[u.name]))) for u in table.units)
+        return table
+
+    def pruner(self):
+        return BlockMasker(self.block)
+
+    def pattern(self, table, u, kept):
+        return "dense" if kept == table.units[u].size else f"{self.block[0]}x{self.block[1]}"
+
+    def scores(self, importance, table, model):
+        return [patterns.block_scores(s.view_as(model.get_submodule(u.name).weight), self.block)
+                for u, s in zip(table.units, super().scores(importance, table, model))]
+
+    def weight_stats(self, table, model):
+        stats = []
+        for u in table.units:
+            w = model.get_submodule(u.name).weight.detach().cpu().double()
+            stats.append((np.stack([patterns.block_scores(w.abs(), self.block).numpy(),
+                                    patterns.block_scores(w * w, self.block).numpy()]),
+                          np.full(u.size, float(self.block[0] * self.block[1]))))
+        return stats
+
+
+def _masked_table(strategy, layers, excluded, other, example, fits, why):
+    """A weight table over the layers ``fits`` gives a pattern; the others stay dense, said once."""
+    unfit = [name for name, ok in fits.items() if not ok]
+    if unfit:
+        log.warning("%s: %d layer(s) stay dense: %s %s", strategy.name, len(unfit),
+                    ", ".join(unfit[:6]) + (" ..." if len(unfit) > 6 else ""),
+                    "each " + why if len(unfit) > 1 else why)
+    return weight_table(strategy, layers, list(excluded) + unfit, other, example)
+
+
 register(Channel())
 register(Unstructured())
+register(NMPattern())
+register(BlockPattern())
+
+
+def check_patterns(model: nn.Module, table: UnitTable, kept: Sequence[int]) -> int:
+    """Refuse a model in which some unit's weight breaks the pattern it was cut to (an N:M group
+    with more than N non-zeros, a block partly zero); returns how many layers were checked."""
+    checked, broken = 0, []
+    for u in table.units:
+        pattern = table.strategy.pattern(table, u.index, int(kept[u.index]))
+        if pattern is None:
+            continue
+        checked += 1
+        bad = patterns.violations(model.get_submodule(u.name).weight, pattern)
+        if bad:
+            broken.append(f"{u.name} ({bad} groups break {pattern})")
+    if broken:
+        raise AutopruneError(f"{len(broken)} layer(s) do not satisfy their pattern: {', '.join(broken[:4])}")
+    return checked
+
+
+def granularity_of(spec: str) -> Granularity:
+    """The strategy for a granularity spec: a registered name, with ``:ARG`` for those that take
+    one (``nm:2:4,1:4``, ``block:4x4``)."""
+    name, sep, arg = str(spec).partition(":")
+    return GRANULARITIES.get(name).configure(arg if sep else None)
 
 
 def build_unit_table(
@@ -231,11 +388,11 @@ def build_unit_table(
     Args:
         model: the dense model; it is read, never modified.
         example: one input batch (its shape fixes the feature-map sizes of the cost model).
-        granularity: a registered granularity (``channel``, ``unstructured``).
+        granularity: a granularity spec (``channel``, ``unstructured``, ``nm``, ``block:4x4``).
         exclude: module-name patterns (fnmatch) whose outputs are never pruned.
         round_to: widths are multiples of this (granularities that round).
     """
-    strategy = GRANULARITIES.get(granularity)
+    strategy = granularity_of(granularity)
     if round_to < 1:
         raise AutopruneError(f"round_to must be >= 1, got {round_to}")
     model.eval()

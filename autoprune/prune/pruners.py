@@ -6,7 +6,9 @@ physically with Torch-Pruning's per-layer pruning functions (through :mod:`autop
 driven by the module-level indices the :class:`~autoprune.units.UnitTable` recorded when it traced
 the model (no graph traversal per episode). :class:`Masker` masks single weights in the manner of
 ``torch.nn.utils.prune`` (``weight_orig`` and ``weight_mask``, applied by a forward pre-hook),
-which :meth:`Pruner.finalize` makes permanent for export.
+which :meth:`Pruner.finalize` makes permanent for export; :class:`NMMasker` and
+:class:`BlockMasker` build the same masks in N:M and block patterns
+(:mod:`autoprune.prune.patterns`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from autoprune.prune import patterns
 from autoprune.units import UnitTable
 from autoprune.units.tp_adapter import cut
 
@@ -61,16 +64,50 @@ class Masker(Pruner):
         pruned = copy.deepcopy(model)
         for u in table.units:
             module = pruned.get_submodule(u.name)
-            mask = torch.ones(module.weight.numel(), device=module.weight.device)
-            mask[torch.as_tensor(ranks[u.index][: u.size - int(kept[u.index])], dtype=torch.long)] = 0
-            torch_prune.custom_from_mask(module, "weight", mask.view_as(module.weight))
+            mask = self.mask(module.weight, table, u.index, ranks[u.index], int(kept[u.index]))
+            torch_prune.custom_from_mask(module, "weight", mask.to(module.weight.device))
         return pruned
+
+    def mask(self, weight: torch.Tensor, table: UnitTable, u: int, rank: np.ndarray, kept: int) -> torch.Tensor:
+        """The weight-shaped 0/1 mask of unit ``u`` keeping ``kept`` elements, least important
+        first in ``rank``: here the ``size - kept`` first weights go."""
+        mask = torch.ones(weight.numel())
+        mask[torch.as_tensor(rank[: table.units[u].size - kept], dtype=torch.long)] = 0
+        return mask.view_as(weight)
 
     def finalize(self, model: nn.Module) -> nn.Module:
         for m in model.modules():
             if torch_prune.is_pruned(m) and hasattr(m, "weight_mask"):
                 torch_prune.remove(m, "weight")
         return model
+
+
+class NMMasker(Masker):
+    """Masks each unit to the N:M pattern of the level it keeps: within every group of ``m``
+    input channels the ``n`` weights ranked most important stay."""
+
+    def mask(self, weight, table, u, rank, kept):
+        rung = table.pattern(u, kept)
+        if rung is None:
+            raise ValueError(f"unit {table.units[u].name} keeps {kept} weights, which is no level of its ladder")
+        if rung == "dense":
+            return torch.ones_like(weight)
+        position = torch.empty(len(rank))
+        position[torch.as_tensor(rank, dtype=torch.long)] = torch.arange(len(rank), dtype=torch.float32)
+        n, m = (int(v) for v in rung.split(":"))
+        return patterns.nm_mask(position.view_as(weight), patterns.NM(n, m))
+
+
+class BlockMasker(Masker):
+    """Masks whole RxC tiles: a unit's elements are its blocks, the least important go."""
+
+    def __init__(self, block: tuple[int, int]) -> None:
+        self.block = block
+
+    def mask(self, weight, table, u, rank, kept):
+        keep = torch.ones(table.units[u].size)
+        keep[torch.as_tensor(rank[: table.units[u].size - kept], dtype=torch.long)] = 0
+        return patterns.block_mask(keep, weight.shape, self.block)
 
 
 def pruner_for(table: UnitTable) -> Pruner:

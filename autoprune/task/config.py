@@ -26,7 +26,8 @@ class TaskConfig(Record):
         dataset: a registered dataset name (for an API task, the data name the user gave).
         data_dir: where the dataset lives.
         seed: the split seed (search-val and calibration carve).
-        granularity: a registered granularity (``channel``, ``unstructured``).
+        granularity: a granularity spec: ``channel``, ``unstructured``, ``nm`` (``nm:2:4,1:4`` for
+            another ladder) or ``block:RxC``.
         importance: a registered importance criterion.
         exclude: module-name patterns never pruned.
         round_to: width multiple; ``None`` picks 8 when every unit has 32+ channels, else 1.
@@ -75,7 +76,7 @@ class TaskConfig(Record):
         from autoprune.data.datasets import DATASETS
         from autoprune.evaluate.metrics import PROXIES
         from autoprune.model.zoo import MODELS
-        from autoprune.prune.granularity import GRANULARITIES
+        from autoprune.prune.granularity import granularity_of
         from autoprune.prune.importance import IMPORTANCE
         from autoprune.reconstruct.refit import RECONSTRUCTIONS
 
@@ -85,7 +86,7 @@ class TaskConfig(Record):
         if data:
             DATASETS.get(self.dataset)
         IMPORTANCE.get(self.importance)
-        GRANULARITIES.get(self.granularity)
+        granularity_of(self.granularity)
         RECONSTRUCTIONS.get(self.reconstruct)
         PROXIES.get(self.proxy)
         for name in ("calib_batches", "calib_batch_size", "eval_batch_size"):

@@ -5,6 +5,7 @@ On disk (JSON, or YAML by suffix)::
     {"format": "autoprune.units.policy", "version": 1,
      "model": "resnet56", "granularity": "channel", "round_to": 1, "importance": "l1",
      "units": [{"name": "conv1", "sparsity": 0.5, "size": 16, "kept": 8}, ...],
+     (N:M policies: each unit also names its ``"pattern"``, ``"2:4"`` or ``"dense"``)
      ...any further metadata (budget, achieved costs, accuracy, weights hash)}
 
 A plain ``{"unit name": sparsity}`` mapping is read too. Units a policy leaves out stay dense.
@@ -34,12 +35,14 @@ class Policy:
 
     ``widths`` (optional) holds exact kept widths, as achieved policies record them: for a unit of
     millions of weights a sparsity written with a few decimals does not pin the width down, the
-    width does.
+    width does. ``patterns`` (N:M granularity) names the pattern each unit is cut to, so other
+    tools can apply the policy without knowing the ladder.
     """
 
     sparsity: dict[str, float]
     meta: dict = field(default_factory=dict)
     widths: dict[str, int] = field(default_factory=dict)
+    patterns: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def uniform(cls, table: UnitTable, sparsity: float, **meta) -> Policy:
@@ -49,7 +52,7 @@ class Policy:
     def from_kept(cls, table: UnitTable, kept, **meta) -> Policy:
         """The achieved policy of per-unit kept widths."""
         return cls({u.name: table.achieved(u.index, int(k)) for u, k in zip(table.units, kept)},
-                   dict(meta), {u.name: int(k) for u, k in zip(table.units, kept)})
+                   dict(meta), {u.name: int(k) for u, k in zip(table.units, kept)}, table_patterns(table, kept))
 
     def _check_against(self, table: UnitTable) -> None:
         for key, have in (("granularity", table.granularity), ("round_to", table.round_to)):
@@ -77,9 +80,9 @@ class Policy:
         for u in table.units:
             if u.name in self.widths:
                 k = self.widths[u.name]
-                if not isinstance(k, int) or isinstance(k, bool) or not table.min_kept(u.index) <= k <= u.size:
-                    raise AutopruneError(f"policy width for {u.name!r} is {k!r}; it must be a whole "
-                                         f"number in [{table.min_kept(u.index)}, {u.size}]")
+                if not isinstance(k, int) or isinstance(k, bool) or not table.allowed(u.index, k):
+                    raise AutopruneError(f"policy width for {u.name!r} is {k!r}; it must be "
+                                         + _widths_allowed(table, u.index))
                 out.append(k)
             else:
                 out.append(table.kept(u.index, self.sparsity.get(u.name, 0.0)))
@@ -87,6 +90,7 @@ class Policy:
 
     def to_dict(self, table: UnitTable | None = None) -> dict:
         kept = dict(zip(table.names, self.kept(table).tolist())) if table is not None else self.widths
+        found = table_patterns(table, [kept[n] for n in table.names]) if table is not None else self.patterns
         units = []
         for name, s in self.sparsity.items():
             entry = {"name": name, "sparsity": round(float(s), 10)}
@@ -94,6 +98,8 @@ class Policy:
                 entry["size"] = table.units[table.index_of(name)].size
             if name in kept:
                 entry["kept"] = int(kept[name])
+            if name in found:
+                entry["pattern"] = found[name]
             units.append(entry)
         head = {"format": FORMAT, "version": VERSION}
         shape = {"granularity": table.granularity, "round_to": table.round_to} if table is not None else {}
@@ -128,7 +134,8 @@ class Policy:
                 raise AutopruneError(f"{source}: 'units' must be a list of {{name, sparsity}} objects")
             meta = {k: v for k, v in data.items() if k != "units"}
             widths = {str(e["name"]): e["kept"] for e in units if "kept" in e}
-            return cls({str(e["name"]): e["sparsity"] for e in units}, meta, widths)
+            found = {str(e["name"]): str(e["pattern"]) for e in units if "pattern" in e}
+            return cls({str(e["name"]): e["sparsity"] for e in units}, meta, widths, found)
         return cls({str(k): v for k, v in data.items()}, {})
 
     @classmethod
@@ -148,6 +155,20 @@ class Policy:
             raise AutopruneError(f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
                                  f"{str(err).splitlines()[0]}") from None
         return cls.from_dict(data, str(path))
+
+
+def table_patterns(table: UnitTable, kept) -> dict[str, str]:
+    """``{unit name: pattern}`` at widths ``kept``, for granularities whose units take patterns
+    (N:M); empty for the others."""
+    if table.levels is None:
+        return {}
+    return {u.name: table.pattern(u.index, int(k)) for u, k in zip(table.units, kept)}
+
+
+def _widths_allowed(table: UnitTable, u: int) -> str:
+    if table.levels is not None:
+        return "one of its levels: " + ", ".join(f"{k} ({p})" for k, p in table.levels[u])
+    return f"a whole number in [{table.min_kept(u)}, {table.units[u].size}]"
 
 
 def to_torch_pruning(doc: dict) -> dict:

@@ -91,6 +91,9 @@ class UnitTable:
     dense_macs: int = 0
     dense_params: int = 0
     channels: ChannelMap | None = field(default=None, repr=False)  # channel granularity only
+    # Per unit, the widths it may keep with the pattern each stands for, ascending, ending at the
+    # whole unit: ``((1152, "2:4"), (1728, "6:8"), (2304, "dense"))``. ``None``: any width.
+    levels: tuple[tuple[tuple[int, str], ...], ...] | None = field(default=None, repr=False)
 
     @property
     def granularity(self) -> str:
@@ -113,8 +116,24 @@ class UnitTable:
         return self.round_to if self.strategy.rounded else 1
 
     def min_kept(self, u: int) -> int:
-        """Fewest elements unit ``u`` may keep: one, or ``multiple`` when that fits."""
+        """Fewest elements unit ``u`` may keep: its sparsest level, else one, or ``multiple`` when
+        that fits."""
+        if self.levels is not None:
+            return self.levels[u][0][0]
         return min(self.multiple, self.units[u].size)
+
+    def allowed(self, u: int, kept: int) -> bool:
+        """Unit ``u`` may keep ``kept`` elements (one of its levels, where it has levels)."""
+        if self.levels is not None:
+            return any(k == kept for k, _ in self.levels[u])
+        return self.min_kept(u) <= kept <= self.units[u].size
+
+    def pattern(self, u: int, kept: int) -> str | None:
+        """The pattern unit ``u`` is cut to when it keeps ``kept`` elements (``2:4``), for
+        granularities with levels; ``None`` for the others."""
+        if self.levels is None:
+            return None
+        return dict(self.levels[u]).get(int(kept))
 
     def kept(self, u: int, sparsity: float) -> int:
         """Elements unit ``u`` keeps at ``sparsity``, rounded to ``round_to`` and never below one.
@@ -126,6 +145,8 @@ class UnitTable:
         if sparsity <= 0.0:
             return size  # a unit left alone stays whole, whatever round_to says
         keep = (1.0 - float(sparsity)) * size
+        if self.levels is not None:  # the nearest level; at a tie the denser one
+            return min((k for k, _ in self.levels[u]), key=lambda k: (abs(k - keep), -k))
         r = self.multiple
         if r > 1:
             keep = np.floor(keep / r + 0.5) * r

@@ -14,7 +14,7 @@ from autoprune.prune.pruners import pruner_for
 from autoprune.units.policy import Policy
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES.names())
+@pytest.mark.parametrize("granularity", [GRANULARITIES.get(n).example for n in GRANULARITIES.names()])
 def test_saved_pruned_model_reloads_with_equal_outputs(tmp_path, granularity):
     spec = ModelSpec(10, 3, 32)
     dense = build_model("resnet20", spec)

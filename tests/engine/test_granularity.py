@@ -7,11 +7,15 @@ import pytest
 import torch
 
 from autoprune.cost.flops import closed_form, dense_costs
-from autoprune.prune.granularity import GRANULARITIES, Granularity, build_unit_table
+from autoprune.prune.granularity import GRANULARITIES, Granularity, build_unit_table, granularity_of
 from autoprune.prune.importance import rank_units
 from autoprune.prune.pruners import pruner_for
 from autoprune.units.policy import Policy
 from tests.tinynets import tiny
+
+
+# one spec per registered granularity (with its example argument where it takes one)
+SPECS = [GRANULARITIES.get(n).example for n in GRANULARITIES.names()]
 
 
 @pytest.fixture(scope="module")
@@ -20,18 +24,19 @@ def dense():
     return tiny().eval(), torch.randn(1, 1, 8, 8)
 
 
-@pytest.mark.parametrize("name", GRANULARITIES.names())
+@pytest.mark.parametrize("name", SPECS)
 def test_a_table_asks_its_registered_strategy(dense, name):
     model, x = dense
     table = build_unit_table(model, x, name)
-    strategy = GRANULARITIES.get(name)
+    strategy = granularity_of(name)
+    registered = GRANULARITIES.get(name.partition(":")[0])
     assert isinstance(strategy, Granularity) and strategy.name == name
-    assert table.granularity == name and table.strategy is strategy  # the stored value stays the name
-    assert GRANULARITIES.describe(name) == strategy.help != ""
+    assert type(table.strategy) is type(registered) and table.granularity == name  # the stored value: the spec
+    assert GRANULARITIES.describe(registered.name) == strategy.help != ""
     assert strategy.flops_kind in ("dense", "effective") and strategy.size_label
 
 
-@pytest.mark.parametrize("name", GRANULARITIES.names())
+@pytest.mark.parametrize("name", SPECS)
 def test_closed_form_costs_match_the_counted_ones(dense, name):
     model, x = dense
     table = build_unit_table(model, x, name)
@@ -46,7 +51,7 @@ def test_closed_form_costs_match_the_counted_ones(dense, name):
     assert (full.flops, full.params) == pytest.approx((table.dense_macs, table.dense_params), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", GRANULARITIES.names())
+@pytest.mark.parametrize("name", SPECS)
 def test_a_pruned_state_dict_loads_into_the_skeleton(dense, name):
     model, x = dense
     table = build_unit_table(model, x, name)
