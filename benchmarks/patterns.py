@@ -50,7 +50,8 @@ def score(task, widths) -> dict:
     task.pruner.finalize(model)
     checked = check_patterns(model, task.table, widths)
     ratios = task.cost_ratios(widths)
-    return {"proxy_acc": task.proxy_accuracy(model), "val_acc": task.val_accuracy(model), "test_acc": task.test_accuracy(model),
+    return {"proxy_acc": task.proxy_accuracy(model), "val_acc": task.val_accuracy(model),
+            "test_acc": task.test_accuracy(model),
             "flops": ratios["flops"], "params": ratios["params"], "layers_checked": checked}
 
 

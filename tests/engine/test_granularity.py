@@ -13,7 +13,6 @@ from autoprune.prune.pruners import pruner_for
 from autoprune.units.policy import Policy
 from tests.tinynets import tiny
 
-
 # one spec per registered granularity (with its example argument where it takes one)
 SPECS = [GRANULARITIES.get(n).example for n in GRANULARITIES.names()]
 
