@@ -151,7 +151,9 @@ def _check_search(model, env_config: EnvConfig, task_settings: dict, searcher: s
     """Every check that needs no data and no model: a typo must not cost a baseline training or a
     data download."""
     from autoprune.agents import SEARCHERS
+    from autoprune.cost.latency import check_timeable
     from autoprune.cost.runtimes import get_runtime
+    from autoprune.prune.granularity import granularity_of
     from autoprune.studies.runner import check_early_stop
     from autoprune.studies.storage import check_storage
     from autoprune.studies.workers import check_workers
@@ -161,6 +163,8 @@ def _check_search(model, env_config: EnvConfig, task_settings: dict, searcher: s
     if env_config.parsed_budget.metric == "latency":  # a missing package is refused before any work
         device = model.device if isinstance(model, TaskConfig) else task_settings.get("device", "cpu")
         get_runtime(env_config.latency_runtime).check(device)
+        granularity = model.granularity if isinstance(model, TaskConfig) else "channel"
+        check_timeable(granularity_of(task_settings.get("granularity", granularity)))
     if episodes < 1:
         raise AutopruneError("episodes must be at least 1")
     check_early_stop(early_stop)

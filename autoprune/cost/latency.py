@@ -293,6 +293,15 @@ def _bilinear(arr: np.ndarray, grid: np.ndarray, fi: float, fo: float) -> float:
 
 
 @COST_MODELS.register("latency", help="measured latency, predicted by a calibrated lookup table")
+def check_timeable(strategy) -> None:
+    """Refuse a latency budget for a granularity whose cuts do not change tensor shapes (masks):
+    the runtimes autoprune times run them as fast as the dense model."""
+    if not strategy.physical:
+        raise AutopruneError(f"a latency budget needs channel granularity: {strategy.name} masks run as "
+                             "fast as dense weights on the runtimes autoprune times (none of them runs "
+                             "N:M or block-sparse kernels); use a flops or params budget")
+
+
 @dataclass
 class LatencyModel(CostModel):
     """Predicted latency ratio of a slimmed network from its kept widths (see module docstring).
@@ -325,10 +334,7 @@ class LatencyModel(CostModel):
               runtime: str = "eager", **options) -> LatencyModel:
         """Measured once per model, device, batch size, thread count and runtime, then read from
         the cache."""
-        if not task.table.strategy.physical:
-            raise AutopruneError(f"a latency budget needs channel granularity: {task.table.granularity} "
-                                 "masks run as fast as dense weights on the runtimes autoprune times "
-                                 "(none of them runs N:M or block-sparse kernels); use a flops or params budget")
+        check_timeable(task.table.strategy)
         return build_latency_model(task.table, task.dense, task.prune, task.device, batch_size, threads,
                                    progress=progress, runtime=runtime)
 

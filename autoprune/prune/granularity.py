@@ -339,6 +339,9 @@ class BlockPattern(Unstructured):
 def _masked_table(strategy, layers, excluded, other, example, fits, why):
     """A weight table over the layers ``fits`` gives a pattern; the others stay dense, said once."""
     unfit = [name for name, ok in fits.items() if not ok]
+    if unfit and len(unfit) == len(fits):
+        raise AutopruneError(f"granularity {strategy.name}: the model has no prunable units: every "
+                             f"conv/linear layer {why}")
     if unfit:
         log.warning("%s: %d layer(s) stay dense: %s %s", strategy.name, len(unfit),
                     ", ".join(unfit[:6]) + (" ..." if len(unfit) > 6 else ""),
