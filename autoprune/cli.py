@@ -194,9 +194,8 @@ def task_config(args: argparse.Namespace, reconstruct: str = "lsq"):
 def _finetune(args: argparse.Namespace, seed: int):
     from autoprune.finetune.loop import FinetuneConfig
 
-    if args.finetune_batch_size < 1:
-        raise AutopruneError("--finetune-batch-size must be at least 1")
-    if args.finetune_epochs <= 0:
+    _check_finetune_flags(args)
+    if args.finetune_epochs == 0:
         if args.resume:
             raise AutopruneError("--resume continues a fine-tune: give the same --finetune-epochs as the killed run")
         return None
@@ -315,10 +314,18 @@ def summary(result) -> str:
     return "\n".join(lines)
 
 
+def _check_finetune_flags(args: argparse.Namespace) -> None:
+    if args.finetune_batch_size < 1:
+        raise AutopruneError("--finetune-batch-size must be at least 1")
+    if not args.finetune_epochs >= 0:  # nan too
+        raise AutopruneError(f"--finetune-epochs is {args.finetune_epochs:g}; give 0 (no fine-tune) or more")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from autoprune.api import load
     from autoprune.units.policy import FORMATS
 
+    _check_finetune_flags(args)
     if args.format not in FORMATS:
         raise AutopruneError(f"unknown --format {args.format!r}; choose one of: {', '.join(FORMATS)}")
     if args.latency_runtime is not None:

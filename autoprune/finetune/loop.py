@@ -95,6 +95,8 @@ class FinetuneConfig:
         return cls(**{**defaults, **overrides})
 
     def check(self) -> FinetuneConfig:
+        if not self.epochs >= 0:
+            raise AutopruneError(f"fine-tuning epochs is {self.epochs:g}; give 0 (no fine-tune) or more")
         if self.batch_size < 1 or (self.steps is not None and self.steps < 1) or self.lr <= 0:
             raise AutopruneError("fine-tuning needs a batch size and steps of at least 1 and a positive lr")
         if not (0 <= self.distill <= 1 and 0 <= self.label_smoothing < 1 and 0 <= self.warmup < 1):
