@@ -38,7 +38,8 @@ from autoprune.units.policy import Policy
 from autoprune.units.summary import UnitReport
 
 # TaskConfig fields a model given in Python does not use (it is already built and loaded).
-_REGISTRY_ONLY = ("model", "weights", "pretrained", "dataset", "data_dir", "search_val_size", "eval_batch_size")
+_REGISTRY_ONLY = ("model", "weights", "pretrained", "dataset", "data_dir", "search_val_size", "search_val",
+                  "eval_batch_size")
 
 
 def python_model_name(model: nn.Module) -> str:

@@ -101,7 +101,10 @@ def add_unit_args(p: argparse.ArgumentParser) -> None:
 def add_eval_args(p: argparse.ArgumentParser, reconstruct_default: str) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--search-val-size", type=int, default=None,
-                   help="search-val images carved from train (default 5000, or 10%% of small sets)")
+                   help="search-val images (default 5000, or 10%% of small sets)")
+    g.add_argument("--search-val", default=None, metavar="{train,heldout}",
+                   help="where search-val's images come from: train (default; images the checkpoint fit) or "
+                        "heldout (its val split, else a seeded part of test, the test report on the rest)")
     g.add_argument("--calib-batches", type=int, default=10, help="calibration batches (default 10)")
     g.add_argument("--calib-batch-size", type=int, default=64, help="default 64")
     g.add_argument("--eval-batch-size", type=int, default=500, help="default 500")
@@ -183,6 +186,7 @@ def task_config(args: argparse.Namespace, reconstruct: str = "lsq"):
         dataset=args.dataset or "digits", data_dir=_absolute(args.data_dir), seed=args.split_seed,
         granularity=_granularity(args), importance=args.importance, exclude=tuple(args.exclude),
         round_to=args.round_to, search_val_size=getattr(args, "search_val_size", None),
+        search_val=getattr(args, "search_val", None) or "train",
         calib_batches=getattr(args, "calib_batches", 10), calib_batch_size=getattr(args, "calib_batch_size", 64),
         eval_batch_size=getattr(args, "eval_batch_size", 500),
         bn_recalibration=not getattr(args, "no_bn_recalibration", False), proxy=getattr(args, "proxy", "acc"),

@@ -2,10 +2,14 @@
 
 Every dataset is cut the same way (DESIGN.md, "Evaluation protocol"):
 
-* ``search_val``: a fixed, seeded subset of the *training* set, scored during the search;
-* ``calib``: a few batches from the rest of the training set, for BatchNorm recalibration;
+* ``search_val``: a fixed, seeded set of images scored during the search. Where it comes from
+  is the ``search_val`` setting: ``train``, a subset of the *training* set (which the checkpoint
+  has fit, so near the top of a search the proxy saturates), or ``heldout``, images the model
+  never trained on: the dataset's own validation split where it has one (imagefolder with both
+  ``val/`` and ``test/``), else a seeded part of the test split, the report then on the rest;
+* ``calib``: a few batches of the training set (never search-val's), for BatchNorm recalibration;
 * ``train``: the training set minus search-val, for fine-tuning (with augmentation);
-* ``test``: the held-out split, touched only for final reports.
+* ``test``: the held-out split minus any search-val images, touched only for final reports.
 
 search-val and calib are decoded once into tensors, so an episode's evaluation never touches
 the disk or a DataLoader.
@@ -56,6 +60,7 @@ class RawDataset:
     train_aug: Dataset  # same samples, training augmentation, for fine-tuning
     test: Dataset
     identity: str = ""  # what makes two loads the same data (path, version), for study records
+    val: Dataset | None = None  # a validation split apart from test (imagefolder's val/ beside test/)
 
 
 DatasetLoader = Callable[[Path | None, bool], RawDataset]
@@ -99,6 +104,7 @@ class Splits:
     seed: int
     identity: str = ""
     sizes: dict[str, int] = field(default_factory=dict)
+    search_val_from: str = "train"  # the split search-val's images come from: train, val or test
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return self.search_val.x[:batch].clone()
@@ -136,6 +142,9 @@ def materialize(ds: Dataset, indices: list[int] | np.ndarray) -> TensorSplit:
     return TensorSplit(torch.cat(xs).contiguous(), torch.cat(ys).long())
 
 
+SEARCH_VAL_SOURCES = ("train", "heldout")
+
+
 def make_splits(
     dataset: str = "digits",
     data_dir: str | Path | None = None,
@@ -144,6 +153,7 @@ def make_splits(
     calib_batches: int = 10,
     calib_batch_size: int = 64,
     download: bool = True,
+    search_val: str = "train",
 ) -> Splits:
     """Load ``dataset`` and cut the protocol's splits with ``seed``.
 
@@ -151,18 +161,24 @@ def make_splits(
         dataset: a registered dataset name.
         data_dir: where the data lives (or is downloaded to).
         seed: seeds the search-val / calibration carve; same seed, same images.
-        search_val_size: images in search-val; default 5,000, or 10% of sets under 50,000.
+        search_val_size: images in search-val; default 5,000, or 10% of sets under 50,000 (held
+            out: half the test split, at most 5,000; a validation split whole, at most 5,000).
         calib_batches: BatchNorm recalibration batches kept in memory.
         calib_batch_size: images per calibration batch.
         download: allow torchvision to download (CIFAR); offline failures are user errors.
+        search_val: ``train`` or ``heldout`` (see the module's docstring).
     """
+    if search_val not in SEARCH_VAL_SOURCES:
+        raise AutopruneError(f"unknown search_val {search_val!r}; choose one of: {', '.join(SEARCH_VAL_SOURCES)}")
     raw = DATASETS.get(dataset)(Path(data_dir).expanduser() if data_dir else None, download)
+    rng = np.random.default_rng(seed)
+    if search_val == "heldout":
+        return _heldout_splits(raw, dataset, rng, seed, search_val_size, calib_batches * calib_batch_size)
     n = len(raw.train)
     if search_val_size is None:
         search_val_size = 5000 if n >= 50_000 else max(1, n // 10)
-    if not 0 < search_val_size < n:
-        raise AutopruneError(f"search-val size must be in [1, {n - 1}] for {dataset}, got {search_val_size}")
-    order = np.random.default_rng(seed).permutation(n)
+    _check_size(search_val_size, n, dataset, "the training set")
+    order = rng.permutation(n)
     val_idx, rest = order[:search_val_size], order[search_val_size:]
     n_calib = min(len(rest), calib_batches * calib_batch_size)
     return Splits(
@@ -175,6 +191,42 @@ def make_splits(
         identity=raw.identity,
         sizes={"train": len(rest), "search_val": len(val_idx), "calib": n_calib, "test": len(raw.test)},
     )
+
+
+def _heldout_splits(raw: RawDataset, dataset: str, rng: np.random.Generator, seed: int,
+                    search_val_size: int | None, calib_images: int) -> Splits:
+    """Search-val from images the model never trained on: the validation split, else a seeded part
+    of the test split (the report then on the rest). Calibration and fine-tuning keep the whole
+    training set."""
+    source, pool = ("val", raw.val) if raw.val is not None else ("test", raw.test)
+    n = len(pool)
+    if search_val_size is None:
+        search_val_size = min(5000, n if source == "val" else max(1, n // 2))
+    if source == "val":
+        _check_size(search_val_size, n + 1, dataset, "the validation split")
+    else:
+        _check_size(search_val_size, n, dataset, "the test split")
+    order = rng.permutation(n)
+    val_idx, rest = np.sort(order[:search_val_size]), np.sort(order[search_val_size:])
+    test = raw.test if source == "val" else Subset(raw.test, rest.tolist())
+    train_order = rng.permutation(len(raw.train))
+    n_calib = min(len(raw.train), calib_images)
+    return Splits(
+        info=raw.info,
+        search_val=materialize(pool, val_idx),
+        calib=materialize(raw.train, train_order[:n_calib]),
+        train=raw.train_aug,
+        test=test,
+        seed=seed,
+        identity=raw.identity,
+        sizes={"train": len(raw.train), "search_val": len(val_idx), "calib": n_calib, "test": len(test)},
+        search_val_from=source,
+    )
+
+
+def _check_size(size: int, n: int, dataset: str, what: str) -> None:
+    if not 0 < size < n:
+        raise AutopruneError(f"search-val size must be in [1, {n - 1}] for {dataset} ({what}), got {size}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,9 +311,10 @@ def _imagefolder(data_dir: Path | None, download: bool) -> RawDataset:
         raise AutopruneError(
             "imagefolder needs data_dir, a folder holding train/<class>/*.jpg and val/ or test/"
         )
-    held_out = next((data_dir / s for s in ("val", "test") if (data_dir / s).is_dir()), None)
+    held_out = next((data_dir / s for s in ("test", "val") if (data_dir / s).is_dir()), None)
     if held_out is None:
         raise AutopruneError(f"{data_dir} has train/ but neither val/ nor test/")
+    both = (data_dir / "val").is_dir() and (data_dir / "test").is_dir()
     try:
         probe = ImageFolder(data_dir / "train")
         with Image.open(probe.samples[0][0]) as im:
@@ -280,10 +333,40 @@ def _imagefolder(data_dir: Path | None, download: bool) -> RawDataset:
     train = ImageFolder(data_dir / "train", transform=plain, loader=_rgb_loader)
     train_aug = ImageFolder(data_dir / "train", transform=aug, loader=_rgb_loader)
     test = ImageFolder(held_out, transform=plain, loader=_rgb_loader)
-    if test.classes != train.classes:
-        raise AutopruneError(f"{held_out} and {data_dir / 'train'} have different class folders")
+    val = ImageFolder(data_dir / "val", transform=plain, loader=_rgb_loader) if both else None
+    for split in (test, val):
+        if split is not None and split.classes != train.classes:
+            raise AutopruneError(f"{split.root} and {data_dir / 'train'} have different class folders: "
+                                 f"{_class_difference(split.classes, train.classes)}")
+    if val is not None:
+        _check_apart(val, test)
     info = DatasetInfo("imagefolder", len(train.classes), 3, size, tuple(train.classes))
-    return RawDataset(info, train, train_aug, test, f"imagefolder:{data_dir.resolve()}")
+    return RawDataset(info, train, train_aug, test, f"imagefolder:{data_dir.resolve()}", val=val)
+
+
+def _check_apart(val, test) -> None:
+    """Refuse a val/ that shares images with test/: the same folder or file through a link, or a
+    copy (same class and name, same bytes), so search-val never scores a reported image."""
+    import hashlib
+
+    def files(ds) -> dict[str, Path]:
+        return {str(Path(p).relative_to(ds.root)): Path(p) for p, _ in ds.samples}
+
+    v, t = files(val), files(test)
+    real = {p.resolve() for p in t.values()}
+    shared = [k for k, p in v.items() if p.resolve() in real or (
+        k in t and p.stat().st_size == t[k].stat().st_size
+        and hashlib.sha256(p.read_bytes()).digest() == hashlib.sha256(t[k].read_bytes()).digest())]
+    if shared:
+        raise AutopruneError(f"{val.root} and {test.root} share {len(shared)} image(s) (first: {shared[0]}); "
+                             "a held-out search-val must not overlap the reported test images")
+
+
+def _class_difference(theirs: list[str], train: list[str]) -> str:
+    extra, missing = sorted(set(theirs) - set(train)), sorted(set(train) - set(theirs))
+    parts = ([f"{', '.join(extra[:3])} not in train/"] if extra else []) + \
+        ([f"{', '.join(missing[:3])} missing"] if missing else [])
+    return "; ".join(parts) or "the same names in another order"
 
 
 def _rgb_loader(path: str):

@@ -157,6 +157,9 @@ def _score_pruned(task: PruningTask, model: nn.Module, kept, metrics: dict, test
     report = task.calibrate(model, kept)  # what the search scored, so what export writes
     metrics["pruned"]["proxy_acc"] = task.proxy_accuracy(model)
     metrics["reconstruct"], metrics["proxy"] = task.config.reconstruct, task.config.proxy
+    if task.splits is not None:  # which images scored what
+        metrics["search_val"] = {"from": task.splits.search_val_from, "images": len(task.splits.search_val),
+                                 "test_images": len(task.splits.test)}
     if report is not None:
         metrics["reconstruction"] = {"refit": report.refit, "fallbacks": report.fallbacks,
                                      "traced": report.traced, "seconds": round(report.seconds, 3)}

@@ -32,6 +32,10 @@ class TaskConfig(Record):
         exclude: module-name patterns never pruned.
         round_to: width multiple; ``None`` picks 8 when every unit has 32+ channels, else 1.
         search_val_size: search-val images (default 5,000, or 10% of small sets).
+        search_val: where search-val's images come from: ``train`` (training images the
+            checkpoint has fit) or ``heldout`` (images it never trained on: the dataset's
+            validation split, else a seeded part of the test split, the test report then on the
+            rest). See :mod:`autoprune.data.datasets`.
         calib_batches: BatchNorm recalibration batches.
         calib_batch_size: images per calibration batch.
         eval_batch_size: images per evaluation batch.
@@ -57,6 +61,7 @@ class TaskConfig(Record):
     exclude: tuple[str, ...] = ()
     round_to: int | None = spec(None, legacy=None)  # the resolved width multiple is the fingerprint's
     search_val_size: int | None = spec(None, legacy=None)
+    search_val: str = spec("train", identity=True, sibling=True, legacy="train")
     calib_batches: int = spec(10, identity=True)
     calib_batch_size: int = spec(64, identity=True)
     eval_batch_size: int = 500
@@ -73,7 +78,7 @@ class TaskConfig(Record):
         """Refuse a name no registry knows, a device torch cannot use or a batch size below 1:
         one clear error before any data is read or model trained. ``model`` and ``data`` say
         whether the model and dataset will be built from their names (not handed over built)."""
-        from autoprune.data.datasets import DATASETS
+        from autoprune.data.datasets import DATASETS, SEARCH_VAL_SOURCES
         from autoprune.evaluate.metrics import PROXIES
         from autoprune.model.zoo import MODELS
         from autoprune.prune.granularity import granularity_of
@@ -85,6 +90,9 @@ class TaskConfig(Record):
                                  "or pass package.module:function")
         if data:
             DATASETS.get(self.dataset)
+        if self.search_val not in SEARCH_VAL_SOURCES:
+            raise AutopruneError(f"unknown search_val {self.search_val!r}; choose one of: "
+                                 f"{', '.join(SEARCH_VAL_SOURCES)}")
         IMPORTANCE.get(self.importance)
         granularity_of(self.granularity)
         RECONSTRUCTIONS.get(self.reconstruct)

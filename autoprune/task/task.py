@@ -94,7 +94,7 @@ class PruningTask:
         device = config.check(model=dense is None, data=splits is None).device
         splits = splits or make_splits(
             config.dataset, config.data_dir, config.seed, config.search_val_size,
-            config.calib_batches, config.calib_batch_size,
+            config.calib_batches, config.calib_batch_size, search_val=config.search_val,
         )
         traced: list[UnitTable] = []  # the precheck's table: weights load into the same modules
 

@@ -137,6 +137,12 @@ CASES = {
     "resume-with-other-budget": (lambda f, db: _search(f, "--searcher", "random", "--storage", db, "--study-name",
                                                        "kept", "--budget", "0.4flops", "--resume"),
                                  "study 'kept' was made with budget='0.5flops', this run has budget='0.4flops'"),
+    "unknown-search-val": (lambda f, db: _search(f, "--search-val", "test"),
+                           "unknown --search-val 'test'; choose one of: train, heldout"),
+    "resume-with-other-search-val": (lambda f, db: _search(f, "--searcher", "random", "--storage", db, "--study-name",
+                                                           "kept", "--search-val", "heldout", "--resume"),
+                                     "study 'kept' was made with --search-val='train', this run has "
+                                     "--search-val='heldout'"),
     "export-unknown-study": (lambda f, db: ["export", "nope", "--storage", db, "-o", "p.json"], "no study 'nope'"),
     "export-unknown-trial": (lambda f, db: ["export", "kept", "--storage", db, "--trial", "42", "-o", "p.json"],
                              "study 'kept' has no trial 42"),
