@@ -136,6 +136,8 @@ def add_finetune_args(g) -> None:
                         "finetune.csv beside the model, the best epoch kept by search-val (default 0: none)")
     g.add_argument("--finetune-lr", type=float, default=None, help="peak learning rate (default 0.005)")
     g.add_argument("--finetune-batch-size", type=int, default=128)
+    g.add_argument("--finetune-compile", action="store_true",
+                   help="train through torch.compile (compiles for minutes first; pays on long GPU runs)")
     g.add_argument("--distill", type=float, default=None,
                    help="weight of distillation from the dense model's logits, 0-1 (default 0.9)")
     g.add_argument("--label-smoothing", type=float, default=None, help="of the cross-entropy term (default 0)")
@@ -206,6 +208,7 @@ def _finetune(args: argparse.Namespace, seed: int):
     given = {"lr": args.finetune_lr, "distill": args.distill, "label_smoothing": args.label_smoothing,
              "hint": args.hint}
     return FinetuneConfig.recipe(args.finetune_epochs, batch_size=args.finetune_batch_size, seed=seed,
+                                 compile=args.finetune_compile,
                                  **{k: v for k, v in given.items() if v is not None}).check()
 
 

@@ -61,6 +61,7 @@ class RawDataset:
     test: Dataset
     identity: str = ""  # what makes two loads the same data (path, version), for study records
     val: Dataset | None = None  # a validation split apart from test (imagefolder's val/ beside test/)
+    small: tuple | None = None  # (mean, std, pad) of small images: train and test can live as tensors
 
 
 DatasetLoader = Callable[[Path | None, bool], RawDataset]
@@ -105,18 +106,37 @@ class Splits:
     identity: str = ""
     sizes: dict[str, int] = field(default_factory=dict)
     search_val_from: str = "train"  # the split search-val's images come from: train, val or test
+    # builds (train, test) as decoded tensors on first use (small images), or gives None
+    tensor_views: Callable[[], tuple[Dataset, Dataset] | None] | None = field(default=None, repr=False)
+    _views: tuple | None = field(default=None, repr=False)
+
+    def as_tensors(self) -> tuple[Dataset, Dataset] | None:
+        """The training split (augmented) and the test split as in-memory uint8 tensors
+        (:mod:`autoprune.data.tensors`), decoded on first use; ``None`` where the images do not
+        allow it (large or mixed sizes), and then the loaders decode per image."""
+        if self._views is None:
+            self._views = (self.tensor_views() if self.tensor_views is not None else None,)
+        return self._views[0]
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return self.search_val.x[:batch].clone()
 
-    def train_loader(self, batch_size: int, seed: int = 0, workers: int | None = None) -> DataLoader:
+    def train_loader(self, batch_size: int, seed: int = 0, workers: int | None = None, device: str = "cpu"):
+        """Shuffled, augmented batches of the training split; seed ``loader.generator`` to repeat
+        an epoch. Small images come from memory, augmented a batch at a time on ``device``."""
+        views = self.as_tensors()
+        if views is not None:
+            return views[0].loader(batch_size, seed, device)
         gen = torch.Generator().manual_seed(seed)
         return DataLoader(
             self.train, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen,
             num_workers=_workers(self.train) if workers is None else workers,
         )
 
-    def test_loader(self, batch_size: int = 500, workers: int | None = None) -> DataLoader:
+    def test_loader(self, batch_size: int = 500, workers: int | None = None):
+        views = self.as_tensors()
+        if views is not None:
+            return views[1].loader(batch_size, shuffle=False, drop_last=False)
         return DataLoader(
             self.test, batch_size=batch_size,
             num_workers=_workers(self.test) if workers is None else workers,
@@ -190,6 +210,7 @@ def make_splits(
         seed=seed,
         identity=raw.identity,
         sizes={"train": len(rest), "search_val": len(val_idx), "calib": n_calib, "test": len(raw.test)},
+        tensor_views=_tensor_views(raw, np.sort(rest), None),
     )
 
 
@@ -221,7 +242,30 @@ def _heldout_splits(raw: RawDataset, dataset: str, rng: np.random.Generator, see
         identity=raw.identity,
         sizes={"train": len(raw.train), "search_val": len(val_idx), "calib": n_calib, "test": len(test)},
         search_val_from=source,
+        tensor_views=_tensor_views(raw, None, None if source == "val" else rest),
     )
+
+
+def _tensor_views(raw: RawDataset, train_rows, test_rows) -> Callable[[], tuple | None] | None:
+    """What :meth:`Splits.as_tensors` builds: the training rows (augmented as ``train_aug`` is)
+    and the test rows of a small-image dataset, decoded once (cached on disk)."""
+    if raw.small is None:
+        return None
+
+    def build() -> tuple[Dataset, Dataset] | None:
+        from autoprune.data.tensors import ImageTensors, decode
+
+        cache = default_cache_dir() / "tensors"
+        train, test = decode(raw.train, cache), decode(raw.test, cache)
+        if train is None or test is None:
+            return None
+        mean, std, pad = raw.small
+        train_t = ImageTensors(*train, mean, std, pad=pad, flip=True)
+        test_t = ImageTensors(*test, mean, std)
+        return (train_t if train_rows is None else train_t.subset(train_rows),
+                test_t if test_rows is None else test_t.subset(test_rows))
+
+    return build
 
 
 def _check_size(size: int, n: int, dataset: str, what: str) -> None:
@@ -287,7 +331,8 @@ def _torchvision_cifar(cls_name: str, num_classes: int) -> DatasetLoader:
         train_aug = cls(root, train=True, transform=aug, download=False)
         test = cls(root, train=False, transform=plain, download=False)
         info = DatasetInfo(cls_name.lower(), num_classes, 3, 32, tuple(train.classes))
-        return RawDataset(info, train, train_aug, test, f"torchvision-{cls_name}")
+        return RawDataset(info, train, train_aug, test, f"torchvision-{cls_name}",
+                          small=(CIFAR_MEAN, CIFAR_STD, 4))
 
     load.__doc__ = f"torchvision {cls_name}, downloaded to the cache dir or read from --data-dir"
     return load
@@ -326,10 +371,10 @@ def _imagefolder(data_dir: Path | None, download: bool) -> RawDataset:
     if small:
         mean, std = (CIFAR_MEAN, CIFAR_STD) if (width, height) == (32, 32) else (IMAGENET_MEAN, IMAGENET_STD)
         plain, aug = _small_transforms(width, mean, std)
-        size = width
+        size, small = width, (mean, std, width // 8)
     else:
         plain, aug = _large_transforms(IMAGENET_MEAN, IMAGENET_STD)
-        size = 224
+        size, small = 224, None
     train = ImageFolder(data_dir / "train", transform=plain, loader=_rgb_loader)
     train_aug = ImageFolder(data_dir / "train", transform=aug, loader=_rgb_loader)
     test = ImageFolder(held_out, transform=plain, loader=_rgb_loader)
@@ -341,7 +386,7 @@ def _imagefolder(data_dir: Path | None, download: bool) -> RawDataset:
     if val is not None:
         _check_apart(val, test)
     info = DatasetInfo("imagefolder", len(train.classes), 3, size, tuple(train.classes))
-    return RawDataset(info, train, train_aug, test, f"imagefolder:{data_dir.resolve()}", val=val)
+    return RawDataset(info, train, train_aug, test, f"imagefolder:{data_dir.resolve()}", val=val, small=small)
 
 
 def _check_apart(val, test) -> None:

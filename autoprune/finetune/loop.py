@@ -65,6 +65,9 @@ class FinetuneConfig:
             on the channels it kept. 0 = none; needs the dense model and the hint points.
         amp: mixed precision (bfloat16 autocast) when training on CUDA; ignored on CPU.
         seed: seeds each epoch's batch order and augmentation.
+        channels_last: on CUDA, the model and its batches in channels-last memory layout (what
+            cuDNN's fastest convolutions read); ignored on CPU.
+        compile: train through ``torch.compile`` (minutes of compilation first; pays on long runs).
     """
 
     epochs: float = 1.0
@@ -80,6 +83,8 @@ class FinetuneConfig:
     hint: float = 0.0
     amp: bool = True
     seed: int = 0
+    channels_last: bool = True
+    compile: bool = False
 
     @classmethod
     def recipe(cls, epochs: float, **overrides) -> FinetuneConfig:
@@ -197,7 +202,8 @@ def _read_checkpoint(path: Path, cfg: FinetuneConfig, tag: dict) -> dict:
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         raise AutopruneError(f"{path} is not an autoprune fine-tuning checkpoint")
-    saved = {"hint": 0.0, **ckpt.get("config", {})}  # checkpoints from before hints had none
+    # checkpoints from before hints and memory layouts had none (the layout changes no result)
+    saved = {"hint": 0.0, "channels_last": cfg.channels_last, "compile": False, **ckpt.get("config", {})}
     if saved != asdict(cfg):
         diff = sorted(k for k, v in asdict(cfg).items() if saved.get(k) != v)
         raise AutopruneError(f"{path} was written by a fine-tune with other settings ({', '.join(diff)}); "
@@ -301,14 +307,20 @@ class _Run:
         if cfg.hint > 0 and (teacher is None or not hints):
             raise AutopruneError("feature-map hints need the dense model and the hint points")
         self.opt = _optimizer(model, cfg)
-        self.loader = splits.train_loader(min(cfg.batch_size, len(splits.train)), seed=cfg.seed)
+        self.loader = splits.train_loader(min(cfg.batch_size, len(splits.train)), seed=cfg.seed, device=device)
         per_epoch = len(self.loader)
         if per_epoch == 0:
             raise AutopruneError("the training split is smaller than one batch; lower the fine-tune's batch_size")
         self.total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(self.total, cfg.warmup))
-        amp = cfg.amp and str(device).startswith("cuda")  # bfloat16: no loss scaling needed
+        cuda = str(device).startswith("cuda")
+        amp = cfg.amp and cuda  # bfloat16: no loss scaling needed
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        self.layout = torch.channels_last if cfg.channels_last and cuda else torch.contiguous_format
+        for m in (model, teacher):
+            if m is not None and self.layout is torch.channels_last:
+                m.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(model) if cfg.compile else model
         # hooked last, so that a setting refused above leaves no hooks on the caller's models
         self.hinted = _Hints(model, teacher, hints, device) if cfg.hint > 0 else None
         self.result = FinetuneResult(model)
@@ -333,7 +345,8 @@ class _Run:
         losses = []
         model.train()
         for x, y in self.loader:
-            loss = self._train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.layout)
+            loss = self._train_step(x, y.to(self.device, non_blocking=True))
             losses.append(loss)
             bar.update(1)
             bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss:.3f}", refresh=False)
@@ -347,7 +360,7 @@ class _Run:
         with self.autocast():
             with torch.no_grad():
                 t_logits = self.teacher(x) if self.distill or self.hinted else None
-            loss = _loss(self.model(x).float(), y, t_logits.float() if self.distill else None, cfg)
+            loss = _loss(self.forward(x).float(), y, t_logits.float() if self.distill else None, cfg)
             if self.hinted is not None:
                 loss = loss + cfg.hint * self.hinted.loss()
         if not torch.isfinite(loss):
@@ -396,6 +409,9 @@ class _Run:
             result.best_epoch, result.val_acc = self.best["epoch"], self.best["val_acc"]
         elif result.history:
             result.best_epoch = result.history[-1]["epoch"]
+        for m in (self.model, self.teacher):  # the caller's models go back in the layout they came in
+            if m is not None and self.layout is torch.channels_last:
+                m.to(memory_format=torch.contiguous_format)
         self.model.eval()
         return result
 

@@ -122,3 +122,58 @@ def test_search_val_source_is_checked():
         make_splits("digits", search_val="test")
     with pytest.raises(AutopruneError, match=r"search-val size must be in \[1, 358\].*the test split"):
         make_splits("digits", search_val="heldout", search_val_size=400)
+
+
+def _placements(aug: torch.Tensor, plain_u8: torch.Tensor, mean, std, pad: int = 4):
+    """For each augmented image, the (row offset, column offset, flipped) that makes it from its
+    uint8 original padded with zeros; fails if none does."""
+    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    found = []
+    for a, u in zip(aug, plain_u8):
+        padded = torch.nn.functional.pad(u, (pad, pad, pad, pad)).float().div(255).sub(m).div(s)
+        h, w = u.shape[1:]
+        hit = next(((r, c, f) for r in range(2 * pad + 1) for c in range(2 * pad + 1) for f in (False, True)
+                    if torch.equal(a, (lambda x: x.flip(-1) if f else x)(padded[:, r:r + h, c:c + w]))), None)
+        assert hit is not None, "an augmented image is no crop or flip of its original"
+        found.append(hit)
+    return found
+
+
+def test_the_tensor_path_gives_the_jpeg_loaders_images_and_augmentation(tmp_path):
+    from autoprune.data.datasets import CIFAR_MEAN, CIFAR_STD, DATASETS
+    from autoprune.data.tensors import ImageTensors
+
+    _write_folder(tmp_path, per_class=40)
+    s = make_splits("imagefolder", tmp_path, search_val_size=20, calib_batches=1, calib_batch_size=8)
+    train_t, test_t = s.as_tensors()
+    assert isinstance(train_t, ImageTensors) and len(train_t) == len(s.train) == 100
+    raw = DATASETS.get("imagefolder")(tmp_path, False)
+    # plain images: bit for bit what the per-image transforms give
+    tx, ty = next(iter(s.test_loader(batch_size=1000)))
+    jpeg = torch.stack([raw.test[i][0] for i in range(len(raw.test))])
+    assert torch.equal(tx, jpeg) and ty.tolist() == [raw.test[i][1] for i in range(len(raw.test))]
+    # augmented: every image a crop of its own pixels padded with zeros, maybe flipped
+    gen = torch.Generator().manual_seed(0)
+    ours = []
+    for _ in range(3):  # three epochs of draws
+        x, y = train_t.batch(torch.arange(100), gen, "cpu")
+        assert x.shape == (100, 3, 32, 32) and x.dtype == torch.float32 and torch.equal(y, train_t.labels)
+        ours += _placements(x, train_t.images, CIFAR_MEAN, CIFAR_STD)
+    aug_set = torch.utils.data.Subset(raw.train_aug, s.train.indices)  # the per-image path it replaces
+    theirs = []
+    for _ in range(3):
+        theirs += _placements(torch.stack([aug_set[i][0] for i in range(100)]), train_t.images,
+                              CIFAR_MEAN, CIFAR_STD)
+    for draws in (ours, theirs):  # the same distributions: uniform offsets in [0, 8], flips half the time
+        rows, cols, flips = (np.array([d[k] for d in draws]) for k in range(3))
+        assert rows.min() == cols.min() == 0 and rows.max() == cols.max() == 8
+        assert abs(rows.mean() - 4) < 0.5 and abs(cols.mean() - 4) < 0.5 and abs(flips.mean() - 0.5) < 0.1
+    # the loader: each image once an epoch, and a seeded generator repeats the epoch exactly
+    loader = s.train_loader(25, seed=0)
+    assert len(loader) == 4
+    labels = torch.cat([b[1] for b in loader])
+    assert sorted(labels.tolist()) == sorted(train_t.labels.tolist())
+    loader.generator.manual_seed(5)
+    first = [b[0] for b in loader]
+    loader.generator.manual_seed(5)
+    assert all(torch.equal(a, b) for a, b in zip(first, (b[0] for b in loader), strict=True))
