@@ -14,6 +14,11 @@ search), so comparisons are like for like.
 * ``erk``: Erdos-Renyi-Kernel densities (Evci et al. 2020), density ~ (sum of dims) / (product).
 * ``lamp``: one threshold on LAMP scores (Lee et al. 2021), w^2 over the sum of w^2 of every
   element at least as large in the same unit.
+* ``knapsack``: HALP's idea (Shen et al. 2022) as a greedy knapsack: starting whole, repeatedly
+  take one width step off the unit whose next elements cost the least importance (their LAMP
+  scores, so units compare) per unit of the budget's cost they save, as the budget's own cost
+  model prices them: the latency table for latency budgets, so it spends channels where the
+  runtime's latency steps down, the closed-form FLOPs for FLOPs budgets.
 """
 
 from __future__ import annotations
@@ -184,15 +189,70 @@ class ERK(Baseline):
         return _bisect(env, policy, -1e-9, 20.0)
 
 
-# The one-shot rules every search starts from, in the order they are played.
+def _width_steps(env: LayerSparsityEnv, u: int, kept: int) -> int | None:
+    """Unit ``u``'s next narrower width from ``kept`` (its next level, else one width step of
+    ``round_to``, or 2 % of a unit of single weights), or ``None`` at its floor."""
+    table = env.table
+    floor = table.kept(u, env.space.high[u])
+    if table.levels is not None:
+        lower = [k for k, _ in table.levels[u] if floor <= k < kept]
+        return max(lower) if lower else None
+    step = table.multiple if table.strategy.rounded else max(1, int(np.ceil(0.02 * table.units[u].size)))
+    nxt = table.kept(u, table.achieved(u, max(kept - step, 0)))
+    if nxt >= kept:
+        nxt = kept - step
+    return nxt if nxt >= floor else None
+
+
+def knapsack_policy(env: LayerSparsityEnv) -> np.ndarray:
+    """The ``knapsack`` rule's sparsities (see module docstring)."""
+    table, space, n = env.table, env.space, env.n_units
+    lamp = lamp_scores(_element_scores(env, squared=True))
+    ranks = env.task.ranks
+    # the importance of removing the first k elements of each unit's removal order, for every k
+    spent = [np.concatenate([[0.0], np.cumsum(lamp[u][ranks[u]])]) for u in range(n)]
+    members = {lead: [u for u in range(n) if space.leader[u] == lead] for lead in space.leaders}
+    kept = table.kept_all(space.low[space.leader])
+    ratio = env.cost.ratio(kept)
+    while ratio > env.budget.ratio + 1e-9:
+        best, best_price = None, np.inf
+        for lead, group in members.items():
+            nxt = _width_steps(env, lead, int(kept[lead]))
+            if nxt is None:
+                continue
+            trial = kept.copy()
+            trial[group] = [table.kept(u, table.achieved(lead, nxt)) for u in group]
+            saved = ratio - env.cost.ratio(trial)
+            lost = sum(spent[u][table.units[u].size - trial[u]] - spent[u][table.units[u].size - kept[u]]
+                       for u in group)
+            price = lost / saved if saved > 0 else np.inf
+            if price < best_price or best is None:
+                best, best_price = trial, price
+        if best is None:  # every unit at its floor: the wall takes it from here
+            break
+        kept, ratio = best, env.cost.ratio(best)
+    return _playable(env, np.array([table.achieved(u, int(k)) for u, k in enumerate(kept)]))
+
+
+@SEARCHERS.register("knapsack", help="greedy knapsack: the least LAMP importance per unit of budget cost saved")
+class Knapsack(Baseline):
+    name = "knapsack"
+
+    def policy(self, env):
+        return knapsack_policy(env)
+
+
+# The one-shot rules every search starts from, in the order they are played; a latency search
+# opens with the knapsack, the one rule that prices widths by the latency table.
 PORTFOLIO = ("uncoupled", "uniform", "lamp", "erk", "global")
+LATENCY_PORTFOLIO = ("knapsack", *PORTFOLIO)
 
 
 def portfolio(env: LayerSparsityEnv) -> list[tuple[str, np.ndarray]]:
-    """Each rule of :data:`PORTFOLIO` and its requested per-unit sparsities, for ``env``'s budget;
+    """Each rule of :data:`PORTFOLIO` (:data:`LATENCY_PORTFOLIO` for a latency budget) and its requested per-unit sparsities, for ``env``'s budget;
     a rule that asks for the same policy as an earlier one is left out."""
     out: list[tuple[str, np.ndarray]] = []
-    for name in PORTFOLIO:
+    for name in LATENCY_PORTFOLIO if env.budget.metric == "latency" else PORTFOLIO:
         policy = np.asarray(SEARCHERS.get(name)().policy(env), dtype=np.float64)
         if not any(np.allclose(policy, p) for _, p in out):
             out.append((name, policy))

@@ -159,9 +159,9 @@ def rule_widths(task, rule: str, budget: str, **env_options) -> np.ndarray:
 def is_rule(label: str) -> bool:
     """Whether a ``search_quality`` row label names a one-shot rule of the portfolio (a variant
     such as ``uncoupled+r16`` too)."""
-    from autoprune.agents.baselines import PORTFOLIO
+    from autoprune.agents.baselines import LATENCY_PORTFOLIO
 
-    return label.split("+")[0] in PORTFOLIO
+    return label.split("+")[0] in LATENCY_PORTFOLIO
 
 
 def pick(rows: list[dict], which: str) -> dict:

@@ -292,7 +292,6 @@ def _bilinear(arr: np.ndarray, grid: np.ndarray, fi: float, fo: float) -> float:
     return float(np.interp(fi, grid, rows))
 
 
-@COST_MODELS.register("latency", help="measured latency, predicted by a calibrated lookup table")
 def check_timeable(strategy) -> None:
     """Refuse a latency budget for a granularity whose cuts do not change tensor shapes (masks):
     the runtimes autoprune times run them as fast as the dense model."""
@@ -302,6 +301,7 @@ def check_timeable(strategy) -> None:
                              "N:M or block-sparse kernels); use a flops or params budget")
 
 
+@COST_MODELS.register("latency", help="measured latency, predicted by a calibrated lookup table")
 @dataclass
 class LatencyModel(CostModel):
     """Predicted latency ratio of a slimmed network from its kept widths (see module docstring).

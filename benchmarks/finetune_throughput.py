@@ -1,0 +1,104 @@
+"""Fine-tune throughput: the per-image JPEG loader against the in-memory tensor path.
+
+    python -m benchmarks.finetune_throughput --model resnet56 --device cpu --steps 20 \\
+        --out benchmarks/results/finetune-throughput-cpu.json
+    python -m benchmarks.finetune_throughput --model resnet56 --device cuda --steps 300 \\
+        --policies dense,0.3flops --compile --out $OUT/finetune-throughput-h200.json
+
+For each path, in one process: the loader alone (images per second, no model) and the real
+fine-tune step (:func:`autoprune.finetune.loop.finetune` for ``--steps`` steps, distilling from
+the dense model, the recipe ``export`` uses) on the dense model and on the best-rule policy at
+each budget. An epoch's time is the training split's images over the measured rate, after a
+warm-up of ``--warmup`` steps (cuDNN autotuning, compilation) that is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from autoprune.finetune.loop import FinetuneConfig, finetune
+from benchmarks.common import machine, make_task, rule_widths, write_results
+
+
+def loader_rate(splits, device: str, batches: int, batch_size: int) -> float:
+    loader = splits.train_loader(batch_size, seed=0, device=device)
+    it = iter(loader)
+    next(it)  # workers started, tensors moved
+    start, seen = time.perf_counter(), 0
+    for _ in range(batches):
+        x, _ = next(it)
+        x = x.to(device)
+        seen += len(x)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def step_rate(task, splits, model, device: str, steps: int, warmup: int, batch_size: int, compile: bool) -> float:
+    cfg = FinetuneConfig.recipe(1, batch_size=batch_size, compile=compile)
+    run = dataclasses.replace(cfg, steps=warmup)
+    finetune(model, splits, run, teacher=task.dense, device=device, progress=False)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    finetune(model, splits, dataclasses.replace(cfg, steps=steps), teacher=task.dense, device=device, progress=False)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet56")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--loader-batches", type=int, default=40)
+    ap.add_argument("--policies", default="dense,0.3flops", help="dense and/or budgets (played by --rule)")
+    ap.add_argument("--rule", default="uncoupled")
+    ap.add_argument("--paths", default="jpeg,tensor")
+    ap.add_argument("--compile", action="store_true", help="also time the tensor path through torch.compile")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    task = make_task(args.model, 1000, device=args.device)
+    splits = task.splits
+    paths = {"jpeg": dataclasses.replace(splits, tensor_views=None, _views=None), "tensor": splits}
+    paths = {k: paths[k] for k in args.paths.split(",")}
+    started = time.perf_counter()
+    assert splits.as_tensors() is not None, "the tensor path is not available for this dataset"
+    decode_s = time.perf_counter() - started
+    rows = []
+    train_images = len(splits.train)
+    for name, sp in paths.items():
+        rate = loader_rate(sp, args.device, args.loader_batches, args.batch_size)
+        rows.append({"path": name, "what": "loader", "images_per_s": rate})
+        print(f"{name:6s} loader alone: {rate:,.0f} images/s", flush=True)
+    for policy in args.policies.split(","):
+        widths = None if policy == "dense" else rule_widths(task, args.rule, policy)
+        variants = [(n, sp, False) for n, sp in paths.items()]
+        if args.compile:
+            variants.append(("tensor+compile", splits, True))
+        for name, sp, comp in variants:
+            model = task.prune(task.table.sizes()) if widths is None else task.pruned(widths)[0]
+            rate = step_rate(task, sp, model, args.device, args.steps, args.warmup, args.batch_size, comp)
+            row = {"path": name, "what": "fine-tune", "policy": policy, "images_per_s": rate,
+                   "epoch_s": train_images / rate, "flops": 1.0 if widths is None else task.cost_ratios(widths)["flops"]}
+            rows.append(row)
+            print(f"{name:14s} {policy:8s}: {rate:,.0f} images/s, epoch {row['epoch_s']:.1f} s", flush=True)
+            if args.out:
+                write_results(args.out, {"args": vars(args), "machine": machine(), "decode_s": decode_s,
+                                         "train_images": train_images, "rows": rows})
+    if args.out:
+        write_results(args.out, {"args": vars(args), "machine": machine(), "decode_s": decode_s,
+                                 "train_images": train_images, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

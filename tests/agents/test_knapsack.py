@@ -1,0 +1,36 @@
+"""The knapsack rule: meets its budget by the budget's own cost model, and spends the budget
+better than random allocations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from autoprune.agents import SEARCHERS
+from autoprune.agents.base import run_policy
+from autoprune.agents.baselines import LATENCY_PORTFOLIO, knapsack_policy, portfolio
+from autoprune.envs import LayerSparsityEnv
+
+
+@pytest.mark.parametrize("budget", ["0.5flops", "0.3flops", "0.35params"])
+def test_the_knapsack_meets_its_budget_and_beats_random_allocations(tiny_task, budget):
+    env = LayerSparsityEnv(tiny_task, budget=budget)
+    episode = SEARCHERS.get("knapsack")().episode(env, None)
+    outcome = episode.outcome
+    assert outcome.within_budget and outcome.cost <= env.budget.ratio + 1e-9
+    assert outcome.cost >= env.budget.ratio - 0.1, "it cut far more than the budget asks"
+    rng = np.random.default_rng(0)
+    random = [run_policy(env, rng.uniform(0.0, 0.8, env.n_units)).outcome for _ in range(8)]
+    assert all(o.within_budget for o in random)
+    assert outcome.accuracy > np.mean([o.accuracy for o in random])
+
+
+def test_a_latency_search_opens_with_the_knapsack_priced_by_the_latency_table(tiny_task, fake_latency):
+    env = LayerSparsityEnv(tiny_task, budget="0.5latency", latency_runtime="eager")
+    rules = portfolio(env)
+    assert [name for name, _ in rules][0] == "knapsack" and LATENCY_PORTFOLIO[0] == "knapsack"
+    sparsity = knapsack_policy(env)
+    kept = env.table.kept_all(sparsity)
+    assert env.cost.ratio(kept) <= 0.5 + 1e-9  # the table's prediction meets the budget
+    flops_env = LayerSparsityEnv(tiny_task, budget="0.5flops")
+    assert "knapsack" not in [name for name, _ in portfolio(flops_env)]
