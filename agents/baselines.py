@@ -249,7 +249,8 @@ LATENCY_PORTFOLIO = ("knapsack", *PORTFOLIO)
 
 
 def portfolio(env: LayerSparsityEnv) -> list[tuple[str, np.ndarray]]:
-    """Each rule of :data:`PORTFOLIO` (:data:`LATENCY_PORTFOLIO` for a latency budget) and its requested per-unit sparsities, for ``env``'s budget;
+    """Each rule of :data:`PORTFOLIO` (:data:`LATENCY_PORTFOLIO` for a latency budget) and its
+    requested per-unit sparsities, for ``env``'s budget;
     a rule that asks for the same policy as an earlier one is left out."""
     out: list[tuple[str, np.ndarray]] = []
     for name in LATENCY_PORTFOLIO if env.budget.metric == "latency" else PORTFOLIO:

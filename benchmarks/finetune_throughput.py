@@ -88,8 +88,9 @@ def main() -> None:
         for name, sp, comp in variants:
             model = task.prune(task.table.sizes()) if widths is None else task.pruned(widths)[0]
             rate = step_rate(task, sp, model, args.device, args.steps, args.warmup, args.batch_size, comp)
+            flops = 1.0 if widths is None else task.cost_ratios(widths)["flops"]
             row = {"path": name, "what": "fine-tune", "policy": policy, "images_per_s": rate,
-                   "epoch_s": train_images / rate, "flops": 1.0 if widths is None else task.cost_ratios(widths)["flops"]}
+                   "epoch_s": train_images / rate, "flops": flops}
             rows.append(row)
             print(f"{name:14s} {policy:8s}: {rate:,.0f} images/s, epoch {row['epoch_s']:.1f} s", flush=True)
             if args.out:
