@@ -417,7 +417,7 @@ def _measure_luts(table: UnitTable, device: str, batch_size: int, threads: int, 
                 module, shape = _layer_module(lay, _width(lay.in_channels, fi), _width(lay.out_channels, fo))
                 module = module.to(device).eval()
                 x = torch.randn(batch_size, *shape, device=device)
-                run = engine.prepare(module, x, threads)
+                run = engine.prepare_layer(module, x, threads)
                 with torch.inference_mode():
                     # the minimum is the run least disturbed by the rest of the machine
                     row.append(min(_time(run, device, runs, 2)))
@@ -469,9 +469,10 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     if cached is not None:
         return LatencyModel(table, device, batch_size, threads, cached["luts"], tuple(cached["coef"]),
                             cached["dense_s"], tuple(cached["fit_error"]), runtime, tuple(cached["grid"]))
-    if progress:
-        log.warning("note: measuring a latency table for this model (%s on %s, batch %d, %d thread(s)) once; "
-                    "cached at %s", runtime, device, batch_size, threads, path)
+    # said even without progress bars (-q): the table takes minutes before the first episode
+    log.warning("note: measuring a latency table for this model (%s on %s, batch %d, %d thread(s)) once; "
+                "cached at %s", runtime, device, batch_size, threads, path)
+    started = time.perf_counter()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -482,6 +483,9 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     result = _calibrate(uncalibrated, dense, prune, calibration_policies, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result.to_json()))
+    log.warning("note: latency table of %d layer shapes and %d calibration models measured in %.0f s; "
+                "predicted ratios within %.1f%% of measured ones (mean %.1f%%)", len(luts), calibration_policies,
+                time.perf_counter() - started, 100 * result.fit_error[0], 100 * result.fit_error[1])
     return result
 
 

@@ -49,6 +49,12 @@ class Runtime(ABC):
     def prepare(self, model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
         """A callable that runs ``model`` (in eval mode, on ``x``'s device) on the batch ``x``."""
 
+    def prepare_layer(self, layer: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+        """:meth:`prepare` for one bare ``nn.Conv2d`` or ``nn.Linear``, a cell of the latency table,
+        of which a table has hundreds: a runtime may build the cell's graph directly where that
+        runs the same kernel and costs far less than its whole-model path."""
+        return self.prepare(layer, x, threads)
+
 
 RUNTIMES: Registry[type[Runtime]] = Registry("latency runtime")
 
@@ -114,6 +120,28 @@ def onnx_program(model: nn.Module, example: torch.Tensor):
                                  dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
 
 
+def layer_graph(layer: nn.Module, x: torch.Tensor):
+    """A one-node ONNX graph of a plain ``nn.Conv2d`` (Conv) or ``nn.Linear`` (Gemm), as the exporter
+    writes it, at ``x``'s shape; ``None`` for anything else."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(layer.weight.detach().cpu().numpy(), "weight")]
+    if getattr(layer, "bias", None) is not None:
+        inits.append(numpy_helper.from_array(layer.bias.detach().cpu().numpy(), "bias"))
+    names = ["input"] + [t.name for t in inits]
+    if type(layer) is nn.Conv2d and isinstance(layer.padding, tuple) and layer.padding_mode == "zeros":
+        node = helper.make_node("Conv", names, ["output"], kernel_shape=list(layer.kernel_size),
+                                strides=list(layer.stride), dilations=list(layer.dilation),
+                                pads=[*layer.padding, *layer.padding], group=layer.groups)
+    elif type(layer) is nn.Linear and x.dim() == 2:
+        node = helper.make_node("Gemm", names, ["output"], transB=1)
+    else:
+        return None
+    graph = helper.make_graph([node], "cell", [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
 @RUNTIMES.register("onnxruntime", help="ONNX Runtime on CPU (pip install 'autoprune[onnx]')")
 class OnnxRuntime(Runtime):
     def check(self, device: str) -> None:
@@ -126,8 +154,16 @@ class OnnxRuntime(Runtime):
         return import_onnxruntime().__version__
 
     def prepare(self, model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+        return self._session(onnx_program(model, x).model_proto, x, threads)
+
+    def prepare_layer(self, layer: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+        # The exporter takes seconds per call and a table has hundreds of cells; the one node it
+        # would write (Conv, or Gemm for a linear layer) is built directly in milliseconds.
+        proto = layer_graph(layer, x)
+        return self.prepare(layer, x, threads) if proto is None else self._session(proto, x, threads)
+
+    def _session(self, proto, x: torch.Tensor, threads: int) -> Callable[[], object]:
         ort = import_onnxruntime()
-        proto = onnx_program(model, x).model_proto
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
