@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--storage", default="sqlite:///bench-state/patterns.db")
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="", help="suffix of the study names (a variant's studies of their own)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -111,7 +112,7 @@ def main() -> None:
 
 def search_row(task, env, args, target: str, seed: int, done: dict) -> dict:
     slug = task.table.granularity.replace(":", "").replace(",", "-")
-    name = f"{args.model}-{slug}-{target.replace(':', 'of')}-{args.proxy}-{args.searcher}-s{seed}"
+    name = f"{args.model}-{slug}-{target.replace(':', 'of')}-{args.proxy}-{args.searcher}{args.tag}-s{seed}"
     result = run_search(env, SearchConfig(searcher=args.searcher, episodes=args.episodes, seed=seed,
                                           storage=args.storage, resume=True, study_name=name, progress=False))
     best = result.best

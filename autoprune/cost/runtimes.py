@@ -137,8 +137,9 @@ def layer_graph(layer: nn.Module, x: torch.Tensor):
         node = helper.make_node("Gemm", names, ["output"], transB=1)
     else:
         return None
-    graph = helper.make_graph([node], "cell", [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(x.shape))],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], inits)
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(x.shape))]
+    graph = helper.make_graph([node], "cell", inputs, [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+                              inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
