@@ -138,8 +138,8 @@ def layer_graph(layer: nn.Module, x: torch.Tensor):
     else:
         return None
     inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(x.shape))]
-    graph = helper.make_graph([node], "cell", inputs, [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
-                              inits)
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)]
+    graph = helper.make_graph([node], "cell", inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
