@@ -34,3 +34,14 @@ def test_a_latency_search_opens_with_the_knapsack_priced_by_the_latency_table(ti
     assert env.cost.ratio(kept) <= 0.5 + 1e-9  # the table's prediction meets the budget
     flops_env = LayerSparsityEnv(tiny_task, budget="0.5flops")
     assert "knapsack" not in [name for name, _ in portfolio(flops_env)]
+
+
+def test_a_search_over_masks_opens_with_the_knapsack(digits, trained_tiny):
+    from autoprune.task import PruningTask, TaskConfig
+
+    task = PruningTask(TaskConfig(model="tiny", dataset="digits", granularity="nm"), splits=digits, dense=trained_tiny)
+    env = LayerSparsityEnv(task, budget="0.4flops", max_sparsity=0.9)
+    rules = portfolio(env)
+    assert rules[0][0] == "knapsack"
+    outcome = run_policy(env, rules[0][1]).outcome
+    assert outcome.within_budget and set(outcome.patterns.values()) <= {"dense", "6:8", "2:4", "1:4", "1:8"}
