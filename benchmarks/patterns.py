@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="", help="suffix of the study names (a variant's studies of their own)")
+    ap.add_argument("--score-rules", action="store_true",
+                    help="also score on test every one-shot rule the first seed's study played")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -107,12 +109,38 @@ def main() -> None:
             print(f"{args.searcher} {target} seed {seed}: test {r['test_acc']:.4f} proxy {r['proxy_acc']:.4f} "
                   f"flops {r['flops']:.4f} ({r['episodes']} episodes, {r['episode_seconds']:.0f}s)", flush=True)
             save()
+        if args.score_rules:
+            rows.extend(rule_rows(task, args, target, done))
+            save()
     print(summary(rows, dense_test))
 
 
-def search_row(task, env, args, target: str, seed: int, done: dict) -> dict:
+def study_name(task, args, target: str, seed: int) -> str:
     slug = task.table.granularity.replace(":", "").replace(",", "-")
-    name = f"{args.model}-{slug}-{target.replace(':', 'of')}-{args.proxy}-{args.searcher}{args.tag}-s{seed}"
+    return f"{args.model}-{slug}-{target.replace(':', 'of')}-{args.proxy}-{args.searcher}{args.tag}-s{seed}"
+
+
+def rule_rows(task, args, target: str, done: dict) -> list[dict]:
+    """Every one-shot rule of the portfolio, as the first seed's study played it, scored on test
+    (the rules do not depend on the search's seed)."""
+    seed = int(args.seeds.split(",")[0])
+    study = optuna.load_study(study_name=study_name(task, args, target, seed), storage=args.storage)
+    rows = []
+    for t in study.trials:
+        rule = t.user_attrs.get("rule")
+        if t.state.name != "COMPLETE" or rule is None:
+            continue
+        row = done.get(("rule", target, None, t.number))
+        if row is None:
+            row = {"kind": "rule", "target": target, "rule": rule, "trial": t.number,
+                   **score(task, t.user_attrs["widths"])}
+        rows.append(row)
+        print(f"rule {rule} {target}: test {row['test_acc']:.4f} flops {row['flops']:.4f}", flush=True)
+    return rows
+
+
+def search_row(task, env, args, target: str, seed: int, done: dict) -> dict:
+    name = study_name(task, args, target, seed)
     result = run_search(env, SearchConfig(searcher=args.searcher, episodes=args.episodes, seed=seed,
                                           storage=args.storage, resume=True, study_name=name, progress=False))
     best = result.best
@@ -130,15 +158,18 @@ def search_row(task, env, args, target: str, seed: int, done: dict) -> dict:
 
 def summary(rows: list[dict], dense_test: float) -> str:
     lines = [f"dense test accuracy {dense_test:.2%}", "",
-             "| target | uniform test | searched test (mean ± sd) | seeds | vs uniform (points) | FLOPs ratio |",
-             "|---|---|---|---|---|---|"]
+             "| target | uniform test | best other rule (test) | searched test (mean ± sd) | seeds | vs uniform "
+             "(points) | FLOPs ratio |", "|---|---|---|---|---|---|---|"]
     for target in dict.fromkeys(r["target"] for r in rows):
         uni = next(r for r in rows if r["kind"] == "uniform" and r["target"] == target)
         found = [r["test_acc"] for r in rows if r["kind"] == "search" and r["target"] == target]
         if not found:
             continue
         sd = statistics.stdev(found) if len(found) > 1 else 0.0
-        lines.append(f"| {target} | {uni['test_acc']:.2%} | {statistics.mean(found):.2%} ± {sd:.2%} | "
+        rules = [r for r in rows if r["kind"] == "rule" and r["target"] == target]
+        best = max(rules, key=lambda r: r["test_acc"]) if rules else None
+        other = f"{best['rule']} {best['test_acc']:.2%}" if best else "not scored"
+        lines.append(f"| {target} | {uni['test_acc']:.2%} | {other} | {statistics.mean(found):.2%} ± {sd:.2%} | "
                      f"{len(found)} | {100 * (statistics.mean(found) - uni['test_acc']):+.2f} | {uni['flops']:.3f} |")
     return "\n".join(lines)
 
