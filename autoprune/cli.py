@@ -308,6 +308,8 @@ def summary(result) -> str:
                      f"the search is {100 * (a['accuracy'] - r['accuracy']):+.2f} points past it")
     elif rule is not None:
         lines.append("the search has not beaten the best one-shot rule yet")
+    if result.record.search.env.parsed_budget.metric != "latency":
+        lines.extend(speedup_lines(result.speedups()))
     lines.append("per-unit sparsity (achieved -> kept width):")
     policy = result.policy(best)
     sizes = result.task().table.sizes()
@@ -319,6 +321,25 @@ def summary(result) -> str:
     lines.append(f"dashboard: autoprune dashboard --storage {storage}   (or: optuna-dashboard {plain})")
     lines.append(f"export:    autoprune export {study.study_name} --storage {storage} -o policy.json")
     return "\n".join(lines)
+
+
+def speedup_lines(speed: dict | None) -> list[str]:
+    """What a FLOPs or params study's best policy buys in time, beside the best rule's (see
+    :meth:`autoprune.SearchResult.speedups`), and a warning where it is slower than the rule."""
+    if speed is None:
+        return []
+    how = f"{speed['runtime']}, batch {speed['batch']}, {speed['threads']} thread(s)"
+    best = speed["best"]
+    line = f"measured ({how}): best policy x{best['latency']:.3f} of dense latency at FLOPs x{best['flops']:.3f}"
+    rule = speed.get("rule")
+    if rule is not None and rule["trial"] != best["trial"]:
+        line += f"; best rule {rule['rule']} x{rule['latency']:.3f} at FLOPs x{rule['flops']:.3f}"
+    lines = [line]
+    if speed["slower_than_rule"]:
+        lines.append(f"warning: the searched policy runs {100 * (best['latency'] / rule['latency'] - 1):.0f}% "
+                     f"slower than the rule {rule['rule']} on {speed['runtime']}; round widths (--round-to) "
+                     "or search with a latency budget if speed is what you are after")
+    return lines
 
 
 def _check_finetune_flags(args: argparse.Namespace) -> None:
@@ -364,6 +385,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             "test_acc_finetuned", metrics["pruned"].get("test_acc"))}
         print(f"wrote {model_dir}/: pruned.pt, model.pt2{', model.onnx' if args.onnx else ''}, "
               f"policy.json, metrics.json" + (", finetune.csv" if ft is not None else ""))
+        if result.record.search.env.parsed_budget.metric != "latency":
+            for line in speedup_lines(result.speedups(trial)):
+                print(line)
     else:
         policy = result.policy(trial)
     policy.save(out, format=args.format)

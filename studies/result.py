@@ -100,6 +100,36 @@ class SearchResult:
             run_finetune(task, model, finetune, quiet=True, kept=kept)
         return task.pruner.finalize(model)
 
+    def speedups(self, trial: int | optuna.trial.FrozenTrial | None = None, pairs: int = 30) -> dict | None:
+        """What ``trial`` (default: the best) buys in time, beside the best one-shot rule: each one's latency
+        over the dense model's, measured on the study's runtime, batch size and threads (alternated
+        runs). ``None`` where there is nothing to time: masks, which run at dense speed, or no
+        complete trial. ``slower_than_rule`` flags a searched policy more than 3 % slower than
+        the rule it beat on accuracy."""
+        from autoprune.cost.latency import default_threads, measure_ratio
+        from autoprune.studies.records import best_rule_trial
+
+        best = self.best if trial is None else self._trial(trial)
+        task = self.task()
+        if best is None or not task.table.strategy.physical:
+            return None
+        env = self.record.search.env
+        threads = env.latency_threads or default_threads(task.device)
+        out = {"runtime": env.latency_runtime, "batch": env.latency_batch, "threads": threads}
+        rule = best_rule_trial(self.study)
+        for key, trial in (("best", best), ("rule", rule)):
+            if trial is None:
+                continue
+            model = task.prune(trial.user_attrs["widths"])
+            out[key] = {"trial": trial.number, "rule": trial.user_attrs.get("rule"),
+                        "flops": trial.user_attrs["ratios"]["flops"],
+                        "latency": measure_ratio(task.dense, model, task.table.input_shape, task.device,
+                                                 env.latency_batch, threads, pairs=pairs,
+                                                 runtime=env.latency_runtime)[0]}
+        out["slower_than_rule"] = bool("rule" in out and out["best"]["trial"] != out["rule"]["trial"]
+                                       and out["best"]["latency"] > 1.03 * out["rule"]["latency"])
+        return out
+
     def export(self, directory: str | Path, trial: int | optuna.trial.FrozenTrial | None = None,
                reconstruct: str | None = None, finetune: Finetune = None, onnx: bool = False,
                latency_batches: tuple[int, ...] = (1,), quiet: bool = True, resume: bool = False,
