@@ -69,10 +69,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     task = make_task(args.model, 1000, device=args.device)
     splits = task.splits
-    paths = {"jpeg": dataclasses.replace(splits, tensor_views=None, _views=None), "tensor": splits}
+    paths = {"jpeg": dataclasses.replace(splits, tensor_views=None), "tensor": splits}
     paths = {k: paths[k] for k in args.paths.split(",")}
     started = time.perf_counter()
-    assert splits.as_tensors() is not None, "the tensor path is not available for this dataset"
+    assert splits.tensors is not None, "the tensor path is not available for this dataset"
     decode_s = time.perf_counter() - started
     rows = []
     train_images = len(splits.train)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -108,15 +109,13 @@ class Splits:
     search_val_from: str = "train"  # the split search-val's images come from: train, val or test
     # builds (train, test) as decoded tensors on first use (small images), or gives None
     tensor_views: Callable[[], tuple[Dataset, Dataset] | None] | None = field(default=None, repr=False)
-    _views: tuple | None = field(default=None, repr=False)
 
-    def as_tensors(self) -> tuple[Dataset, Dataset] | None:
+    @cached_property
+    def tensors(self) -> tuple[Dataset, Dataset] | None:
         """The training split (augmented) and the test split as in-memory uint8 tensors
         (:mod:`autoprune.data.tensors`), decoded on first use; ``None`` where the images do not
         allow it (large or mixed sizes), and then the loaders decode per image."""
-        if self._views is None:
-            self._views = (self.tensor_views() if self.tensor_views is not None else None,)
-        return self._views[0]
+        return self.tensor_views() if self.tensor_views is not None else None
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return self.search_val.x[:batch].clone()
@@ -124,7 +123,7 @@ class Splits:
     def train_loader(self, batch_size: int, seed: int = 0, workers: int | None = None, device: str = "cpu"):
         """Shuffled, augmented batches of the training split; seed ``loader.generator`` to repeat
         an epoch. Small images come from memory, augmented a batch at a time on ``device``."""
-        views = self.as_tensors()
+        views = self.tensors
         if views is not None:
             return views[0].loader(batch_size, seed, device)
         gen = torch.Generator().manual_seed(seed)
@@ -134,7 +133,7 @@ class Splits:
         )
 
     def test_loader(self, batch_size: int = 500, workers: int | None = None):
-        views = self.as_tensors()
+        views = self.tensors
         if views is not None:
             return views[1].loader(batch_size, shuffle=False, drop_last=False)
         return DataLoader(
@@ -247,7 +246,7 @@ def _heldout_splits(raw: RawDataset, dataset: str, rng: np.random.Generator, see
 
 
 def _tensor_views(raw: RawDataset, train_rows, test_rows) -> Callable[[], tuple | None] | None:
-    """What :meth:`Splits.as_tensors` builds: the training rows (augmented as ``train_aug`` is)
+    """What :attr:`Splits.tensors` builds: the training rows (augmented as ``train_aug`` is)
     and the test rows of a small-image dataset, decoded once (cached on disk)."""
     if raw.small is None:
         return None

@@ -59,8 +59,8 @@ class ImageTensors(Dataset):
     def batch(self, idx: torch.Tensor, gen: torch.Generator | None, device: str | torch.device,
               images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``idx``, augmented with draws from ``gen`` (CPU), normalised on ``device``."""
-        x = (self.images if images is None else images)[idx.to(self.images.device if images is None
-                                                                else images.device)].to(device, non_blocking=True)
+        source = self.images if images is None else images
+        x = source[idx.to(source.device)].to(device, non_blocking=True)
         n, _, h, w = x.shape
         if self.pad:
             p = self.pad

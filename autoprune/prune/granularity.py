@@ -261,11 +261,8 @@ class NMPattern(Unstructured):
         return self if arg is None else NMPattern(patterns.parse_ladder(arg))
 
     def build_table(self, model, example, layers, excluded, other, round_to):
-        rungs = {}
-        for lay in layers:
-            if lay.kind in ("conv", "dwconv", "linear") and lay.name not in excluded:
-                shape = model.get_submodule(lay.name).weight.shape
-                rungs[lay.name] = [r for r in self.ladder if patterns.fits_nm(shape, r)]
+        rungs = {name: [r for r in self.ladder if patterns.fits_nm(shape, r)]
+                 for name, shape in _weight_shapes(model, layers, excluded).items()}
         table = _masked_table(self, layers, excluded, other, example, rungs,
                               "fits no N:M rung of the ladder (too few input channels)")
         table.levels = tuple(
@@ -303,17 +300,13 @@ class BlockPattern(Unstructured):
         return BlockPattern(patterns.parse_block(arg))
 
     def build_table(self, model, example, layers, excluded, other, round_to):
-        fits = {}
-        for lay in layers:
-            if lay.kind in ("conv", "dwconv", "linear") and lay.name not in excluded:
-                shape = model.get_submodule(lay.name).weight.shape
-                fits[lay.name] = [self.block] if patterns.fits_block(shape, self.block) else []
+        shapes = _weight_shapes(model, layers, excluded)
+        fits = {name: patterns.fits_block(shape, self.block) for name, shape in shapes.items()}
         r, c = self.block
         table = _masked_table(self, layers, excluded, other, example, fits,
                               f"is not divided into {r}x{c} blocks (outputs by input channels)")
-        grids = {lay.name: patterns.block_grid(model.get_submodule(lay.name).weight.shape, self.block)
-                 for lay in layers if lay.name in fits and fits[lay.name]}
-        table.units = tuple(replace(u, size=int(np.prod(grids[u.name]))) for u in table.units)
+        table.units = tuple(replace(u, size=int(np.prod(patterns.block_grid(shapes[u.name], self.block))))
+                            for u in table.units)
         return table
 
     def pruner(self):
@@ -336,8 +329,15 @@ class BlockPattern(Unstructured):
         return stats
 
 
+def _weight_shapes(model: nn.Module, layers: Sequence[Layer], excluded: Sequence[str]) -> dict[str, torch.Size]:
+    """The weight shape of every conv/linear layer not excluded, by name."""
+    return {lay.name: model.get_submodule(lay.name).weight.shape for lay in layers
+            if lay.kind in ("conv", "dwconv", "linear") and lay.name not in excluded}
+
+
 def _masked_table(strategy, layers, excluded, other, example, fits, why):
-    """A weight table over the layers ``fits`` gives a pattern; the others stay dense, said once."""
+    """A weight table over the layers ``fits`` says take a pattern (a true value: the rungs that
+    fit, or ``True``); the others stay dense, said once."""
     unfit = [name for name, ok in fits.items() if not ok]
     if unfit and len(unfit) == len(fits):
         raise AutopruneError(f"granularity {strategy.name}: the model has no prunable units: every "

@@ -144,11 +144,10 @@ def violations(weight: torch.Tensor, pattern: str) -> int:
     group with more than ``n`` non-zeros, a block with some zeros and some not."""
     if pattern == "dense":
         return 0
-    w = channels_last(weight.detach() != 0)
+    nonzero = (weight.detach() != 0).float()
     if "x" in pattern:
         r, c = parse_block(pattern)
-        tiles = w.reshape(w.shape[0] // r, r, *w.shape[1:-1], w.shape[-1] // c, c)
-        counts = tiles.sum(dim=(1, tiles.dim() - 1))
+        counts = block_scores(nonzero, (r, c))  # non-zeros per tile
         return int(((counts > 0) & (counts < r * c)).sum())
     n, m = (int(v) for v in pattern.split(":"))
-    return int((w.reshape(-1, m).sum(1) > n).sum())
+    return int((channels_last(nonzero).reshape(-1, m).sum(1) > n).sum())

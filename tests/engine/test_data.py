@@ -145,7 +145,7 @@ def test_the_tensor_path_gives_the_jpeg_loaders_images_and_augmentation(tmp_path
 
     _write_folder(tmp_path, per_class=40)
     s = make_splits("imagefolder", tmp_path, search_val_size=20, calib_batches=1, calib_batch_size=8)
-    train_t, test_t = s.as_tensors()
+    train_t, test_t = s.tensors
     assert isinstance(train_t, ImageTensors) and len(train_t) == len(s.train) == 100
     raw = DATASETS.get("imagefolder")(tmp_path, False)
     # plain images: bit for bit what the per-image transforms give
