@@ -124,10 +124,11 @@ def add_space_args(ap) -> None:
 def make_task(model: str, search_val_size: int = 1000, calib_batches: int = 10, importance: str = "l1",
               progress: bool = False, reconstruct: str = "lsq", granularity: str = "channel",
               device: str = "cpu", round_to: int | None = None, dense: torch.nn.Module | None = None,
-              proxy: str = "acc"):
+              proxy: str = "acc", search_val: str = "train"):
     """The pruning task every benchmark shares: a fixture, the JPEG CIFAR-10 folder, split seed 0.
 
-    ``round_to`` is the width multiple (``None``: the task's default, 8 when every unit has 32+
+    ``search_val`` is where search-val's images come from (``train``, or ``heldout``: 1,000 of
+    the test images, the test report on the other 9,000). ``round_to`` is the width multiple (``None``: the task's default, 8 when every unit has 32+
     channels, else 1). ``dense``, for timings alone, stands in for the fixture (weights do not change
     how fast a network of given widths runs).
     """
@@ -138,7 +139,7 @@ def make_task(model: str, search_val_size: int = 1000, calib_batches: int = 10, 
                                   data_dir=str(cifar_dir()), search_val_size=search_val_size,
                                   calib_batches=calib_batches, importance=importance,
                                   reconstruct=reconstruct, granularity=granularity, round_to=round_to,
-                                  device=device, proxy=proxy),
+                                  device=device, proxy=proxy, search_val=search_val),
                        dense=dense, progress=progress)
 
 

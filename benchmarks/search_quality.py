@@ -51,6 +51,9 @@ def main() -> None:
     ap.add_argument("--importance", default="l1")
     ap.add_argument("--reconstruct", default="lsq", help="lsq or none (studies of none keep their old names)")
     ap.add_argument("--proxy", default="acc", help="acc, ce or kl (studies of acc keep their old names)")
+    ap.add_argument("--search-val", default="train", choices=("train", "heldout"),
+                    help="search-val's images: training images, or held-out test images (studies get -heldout; "
+                         "test accuracy is then on the other test images)")
     add_space_args(ap)
     ap.add_argument("--storage", default="sqlite:///benchmarks-search.db")
     ap.add_argument("--out", default=None, help="JSON file for every figure")
@@ -74,7 +77,8 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     task = make_task(args.model, args.search_val_size, args.calib_batches, args.importance,
-                     reconstruct=args.reconstruct, proxy=args.proxy, round_to=args.round_to)
+                     reconstruct=args.reconstruct, proxy=args.proxy, round_to=args.round_to,
+                     search_val=args.search_val)
     env = LayerSparsityEnv(task, budget=args.budget, ranges=args.range, share=args.share)
     print(f"# {args.model} {args.budget}: {len(task.table.units)} units, search-val "
           f"{len(task.splits.search_val)}, {args.episodes} episodes per search; {machine()}", flush=True)
@@ -84,6 +88,7 @@ def main() -> None:
     rows = []
     suffix = "" if args.reconstruct == "none" else f"-{args.reconstruct}"
     suffix += "" if args.proxy == "acc" else f"-{args.proxy}"
+    suffix += "" if args.search_val == "train" else f"-{args.search_val}"
     suffix += f"-{args.tag}" if args.tag else ""
     suffix += f"-r{args.round_to}" if args.round_to is not None else ""
     for name in args.searchers.split(","):
@@ -103,7 +108,8 @@ def main() -> None:
             best = result.best
             states = [t.state.name for t in result.study.trials]
             label = name + (f"+es-{args.early_stop}" if args.early_stop else "") + (
-                f"+{args.proxy}" if args.proxy != "acc" else "") + (f"+{args.tag}" if args.tag else "") + (
+                f"+{args.proxy}" if args.proxy != "acc" else "") + (
+                f"+{args.search_val}" if args.search_val != "train" else "") + (f"+{args.tag}" if args.tag else "") + (
                 f"+r{args.round_to}" if args.round_to is not None else "")
             test_acc = scored.get((label, seed, best.number))  # a rerun does not score a finished search again
             if test_acc is None:
@@ -127,7 +133,7 @@ def main() -> None:
 
 
 SAME_TASK = ("model", "budget", "search_val_size", "calib_batches", "importance", "reconstruct", "proxy",
-             "round_to", "range", "share")
+             "round_to", "range", "share", "search_val")
 
 
 def read_earlier(args: argparse.Namespace) -> dict | None:
@@ -136,7 +142,8 @@ def read_earlier(args: argparse.Namespace) -> dict | None:
     earlier = read_results(args.out)
     if earlier is None:
         return None
-    same = all(earlier["args"].get(k) == getattr(args, k) for k in SAME_TASK)
+    before = {"search_val": "train", **earlier["args"]}  # files written before the option had it
+    same = all(before.get(k) == getattr(args, k) for k in SAME_TASK)
     return earlier if same else None
 
 
