@@ -129,7 +129,8 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str | Non
     if budget is not None:
         env_settings["budget"] = budget
     env_config = replace(env or EnvConfig(), **env_settings)
-    _check_search(model, env_config, task_settings, searcher, episodes, early_stop, workers, storage)
+    _check_search(model, env_config, task_settings, searcher, episodes, early_stop, workers, storage,
+                  runtime_given=env is not None or "latency_runtime" in env_settings)
     if before_work is not None:
         before_work()
     # before a baseline is trained: an unreachable budget costs seconds
@@ -148,9 +149,9 @@ def search(model: nn.Module | TaskConfig, example_inputs=None, budget: str | Non
 
 
 def _check_search(model, env_config: EnvConfig, task_settings: dict, searcher: str, episodes: int,
-                  early_stop: str | None, workers: int, storage: str) -> None:
+                  early_stop: str | None, workers: int, storage: str, runtime_given: bool = True) -> None:
     """Every check that needs no data and no model: a typo must not cost a baseline training or a
-    data download."""
+    data download. ``runtime_given``: the latency runtime was asked for, not defaulted."""
     from autoprune.agents import SEARCHERS
     from autoprune.cost.latency import check_timeable
     from autoprune.cost.runtimes import get_runtime
@@ -161,11 +162,18 @@ def _check_search(model, env_config: EnvConfig, task_settings: dict, searcher: s
 
     env_config.check()
     SEARCHERS.get(searcher)
-    if env_config.parsed_budget.metric == "latency":  # a missing package is refused before any work
+    metric = env_config.parsed_budget.metric
+    auto = task_settings.get("round_to", model.round_to if isinstance(model, TaskConfig) else None) == "auto"
+    if auto and metric != "latency" and not runtime_given:
+        raise AutopruneError(f"round_to auto reads widths from a latency table, and a {metric} budget has none: "
+                             "name the runtime the model will run on (--latency-runtime eager|compile|onnxruntime, "
+                             "and --latency-batch), or give a width multiple")
+    if metric == "latency" or auto:  # a missing package is refused before any work
         device = model.device if isinstance(model, TaskConfig) else task_settings.get("device", "cpu")
         get_runtime(env_config.latency_runtime).check(device)
         granularity = model.granularity if isinstance(model, TaskConfig) else "channel"
-        check_timeable(granularity_of(task_settings.get("granularity", granularity)))
+        if metric == "latency":  # round_to auto over masks: the task config says why not
+            check_timeable(granularity_of(task_settings.get("granularity", granularity)))
     if episodes < 1:
         raise AutopruneError("episodes must be at least 1")
     check_early_stop(early_stop)

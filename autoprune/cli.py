@@ -57,6 +57,19 @@ class _Help:
         return f"{lead}{tail}. One of: " + listed.replace("%", "%%")
 
 
+def _round_to(text: str) -> int | str:
+    """``8`` or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor 'auto'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _batch_sizes(text: str) -> tuple[int, ...]:
     """``1`` or ``1,8,32``: batch sizes of at least 1."""
     try:
@@ -94,8 +107,10 @@ def add_unit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--importance", default="l1", help=_Help.of("importance", "channel/weight ranking", "l1"))
     g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="module-name pattern never pruned (repeatable, fnmatch)")
-    g.add_argument("--round-to", type=int, default=None,
-                   help="widths are multiples of this (default 8 if every unit has 32+ channels, else 1)")
+    g.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
+                   help="widths are multiples of this (default 8 if every unit has 32+ channels, else 1); "
+                        "auto: the widths at which the latency runtime gets faster, read from its latency "
+                        "table (search: needs a latency budget or --latency-runtime)")
 
 
 def add_eval_args(p: argparse.ArgumentParser, reconstruct_default: str) -> None:
@@ -125,7 +140,7 @@ def add_latency_args(p: argparse.ArgumentParser, what: str) -> None:
     g.add_argument("--latency-batch", type=_batch_sizes, default=(1,), metavar="N[,N...]",
                    help=f"batch size(s) {what} (default 1)")
     g.add_argument("--latency-threads", type=int, default=None, help="CPU threads (default 1)")
-    g.add_argument("--latency-runtime", default="eager",
+    g.add_argument("--latency-runtime", default=None,
                    help=_Help.of("runtime", "what runs the model when its latency is measured", "eager"))
 
 
@@ -245,7 +260,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     metrics = apply(args.policy, config, args.output, finetune=_finetune(args, args.split_seed),
                     reconstruct=args.reconstruct, test=not args.no_test, latency_batches=args.latency_batch,
                     latency_device=args.latency_device, latency_threads=args.latency_threads,
-                    latency_runtime=args.latency_runtime, resume=args.resume, progress=not args.quiet)
+                    latency_runtime=args.latency_runtime or "eager", resume=args.resume, progress=not args.quiet)
     print(f"wrote {args.output}/pruned.pt, model.pt2, policy.json, metrics.json "
           f"(FLOPs x{metrics['ratios']['flops']:.3f}, params x{metrics['ratios']['params']:.3f})")
     return 0
@@ -260,6 +275,8 @@ def env_settings(args: argparse.Namespace) -> dict:
         raise AutopruneError("--latency-batch: a search measures its latency budget at one batch size")
     settings = {name: getattr(args, name) for name in EnvConfig.names() if hasattr(args, name)}
     settings["latency_batch"] = args.latency_batch[0]
+    if settings.get("latency_runtime") is None:  # not given: the default, and round_to auto refuses it
+        settings.pop("latency_runtime", None)
     return settings
 
 
@@ -427,8 +444,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 # parser
 # ------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """A flag the parser cannot read is bad input as any other: one line and exit code 2 (the
+    usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"autoprune: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="autoprune", allow_abbrev=False,
         description="Find how much to prune each layer of a trained model to meet a FLOPs, "
                     "parameter or latency budget.",
@@ -585,7 +610,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # a command's --help lists its registries' entries (importing them); the top-level one needs none
     _Help.full = bool({"-h", "--help"} & set(argv[1:])) and argv[0] not in ("-h", "--help")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0), or a flag it cannot read (2, said in one line)
+        return int(done.code or 0)
     args.argv = argv
     # the library's notes, one line each on stderr (the search's progress bar is tqdm's)
     handler = logging.StreamHandler(sys.stderr)

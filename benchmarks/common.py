@@ -116,21 +116,23 @@ def add_space_args(ap) -> None:
     ap.add_argument("--share", action="append", default=[], metavar="PATTERN",
                     help="units that take one sparsity, as autoprune search --share (repeatable)")
     ap.add_argument("--tag", default="", help="suffix of study names (and row labels), for a steered space")
-    ap.add_argument("--round-to", type=int, default=None,
-                    help="width multiple (default: the task's, 8 when every unit has 32+ channels, else 1); "
-                         "a non-default value suffixes study names with -rN")
+    ap.add_argument("--round-to", type=lambda v: v if v == "auto" else int(v), default=None,
+                    help="width multiple (default: the task's, 8 when every unit has 32+ channels, else 1), "
+                         "or auto (the widths the latency table rewards); a non-default value suffixes study "
+                         "names with -rN (-rauto)")
 
 
 def make_task(model: str, search_val_size: int = 1000, calib_batches: int = 10, importance: str = "l1",
               progress: bool = False, reconstruct: str = "lsq", granularity: str = "channel",
-              device: str = "cpu", round_to: int | None = None, dense: torch.nn.Module | None = None,
+              device: str = "cpu", round_to: int | str | None = None, dense: torch.nn.Module | None = None,
               proxy: str = "acc", search_val: str = "train"):
     """The pruning task every benchmark shares: a fixture, the JPEG CIFAR-10 folder, split seed 0.
 
     ``search_val`` is where search-val's images come from (``train``, or ``heldout``: 1,000 of
-    the test images, the test report on the other 9,000). ``round_to`` is the width multiple (``None``: the task's default, 8 when every unit has 32+
-    channels, else 1). ``dense``, for timings alone, stands in for the fixture (weights do not change
-    how fast a network of given widths runs).
+    the test images, the test report on the other 9,000). ``round_to`` is the width multiple
+    (``None``: the task's default, 8 when every unit has 32+ channels, else 1; ``auto``: the
+    widths the latency table rewards). ``dense``, for timings alone, stands in for the fixture
+    (weights do not change how fast a network of given widths runs).
     """
     from autoprune.task import PruningTask, TaskConfig
 

@@ -46,6 +46,10 @@ class EnvConfig(Record):
             over predicted latency (studies made before it existed trusted the table).
         latency_pairs: alternated dense/pruned runs behind each episode's measured latency; more
             pairs cost time and cut the noise of the median (about 1 % sd at 30 on a shared CPU).
+        width_grid: under the task's ``round_to="auto"``, the widths the env read from the
+            latency table of ``latency_runtime`` at ``latency_batch`` (``auto:`` and a digest of
+            them), resolved by the env and recorded; a resume or worker whose table gives other
+            widths is refused. ``None`` for explicit multiples.
     """
 
     namespace: ClassVar[str] = "search"
@@ -64,6 +68,7 @@ class EnvConfig(Record):
     latency_remeasure: bool = spec(True, legacy=False)
     latency_correct: bool = spec(True, legacy=False)
     latency_pairs: int = spec(30, legacy=30)
+    width_grid: str | None = spec(None, identity=True, legacy=None)
 
     def __post_init__(self) -> None:
         # tuples, whatever sequence was passed (a study stores lists)

@@ -20,6 +20,7 @@ table's figure (BENCHMARKS.md, where the timings also drifted as the process ran
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -46,13 +47,26 @@ Stop = Callable[[float, int], bool]
 scoring there (an Optuna pruner's decision). Passed per episode: ``reset(options={"stop": stop})``."""
 
 
-def make_cost_model(task: PruningTask, config: EnvConfig, progress: bool = True) -> CostModel:
-    """The cost model of the budget's metric for ``task`` (latency: measured once per runtime, cached)."""
+def auto_widths(task: PruningTask) -> bool:
+    """Whether ``task`` asks for the widths its runtime rewards (``round_to="auto"``)."""
+    return getattr(task.config, "round_to", None) == "auto"
+
+
+def make_cost_model(task: PruningTask, config: EnvConfig, progress: bool = True,
+                    metric: str | None = None) -> CostModel:
+    """The cost model of the budget's metric (or ``metric``) for ``task`` (latency: measured once
+    per runtime, cached; under ``round_to="auto"`` over a table of the widths it rewards)."""
     import autoprune.cost.latency  # noqa: F401  (registers the latency cost model)
 
-    return COST_MODELS.get(config.parsed_budget.metric).build(
+    return COST_MODELS.get(metric or config.parsed_budget.metric).build(
         task, batch_size=config.latency_batch, threads=config.latency_threads, runtime=config.latency_runtime,
-        progress=progress)
+        progress=progress, auto_widths=auto_widths(task))
+
+
+def width_grid(table) -> str:
+    """The name a study records for a table's auto widths: ``auto:`` and a digest of them."""
+    widths = repr([[w for w, _ in levels] for levels in table.levels])
+    return "auto:" + hashlib.sha256(widths.encode()).hexdigest()[:12]
 
 
 def check_reachable(table, config: EnvConfig) -> None:
@@ -109,12 +123,18 @@ class LayerSparsityEnv(gym.Env):
         self.space = SearchSpace.build(self.table, config.min_sparsity, config.max_sparsity, config.ranges,
                                        config.share)
         self.cost = make_cost_model(task, config, progress)
+        grid = None
+        if auto_widths(task):  # the latency table's widths, whatever the budget's metric
+            latency = self.cost if self.budget.metric == "latency" else make_cost_model(task, config, progress,
+                                                                                        "latency")
+            self.table, grid = latency.table, width_grid(latency.table)
         margin = 0.0
         if self.budget.metric == "latency":
             margin = self.cost.margin() if config.latency_margin is None else float(config.latency_margin)
         self.wall = ActionWall(self.table, self.cost, self.budget.ratio, self.space.low, self.space.high, margin)
         self.wall.check_feasible()
-        self.config = dataclasses.replace(config, latency_margin=self.wall.margin)  # what the wall kept of it
+        # what the wall kept of the margin, and which widths it plays
+        self.config = dataclasses.replace(config, latency_margin=self.wall.margin, width_grid=grid)
         self._latency_errors: list[float] = []  # measured / predicted, one per measured episode
         self._meter = None  # measures episodes against the dense model, prepared once (latency budgets)
         self._static = static_features(self.table)
@@ -244,6 +264,17 @@ class LayerSparsityEnv(gym.Env):
         for t in range(self.n_units):
             kept[t] = self.wall.decide(kept, t, float(sparsity[self.space.leader[t]])).kept
         return kept
+
+    def width_note(self) -> str | None:
+        """Which widths ``round_to="auto"`` plays, in one line (None for explicit multiples)."""
+        if self.config.width_grid is None:
+            return None
+        c, levels = self.config, self.table.levels
+        widest = max(range(self.n_units), key=lambda u: self.table.units[u].size)
+        return (f"round_to auto: {sum(len(lv) for lv in levels)} widths over {self.n_units} units, those at which "
+                f"{c.latency_runtime} (batch {c.latency_batch}) runs faster than at the next wider one by the "
+                f"latency table; {self.table.units[widest].name} may keep "
+                + ", ".join(str(w) for w, _ in levels[widest]))
 
     def latency_note(self) -> str | None:
         """How a latency budget is aimed at and checked, in one line (None for other budgets)."""

@@ -70,12 +70,16 @@ class ActionWall:
         # what is left of the margin where the aim was raised, in measured terms
         self.margin = self.budget / (self.aim * self.scale) - 1.0
 
+    @property
+    def _levels_note(self) -> str:
+        return "" if self.table.levels is None else ", or where a unit's narrowest level is wider"
+
     def check_feasible(self) -> None:
         """Refuse a budget that even maximum sparsity everywhere cannot meet."""
         if self.lowest > self.budget + self.eps:
             raise AutopruneError(
                 f"budget {self.budget:g}{self.cost.metric} is out of reach: with max sparsity "
-                f"{self.high.max():g} on every unit (less where a range says) the model keeps "
+                f"{self.high.max():g} on every unit (less where a range says{self._levels_note}) the model keeps "
                 f"{self.lowest:.4f} of its dense {self.cost.metric}; ask for at least "
                 f"{self.lowest:.4f}{self.cost.metric}, or raise max_sparsity or the range bounds"
             )

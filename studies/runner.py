@@ -198,9 +198,9 @@ def run_search(env: LayerSparsityEnv, config: SearchConfig, quota: int | None = 
 def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> SearchResult:
     storage = storage or open_storage(config.storage)
     study = open_study(env, searcher, config, name, storage)
-    note = env.latency_note()
-    if note and config.progress:
-        log.warning("note: %s", note)
+    for note in (env.latency_note(), env.width_note()):
+        if note and config.progress:
+            log.warning("note: %s", note)
     state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive, storage=storage)

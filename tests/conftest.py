@@ -127,3 +127,26 @@ def fake_latency(monkeypatch, tmp_path_factory):
         monkeypatch.setattr(RUNTIMES.get(name), "prepare", prepare)
     monkeypatch.setattr(latency, "_time_pairs", time_pairs)
     return calls
+
+
+@pytest.fixture
+def staircase_latency(fake_latency, monkeypatch):
+    """:func:`fake_latency` with layer cells that drop only at every quarter of a layer's input
+    and output channels (as runtimes whose kernels work in blocks of channels): between quarters
+    a narrower layer is no faster. Returns what ``fake_latency`` returns."""
+    import math
+
+    from autoprune.cost import latency
+
+    def quarter(f: float) -> float:
+        return math.ceil(4 * f - 1e-9) / 4
+
+    def luts(table, device, batch_size, threads, runs, progress, runtime="eager", grid=latency.GRID):
+        fake_latency["tables"].append(runtime)
+        layers = {latency._signature(lay): lay for lay in table.layers if latency._signature(lay)}
+        return {sig: [[lay.macs * quarter(fi) * quarter(fo) for fo in grid]
+                      for fi in ((1.0,) if lay.kind == "dwconv" else grid)]
+                for sig, lay in layers.items()}
+
+    monkeypatch.setattr(latency, "_measure_luts", luts)
+    return fake_latency

@@ -331,12 +331,12 @@ class LatencyModel(CostModel):
 
     @classmethod
     def build(cls, task, batch_size: int = 1, threads: int | None = None, progress: bool = True,
-              runtime: str = "eager", **options) -> LatencyModel:
+              runtime: str = "eager", auto_widths: bool = False, **options) -> LatencyModel:
         """Measured once per model, device, batch size, thread count and runtime, then read from
-        the cache."""
+        the cache. ``auto_widths``: the model's table keeps only :meth:`width_levels`."""
         check_timeable(task.table.strategy)
         return build_latency_model(task.table, task.dense, task.prune, task.device, batch_size, threads,
-                                   progress=progress, runtime=runtime)
+                                   progress=progress, runtime=runtime, auto_widths=auto_widths)
 
     def __post_init__(self) -> None:
         self._sigs = [_signature(lay) for lay in self.table.layers]
@@ -367,6 +367,31 @@ class LatencyModel(CostModel):
         dl, da = self.features(kept)
         return 1.0 - self.coef[0] * dl - self.coef[1] * da
 
+    def width_levels(self, min_step: float = 0.02) -> tuple[tuple[tuple[int, None], ...], ...]:
+        """Per unit, the widths the runtime rewards (``--round-to auto``): of the table's grid
+        widths, ascending, those at which the table says the unit's layers run faster than at the
+        next wider width kept, by more than ``min_step`` of what the unit saves at its narrowest
+        width (a step below that is timing noise); always ending at the whole unit. A unit whose
+        layers save nothing at any width keeps only its whole width. In the form of
+        :attr:`~autoprune.units.UnitTable.levels`, with no pattern."""
+        out = []
+        dense = self.table.sizes()
+        for u, unit in enumerate(self.table.units):
+            widths = sorted({_width(unit.size, f) for f in self._grid}, reverse=True)
+            saved = {}
+            for w in widths:
+                kept = dense.copy()
+                kept[u] = w
+                saved[w] = self._l0 - self._raw(kept)[0]
+            most = max(saved.values())
+            levels, last = [unit.size], saved[unit.size]
+            for w in widths[1:]:
+                if most > 0 and saved[w] - last > min_step * most:
+                    levels.append(w)
+                    last = saved[w]
+            out.append(tuple((w, None) for w in sorted(levels)))
+        return tuple(out)
+
     def margin(self) -> float:
         """The table's mean relative fit error on its calibration policies (never below 0).
 
@@ -385,14 +410,14 @@ class LatencyModel(CostModel):
 
 
 def _cache_key(table: UnitTable, device: str, batch_size: int, threads: int, runtime: str,
-               grid: tuple[float, ...]) -> str:
+               grid: tuple[float, ...], auto_widths: bool = False) -> str:
     shape = "|".join(f"{lay.name}:{_signature(lay)}" for lay in table.layers)
     units = "|".join(f"{u.name}:{u.size}" for u in table.units)
     version = get_runtime(runtime).version()
     # the width multiple shapes the calibration models (kept_all rounds), so it shapes the fit: a
     # table calibrated on widths in multiples of 16 under-predicts odd widths on ONNX Runtime
     key = (f"v3#{shape}#{units}#{table.input_shape}#{device}#{batch_size}#{threads}#{torch.__version__}"
-           f"#{runtime}#{version}#{list(grid)}#{table.multiple}")
+           f"#{runtime}#{version}#{list(grid)}#{table.multiple}" + ("#auto" if auto_widths else ""))
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -442,7 +467,7 @@ def _read_cache(path: Path, runtime: str) -> dict | None:
 def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str = "cpu",
                         batch_size: int = 1, threads: int | None = None, cache_dir: Path | None = None,
                         progress: bool = True, calibration_policies: int = 12, runtime: str = "eager",
-                        grid: tuple[float, ...] = GRID) -> LatencyModel:
+                        grid: tuple[float, ...] = GRID, auto_widths: bool = False) -> LatencyModel:
     """Measure (or load from the cache) the latency model of ``dense``.
 
     Args:
@@ -457,18 +482,22 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
             uniform ones).
         runtime: what runs every timing, a name in :data:`~autoprune.cost.runtimes.RUNTIMES`.
         grid: the increasing kept fractions, ending at 1, each layer is timed at (per axis).
+        auto_widths: the model's table keeps only the widths at which the runtime gets faster
+            (:meth:`LatencyModel.width_levels`, read from the layer timings before the fit), and
+            the coefficients are fitted on policies of those widths.
     """
     get_runtime(runtime).check(device)
     grid = tuple(float(f) for f in grid)
     if not grid or grid[-1] != 1.0 or any(a >= b for a, b in zip(grid, grid[1:])):
         raise ValueError(f"a latency grid increases to 1.0, got {grid}")
     threads = threads or default_threads(device)
-    key = _cache_key(table, device, batch_size, threads, runtime, grid)
+    key = _cache_key(table, device, batch_size, threads, runtime, grid, auto_widths)
     path = (cache_dir or default_cache_dir()) / "latency" / f"{key}.json"
     cached = _read_cache(path, runtime)
     if cached is not None:
-        return LatencyModel(table, device, batch_size, threads, cached["luts"], tuple(cached["coef"]),
-                            cached["dense_s"], tuple(cached["fit_error"]), runtime, tuple(cached["grid"]))
+        model = LatencyModel(table, device, batch_size, threads, cached["luts"], tuple(cached["coef"]),
+                             cached["dense_s"], tuple(cached["fit_error"]), runtime, tuple(cached["grid"]))
+        return _with_width_levels(model) if auto_widths else model
     # said even without progress bars (-q): the table takes minutes before the first episode
     log.warning("note: measuring a latency table for this model (%s on %s, batch %d, %d thread(s)) once; "
                 "cached at %s", runtime, device, batch_size, threads, path)
@@ -480,6 +509,8 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     finally:
         torch.set_num_threads(before)
     uncalibrated = LatencyModel(table, device, batch_size, threads, luts, (1.0, 0.0), 1.0, (0.0, 0.0), runtime, grid)
+    if auto_widths:  # calibrated on the widths it will predict
+        uncalibrated = _with_width_levels(uncalibrated)
     result = _calibrate(uncalibrated, dense, prune, calibration_policies, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result.to_json()))
@@ -487,6 +518,11 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
                 "predicted ratios within %.1f%% of measured ones (mean %.1f%%)", len(luts), calibration_policies,
                 time.perf_counter() - started, 100 * result.fit_error[0], 100 * result.fit_error[1])
     return result
+
+
+def _with_width_levels(model: LatencyModel) -> LatencyModel:
+    """``model`` over a copy of its table whose levels are :meth:`LatencyModel.width_levels`."""
+    return replace(model, table=replace(model.table, levels=model.width_levels()))
 
 
 def _calibrate(model: LatencyModel, dense: nn.Module, prune, policies: int, progress: bool) -> LatencyModel:

@@ -30,7 +30,10 @@ class TaskConfig(Record):
             another ladder) or ``block:RxC``.
         importance: a registered importance criterion.
         exclude: module-name patterns never pruned.
-        round_to: width multiple; ``None`` picks 8 when every unit has 32+ channels, else 1.
+        round_to: width multiple; ``None`` picks 8 when every unit has 32+ channels, else 1;
+            ``"auto"`` takes each unit's widths from the latency table, those at which the
+            runtime gets faster (channel granularity; the env resolves them, see
+            :class:`~autoprune.envs.EnvConfig`'s ``width_grid``).
         search_val_size: search-val images (default 5,000, or 10% of small sets).
         search_val: where search-val's images come from: ``train`` (training images the
             checkpoint has fit) or ``heldout`` (images it never trained on: the dataset's
@@ -59,7 +62,7 @@ class TaskConfig(Record):
     granularity: str = spec("channel", identity=True, sibling=True)
     importance: str = spec("l1", identity=True, sibling=True)
     exclude: tuple[str, ...] = ()
-    round_to: int | None = spec(None, legacy=None)  # the resolved width multiple is the fingerprint's
+    round_to: int | str | None = spec(None, legacy=None)  # the resolved width multiple is the fingerprint's
     search_val_size: int | None = spec(None, legacy=None)
     search_val: str = spec("train", identity=True, sibling=True, legacy="train")
     calib_batches: int = spec(10, identity=True)
@@ -94,7 +97,14 @@ class TaskConfig(Record):
             raise AutopruneError(f"unknown search_val {self.search_val!r}; choose one of: "
                                  f"{', '.join(SEARCH_VAL_SOURCES)}")
         IMPORTANCE.get(self.importance)
-        granularity_of(self.granularity)
+        strategy = granularity_of(self.granularity)
+        if self.round_to == "auto":
+            if not (strategy.physical and strategy.rounded):
+                raise AutopruneError(f"round_to 'auto' picks channel widths from a latency table; "
+                                     f"{self.granularity} units are not channels")
+        elif self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                            or self.round_to < 1):
+            raise AutopruneError(f"round_to must be a whole number of at least 1, or 'auto'; got {self.round_to!r}")
         RECONSTRUCTIONS.get(self.reconstruct)
         PROXIES.get(self.proxy)
         for name in ("calib_batches", "calib_batch_size", "eval_batch_size"):

@@ -297,9 +297,10 @@ class PruningTask:
 
 def unit_table(model: nn.Module, example: torch.Tensor, config: TaskConfig) -> UnitTable:
     """The model's unit table as the config asks; ``round_to=None`` resolves to 8 when every unit
-    has 32+ channels, else 1."""
+    has 32+ channels, else 1; ``auto`` to 1, the env then keeps the widths its latency table
+    rewards (:meth:`~autoprune.cost.latency.LatencyModel.width_levels`)."""
     table = build_unit_table(model, example, config.granularity, config.exclude,
-                             1 if config.round_to is None else config.round_to)
+                             config.round_to if isinstance(config.round_to, int) else 1)
     if config.round_to is None:
         table.round_to = 8 if min(u.size for u in table.units) >= 32 else 1
     return table

@@ -160,14 +160,14 @@ class Policy:
 def table_patterns(table: UnitTable, kept) -> dict[str, str]:
     """``{unit name: pattern}`` at widths ``kept``, for granularities whose units take patterns
     (N:M); empty for the others."""
-    if table.levels is None:
+    if table.levels is None or all(p is None for levels in table.levels for _, p in levels):
         return {}
     return {u.name: table.pattern(u.index, int(k)) for u, k in zip(table.units, kept)}
 
 
 def _widths_allowed(table: UnitTable, u: int) -> str:
     if table.levels is not None:
-        return "one of its levels: " + ", ".join(f"{k} ({p})" for k, p in table.levels[u])
+        return "one of its levels: " + ", ".join(f"{k} ({p})" if p else str(k) for k, p in table.levels[u])
     return f"a whole number in [{table.min_kept(u)}, {table.units[u].size}]"
 
 

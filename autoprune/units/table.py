@@ -92,8 +92,10 @@ class UnitTable:
     dense_params: int = 0
     channels: ChannelMap | None = field(default=None, repr=False)  # channel granularity only
     # Per unit, the widths it may keep with the pattern each stands for, ascending, ending at the
-    # whole unit: ``((1152, "2:4"), (1728, "6:8"), (2304, "dense"))``. ``None``: any width.
-    levels: tuple[tuple[tuple[int, str], ...], ...] | None = field(default=None, repr=False)
+    # whole unit: ``((1152, "2:4"), (1728, "6:8"), (2304, "dense"))``; the pattern is ``None``
+    # for widths that stand for no pattern (``--round-to auto``'s latency steps). ``None``: any
+    # width.
+    levels: tuple[tuple[tuple[int, str | None], ...], ...] | None = field(default=None, repr=False)
 
     @property
     def granularity(self) -> str:
@@ -130,7 +132,7 @@ class UnitTable:
 
     def pattern(self, u: int, kept: int) -> str | None:
         """The pattern unit ``u`` is cut to when it keeps ``kept`` elements (``2:4``), for
-        granularities with levels; ``None`` for the others."""
+        granularities with patterned levels; ``None`` for the others."""
         if self.levels is None:
             return None
         return dict(self.levels[u]).get(int(kept))

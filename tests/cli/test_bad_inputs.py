@@ -159,6 +159,12 @@ CASES = {
                                                        "-o", "p.json"], "--finetune-epochs is -1"),
     "workers-on-sqlite": (lambda f, db: _search(f, "--workers", "2"), "SQLite serves one writer"),
     "zero-episodes": (lambda f, db: _search(f, "--episodes", "0"), "episodes must be at least 1"),
+    "round-to-auto-flops-budget-without-runtime": (lambda f, db: _search(f, "--round-to", "auto"),
+                                                   "reads widths from a latency table, and a flops budget has none"),
+    "round-to-auto-over-masks": (lambda f, db: _search(f, "--granularity", "unstructured", "--round-to", "auto",
+                                                       "--latency-runtime", "eager"), "units are not channels"),
+    "round-to-neither-number-nor-auto": (lambda f, db: _search(f, "--round-to", "eight"),
+                                         "'eight' is neither a whole number nor 'auto'"),
     "imagefolder-without-dir": (lambda f, db: ["search", "--model", "resnet20", "--dataset", "imagefolder", "-q"],
                                 "imagefolder needs --data-dir"),
 }

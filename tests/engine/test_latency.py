@@ -80,6 +80,48 @@ def test_the_width_multiple_is_part_of_the_latency_table_cache_key(tiny_task, fa
     assert len(list((tmp_path / "latency").glob("*.json"))) == 2
 
 
+def test_auto_widths_are_those_the_table_says_are_faster_than_the_next_wider(tiny_task, staircase_latency,
+                                                                              tmp_path):
+    from autoprune.cost.latency import GRID, _width
+
+    model = build_latency_model(tiny_task.table, tiny_task.dense, tiny_task.prune, batch_size=4, threads=1,
+                                cache_dir=tmp_path, progress=False, runtime="onnxruntime", auto_widths=True)
+    table = model.table
+    assert tiny_task.table.levels is None and table.levels is not None  # the task's table is left as it was
+    dense = table.sizes()
+
+    def table_time(u, width):
+        kept = dense.copy()
+        kept[u] = width
+        return model._raw(kept)[0]
+
+    for u, unit in enumerate(table.units):
+        widths = [w for w, pattern in table.levels[u]]
+        assert widths == sorted(widths) and widths[-1] == unit.size
+        assert all(pattern is None for _, pattern in table.levels[u])
+        # each width is faster than the next wider one, by the table
+        assert all(table_time(u, a) < table_time(u, b) for a, b in zip(widths, widths[1:]))
+        # a grid width left out buys next to nothing (at most 2 % of what the unit can save) over
+        # the next wider width kept
+        most = table_time(u, unit.size) - min(table_time(u, _width(unit.size, f)) for f in GRID)
+        for f in GRID:
+            w = _width(unit.size, f)
+            if w not in widths:
+                wider = min(x for x in widths if x > w)
+                assert table_time(u, wider) - table_time(u, w) <= 0.02 * most + 1e-9
+    # the stem's unit (16 channels, feeding 16-channel inputs alone) steps at every quarter; a
+    # unit whose channels are part of a concat's inputs steps where the concat's quarters fall
+    assert [w for w, _ in table.levels[0]] == [4, 8, 12, 16]
+    assert any(len(levels) < len({_width(u.size, f) for f in GRID}) for u, levels in zip(table.units, table.levels))
+    # the fit is calibrated on those widths: a table of its own in the cache, not the plain one's
+    plain = build_latency_model(tiny_task.table, tiny_task.dense, tiny_task.prune, batch_size=4, threads=1,
+                                cache_dir=tmp_path, progress=False, runtime="onnxruntime")
+    assert plain.table.levels is None and len(list((tmp_path / "latency").glob("*.json"))) == 2
+    again = build_latency_model(tiny_task.table, tiny_task.dense, tiny_task.prune, batch_size=4, threads=1,
+                                cache_dir=tmp_path, progress=False, runtime="onnxruntime", auto_widths=True)
+    assert again.table.levels == table.levels and staircase_latency["tables"] == ["onnxruntime"] * 2
+
+
 def test_a_ratio_meter_prepares_its_base_once_per_batch_threads_and_runtime(tiny_task, fake_latency):
     dense, table = tiny_task.dense, tiny_task.table
     pruned = [tiny_task.prune(table.kept_all(np.full(len(table.units), s))) for s in (0.25, 0.5)]

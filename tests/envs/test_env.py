@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -107,6 +109,58 @@ def test_latency_budget_needs_channel_granularity(digits, trained_tiny):
                        dense=trained_tiny)
     with pytest.raises(AutopruneError, match="channel granularity"):
         LayerSparsityEnv(task, budget="0.7latency")
+
+
+def _auto_task(digits, trained_tiny):
+    from autoprune.task import PruningTask, TaskConfig
+
+    return PruningTask(TaskConfig(model="tiny", dataset="digits", round_to="auto"), splits=digits,
+                       dense=trained_tiny)
+
+
+def tiny_task_of(task, **settings):
+    from autoprune.task import PruningTask
+
+    return PruningTask(dataclasses.replace(task.config, **settings), splits=task.splits, dense=task.dense)
+
+
+@pytest.mark.parametrize("budget", ["0.5flops", "0.6latency"])
+def test_round_to_auto_plays_only_the_widths_the_runtime_rewards(digits, trained_tiny, staircase_latency, budget):
+    from autoprune.agents.baselines import portfolio
+
+    env = LayerSparsityEnv(_auto_task(digits, trained_tiny), budget=budget, max_sparsity=0.9,
+                           latency_runtime="onnxruntime")
+    # a FLOPs budget too reads its widths from the runtime's table (one table, measured once)
+    assert staircase_latency["tables"] == ["onnxruntime"]
+    assert env.config.width_grid.startswith("auto:") and env.task.table.levels is None
+    levels = [{w for w, _ in lv} for lv in env.table.levels]
+    assert levels[0] == {4, 8, 12, 16}
+    rng = np.random.default_rng(0)
+    requests = [rng.uniform(0.0, 0.9, env.n_units) for _ in range(6)]
+    for request in requests + [policy for _, policy in portfolio(env)]:  # searched and every rule
+        kept = env.feasible_policy(request)
+        assert all(int(k) in lv for k, lv in zip(kept, levels)), (kept, levels)
+        assert env.cost.ratio(kept) <= env.wall.aim + 1e-9
+    # the same env settings give the same widths; an explicit multiple has none recorded
+    again = LayerSparsityEnv(_auto_task(digits, trained_tiny), budget=budget, max_sparsity=0.9,
+                             latency_runtime="onnxruntime")
+    assert again.config.width_grid == env.config.width_grid
+    plain = LayerSparsityEnv(tiny_task_of(env.task, round_to=1), budget=budget, max_sparsity=0.9,
+                             latency_runtime="onnxruntime")
+    assert plain.config.width_grid is None and plain.table.levels is None
+
+
+def test_a_latency_budget_the_auto_widths_cannot_reach_is_refused(digits, trained_tiny, tiny_task,
+                                                                  staircase_latency):
+    plain = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9, latency_margin=0)
+    auto = LayerSparsityEnv(_auto_task(digits, trained_tiny), budget="0.9latency", max_sparsity=0.9,
+                            latency_margin=0)
+    assert auto.wall.lowest > plain.wall.lowest  # a quarter of each unit at least, not one channel
+    between = (auto.wall.lowest + plain.wall.lowest) / 2
+    LayerSparsityEnv(tiny_task, budget=f"{between:.4f}latency", max_sparsity=0.9, latency_margin=0)
+    with pytest.raises(AutopruneError, match="out of reach.*narrowest level"):
+        LayerSparsityEnv(_auto_task(digits, trained_tiny), budget=f"{between:.4f}latency", max_sparsity=0.9,
+                         latency_margin=0)
 
 
 def test_unknown_latency_runtime_is_refused_whatever_the_budget(tiny_task):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from optuna.trial import TrialState
@@ -122,6 +124,32 @@ def test_a_latency_study_records_its_runtime_and_resumes_only_with_it(tiny_task,
     # a study made before the field existed measured eager latency, and reads so
     legacy = {k: v for k, v in result.study.user_attrs.items() if k != "search.latency_runtime"}
     assert SearchSpec.from_attrs(legacy).env.latency_runtime == "eager"
+
+
+def test_an_auto_width_study_records_its_widths_and_resumes_only_with_them(digits, trained_tiny, tiny_task,
+                                                                            tmp_path, staircase_latency):
+    from autoprune.task import PruningTask
+
+    auto = PruningTask(replace(tiny_task.config, round_to="auto"), splits=digits, dense=trained_tiny)
+    env = LayerSparsityEnv(auto, budget="0.5flops", max_sparsity=0.9, latency_runtime="onnxruntime")
+    result = _run(env, tmp_path, "tpe", episodes=8)
+    grid = result.study.user_attrs["search.width_grid"]
+    assert grid == env.config.width_grid and grid.startswith("auto:")
+    assert StudyRecord.of(result.study).task.round_to == "auto"
+    levels = [{w for w, _ in lv} for lv in env.table.levels]
+    for t in result.study.get_trials(states=(TrialState.COMPLETE,)):  # the rules' episodes and TPE's
+        assert all(w in lv for w, lv in zip(t.user_attrs["widths"], levels))
+        assert t.user_attrs["ratios"]["flops"] <= 0.5 + 1e-9
+        assert "patterns" not in t.user_attrs or not t.user_attrs["patterns"]
+    # the same task resumes it; one with explicit multiples is refused before any episode
+    again = LayerSparsityEnv(PruningTask(replace(tiny_task.config, round_to="auto"), splits=digits,
+                                         dense=trained_tiny),
+                             budget="0.5flops", max_sparsity=0.9, latency_runtime="onnxruntime")
+    assert _run(again, tmp_path, "tpe", episodes=9, resume=True, study_name=result.study.study_name).new_trials == 1
+    plain = LayerSparsityEnv(tiny_task, budget="0.5flops", max_sparsity=0.9, latency_runtime="onnxruntime")
+    with pytest.raises(AutopruneError, match=f"made with width_grid='{grid}', this run has width_grid=None"):
+        _run(plain, tmp_path, "tpe", episodes=10, resume=True, study_name=result.study.study_name)
+    assert len(result.study.trials) == 9
 
 
 def test_a_resumed_latency_study_aims_by_its_episodes_measurements(tiny_task, tmp_path, fake_latency):
