@@ -13,6 +13,16 @@ test accuracy) and writes every figure to a JSON file after each search, so a lo
 part-way keeps what it finished; run it again with the same ``--storage`` and it resumes every
 study where it stopped.
 
+Latency budgets on a runtime, with the widths it rewards, every row timed again:
+
+    python -m benchmarks.search_quality --model resnet56 --budget 0.75latency --round-to auto \
+        --latency-runtime onnxruntime --latency-batch 64 --retime-pairs 60 \
+        --searchers knapsack,uncoupled,uniform,lamp,erk,global,tpe --seeds 0,1,2 ...
+
+``--retime-pairs N`` measures each row's model against the dense one again (N alternated pairs,
+the dense model prepared once) and reports that latency ratio and the speedup per FLOPs speedup
+(FLOPs ratio over latency ratio; 1 means the time falls as the FLOPs do).
+
 Early stopping at equal wall-clock (after the plain searches of the same seeds exist in the storage):
 
     python -m benchmarks.search_quality --model resnet56 --searchers tpe --seeds 0,1,2 \\
@@ -34,6 +44,7 @@ import torch
 from optuna.trial import TrialState
 
 from autoprune.agents import SEARCHERS
+from autoprune.cost.latency import RatioMeter
 from autoprune.envs import LayerSparsityEnv
 from autoprune.studies.runner import SearchConfig, run_search
 from benchmarks.common import add_space_args, is_rule, machine, make_task, read_results, write_results
@@ -63,6 +74,12 @@ def main() -> None:
     ap.add_argument("--match-time", action="store_true",
                     help="with --early-stop: instead of --episodes, run until the study's summed episode time "
                          "reaches that of the same searcher and seed without early stopping (equal wall-clock)")
+    ap.add_argument("--latency-runtime", default="eager", help="what runs latency budgets and --retime-pairs")
+    ap.add_argument("--latency-batch", type=int, default=1)
+    ap.add_argument("--latency-threads", type=int, default=1)
+    ap.add_argument("--retime-pairs", type=int, default=0,
+                    help="time each row's model again against the dense one (this many alternated pairs on "
+                         "the latency runtime and batch): its latency ratio and speedup per FLOPs speedup")
     ap.add_argument("--searcher-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a searcher option (e.g. sigma_decay=0.99 for RL agents); repeatable; needs --tag, "
                          "which names the variant's studies")
@@ -79,18 +96,23 @@ def main() -> None:
     task = make_task(args.model, args.search_val_size, args.calib_batches, args.importance,
                      reconstruct=args.reconstruct, proxy=args.proxy, round_to=args.round_to,
                      search_val=args.search_val)
-    env = LayerSparsityEnv(task, budget=args.budget, ranges=args.range, share=args.share)
+    env = LayerSparsityEnv(task, budget=args.budget, ranges=args.range, share=args.share,
+                           latency_runtime=args.latency_runtime, latency_batch=args.latency_batch,
+                           latency_threads=args.latency_threads)
+    meter = RatioMeter(task.dense, task.table.input_shape, task.device) if args.retime_pairs else None
     print(f"# {args.model} {args.budget}: {len(task.table.units)} units, search-val "
           f"{len(task.splits.search_val)}, {args.episodes} episodes per search; {machine()}", flush=True)
     earlier = read_earlier(args)
     dense_test = earlier["dense_test"] if earlier else task.test_accuracy(task.dense)
-    scored = {(r["searcher"], r["seed"], r["trial"]): r["test_acc"] for r in earlier["rows"]} if earlier else {}
+    scored = {(r["searcher"], r["seed"], r["trial"]): r for r in earlier["rows"]} if earlier else {}
     rows = []
     suffix = "" if args.reconstruct == "none" else f"-{args.reconstruct}"
     suffix += "" if args.proxy == "acc" else f"-{args.proxy}"
     suffix += "" if args.search_val == "train" else f"-{args.search_val}"
     suffix += f"-{args.tag}" if args.tag else ""
     suffix += f"-r{args.round_to}" if args.round_to is not None else ""
+    timed = (args.latency_runtime, args.latency_batch) != ("eager", 1)
+    suffix += f"-{args.latency_runtime}-b{args.latency_batch}" if timed and env.budget.metric == "latency" else ""
     for name in args.searchers.split(","):
         SEARCHERS.get(name)
         seeds = [0] if SEARCHERS.get(name).one_shot else [int(s) for s in args.seeds.split(",")]
@@ -111,21 +133,28 @@ def main() -> None:
                 f"+{args.proxy}" if args.proxy != "acc" else "") + (
                 f"+{args.search_val}" if args.search_val != "train" else "") + (f"+{args.tag}" if args.tag else "") + (
                 f"+r{args.round_to}" if args.round_to is not None else "")
-            test_acc = scored.get((label, seed, best.number))  # a rerun does not score a finished search again
-            if test_acc is None:
+            before = scored.get((label, seed, best.number), {})  # a rerun does not score a finished search again
+            test_acc, retimed = before.get("test_acc"), before.get("latency_retimed")
+            if test_acc is None or (meter and retimed is None):
                 model, _ = task.pruned(best.user_attrs["widths"])  # as the episode scored it
-                test_acc = task.test_accuracy(model)
+                test_acc = task.test_accuracy(model) if test_acc is None else test_acc
+                if meter:
+                    retimed = meter.measure(model, args.latency_batch, args.latency_threads, pairs=args.retime_pairs,
+                                            runtime=args.latency_runtime).ratio
             row = {"searcher": label, "seed": seed, "proxy": args.proxy,
                    "trial": best.number, "episodes": len(result.study.trials),
                    "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
                    "episode_seconds": spent(result.study), "proxy_acc": best.user_attrs["accuracy"],
                    "test_acc": test_acc, "ratios": best.user_attrs["ratios"],
+                   **({"latency_retimed": retimed,
+                       "speedup_per_flops": best.user_attrs["ratios"]["flops"] / retimed} if meter else {}),
                    "policy": best.user_attrs["policy"],
                    "widths": dict(zip(task.table.names, best.user_attrs["widths"])),
                    "seconds": time.perf_counter() - start}
             rows.append(row)
             print(f"{name:8s} seed {seed}: proxy {row['proxy_acc']:.4f} test {row['test_acc']:.4f} "
-                  f"flops {row['ratios']['flops']:.3f} ({row['seconds']:.0f}s)", flush=True)
+                  f"flops {row['ratios']['flops']:.3f}"
+                  + (f" latency {retimed:.3f} (re-timed)" if meter else "") + f" ({row['seconds']:.0f}s)", flush=True)
             if args.out:  # after every search: a run killed part-way keeps what it finished
                 write_results(args.out, {"args": vars(args), "machine": machine(), "dense_test": dense_test,
                                          "rows": rows}, earlier=earlier)
@@ -133,7 +162,7 @@ def main() -> None:
 
 
 SAME_TASK = ("model", "budget", "search_val_size", "calib_batches", "importance", "reconstruct", "proxy",
-             "round_to", "range", "share", "search_val")
+             "round_to", "range", "share", "search_val", "latency_runtime", "latency_batch", "latency_threads")
 
 
 def read_earlier(args: argparse.Namespace) -> dict | None:
@@ -142,7 +171,9 @@ def read_earlier(args: argparse.Namespace) -> dict | None:
     earlier = read_results(args.out)
     if earlier is None:
         return None
-    before = {"search_val": "train", **earlier["args"]}  # files written before the option had it
+    # files written before an option existed ran with its default
+    before = {"search_val": "train", "latency_runtime": "eager", "latency_batch": 1, "latency_threads": 1,
+              **earlier["args"]}
     same = all(before.get(k) == getattr(args, k) for k in SAME_TASK)
     return earlier if same else None
 
@@ -174,11 +205,13 @@ def sd(xs: list[float]) -> float:
 
 def table(rows: list[dict], dense_test: float) -> str:
     rules = [r for r in rows if is_rule(r["searcher"])]
+    timed = all("latency_retimed" in r for r in rows)
     best_rule = max(rules, key=lambda r: r["test_acc"]) if rules else None
     lines = [f"dense test accuracy {dense_test:.2%}"
              + (f"; best one-shot rule: {best_rule['searcher']}" if best_rule else ""), "",
              "| searcher | seeds | proxy acc (mean ± sd) | test acc (mean ± sd) | vs best rule (test, points) "
-             "| FLOPs ratio |", "|---|---|---|---|---|---|"]
+             "| FLOPs ratio |" + (" latency ratio (re-timed) | speedup per FLOPs speedup |" if timed else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if timed else "")]
     names = list(dict.fromkeys(r["searcher"] for r in rows))
     for name in names:
         rs = [r for r in rows if r["searcher"] == name]
@@ -187,7 +220,9 @@ def table(rows: list[dict], dense_test: float) -> str:
         delta = (statistics.mean(t) - best_rule["test_acc"]) * 100 if best_rule else float("nan")
         lines.append(f"| {name} | {len(rs)} | {statistics.mean(p):.2%} ± {sd(p):.2%} | "
                      f"{statistics.mean(t):.2%} ± {sd(t):.2%} | {delta:+.2f} | "
-                     f"{statistics.mean(r['ratios']['flops'] for r in rs):.3f} |")
+                     f"{statistics.mean(r['ratios']['flops'] for r in rs):.3f} |"
+                     + (f" {statistics.mean(r['latency_retimed'] for r in rs):.3f} | "
+                        f"{statistics.mean(r['speedup_per_flops'] for r in rs):.2f} |" if timed else ""))
     return "\n".join(lines)
 
 
