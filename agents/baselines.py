@@ -18,7 +18,11 @@ search), so comparisons are like for like.
   take one width step off the unit whose next elements cost the least importance (their LAMP
   scores, so units compare) per unit of the budget's cost they save, as the budget's own cost
   model prices them: the latency table for latency budgets, so it spends channels where the
-  runtime's latency steps down, the closed-form FLOPs for FLOPs budgets.
+  runtime's latency steps down, the closed-form FLOPs for FLOPs budgets. Under several budgets
+  a step saves the sum, over the budgets not yet met, of its cost cut in units of each budget.
+
+Every rule meets every budget of a search with several (``0.5flops,0.75latency``): a rule's knob
+is bisected until the policy meets them all, and the wall plays it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from autoprune.envs import LayerSparsityEnv, Stop
 def _meets(env: LayerSparsityEnv, sparsity: np.ndarray) -> bool:
     # as the env will play it: each unit in its range, units that share a sparsity at their leader's
     kept = env.table.kept_all(np.clip(sparsity, env.space.low, env.space.high)[env.space.leader])
-    return env.cost.ratio(kept) <= env.budget.ratio + 1e-9
+    return env.meets(kept)
 
 
 def _bisect(env: LayerSparsityEnv, policy_of: Callable[[float], np.ndarray], lo: float, hi: float,
@@ -213,24 +217,26 @@ def knapsack_policy(env: LayerSparsityEnv) -> np.ndarray:
     spent = [np.concatenate([[0.0], np.cumsum(lamp[u][ranks[u]])]) for u in range(n)]
     members = {lead: [u for u in range(n) if space.leader[u] == lead] for lead in space.leaders}
     kept = table.kept_all(space.low[space.leader])
-    ratio = env.cost.ratio(kept)
-    while ratio > env.budget.ratio + 1e-9:
-        best, best_price = None, np.inf
+    over = env.over(kept)  # each budget's cost over the budget (several budgets: all are met)
+    while max(over) > 1.0 + 1e-9:
+        best, best_price, best_over = None, np.inf, over
         for lead, group in members.items():
             nxt = _width_steps(env, lead, int(kept[lead]))
             if nxt is None:
                 continue
             trial = kept.copy()
             trial[group] = [table.kept(u, table.achieved(lead, nxt)) for u in group]
-            saved = ratio - env.cost.ratio(trial)
+            after = env.over(trial)
+            # what the step saves of the budgets not yet met, each in units of its budget
+            saved = sum(a - b for a, b in zip(over, after) if a > 1.0 + 1e-9)
             lost = sum(spent[u][table.units[u].size - trial[u]] - spent[u][table.units[u].size - kept[u]]
                        for u in group)
             price = lost / saved if saved > 0 else np.inf
             if price < best_price or best is None:
-                best, best_price = trial, price
+                best, best_price, best_over = trial, price, after
         if best is None:  # every unit at its floor: the wall takes it from here
             break
-        kept, ratio = best, env.cost.ratio(best)
+        kept, over = best, best_over
     return _playable(env, np.array([table.achieved(u, int(k)) for u, k in enumerate(kept)]))
 
 

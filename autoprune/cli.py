@@ -277,6 +277,8 @@ def env_settings(args: argparse.Namespace) -> dict:
     settings["latency_batch"] = args.latency_batch[0]
     if settings.get("latency_runtime") is None:  # not given: the default, and round_to auto refuses it
         settings.pop("latency_runtime", None)
+    if "budget" in settings:  # --budget given once or more (several: one per metric)
+        settings["budget"] = ",".join(settings["budget"] or ["0.5flops"])
     return settings
 
 
@@ -299,6 +301,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget_line(budget, ratios: dict) -> str:
+    """``latency 0.528 of 0.8, met (measured)``: one budget of a trial."""
+    from autoprune.envs.budget_check import within_budget
+
+    value = ratios.get(budget.metric)
+    if value is None:
+        return f"{budget.metric} not measured (budget {budget.ratio:g})"
+    verdict = "met" if within_budget(value, budget) else "MISSED"
+    return f"{budget.metric} {value:.3f} of {budget.ratio:g}, {verdict}" + (
+        " (measured)" if budget.metric == "latency" else "")
+
+
 def summary(result) -> str:
     """What a finished search says: the study, its best trial against the best one-shot rule, the
     best policy per unit, and where to look next."""
@@ -318,6 +332,9 @@ def summary(result) -> str:
     lines.append(f"best: trial {best.number}, {who}: {label} {a['accuracy']:.2%}"
                  + (f" (dense {dense:.2%})" if dense is not None else "")
                  + f", reward {a['reward']:+.4f}; cost ratios: {ratios} (budget {result.record.search.budget})")
+    budgets = result.record.search.env.parsed_budgets
+    if len(budgets) > 1:
+        lines.append("each budget: " + "; ".join(_budget_line(b, a["ratios"]) for b in budgets))
     rule = best_rule_trial(study)
     if rule is not None and rule.number != best.number:
         r = rule.user_attrs
@@ -504,8 +521,10 @@ def _search_command(sub) -> None:
     add_model_args(p)
     add_unit_args(p)
     g = p.add_argument_group("search")
-    g.add_argument("--budget", default="0.5flops",
-                   help="0.5flops, 0.3params, 0.7latency, 2xflops or 50%%flops (default 0.5flops)")
+    g.add_argument("--budget", action="append", default=None,
+                   help="0.5flops, 0.3params, 0.7latency, 2xflops or 50%%flops (default 0.5flops); repeat it "
+                        "for several at once, one per metric (--budget 0.5flops --budget 0.75latency): "
+                        "every episode meets them all")
     g.add_argument("--searcher", default="tpe", help=_Help.of("searcher", "how policies are chosen", "tpe"))
     g.add_argument("--episodes", type=int, default=60, help="complete trials the study should hold (default 60)")
     g.add_argument("--seed", type=int, default=0,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from autoprune.common.records import Record, spec
-from autoprune.cost.budget import Budget, parse_budget
+from autoprune.cost.budget import Budget, parse_budgets, primary
 from autoprune.cost.runtimes import RUNTIMES
 from autoprune.envs.rewards import REWARDS
 from autoprune.errors import AutopruneError
@@ -27,7 +27,8 @@ class EnvConfig(Record):
 
     Attributes:
         budget: ``0.5flops``, ``0.3params``, ``0.7latency``, ``2xflops``, ``50%flops``
-            (:func:`~autoprune.cost.budget.parse_budget`).
+            (:func:`~autoprune.cost.budget.parse_budget`), or several, one per metric and
+            comma-separated (``0.5flops,0.75latency``): every episode meets them all.
         reward: a name in :data:`~autoprune.envs.rewards.REWARDS`; ``reward_lambda`` its penalty
             weight (``acc-penalty``).
         min_sparsity, max_sparsity: the range each unit's action is rescaled to.
@@ -76,17 +77,26 @@ class EnvConfig(Record):
         object.__setattr__(self, "share", tuple(self.share))
         if isinstance(self.budget, Budget):
             object.__setattr__(self, "budget", str(self.budget))
+        elif isinstance(self.budget, (list, tuple)):  # several: ["0.5flops", "0.75latency"]
+            object.__setattr__(self, "budget", ",".join(str(b) for b in self.budget))
+
+    @property
+    def parsed_budgets(self) -> tuple[Budget, ...]:
+        """Every budget, in the order given."""
+        return parse_budgets(self.budget)
 
     @property
     def parsed_budget(self) -> Budget:
-        return parse_budget(self.budget)
+        """The primary budget (:func:`~autoprune.cost.budget.primary`): the latency one where
+        there is one, else the only or first one."""
+        return primary(self.parsed_budgets)
 
     def check(self) -> EnvConfig:
         """Refuse what can be refused without a model: a malformed budget, range or name, or a
         sparsity range outside [0, 1). One clear error before any data is read."""
         from autoprune.envs.space import parse_range
 
-        self.parsed_budget  # noqa: B018  (parses, or raises the budget's own message)
+        self.parsed_budgets  # noqa: B018  (parses, or raises the budget's own message)
         REWARDS.get(self.reward)
         RUNTIMES.get(self.latency_runtime)
         for entry in self.ranges:  # the patterns are matched once the model is traced

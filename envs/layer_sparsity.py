@@ -72,11 +72,11 @@ def width_grid(table) -> str:
 def check_reachable(table, config: EnvConfig) -> None:
     """Refuse a FLOPs or params budget the search space cannot meet, from the unit table alone
     (a latency budget needs the model's measured latency table: the env checks it)."""
-    budget = config.parsed_budget
-    if budget.metric == "latency":
-        return
     space = SearchSpace.build(table, config.min_sparsity, config.max_sparsity, config.ranges, config.share)
-    ActionWall(table, COST_MODELS.get(budget.metric)(table), budget.ratio, space.low, space.high).check_feasible()
+    for budget in config.parsed_budgets:
+        if budget.metric != "latency":
+            ActionWall(table, COST_MODELS.get(budget.metric)(table), budget.ratio, space.low,
+                       space.high).check_feasible()
 
 
 class LayerSparsityEnv(gym.Env):
@@ -107,6 +107,7 @@ class LayerSparsityEnv(gym.Env):
         elif env_settings:
             raise TypeError(f"pass either config or env settings, not both: {sorted(env_settings)}")
         config.check()
+        self.budgets = config.parsed_budgets  # every budget; ``budget`` the primary one (the wall aims by it)
         self.budget = config.parsed_budget
         self.reward_fn = REWARDS.get(config.reward)
         if task is None:
@@ -123,6 +124,9 @@ class LayerSparsityEnv(gym.Env):
         self.space = SearchSpace.build(self.table, config.min_sparsity, config.max_sparsity, config.ranges,
                                        config.share)
         self.cost = make_cost_model(task, config, progress)
+        # the other budgets (several at once): exact costs the wall meets at the budget itself
+        self.extra = tuple((b, make_cost_model(task, config, progress, b.metric)) for b in self.budgets
+                           if b != self.budget)
         grid = None
         if auto_widths(task):  # the latency table's widths, whatever the budget's metric
             latency = self.cost if self.budget.metric == "latency" else make_cost_model(task, config, progress,
@@ -131,7 +135,8 @@ class LayerSparsityEnv(gym.Env):
         margin = 0.0
         if self.budget.metric == "latency":
             margin = self.cost.margin() if config.latency_margin is None else float(config.latency_margin)
-        self.wall = ActionWall(self.table, self.cost, self.budget.ratio, self.space.low, self.space.high, margin)
+        self.wall = ActionWall(self.table, self.cost, self.budget.ratio, self.space.low, self.space.high, margin,
+                               [(cost, b.ratio) for b, cost in self.extra])
         self.wall.check_feasible()
         # what the wall kept of the margin, and which widths it plays
         self.config = dataclasses.replace(config, latency_margin=self.wall.margin, width_grid=grid)
@@ -213,8 +218,9 @@ class LayerSparsityEnv(gym.Env):
         policy = Policy.from_kept(self.table, kept)
         return EpisodeOutcome(
             policy=policy.sparsity, widths=tuple(int(k) for k in kept), patterns=policy.patterns or None,
-            accuracy=evaluation.accuracy, ratios=ratios, budget=str(self.budget), metric=self.budget.metric,
-            within_budget=within_budget(cost, self.budget), reward=float(reward), reward_parts=parts,
+            accuracy=evaluation.accuracy, ratios=ratios, budget=",".join(str(b) for b in self.budgets),
+            metric=self.budget.metric, reward=float(reward), reward_parts=parts,
+            within_budget=all(within_budget(ratios.get(b.metric, cost), b) for b in self.budgets),
             eval_seconds=time.perf_counter() - start, latency=measurement,
             reconstruction=None if rec is None else {"refit": rec.refit, "fallbacks": rec.fallbacks,
                                                      "seconds": round(rec.seconds, 3)},
@@ -257,6 +263,21 @@ class LayerSparsityEnv(gym.Env):
         self.wall.rescale(1.0)
         for predicted, measured in episodes:
             self.observe_latency(predicted, measured)
+
+    def meets(self, kept) -> bool:
+        """Whether widths ``kept`` meet every budget as the cost models predict (the primary one
+        at the budget itself, not at the wall's aim)."""
+        return self.excess(kept) <= 1.0 + 1e-9
+
+    def excess(self, kept) -> float:
+        """The predicted cost of ``kept`` over its budget, of the budget furthest from being met
+        (1: exactly at it; at most 1: every budget met)."""
+        return max(self.over(kept))
+
+    def over(self, kept) -> list[float]:
+        """Each budget's predicted cost of ``kept`` as a fraction of the budget, the primary first."""
+        kept = np.asarray(kept)
+        return [cost.ratio(kept) / b.ratio for b, cost in ((self.budget, self.cost), *self.extra)]
 
     def feasible_policy(self, sparsity) -> np.ndarray:
         """Run the wall over a whole requested policy at once (what one episode would do)."""

@@ -15,6 +15,7 @@ the prediction off by a steady factor, :meth:`ActionWall.rescale` aims by the me
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,12 +45,16 @@ class ActionWall:
         low, high: the range each unit's sparsity is taken from (a number for every unit, or one
             per unit).
         margin: aim at ``budget / (1 + margin)`` (non-negative).
+        extra: more budgets to meet at once, ``(cost model, budget)`` pairs of exact costs (FLOPs,
+            params), met at the budget itself.
     """
 
-    def __init__(self, table: UnitTable, cost: CostModel, budget: float, low, high, margin: float = 0.0) -> None:
+    def __init__(self, table: UnitTable, cost: CostModel, budget: float, low, high, margin: float = 0.0,
+                 extra: Sequence[tuple[CostModel, float]] = ()) -> None:
         if not margin >= 0.0:
             raise AutopruneError(f"a budget margin is a non-negative fraction, got {margin:g}")
         self.table, self.cost, self.budget = table, cost, budget
+        self.extra = tuple(extra)
         n = len(table.units)
         self.low = np.broadcast_to(np.asarray(low, dtype=np.float64), (n,))
         self.high = np.broadcast_to(np.asarray(high, dtype=np.float64), (n,))
@@ -75,14 +80,22 @@ class ActionWall:
         return "" if self.table.levels is None else ", or where a unit's narrowest level is wider"
 
     def check_feasible(self) -> None:
-        """Refuse a budget that even maximum sparsity everywhere cannot meet."""
-        if self.lowest > self.budget + self.eps:
-            raise AutopruneError(
-                f"budget {self.budget:g}{self.cost.metric} is out of reach: with max sparsity "
-                f"{self.high.max():g} on every unit (less where a range says{self._levels_note}) the model keeps "
-                f"{self.lowest:.4f} of its dense {self.cost.metric}; ask for at least "
-                f"{self.lowest:.4f}{self.cost.metric}, or raise max_sparsity or the range bounds"
-            )
+        """Refuse a budget that even maximum sparsity everywhere cannot meet (each of them: the
+        floor is the cheapest policy by every metric at once)."""
+        for cost, budget in ((self.cost, self.budget), *self.extra):
+            lowest = cost.ratio(self.floor)
+            if lowest > budget + self.eps:
+                raise AutopruneError(
+                    f"budget {budget:g}{cost.metric} is out of reach: with max sparsity "
+                    f"{self.high.max():g} on every unit (less where a range says{self._levels_note}) the model "
+                    f"keeps {lowest:.4f} of its dense {cost.metric}; ask for at least "
+                    f"{lowest:.4f}{cost.metric}, or raise max_sparsity or the range bounds"
+                )
+
+    def meets(self, kept: np.ndarray) -> bool:
+        """Whether widths ``kept`` meet the aim and every extra budget, as the models predict."""
+        return self.cost.ratio(kept) <= self.aim + self.eps and all(
+            cost.ratio(kept) <= budget + self.eps for cost, budget in self.extra)
 
     def decide(self, kept: np.ndarray, t: int, requested: float) -> WallDecision:
         """Clip unit ``t``'s requested sparsity given the kept widths of units before it.
@@ -94,7 +107,7 @@ class ActionWall:
 
         def feasible(s: float) -> bool:
             probe[t] = self.table.kept(t, s)
-            return self.cost.ratio(probe) <= self.aim + self.eps
+            return self.meets(probe)
 
         s = float(np.clip(requested, self.low[t], self.high[t]))
         clipped = False

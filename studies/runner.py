@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from autoprune.agents import SEARCHERS, Searcher
+from autoprune.cost.budget import budgets_slug
 from autoprune.envs import LayerSparsityEnv
 from autoprune.errors import AutopruneError
 from autoprune.studies.records import (
@@ -186,7 +187,7 @@ def run_search(env: LayerSparsityEnv, config: SearchConfig, quota: int | None = 
     searcher = SEARCHERS.get(config.searcher)(seed=config.seed, **config.searcher_options)
     task = env.task
     name = config.study_name or default_study_name(task.config.model, task.config.dataset,
-                                                   env.budget.slug, config.searcher)
+                                                   budgets_slug(env.budgets), config.searcher)
     episodes = 1 if searcher.one_shot else config.episodes
     if episodes < 1:
         raise AutopruneError("episodes must be at least 1")

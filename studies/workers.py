@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 
 from autoprune.agents import SEARCHERS
+from autoprune.cost.budget import budgets_slug
 from autoprune.envs import LayerSparsityEnv
 from autoprune.errors import AutopruneError
 from autoprune.studies.records import best_trial
@@ -65,7 +66,7 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int) -> Se
                              "given in Python cannot be; run one worker per process with resume=True")
     searcher = SEARCHERS.get(config.searcher)(seed=config.seed, **config.searcher_options)
     name = config.study_name or default_study_name(task.config.model, task.config.dataset,
-                                                   env.budget.slug, config.searcher)
+                                                   budgets_slug(env.budgets), config.searcher)
     storage = open_storage(config.storage)
     study = open_study(env, searcher, config, name, storage)
     note = env.latency_note()

@@ -1,4 +1,5 @@
-"""Budgets: one cost metric and the fraction of the dense model's cost that may be kept."""
+"""Budgets: one cost metric and the fraction of the dense model's cost that may be kept; a search
+may have several, one per metric (``0.5flops,0.75latency``), and meets them all."""
 
 from __future__ import annotations
 
@@ -48,3 +49,28 @@ def parse_budget(text: str) -> Budget:
             f"(accepted forms: {_FORMS})"
         )
     return Budget(metric, ratio)
+
+
+def parse_budgets(text: str) -> tuple[Budget, ...]:
+    """Parse one budget or several, comma-separated, one per metric: ``0.5flops,0.75latency``."""
+    parts = [p for p in str(text).split(",")]
+    if any(not p.strip() for p in parts):
+        raise AutopruneError(f"cannot read budgets {text!r}: an empty entry; give e.g. 0.5flops,0.75latency")
+    budgets = tuple(parse_budget(p) for p in parts)
+    seen: dict[str, Budget] = {}
+    for b in budgets:
+        if b.metric in seen:
+            raise AutopruneError(f"two budgets on {b.metric}: {seen[b.metric]} and {b}; give one per metric")
+        seen[b.metric] = b
+    return budgets
+
+
+def primary(budgets: tuple[Budget, ...]) -> Budget:
+    """The budget the action wall aims by and the reward weighs: the latency one where there is
+    one (it is predicted, so the wall's margin and correction are for it), else the first."""
+    return next((b for b in budgets if b.metric == "latency"), budgets[0])
+
+
+def budgets_slug(budgets: tuple[Budget, ...]) -> str:
+    """Study-name form of several budgets: ``0.5flops+0.75latency``."""
+    return "+".join(b.slug for b in budgets)

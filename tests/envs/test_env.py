@@ -163,6 +163,31 @@ def test_a_latency_budget_the_auto_widths_cannot_reach_is_refused(digits, traine
                          latency_margin=0)
 
 
+def test_several_budgets_are_all_met_by_every_policy_and_rule(tiny_task):
+    from autoprune.agents.baselines import portfolio
+    from autoprune.cost.budget import parse_budgets
+
+    env = LayerSparsityEnv(tiny_task, budget="0.6flops,0.25params", max_sparsity=0.9)
+    assert [str(b) for b in env.budgets] == ["0.6flops", "0.25params"] and str(env.budget) == "0.6flops"
+    flops_only = LayerSparsityEnv(tiny_task, budget="0.6flops", max_sparsity=0.9)
+    rng = np.random.default_rng(0)
+    binding = set()
+    for request in [rng.uniform(0.0, 0.9, env.n_units) for _ in range(10)] + [p for _, p in portfolio(env)]:
+        ratios = tiny_task.cost_ratios(env.feasible_policy(request))
+        assert ratios["flops"] <= 0.6 + 1e-9 and ratios["params"] <= 0.25 + 1e-9
+        binding.add(tiny_task.cost_ratios(flops_only.feasible_policy(request))["params"] > 0.25)
+    assert True in binding  # the params budget changed policies the FLOPs budget alone allowed
+    ratios = env.finish(env.feasible_policy(np.full(env.n_units, 0.3)))
+    assert ratios.within_budget and ratios.budget == "0.6flops,0.25params"
+    # each budget is checked for reach; the one out of reach is named
+    with pytest.raises(AutopruneError, match=r"budget 0.01params is out of reach"):
+        LayerSparsityEnv(tiny_task, budget="0.6flops,0.01params", max_sparsity=0.5)
+    with pytest.raises(AutopruneError, match="two budgets on params: 0.4params and 0.3params"):
+        parse_budgets("0.4params,0.3params")
+    with pytest.raises(AutopruneError, match="an empty entry"):
+        parse_budgets("0.4params,")
+
+
 def test_unknown_latency_runtime_is_refused_whatever_the_budget(tiny_task):
     with pytest.raises(AutopruneError, match="unknown latency runtime 'tvm'"):
         LayerSparsityEnv(tiny_task, budget="0.5flops", latency_runtime="tvm")

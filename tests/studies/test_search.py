@@ -152,6 +152,26 @@ def test_an_auto_width_study_records_its_widths_and_resumes_only_with_them(digit
     assert len(result.study.trials) == 9
 
 
+def test_a_two_budget_study_meets_both_and_resumes_only_with_both(tiny_task, tmp_path, fake_latency):
+    env = LayerSparsityEnv(tiny_task, budget="0.5flops,0.9latency", max_sparsity=0.9)
+    assert str(env.budget) == "0.9latency"  # the wall aims by the predicted one, with its margin
+    result = _run(env, tmp_path, "tpe", episodes=8)
+    assert result.study.study_name.endswith("0.5flops+0.9latency-tpe")
+    assert StudyRecord.of(result.study).search.budget == "0.5flops,0.9latency"
+    trials = result.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 8
+    for t in trials:  # the rules' episodes and TPE's: FLOPs exactly, latency as measured
+        ratios = t.user_attrs["ratios"]
+        assert ratios["flops"] <= 0.5 + 1e-9 and ratios["latency"] <= 0.9 * 1.03
+        assert t.user_attrs["within_budget"]
+    for budget in ("0.5flops", "0.9latency", "0.5flops,0.8latency", "0.9latency,0.5flops"):
+        other = LayerSparsityEnv(tiny_task, budget=budget, max_sparsity=0.9)
+        with pytest.raises(AutopruneError, match=f"made with budget='0.5flops,0.9latency', this run has "
+                                                 f"budget='{budget}'"):
+            _run(other, tmp_path, "tpe", episodes=9, resume=True, study_name=result.study.study_name)
+    assert len(result.study.trials) == 8  # refused before any episode
+
+
 def test_a_resumed_latency_study_aims_by_its_episodes_measurements(tiny_task, tmp_path, fake_latency):
     env = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9)
     first = _run(env, tmp_path, "random", episodes=3)
