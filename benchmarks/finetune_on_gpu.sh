@@ -15,6 +15,10 @@
 # Session 13 ran `BUDGET=515 bash benchmarks/finetune_on_gpu.sh` on an H200, then resumed the best
 # run alone on the still-warm machine (JOBS=best). Session 21 ran `JOBS="rule hint1" BUDGET=535` and
 # then the same with BUDGET=220 to finish epoch 30 (17-21 s per epoch each, 8 loader workers each).
+# Issue 24 (aggressive budgets after fine-tuning, 2 fine-tune seeds each): JOBS="r03 r05s1" runs six
+# recipes at once: ResNet-56 at 0.3flops, the best searched policy and the best rule of the held-out
+# search (search-resnet56-0.3flops-ce-heldout.json; the best epoch picked on held-out images, test
+# on the other 9,000), fine-tune seeds 0 and 1; and at 0.5flops seed 1 of the pair seed 0 measured.
 # Local dry run: LOCAL=1 EPOCHS=0.02 SELECT=0.01 DEVICE=cpu OUT=/tmp/gout bash benchmarks/finetune_on_gpu.sh
 set -u
 REPO=$(pwd)
@@ -28,7 +32,7 @@ if [ -z "${LOCAL:-}" ]; then
 else
   PY=${PY:-$REPO/.venv/bin/python}
 fi
-export AUTOPRUNE_SHARED=$C/shared
+[ -z "${LOCAL:-}" ] && export AUTOPRUNE_SHARED=$C/shared  # a local run reads ../shared
 W=${WORK:-/tmp/gpuwork}; mkdir -p $W $OUT
 $PY - <<'EOF' || exit 1
 import torch, sys; sys.path.insert(0, '.')
@@ -36,6 +40,7 @@ from benchmarks.common import cifar_dir
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'data', cifar_dir())
 EOF
 Q=benchmarks/results/quality-resnet56-portfolio.json
+Q03=benchmarks/results/search-resnet56-0.3flops-ce-heldout.json
 T0=$(date +%s)
 recipe() {  # recipe LOG ARGS...: one finetune_recipe run in the background, resumed if its checkpoint is there
   local log=$1; shift
@@ -48,6 +53,10 @@ for job in ${JOBS:-best rule topk lr01}; do
     rule)  recipe rule --which rule --out $W/ft/recipe-rule.json ;;
     lr01)  recipe lr01 --which best --lr 0.01 --label lr01 --out $W/ft/recipe-best-lr01.json ;;
     hint1) recipe hint1 --which best --hint 1 --label hint1 --out $W/ft/recipe-best-hint1.json ;;
+    r03)   for w in best rule; do for fs in 0 1; do
+             recipe r03-$w-fs$fs --quality $Q03 --which $w --seed $fs --out $W/ft/r03-$w-fs$fs.json
+           done; done ;;
+    r05s1) for w in best rule; do recipe r05-$w-fs1 --which $w --seed 1 --out $W/ft/r05-$w-fs1.json; done ;;
     topk)
       mkdir -p $W/topk
       (cd /tmp && timeout $BUDGET env PYTHONPATH=${PYTHONPATH:-$REPO} $PY -m autoprune.cli export \
@@ -55,7 +64,7 @@ for job in ${JOBS:-best rule topk lr01}; do
         --weights $C/shared/models/resnet56_cifar10.pt --data-dir $HOME/.cache/autoprune-data/cifar10-jpeg \
         --model-dir $W/topk/model --finetune-epochs $EPOCHS --top-k 4 --select-epochs $SELECT \
         --device $DEVICE) >> $OUT/topk.log 2>&1 & ;;
-    *) echo "unknown job $job (best, rule, lr01, hint1, topk)"; exit 2 ;;
+    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1)"; exit 2 ;;
   esac
 done
 while [ -n "$(jobs -r)" ]; do

@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--distill", type=float, default=None)
     ap.add_argument("--label-smoothing", type=float, default=None)
     ap.add_argument("--hint", type=float, default=None, help="weight of feature-map hints (default 0)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the fine-tune's seed (data order, augmentation); runs of seed N>0 are labelled -fsN")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -48,9 +50,12 @@ def main() -> None:
     overrides = {k: v for k, v in {"lr": args.lr, "distill": args.distill,
                                    "label_smoothing": args.label_smoothing, "hint": args.hint}.items()
                  if v is not None}
-    recipe = FinetuneConfig.recipe(args.epochs, seed=0, **overrides)
+    recipe = FinetuneConfig.recipe(args.epochs, seed=args.seed, **overrides)
+    # the task the searches scored on: a held-out search-val picks the best epoch on held-out
+    # images too, and the test report is on the other test images
     task = make_task(q["args"]["model"], q["args"]["search_val_size"],
-                     reconstruct=q["args"].get("reconstruct", "lsq"), device=args.device)
+                     reconstruct=q["args"].get("reconstruct", "lsq"), device=args.device,
+                     search_val=q["args"].get("search_val", "train"))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else None
@@ -59,7 +64,8 @@ def main() -> None:
     print(f"# {q['args']['model']} {q['args']['budget']}, recipe {recipe}; {machine()}", flush=True)
     for which in args.which.split(","):
         row = pick(q["rows"], which)
-        label = f"{which}-{row['searcher']}-s{row['seed']}{'-' + args.label if args.label else ''}"
+        label = (f"{which}-{row['searcher']}-s{row['seed']}{f'-fs{args.seed}' if args.seed else ''}"
+                 f"{'-' + args.label if args.label else ''}")
         run_dir = work / label
         policy = Policy(row["policy"], {"model": q["args"]["model"]}, row["widths"])
         start = time.perf_counter()
@@ -68,6 +74,7 @@ def main() -> None:
         csv = (run_dir / "finetune.csv").read_text()
         results["runs"][label] = {
             "which": which, "searcher": row["searcher"], "seed": row["seed"], "trial": row["trial"],
+            "finetune_seed": args.seed, "search_val": q["args"].get("search_val", "train"),
             "recipe": metrics["finetune"], "flops_ratio": metrics["ratios"]["flops"],
             "test_before": metrics["pruned"]["test_acc"], "test_after": metrics["pruned"]["test_acc_finetuned"],
             "best_epoch": metrics["finetune_run"]["best_epoch"], "epochs_run": metrics["finetune_run"]["epochs"],
