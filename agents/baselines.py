@@ -22,7 +22,8 @@ search), so comparisons are like for like.
   a step saves the sum, over the budgets not yet met, of its cost cut in units of each budget.
 
 Every rule meets every budget of a search with several (``0.5flops,0.75latency``): a rule's knob
-is bisected until the policy meets them all, and the wall plays it.
+is bisected until the policy meets them all, and the wall plays it. Under a latency budget each
+rule's policy is then widened into the slack the bisection left (:func:`filled`).
 """
 
 from __future__ import annotations
@@ -121,7 +122,50 @@ class Baseline(Searcher):
         raise NotImplementedError
 
     def episode(self, env: LayerSparsityEnv, trial: optuna.Trial, stop: Stop | None = None) -> Episode:
-        return run_policy(env, self.policy(env))
+        return run_policy(env, filled(env, self.policy(env)))
+
+
+def filled(env: LayerSparsityEnv, sparsity: np.ndarray) -> np.ndarray:
+    """Under a latency budget, ``sparsity`` with units widened into what it leaves of the wall's
+    aim: one width step at a time, the step that brings back the most of its unit's width per unit
+    of predicted latency first, while the policy still meets the aim and every budget. A rule's
+    one knob, bisected over coarse widths (the latency table's under ``round_to auto``), can stop
+    well short of its budget: ResNet-56's ``uncoupled`` rule at 0.75latency on ONNX Runtime (batch
+    64) predicted 0.647 against an aim of 0.688. Other budgets are met exactly by the bisection:
+    their policies are returned as they are."""
+    if env.budget.metric != "latency":
+        return sparsity
+    table, space = env.table, env.space
+    kept = env.feasible_policy(sparsity)
+    members = {lead: [u for u in range(env.n_units) if space.leader[u] == lead] for lead in space.leaders}
+    widest = {lead: table.kept(lead, space.low[lead]) for lead in members}  # the unit's range allows no more
+    while True:
+        best, best_score = None, -np.inf
+        for lead, group in members.items():
+            wider = _wider(table, lead, int(kept[lead]), widest[lead])
+            if wider is None:
+                continue
+            trial = kept.copy()
+            trial[group] = [table.kept(u, table.achieved(lead, wider)) for u in group]
+            if not env.wall.meets(trial):
+                continue
+            gained = sum(int(trial[u] - kept[u]) / table.units[u].size for u in group)
+            score = gained / max(env.cost.ratio(trial) - env.cost.ratio(kept), 1e-12)
+            if score > best_score:
+                best, best_score = trial, score
+        if best is None:
+            return _playable(env, np.array([table.achieved(u, int(k)) for u, k in enumerate(kept)]))
+        kept = best
+
+
+def _wider(table, u: int, kept: int, widest: int) -> int | None:
+    """Unit ``u``'s next wider width than ``kept`` (its next level, else one ``round_to`` step),
+    or ``None`` at ``widest``."""
+    if table.levels is not None:
+        above = [k for k, _ in table.levels[u] if kept < k <= widest]
+        return min(above) if above else None
+    wider = min(kept + table.multiple, widest)
+    return wider if wider > kept else None
 
 
 @SEARCHERS.register("uniform", help="the same sparsity for every unit, the least that meets the budget")
@@ -265,7 +309,7 @@ def portfolio(env: LayerSparsityEnv) -> list[tuple[str, np.ndarray]]:
     out: list[tuple[str, np.ndarray]] = []
     knapsack_first = env.budget.metric == "latency" or not env.table.strategy.physical
     for name in LATENCY_PORTFOLIO if knapsack_first else PORTFOLIO:
-        policy = np.asarray(SEARCHERS.get(name)().policy(env), dtype=np.float64)
+        policy = np.asarray(filled(env, SEARCHERS.get(name)().policy(env)), dtype=np.float64)
         if not any(np.allclose(policy, p) for _, p in out):
             out.append((name, policy))
     return out

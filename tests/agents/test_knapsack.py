@@ -45,3 +45,32 @@ def test_a_search_over_masks_opens_with_the_knapsack(digits, trained_tiny):
     assert rules[0][0] == "knapsack"
     outcome = run_policy(env, rules[0][1]).outcome
     assert outcome.within_budget and set(outcome.patterns.values()) <= {"dense", "6:8", "2:4", "1:4", "1:8"}
+
+
+def test_under_a_latency_budget_every_rule_is_widened_into_the_slack_its_bisection_left(
+        digits, trained_tiny, tiny_task, staircase_latency):
+    from dataclasses import replace
+
+    from autoprune.agents.baselines import filled
+    from autoprune.task import PruningTask
+
+    auto = PruningTask(replace(tiny_task.config, round_to="auto"), splits=digits, dense=trained_tiny)
+    # the aim stays put (no correction by measured episodes), so every rule is checked against one aim
+    env = LayerSparsityEnv(auto, budget="0.7latency", max_sparsity=0.9, latency_runtime="onnxruntime",
+                           latency_correct=False)
+    table, widened = env.table, 0
+    for name in LATENCY_PORTFOLIO:
+        plain = env.feasible_policy(SEARCHERS.get(name)().policy(env))
+        played = np.asarray(SEARCHERS.get(name)().episode(env, None).outcome.widths)
+        assert env.wall.meets(played) and np.all(played >= plain)
+        widened += int(np.any(played > plain))
+        for u in range(env.n_units):  # no unit can take its next width and still meet the aim
+            wider = [k for k, _ in table.levels[u] if k > played[u]]
+            if wider:
+                trial = played.copy()
+                trial[u] = min(wider)
+                assert not env.wall.meets(trial), (name, table.units[u].name)
+    assert widened > 0  # the coarse widths left some rule short of its budget
+    flops = LayerSparsityEnv(tiny_task, budget="0.5flops")
+    request = np.full(flops.n_units, 0.4)
+    assert filled(flops, request) is request  # a FLOPs budget's rules are met exactly: left alone
