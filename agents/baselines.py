@@ -137,10 +137,10 @@ def filled(env: LayerSparsityEnv, sparsity: np.ndarray) -> np.ndarray:
         return sparsity
     table, space = env.table, env.space
     kept = env.feasible_policy(sparsity)
-    members = {lead: [u for u in range(env.n_units) if space.leader[u] == lead] for lead in space.leaders}
+    members = _groups(space)
     widest = {lead: table.kept(lead, space.low[lead]) for lead in members}  # the unit's range allows no more
     while True:
-        best, best_score = None, -np.inf
+        best, best_score, now = None, -np.inf, env.cost.ratio(kept)
         for lead, group in members.items():
             wider = _wider(table, lead, int(kept[lead]), widest[lead])
             if wider is None:
@@ -150,12 +150,17 @@ def filled(env: LayerSparsityEnv, sparsity: np.ndarray) -> np.ndarray:
             if not env.wall.meets(trial):
                 continue
             gained = sum(int(trial[u] - kept[u]) / table.units[u].size for u in group)
-            score = gained / max(env.cost.ratio(trial) - env.cost.ratio(kept), 1e-12)
+            score = gained / max(env.cost.ratio(trial) - now, 1e-12)
             if score > best_score:
                 best, best_score = trial, score
         if best is None:
             return _playable(env, np.array([table.achieved(u, int(k)) for u, k in enumerate(kept)]))
         kept = best
+
+
+def _groups(space) -> dict[int, list[int]]:
+    """Each deciding unit of the search space and the units that take its sparsity (itself first)."""
+    return {lead: [u for u in range(len(space.leader)) if space.leader[u] == lead] for lead in space.leaders}
 
 
 def _wider(table, u: int, kept: int, widest: int) -> int | None:
@@ -259,7 +264,7 @@ def knapsack_policy(env: LayerSparsityEnv) -> np.ndarray:
     ranks = env.task.ranks
     # the importance of removing the first k elements of each unit's removal order, for every k
     spent = [np.concatenate([[0.0], np.cumsum(lamp[u][ranks[u]])]) for u in range(n)]
-    members = {lead: [u for u in range(n) if space.leader[u] == lead] for lead in space.leaders}
+    members = _groups(space)
     kept = table.kept_all(space.low[space.leader])
     over = env.over(kept)  # each budget's cost over the budget (several budgets: all are met)
     while max(over) > 1.0 + 1e-9:

@@ -267,12 +267,7 @@ class LayerSparsityEnv(gym.Env):
     def meets(self, kept) -> bool:
         """Whether widths ``kept`` meet every budget as the cost models predict (the primary one
         at the budget itself, not at the wall's aim)."""
-        return self.excess(kept) <= 1.0 + 1e-9
-
-    def excess(self, kept) -> float:
-        """The predicted cost of ``kept`` over its budget, of the budget furthest from being met
-        (1: exactly at it; at most 1: every budget met)."""
-        return max(self.over(kept))
+        return max(self.over(kept)) <= 1.0 + 1e-9
 
     def over(self, kept) -> list[float]:
         """Each budget's predicted cost of ``kept`` as a fraction of the budget, the primary first."""
