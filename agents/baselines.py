@@ -127,50 +127,20 @@ class Baseline(Searcher):
 
 def filled(env: LayerSparsityEnv, sparsity: np.ndarray) -> np.ndarray:
     """Under a latency budget, ``sparsity`` with units widened into what it leaves of the wall's
-    aim: one width step at a time, the step that brings back the most of its unit's width per unit
-    of predicted latency first, while the policy still meets the aim and every budget. A rule's
-    one knob, bisected over coarse widths (the latency table's under ``round_to auto``), can stop
-    well short of its budget: ResNet-56's ``uncoupled`` rule at 0.75latency on ONNX Runtime (batch
-    64) predicted 0.647 against an aim of 0.688. Other budgets are met exactly by the bisection:
-    their policies are returned as they are."""
+    aim (:meth:`~autoprune.envs.wall.ActionWall.fill`). A rule's one knob, bisected over coarse
+    widths (the latency table's under ``round_to auto``), can stop well short of its budget:
+    ResNet-56's ``uncoupled`` rule at 0.75latency on ONNX Runtime (batch 64) predicted 0.647
+    against an aim of 0.688. Other budgets are met exactly by the bisection: their policies are
+    returned as they are."""
     if env.budget.metric != "latency":
         return sparsity
-    table, space = env.table, env.space
-    kept = env.feasible_policy(sparsity)
-    members = _groups(space)
-    widest = {lead: table.kept(lead, space.low[lead]) for lead in members}  # the unit's range allows no more
-    while True:
-        best, best_score, now = None, -np.inf, env.cost.ratio(kept)
-        for lead, group in members.items():
-            wider = _wider(table, lead, int(kept[lead]), widest[lead])
-            if wider is None:
-                continue
-            trial = kept.copy()
-            trial[group] = [table.kept(u, table.achieved(lead, wider)) for u in group]
-            if not env.wall.meets(trial):
-                continue
-            gained = sum(int(trial[u] - kept[u]) / table.units[u].size for u in group)
-            score = gained / max(env.cost.ratio(trial) - now, 1e-12)
-            if score > best_score:
-                best, best_score = trial, score
-        if best is None:
-            return _playable(env, np.array([table.achieved(u, int(k)) for u, k in enumerate(kept)]))
-        kept = best
+    kept = env.wall.fill(env.feasible_policy(sparsity), env.space.leader)
+    return _playable(env, np.array([env.table.achieved(u, int(k)) for u, k in enumerate(kept)]))
 
 
 def _groups(space) -> dict[int, list[int]]:
     """Each deciding unit of the search space and the units that take its sparsity (itself first)."""
     return {lead: [u for u in range(len(space.leader)) if space.leader[u] == lead] for lead in space.leaders}
-
-
-def _wider(table, u: int, kept: int, widest: int) -> int | None:
-    """Unit ``u``'s next wider width than ``kept`` (its next level, else one ``round_to`` step),
-    or ``None`` at ``widest``."""
-    if table.levels is not None:
-        above = [k for k, _ in table.levels[u] if kept < k <= widest]
-        return min(above) if above else None
-    wider = min(kept + table.multiple, widest)
-    return wider if wider > kept else None
 
 
 @SEARCHERS.register("uniform", help="the same sparsity for every unit, the least that meets the budget")

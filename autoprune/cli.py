@@ -554,6 +554,12 @@ def _search_command(sub) -> None:
     p.add_argument("--no-latency-correct", dest="latency_correct", action="store_false",
                    help="trust the latency table; by default, from the third episode the wall aims by the "
                         "median of measured over predicted latency")
+    p.add_argument("--no-latency-adapt", dest="latency_adapt", action="store_false",
+                   help="keep the first margin; by default, from the fifth episode the margin is the scatter of "
+                        "measured over predicted latency about its median (never more than the first)")
+    p.add_argument("--no-latency-fill", dest="latency_fill", action="store_false",
+                   help="play each policy as the action wall leaves it; by default a latency budget's policy "
+                        "is widened into what it leaves below the wall's aim")
     s = p.add_argument_group("study")
     _storage_arg(s)
     s.add_argument("--study-name", default=None, help="default: <model>-<dataset>-<budget>-<searcher>")

@@ -45,6 +45,12 @@ class EnvConfig(Record):
             (:mod:`autoprune.envs.budget_check`; studies made before it existed measured once).
         latency_correct: from the third measured episode, aim the wall by the median of measured
             over predicted latency (studies made before it existed trusted the table).
+        latency_adapt: with ``latency_correct``, from the fifth measured episode the margin
+            is the scatter of measured over predicted latency about their median (never more
+            than the margin the study started with; studies made before it existed kept it).
+        latency_fill: under a latency budget, widen each episode's finished policy into what it
+            leaves below the wall's aim (:meth:`~autoprune.envs.wall.ActionWall.fill`); studies
+            made before it existed played policies as the wall left them.
         latency_pairs: alternated dense/pruned runs behind each episode's measured latency; more
             pairs cost time and cut the noise of the median (about 1 % sd at 30 on a shared CPU).
         width_grid: under the task's ``round_to="auto"``, the widths the env read from the
@@ -68,6 +74,8 @@ class EnvConfig(Record):
     latency_margin: float | None = spec(None, legacy=0.0)
     latency_remeasure: bool = spec(True, legacy=False)
     latency_correct: bool = spec(True, legacy=False)
+    latency_adapt: bool = spec(True, legacy=False)
+    latency_fill: bool = spec(True, legacy=False)
     latency_pairs: int = spec(30, legacy=30)
     width_grid: str | None = spec(None, identity=True, legacy=None)
 

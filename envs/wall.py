@@ -10,7 +10,13 @@ prediction's error, so the wall can aim lower than the budget: at ``budget / (1 
 margin stated by the cost model (:meth:`~autoprune.cost.flops.CostModel.margin`). The aim never goes
 below what maximum sparsity everywhere reaches, so a budget within reach stays within reach and
 the margin shrinks instead (``ActionWall.margin`` is the one it kept). Where measurements show
-the prediction off by a steady factor, :meth:`ActionWall.rescale` aims by the measured figure.
+the prediction off by a steady factor, :meth:`ActionWall.rescale` aims by the measured figure, and
+with a margin that measurements size.
+
+The wall only ever cuts: a policy that asks for more sparsity than the budget needs ends below it.
+Under a predicted cost on coarse widths that slack can be large (ResNet-56's TPE episodes at
+0.75latency on ONNX Runtime measured 0.49-0.77 of dense, BENCHMARKS.md), so
+:meth:`ActionWall.fill` widens a finished policy back into it, one width step at a time.
 """
 
 from __future__ import annotations
@@ -60,16 +66,23 @@ class ActionWall:
         self.high = np.broadcast_to(np.asarray(high, dtype=np.float64), (n,))
         self.floor = np.array([table.kept(u.index, self.high[u.index]) for u in table.units], dtype=np.int64)
         self.lowest = cost.ratio(self.floor)
-        self._asked = margin
+        self.asked = float(margin)  # the margin asked for at the start (a ceiling for what measurements size)
+        self._asked = self.asked
         self.rescale(1.0)
         # tolerance for float round-off in the closed form, far below one channel's worth
         self.eps = 1e-9
 
-    def rescale(self, scale: float) -> None:
+    def rescale(self, scale: float, margin: float | None = None) -> None:
         """Aim as if the cost model's ratios were ``scale`` times what it predicts: measured
-        latency over predicted, from the episodes so far (1: trust the model)."""
+        latency over predicted, from the episodes so far (1: trust the model); with ``margin``,
+        aim that far below the budget in place of the margin asked for (the prediction's error as
+        measured once it is scaled)."""
         if not scale > 0.0:
             raise ValueError(f"a cost scale is positive, got {scale}")
+        if margin is not None:
+            if not margin >= 0.0:
+                raise ValueError(f"a budget margin is a non-negative fraction, got {margin}")
+            self._asked = float(margin)
         self.scale = float(scale)
         self.aim = aim(self.budget / self.scale, self._asked, self.lowest)
         # what is left of the margin where the aim was raised, in measured terms
@@ -123,6 +136,48 @@ class ActionWall:
             s = hi
         k = self.table.kept(t, s)
         return WallDecision(float(requested), int(k), self.table.achieved(t, k), clipped)
+
+    def fill(self, kept: np.ndarray, leader: Sequence[int]) -> np.ndarray:
+        """``kept`` with units widened into what it leaves below the aim: one width step at a
+        time (a unit's next level, else one ``round_to`` step), the step that brings back the most
+        of its units' width per unit of predicted cost first, while the widths meet the aim and
+        every extra budget. Units that share a ``leader`` widen together; none goes wider than its
+        range's lower bound allows. Widths that meet the aim already with no step to spare come
+        back as they are."""
+        table = self.table
+        kept = np.array(kept, dtype=np.int64)
+        leader = np.asarray(leader)
+        groups = {int(lead): np.flatnonzero(leader == lead) for lead in np.unique(leader)}
+        widest = {lead: table.kept(lead, float(self.low[lead])) for lead in groups}
+        now = self.cost.ratio(kept)
+        while True:
+            best, best_score, best_cost = None, -np.inf, now
+            for lead, group in groups.items():
+                wider = _wider(table, lead, int(kept[lead]), widest[lead])
+                if wider is None:
+                    continue
+                trial = kept.copy()
+                trial[group] = [table.kept(u, table.achieved(lead, wider)) for u in group]
+                if not self.meets(trial):
+                    continue
+                cost = self.cost.ratio(trial)
+                gained = sum(int(trial[u] - kept[u]) / table.units[u].size for u in group)
+                score = gained / max(cost - now, 1e-12)
+                if score > best_score:
+                    best, best_score, best_cost = trial, score, cost
+            if best is None:
+                return kept
+            kept, now = best, best_cost
+
+
+def _wider(table: UnitTable, u: int, kept: int, widest: int) -> int | None:
+    """Unit ``u``'s next wider width than ``kept`` (its next level, else one ``round_to`` step),
+    or ``None`` at ``widest``."""
+    if table.levels is not None:
+        above = [k for k, _ in table.levels[u] if kept < k <= widest]
+        return min(above) if above else None
+    wider = min(kept + table.multiple, widest)
+    return wider if wider > kept else None
 
 
 def aim(budget: float, margin: float, lowest: float) -> float:

@@ -329,3 +329,59 @@ def test_the_wall_aims_by_measured_over_predicted_latency_from_the_third_episode
     assert env.cost.ratio(kept) * 1.2 <= 0.7 / (1 + margin) + 1e-9
     _, infos = rollout(env, seed=0)
     assert infos[-1]["latency"]["scale"] == pytest.approx(1.2)  # recorded with the episode
+
+
+def test_from_the_fifth_episode_the_margin_is_the_scatter_of_measured_over_predicted(tiny_task, fake_latency):
+    from autoprune.envs.layer_sparsity import ADAPT_AFTER, MARGIN_FLOOR, scatter
+    from autoprune.envs.wall import aim
+
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.2)
+    kept = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.2, latency_adapt=False)
+    errors = [1.10, 1.05, 1.12, 1.08, 1.06]
+    for i, e in enumerate(errors, start=1):
+        for x in (env, kept):
+            x.observe_latency(0.5, 0.5 * e)
+        if i < ADAPT_AFTER:  # the margin asked for until there are enough episodes to size it
+            assert env.wall.aim == pytest.approx(aim(0.7 / env.wall.scale, 0.2, env.wall.lowest))
+    spread = scatter(np.array(errors))
+    assert MARGIN_FLOOR < spread < 0.2
+    assert env.wall.scale == pytest.approx(1.08) and env.wall.margin == pytest.approx(spread)
+    assert env.wall.aim == pytest.approx(0.7 / 1.08 / (1 + spread)) and env.wall.aim > kept.wall.aim
+    assert kept.wall.margin == pytest.approx(0.2)
+    # measurements that scatter more than the margin asked for never widen it; none narrow it below the floor
+    for x, spread_out in ((env, [0.5, 2.0] * 3), (kept, [1.0] * 6)):
+        x.replay_latency((0.5, 0.5 * e) for e in spread_out)
+    assert env.wall.margin == pytest.approx(0.2)
+    flat = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.2)
+    flat.replay_latency((0.5, 0.55) for _ in range(6))
+    assert flat.wall.margin == pytest.approx(MARGIN_FLOOR) and flat.wall.scale == pytest.approx(1.1)
+    # a replay starts from the margin asked for, as a new run would
+    flat.replay_latency([])
+    assert flat.wall.margin == pytest.approx(0.2) and flat.wall.scale == 1.0
+
+
+@pytest.mark.parametrize("share", [(), ("stage",)])
+def test_under_a_latency_budget_every_episode_is_widened_into_the_slack_the_wall_left(
+        digits, trained_tiny, tiny_task, staircase_latency, share):
+    from autoprune.task import PruningTask
+
+    auto = PruningTask(dataclasses.replace(tiny_task.config, round_to="auto"), splits=digits, dense=trained_tiny)
+    settings = dict(budget="0.7latency", max_sparsity=0.9, latency_correct=False, share=share)
+    env, plain = LayerSparsityEnv(auto, **settings), LayerSparsityEnv(auto, latency_fill=False, **settings)
+    table, leader, widened = env.table, env.space.leader, 0
+    for seed in range(4):
+        # asking for the most sparsity everywhere leaves most of the budget unspent
+        actions = [np.array([1.0 if seed == 0 else -1.0 + 0.6 * seed], np.float32)] * env.n_units
+        _, infos = rollout(env, actions=actions)
+        _, bare = rollout(plain, actions=actions)
+        played, left = np.array(infos[-1]["widths"]), np.array(bare[-1]["widths"])
+        assert env.wall.meets(played) and np.all(played >= left)  # as predicted: the fake's timings are not the table's
+        widened += int(np.any(played > left))
+        for u in set(leader.tolist()):  # no unit (with those that share it) can take its next width
+            wider = [k for k, _ in table.levels[u] if k > played[u]]
+            if wider:
+                trial = played.copy()
+                group = leader == u
+                trial[group] = [table.kept(v, table.achieved(u, min(wider))) for v in np.flatnonzero(group)]
+                assert not env.wall.meets(trial), table.units[u].name
+    assert widened > 0
