@@ -154,8 +154,7 @@ class Uniform(Baseline):
 def uncoupled_units(env: LayerSparsityEnv) -> np.ndarray:
     """Mask of units whose elements belong to one conv/linear layer only (no add or concat couples
     them to another)."""
-    weighted = {lay.name for lay in env.table.layers if lay.kind in ("conv", "dwconv", "linear")}
-    return np.array([sum(m in weighted for m in u.members) == 1 for u in env.table.units])
+    return ~env.table.coupled()
 
 
 def uncoupled_policy(env: LayerSparsityEnv) -> np.ndarray:

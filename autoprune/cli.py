@@ -535,9 +535,12 @@ def _search_command(sub) -> None:
     g.add_argument("--max-sparsity", type=float, default=0.8)
     g.add_argument("--range", action="append", default=[], metavar="PATTERN=LO:HI", dest="ranges",
                    help="bound the sparsity of the units matching PATTERN (fnmatch), or fix it with "
-                        "PATTERN=V, e.g. 'layer1.*=0:0.3', 'conv1=0' (repeatable; later ones win)")
+                        "PATTERN=V, e.g. 'layer1.*=0:0.3', 'conv1=0'; the pattern 'coupled' names the units an "
+                        "add or concat ties across layers (repeatable; later ones win). '--range coupled=0 "
+                        "--share stage' is the stage space: residual stream whole, one sparsity per stage")
     g.add_argument("--share", action="append", default=[], metavar="PATTERN|stage",
-                   help="units matching PATTERN take one sparsity; 'stage' shares within each first "
+                   help="units matching PATTERN take one sparsity (units a range fixes share with none); "
+                        "'stage' shares within each first "
                         "name component (layer1, layer2, ...) (repeatable)")
     g.add_argument("--early-stop", default=None, choices=("median", "halving"),
                    help="score search-val in chunks (--eval-batch-size images each) and let an Optuna "

@@ -105,6 +105,12 @@ class UnitTable:
     def names(self) -> list[str]:
         return [u.name for u in self.units]
 
+    def coupled(self) -> np.ndarray:
+        """Mask of units whose elements an add or concat ties across more than one conv/linear
+        layer (a residual stream); the others prune one layer's outputs only."""
+        weighted = {lay.name for lay in self.layers if lay.kind in ("conv", "dwconv", "linear")}
+        return np.array([sum(m in weighted for m in u.members) > 1 for u in self.units], dtype=bool)
+
     def index_of(self, name: str) -> int:
         for u in self.units:
             if u.name == name:

@@ -81,3 +81,26 @@ def test_early_stop_prunes_trailing_policies_and_never_exports_them(digits, trai
     assert choose_trial(study).state == TrialState.COMPLETE
     with pytest.raises(AutopruneError, match="is PRUNED, not a complete episode"):
         choose_trial(study, stopped[0].number)
+
+
+def test_the_stage_space_keeps_the_residual_stream_whole_and_gives_each_stage_one_decision():
+    import torch
+
+    from autoprune.envs.space import SearchSpace
+    from autoprune.model.zoo import ModelSpec, build_model
+    from autoprune.prune.granularity import build_unit_table
+
+    table = build_unit_table(build_model("resnet20", ModelSpec(10, 3, 32)), torch.randn(1, 3, 32, 32), "channel")
+    coupled = table.coupled()
+    # the stem's stream, and each later stage's, which its downsampling block's second conv starts
+    assert [n for n, c in zip(table.names, coupled) if c] == ["conv1", "layer2.0.conv2", "layer3.0.conv2"]
+    space = SearchSpace.build(table, 0.0, 0.8, ranges=("coupled=0",), share=("stage",))
+    assert np.all(space.low[coupled] == 0.0) and np.all(space.high[coupled] == 0.0)
+    assert np.all(space.leader[coupled] == np.flatnonzero(coupled))  # fixed: in no group
+    inner = np.flatnonzero(~coupled)
+    assert sorted({table.names[space.leader[u]] for u in inner}) == ["layer1.0.conv1", "layer2.0.conv1",
+                                                                     "layer3.0.conv1"]
+    assert np.all(space.low[inner] == 0.0) and np.all(space.high[inner] == 0.8)
+    # without the range, a stage's stream joins its inner convs, in one decision
+    joined = SearchSpace.build(table, 0.0, 0.8, share=("stage",))
+    assert joined.leader[table.index_of("layer2.0.conv2")] == table.index_of("layer2.0.conv1")
