@@ -4,7 +4,10 @@ The parameters ``s/<unit>`` are requested sparsities in [min_sparsity, max_spars
 through the env's action wall like any agent's actions, so every trial meets the budget. The
 one-shot rules of the portfolio (:func:`~autoprune.agents.baselines.portfolio`) are enqueued as
 the first trials (each trial records its ``rule``), so every sampler starts from the rules it must
-beat and a search never ends below the best of them. (CMA-ES's own start, ``x0`` and ``sigma0``,
+beat and a search never ends below the best of them. Under a latency budget the rules are the
+first measured episodes, by which the wall corrects and sizes its aim; where that moved the aim,
+the best rule is played once more after the last of them, filled into the new slack, so the search
+starts from the rule at the aim it searches at. (CMA-ES's own start, ``x0`` and ``sigma0``,
 is deprecated since Optuna 4.9, so it is not set: CMA-ES starts from the rules as every sampler.)
 """
 
@@ -14,6 +17,7 @@ import dataclasses
 import warnings
 
 import optuna
+from optuna.trial import TrialState
 
 from autoprune.agents.base import SEARCHERS, Episode, Searcher, param_name, run_policy
 from autoprune.envs import LayerSparsityEnv, Stop
@@ -33,6 +37,7 @@ class SamplerSearcher(Searcher):
             return self.make_sampler(env, self.seed + n_existing)
 
     def setup(self, env: LayerSparsityEnv, study: optuna.Study, episodes: int) -> None:
+        self.episodes = episodes
         if not study.trials:
             from autoprune.agents.baselines import portfolio
 
@@ -47,7 +52,35 @@ class SamplerSearcher(Searcher):
                  for u in space.leaders}  # units that share a sparsity take their leader's
         episode = run_policy(env, [asked[space.leader[u]] for u in range(len(units))], stop=stop)
         rule = trial.user_attrs.get("rule")  # an enqueued rule of the portfolio
-        return dataclasses.replace(episode, rule=rule) if rule else episode
+        if rule is None:
+            return episode
+        if not trial.user_attrs.get("replay") and len(trial.study.trials) < getattr(self, "episodes", 0):
+            _replay_best_rule(env, trial, episode)  # where the search has an episode left for it
+        return dataclasses.replace(episode, rule=rule)
+
+
+def _aim(env: LayerSparsityEnv, latency: dict) -> float:
+    """The latency ratio (as predicted) an episode's wall aimed at, from what it recorded."""
+    return env.budget.ratio / (latency["scale"] * (1.0 + latency["margin"]))
+
+
+def _replay_best_rule(env: LayerSparsityEnv, trial: optuna.Trial, episode: Episode) -> None:
+    """After the portfolio's last rule (``trial``, just played as ``episode``), enqueue the best
+    rule once more if the wall's aim has moved since it was played (latency budgets that fill)."""
+    if env.budget.metric != "latency" or not env.config.latency_fill or episode.outcome.latency is None:
+        return
+    study = trial.study
+    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return  # more rules to play
+    if any(t.user_attrs.get("replay") for t in study.get_trials(deepcopy=False)):
+        return  # played once already (another worker's, or a run before a resume)
+    played = [(t.user_attrs["reward"], t.user_attrs["rule"], t.params, t.user_attrs["latency"])
+              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if "rule" in t.user_attrs and "reward" in t.user_attrs and "latency" in t.user_attrs]
+    played.append((episode.reward, trial.user_attrs["rule"], trial.params, episode.outcome.latency))
+    _, rule, params, latency = max(played, key=lambda p: p[0])
+    if env.wall.aim > _aim(env, latency) * (1.0 + 1e-3):
+        study.enqueue_trial(params, user_attrs={"rule": rule, "replay": True})
 
 
 def _startup(env: LayerSparsityEnv) -> int:

@@ -558,8 +558,8 @@ def _search_command(sub) -> None:
                    help="trust the latency table; by default, from the third episode the wall aims by the "
                         "median of measured over predicted latency")
     p.add_argument("--no-latency-adapt", dest="latency_adapt", action="store_false",
-                   help="keep the first margin; by default, from the fifth episode the margin is the scatter of "
-                        "measured over predicted latency about its median (never more than the first)")
+                   help="keep the first margin; by default, from the fifth episode the margin is how far over their "
+                        "median 9 in 10 ratios of measured to predicted latency ran (never more than the first)")
     p.add_argument("--no-latency-fill", dest="latency_fill", action="store_false",
                    help="play each policy as the action wall leaves it; by default a latency budget's policy "
                         "is widened into what it leaves below the wall's aim")

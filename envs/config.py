@@ -46,8 +46,9 @@ class EnvConfig(Record):
         latency_correct: from the third measured episode, aim the wall by the median of measured
             over predicted latency (studies made before it existed trusted the table).
         latency_adapt: with ``latency_correct``, from the fifth measured episode the margin
-            is the scatter of measured over predicted latency about their median (never more
-            than the margin the study started with; studies made before it existed kept it).
+            is how far over their median 9 in 10 of the ratios of measured to predicted latency
+            ran (never more than the margin the study started with; studies made before it
+            existed kept it).
         latency_fill: under a latency budget, widen each episode's finished policy into what it
             leaves below the wall's aim (:meth:`~autoprune.envs.wall.ActionWall.fill`); studies
             made before it existed played policies as the wall left them.

@@ -74,3 +74,35 @@ def test_under_a_latency_budget_every_rule_is_widened_into_the_slack_its_bisecti
     flops = LayerSparsityEnv(tiny_task, budget="0.5flops")
     request = np.full(flops.n_units, 0.4)
     assert filled(flops, request) is request  # a FLOPs budget's rules are met exactly: left alone
+
+
+def test_a_latency_search_plays_its_best_rule_again_at_the_aim_its_measurements_moved(tiny_task, fake_latency,
+                                                                                        tmp_path):
+    from autoprune.studies.runner import SearchConfig, run_search
+
+    def timed(env):  # every policy measures 2 % over the table's figure: the margin sizes down to its floor
+        env.measure_latency = lambda model: (env.cost.ratio(env._kept) * 1.02, {"pairs": 30, "margin": env.wall.margin})
+        return env
+
+    # a wide first margin, which the rules' measured latencies then size down
+    env = timed(LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5))
+    n_rules = len(portfolio(env))
+    study = run_search(env, SearchConfig(searcher="tpe", episodes=n_rules + 2, progress=False,
+                                         storage=f"sqlite:///{tmp_path}/s.db")).study
+    trials = study.trials
+    rules, replay = trials[:n_rules], trials[n_rules]
+    assert all("rule" in t.user_attrs and not t.user_attrs.get("replay") for t in rules)
+    best = max(rules, key=lambda t: t.user_attrs["reward"])
+    assert replay.user_attrs["replay"] is True and replay.user_attrs["rule"] == best.user_attrs["rule"]
+    assert replay.params == best.params  # the same request, played at the moved aim
+    aim = [0.7 / (t.user_attrs["latency"]["scale"] * (1 + t.user_attrs["latency"]["margin"]))
+           for t in (best, replay)]
+    assert aim[1] > aim[0]
+    assert replay.user_attrs["ratios"]["latency_predicted"] >= best.user_attrs["ratios"]["latency_predicted"]
+    assert "rule" not in trials[n_rules + 1].user_attrs  # then the sampler's own
+    # a search that keeps its first aim plays each rule once
+    fixed = timed(LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5,
+                                   latency_correct=False))
+    again = run_search(fixed, SearchConfig(searcher="tpe", episodes=n_rules + 1, progress=False,
+                                           storage=f"sqlite:///{tmp_path}/t.db")).study
+    assert not any(t.user_attrs.get("replay") for t in again.trials)
