@@ -1,0 +1,96 @@
+"""A one-shot rule at the searched policy's latency: the comparison at equal latency, timed together.
+
+    python -m benchmarks.rule_at_latency --model resnet56 --round-to auto --latency-runtime onnxruntime \\
+        --latency-batch 64 --rule uncoupled --pairs 60 \\
+        --against benchmarks/results/search-resnet56-0.75latency-ort64-auto-stage.json \\
+        --out benchmarks/results/rule-at-latency-resnet56-ort64-stage.json
+
+A search and the rule it is compared with rarely land at one latency: the rule is bisected and
+filled at the wall's first aim, the search plays at the aim its measurements sized. For every
+search row of ``--against`` (a ``search_quality`` results file), this fills ``--rule`` up to that
+row's predicted latency (a wall aimed at exactly that figure: no margin, no correction), scores it
+on the test images as an episode would, and times the rule's model and the searched model against
+the dense one in alternation (``--rounds`` rounds of ``--pairs`` pairs each, the median of the
+rounds), so both ratios come from the same minutes of one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from autoprune.agents import SEARCHERS
+from autoprune.agents.baselines import filled
+from autoprune.cost.latency import RatioMeter
+from autoprune.envs import LayerSparsityEnv
+from benchmarks.common import is_rule, machine, make_task, read_results, write_results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet56")
+    ap.add_argument("--against", required=True, help="a search_quality results file with latency rows")
+    ap.add_argument("--rule", default="uncoupled")
+    ap.add_argument("--round-to", default="auto")
+    ap.add_argument("--proxy", default="ce")
+    ap.add_argument("--latency-runtime", default="onnxruntime")
+    ap.add_argument("--latency-batch", type=int, default=64)
+    ap.add_argument("--latency-threads", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    round_to = args.round_to if args.round_to == "auto" else int(args.round_to)
+    task = make_task(args.model, proxy=args.proxy, round_to=round_to)
+    found = read_results(args.against)
+    meter = RatioMeter(task.dense, task.table.input_shape, task.device)
+    print(f"# {args.model}: the {args.rule} rule at each searched policy's predicted latency; {machine()}",
+          flush=True)
+
+    def timed(model) -> float:
+        return meter.measure(model, args.latency_batch, args.latency_threads, pairs=args.pairs,
+                             runtime=args.latency_runtime).ratio
+
+    rows = []
+    for row in found["rows"]:
+        if is_rule(row["searcher"]) or "latency_predicted" not in row["ratios"]:
+            continue
+        target = row["ratios"]["latency_predicted"]
+        env = LayerSparsityEnv(task, budget=f"{target:.6f}latency", latency_margin=0.0, latency_correct=False,
+                               latency_runtime=args.latency_runtime, latency_batch=args.latency_batch,
+                               latency_threads=args.latency_threads)
+        rule_kept = env.feasible_policy(filled(env, SEARCHERS.get(args.rule)().policy(env)))
+        rule_model, _ = task.pruned(rule_kept)
+        searched_model, _ = task.pruned([row["widths"][n] for n in task.table.names])
+        ratios = {"rule": [], "searched": []}
+        for _ in range(args.rounds):  # alternated, so drift moves both alike
+            ratios["rule"].append(timed(rule_model))
+            ratios["searched"].append(timed(searched_model))
+        rule_test = task.test_accuracy(rule_model)
+        out = {"searcher": row["searcher"], "seed": row["seed"], "target_predicted": target,
+               "rule": args.rule, "rule_test": rule_test, "rule_predicted": env.cost.ratio(rule_kept),
+               "rule_flops": task.cost_ratios(rule_kept)["flops"],
+               "rule_latency": statistics.median(ratios["rule"]),
+               "searched_test": row["test_acc"], "searched_flops": row["ratios"]["flops"],
+               "searched_latency": statistics.median(ratios["searched"]), "rounds": ratios,
+               "rule_widths": dict(zip(task.table.names, (int(k) for k in rule_kept)))}
+        rows.append(out)
+        print(f"{row['searcher']} seed {row['seed']}: searched {out['searched_test']:.4f} at "
+              f"{out['searched_latency']:.3f} (flops {out['searched_flops']:.3f}); {args.rule} "
+              f"{rule_test:.4f} at {out['rule_latency']:.3f} (flops {out['rule_flops']:.3f}); "
+              f"{100 * (out['searched_test'] - rule_test):+.2f} points", flush=True)
+        if args.out:
+            write_results(args.out, {"args": vars(args), "machine": machine(), "rows": rows})
+    if rows:
+        gain = [r["searched_test"] - r["rule_test"] for r in rows]
+        print(f"mean over {len(rows)}: {100 * statistics.mean(gain):+.2f} points; latency searched "
+              f"{statistics.mean(r['searched_latency'] for r in rows):.3f}, rule "
+              f"{statistics.mean(r['rule_latency'] for r in rows):.3f}")
+
+
+if __name__ == "__main__":
+    main()
