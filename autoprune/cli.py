@@ -557,9 +557,10 @@ def _search_command(sub) -> None:
     p.add_argument("--no-latency-correct", dest="latency_correct", action="store_false",
                    help="trust the latency table; by default, from the third episode the wall aims by the "
                         "median of measured over predicted latency")
-    p.add_argument("--no-latency-adapt", dest="latency_adapt", action="store_false",
-                   help="keep the first margin; by default, from the fifth episode the margin is how far over their "
-                        "median 9 in 10 ratios of measured to predicted latency ran (never more than the first)")
+    p.add_argument("--latency-adapt", action="store_true",
+                   help="from the tenth episode, aim with a margin of how far over their median 9 in 10 ratios of "
+                        "measured to predicted latency ran (never more than the first); off by default: timings "
+                        "taken under load can size it too small")
     p.add_argument("--no-latency-fill", dest="latency_fill", action="store_false",
                    help="play each policy as the action wall leaves it; by default a latency budget's policy "
                         "is widened into what it leaves below the wall's aim")

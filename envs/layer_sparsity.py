@@ -14,10 +14,9 @@ pairs where it is borderline (:mod:`autoprune.envs.budget_check`); the dense mod
 the runtime once per env, not once per episode. From the third measured episode the wall aims by
 the median ratio of measured to predicted latency: the table fits its calibration policies to a
 few per cent, but a search visits other policies, and on ResNet-56 they measured 4-11 % over the
-table's figure (BENCHMARKS.md, where the timings also drifted as the process ran). From the fifth
-the margin is what the measurements show of the corrected table's error: how far over their
-median 9 in 10 of the ratios stayed (:func:`scatter`); where policies are regular (one width per
-stage) that is a few per cent, where the table's fit error says 9. And since the wall only cuts, a policy that asked for more sparsity than needed is
+table's figure (BENCHMARKS.md, where the timings also drifted as the process ran). With
+``latency_adapt``, from the tenth the margin is what the measurements show of the corrected
+table's error: how far over their median 9 in 10 of the ratios stayed (:func:`scatter`). And since the wall only cuts, a policy that asked for more sparsity than needed is
 widened into the slack it left below the aim before it is scored (``latency_fill``).
 """
 
@@ -46,7 +45,7 @@ from autoprune.errors import AutopruneError
 from autoprune.task import PruningTask, TaskConfig
 from autoprune.units.policy import Policy
 
-ADAPT_AFTER = 5
+ADAPT_AFTER = 10
 """Measured episodes before their scatter sizes the wall's margin (``latency_adapt``)."""
 MARGIN_FLOOR = 0.01
 """The least margin measurements may size: a median of 30 pairs moves by about 1 % (EnvConfig)."""
@@ -273,7 +272,7 @@ class LayerSparsityEnv(gym.Env):
     def observe_latency(self, predicted: float, measured: float) -> None:
         """Learn from one episode's predicted and measured latency ratios: with
         ``latency_correct``, from the third on, the wall aims by their median ratio; with
-        ``latency_adapt``, from the fifth, with how far over it they run (:func:`scatter`) as
+        ``latency_adapt``, from the tenth, with how far over it they run (:func:`scatter`) as
         its margin."""
         self._latency_errors.append(measured / predicted)
         errors = np.asarray(self._latency_errors)

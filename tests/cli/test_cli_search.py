@@ -55,7 +55,7 @@ def test_search_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path
     assert not (tmp_path / "autoprune.db").exists()
 
 
-@pytest.mark.parametrize("given,expect", [(["--latency-margin", "0", "--no-latency-correct", "--no-latency-adapt",
+@pytest.mark.parametrize("given,expect", [(["--latency-margin", "0", "--no-latency-correct", "--latency-adapt",
                                             "--no-latency-fill"], 0.0), ([], None)])
 def test_latency_margin_option_reaches_the_study(capsys, tmp_path, tiny_weights, fake_latency, given, expect):
     from tests.conftest import REPO
@@ -69,5 +69,6 @@ def test_latency_margin_option_reaches_the_study(capsys, tmp_path, tiny_weights,
     margin = study.user_attrs["search.latency_margin"]
     assert margin == expect if expect is not None else margin > 0  # default: the table's fit error
     assert all(t.user_attrs["latency"]["margin"] == pytest.approx(margin) for t in study.trials)
-    for key in ("correct", "adapt", "fill"):  # on unless told
+    for key in ("correct", "fill"):  # on unless told
         assert study.user_attrs[f"search.latency_{key}"] is (expect is None)
+    assert study.user_attrs["search.latency_adapt"] is (expect is not None)  # off unless asked

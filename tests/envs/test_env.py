@@ -331,13 +331,14 @@ def test_the_wall_aims_by_measured_over_predicted_latency_from_the_third_episode
     assert infos[-1]["latency"]["scale"] == pytest.approx(1.2)  # recorded with the episode
 
 
-def test_from_the_fifth_episode_the_margin_is_how_far_over_the_median_measured_latency_ran(tiny_task, fake_latency):
+def test_with_latency_adapt_the_margin_is_how_far_over_the_median_measured_latency_ran(tiny_task, fake_latency):
     from autoprune.envs.layer_sparsity import ADAPT_AFTER, MARGIN_FLOOR, scatter
     from autoprune.envs.wall import aim
 
-    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.2)
-    kept = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.2, latency_adapt=False)
-    errors = [1.10, 1.05, 1.12, 1.08, 1.06]
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.2, latency_adapt=True)
+    kept = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.2)  # off by default
+    errors = [1.10, 1.05, 1.12, 1.08, 1.06] * 2
+    assert len(errors) == ADAPT_AFTER
     for i, e in enumerate(errors, start=1):
         for x in (env, kept):
             x.observe_latency(0.5, 0.5 * e)
@@ -350,15 +351,13 @@ def test_from_the_fifth_episode_the_margin_is_how_far_over_the_median_measured_l
     assert env.wall.aim == pytest.approx(0.7 / 1.08 / (1 + spread)) and env.wall.aim > kept.wall.aim
     assert kept.wall.margin == pytest.approx(0.2)
     # measurements that scatter more than the margin asked for never widen it; none narrow it below the floor
-    for x, spread_out in ((env, [0.5, 2.0] * 3), (kept, [1.0] * 6)):
-        x.replay_latency((0.5, 0.5 * e) for e in spread_out)
+    env.replay_latency((0.5, 0.5 * e) for e in [0.5, 2.0] * 5)
     assert env.wall.margin == pytest.approx(0.2)
-    flat = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.2)
-    flat.replay_latency((0.5, 0.55) for _ in range(6))
-    assert flat.wall.margin == pytest.approx(MARGIN_FLOOR) and flat.wall.scale == pytest.approx(1.1)
+    env.replay_latency((0.5, 0.55) for _ in range(ADAPT_AFTER))
+    assert env.wall.margin == pytest.approx(MARGIN_FLOOR) and env.wall.scale == pytest.approx(1.1)
     # a replay starts from the margin asked for, as a new run would
-    flat.replay_latency([])
-    assert flat.wall.margin == pytest.approx(0.2) and flat.wall.scale == 1.0
+    env.replay_latency([])
+    assert env.wall.margin == pytest.approx(0.2) and env.wall.scale == 1.0
 
 
 @pytest.mark.parametrize("share", [(), ("stage",)])

@@ -201,7 +201,7 @@ def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_re
     assert f"a margin of {env.config.latency_margin:.1%}" in said and env.config.latency_margin > 0
     spec = StudyRecord.of(new.study).search.env
     assert (spec.latency_margin, spec.latency_remeasure, spec.latency_correct, spec.latency_adapt,
-            spec.latency_fill) == (pytest.approx(env.config.latency_margin), True, True, True, True)
+            spec.latency_fill) == (pytest.approx(env.config.latency_margin), True, True, False, True)
     for t in new.study.trials:  # each episode: how its latency was measured, and aimed at
         assert t.user_attrs["latency"]["pairs"] in (30, 90)
         assert t.user_attrs["latency"]["margin"] == pytest.approx(env.config.latency_margin)
