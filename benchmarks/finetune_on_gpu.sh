@@ -19,6 +19,10 @@
 # recipes at once: ResNet-56 at 0.3flops, the best searched policy and the best rule of the held-out
 # search (search-resnet56-0.3flops-ce-heldout.json; the best epoch picked on held-out images, test
 # on the other 9,000), fine-tune seeds 0 and 1; and at 0.5flops seed 1 of the pair seed 0 measured.
+# Issue 25 (the latency pair after fine-tuning): JOBS=lat fine-tunes, seeds 0 and 1, the stage-space latency
+# search's best ResNet-56 policy at 0.75latency (ONNX Runtime, batch 64) and the uncoupled rule filled to
+# its predicted latency (benchmarks/results/rule-at-latency-resnet56-ort64-stage-pair.json, written by
+# benchmarks/rule_at_latency.py --pair-out).
 # Local dry run: LOCAL=1 EPOCHS=0.02 SELECT=0.01 DEVICE=cpu OUT=/tmp/gout bash benchmarks/finetune_on_gpu.sh
 set -u
 REPO=$(pwd)
@@ -41,6 +45,7 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'data', cif
 EOF
 Q=benchmarks/results/quality-resnet56-portfolio.json
 Q03=benchmarks/results/search-resnet56-0.3flops-ce-heldout.json
+QLAT=benchmarks/results/rule-at-latency-resnet56-ort64-stage-pair.json
 T0=$(date +%s)
 recipe() {  # recipe LOG ARGS...: one finetune_recipe run in the background, resumed if its checkpoint is there
   local log=$1; shift
@@ -57,6 +62,9 @@ for job in ${JOBS:-best rule topk lr01}; do
              recipe r03-$w-fs$fs --quality $Q03 --which $w --seed $fs --out $W/ft/r03-$w-fs$fs.json
            done; done ;;
     r05s1) for w in best rule; do recipe r05-$w-fs1 --which $w --seed 1 --out $W/ft/r05-$w-fs1.json; done ;;
+    lat)   for w in best rule; do for fs in 0 1; do
+             recipe lat-$w-fs$fs --quality $QLAT --which $w --seed $fs --out $W/ft/lat-$w-fs$fs.json
+           done; done ;;
     topk)
       mkdir -p $W/topk
       (cd /tmp && timeout $BUDGET env PYTHONPATH=${PYTHONPATH:-$REPO} $PY -m autoprune.cli export \
@@ -64,7 +72,7 @@ for job in ${JOBS:-best rule topk lr01}; do
         --weights $C/shared/models/resnet56_cifar10.pt --data-dir $HOME/.cache/autoprune-data/cifar10-jpeg \
         --model-dir $W/topk/model --finetune-epochs $EPOCHS --top-k 4 --select-epochs $SELECT \
         --device $DEVICE) >> $OUT/topk.log 2>&1 & ;;
-    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1)"; exit 2 ;;
+    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1, lat)"; exit 2 ;;
   esac
 done
 while [ -n "$(jobs -r)" ]; do

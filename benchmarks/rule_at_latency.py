@@ -12,6 +12,10 @@ row's predicted latency (a wall aimed at exactly that figure: no margin, no corr
 on the test images as an episode would, and times the rule's model and the searched model against
 the dense one in alternation (``--rounds`` rounds of ``--pairs`` pairs each, the median of the
 rounds), so both ratios come from the same minutes of one machine.
+
+``--pair-out FILE`` writes the searched row with the best proxy score and its rule twin as a
+``search_quality``-shaped file, for ``finetune_recipe --quality FILE --which best,rule`` (the
+fine-tuned pair at equal latency; ``benchmarks/finetune_on_gpu.sh`` job ``lat``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--pair-out", default=None, help="the best searched row and its rule twin, for finetune_recipe")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     round_to = args.round_to if args.round_to == "auto" else int(args.round_to)
@@ -77,7 +82,10 @@ def main() -> None:
                "rule_latency": statistics.median(ratios["rule"]),
                "searched_test": row["test_acc"], "searched_flops": row["ratios"]["flops"],
                "searched_latency": statistics.median(ratios["searched"]), "rounds": ratios,
-               "rule_widths": dict(zip(task.table.names, (int(k) for k in rule_kept)))}
+               "rule_widths": dict(zip(task.table.names, (int(k) for k in rule_kept))),
+               "rule_policy": {n: task.table.achieved(u, int(k)) for u, (n, k) in
+                               enumerate(zip(task.table.names, rule_kept))},
+               "searched_proxy": row["proxy_acc"], "searched_row": row}
         rows.append(out)
         print(f"{row['searcher']} seed {row['seed']}: searched {out['searched_test']:.4f} at "
               f"{out['searched_latency']:.3f} (flops {out['searched_flops']:.3f}); {args.rule} "
@@ -85,6 +93,12 @@ def main() -> None:
               f"{100 * (out['searched_test'] - rule_test):+.2f} points", flush=True)
         if args.out:
             write_results(args.out, {"args": vars(args), "machine": machine(), "rows": rows})
+    if args.pair_out and rows:
+        best = max(rows, key=lambda r: r["searched_proxy"])
+        twin = {"searcher": f"{args.rule}+at-latency", "seed": 0, "trial": None, "proxy_acc": None,
+                "test_acc": best["rule_test"], "policy": best["rule_policy"], "widths": best["rule_widths"]}
+        write_results(args.pair_out, {"args": found["args"], "machine": machine(),
+                                      "rows": [best["searched_row"], twin]})
     if rows:
         gain = [r["searched_test"] - r["rule_test"] for r in rows]
         print(f"mean over {len(rows)}: {100 * statistics.mean(gain):+.2f} points; latency searched "
