@@ -45,7 +45,7 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'data', cif
 EOF
 Q=benchmarks/results/quality-resnet56-portfolio.json
 Q03=benchmarks/results/search-resnet56-0.3flops-ce-heldout.json
-QLAT=benchmarks/results/rule-at-latency-resnet56-ort64-stage-pair.json
+QLAT=${QLAT:-benchmarks/results/rule-at-latency-resnet56-ort64-stage-pair.json}
 T0=$(date +%s)
 recipe() {  # recipe LOG ARGS...: one finetune_recipe run in the background, resumed if its checkpoint is there
   local log=$1; shift

@@ -8,10 +8,11 @@
 A search and the rule it is compared with rarely land at one latency: the rule is bisected and
 filled at the wall's first aim, the search plays at the aim its measurements sized. For every
 search row of ``--against`` (a ``search_quality`` results file), this fills ``--rule`` up to that
-row's predicted latency (a wall aimed at exactly that figure: no margin, no correction), scores it
-on the test images as an episode would, and times the rule's model and the searched model against
-the dense one in alternation (``--rounds`` rounds of ``--pairs`` pairs each, the median of the
-rounds), so both ratios come from the same minutes of one machine.
+row's predicted latency as this run's table prices its widths (a wall aimed at exactly that figure:
+no margin, no correction), scores it on the test images as an episode would, and times the rule's
+model and the searched model against the dense one in alternation (``--rounds`` rounds of
+``--pairs`` pairs each, the median of the rounds), so both ratios come from the same minutes of
+one machine.
 
 ``--pair-out FILE`` writes the searched row with the best proxy score and its rule twin as a
 ``search_quality``-shaped file, for ``finetune_recipe --quality FILE --which best,rule`` (the
@@ -64,19 +65,27 @@ def main() -> None:
     for row in found["rows"]:
         if is_rule(row["searcher"]) or "latency_predicted" not in row["ratios"]:
             continue
-        target = row["ratios"]["latency_predicted"]
-        env = LayerSparsityEnv(task, budget=f"{target:.6f}latency", latency_margin=0.0, latency_correct=False,
-                               latency_runtime=args.latency_runtime, latency_batch=args.latency_batch,
-                               latency_threads=args.latency_threads)
+        searched_kept = [row["widths"][n] for n in task.table.names]
+
+        def aimed_at(target: float) -> LayerSparsityEnv:
+            return LayerSparsityEnv(task, budget=f"{target:.6f}latency", latency_margin=0.0, latency_correct=False,
+                                    latency_runtime=args.latency_runtime, latency_batch=args.latency_batch,
+                                    latency_threads=args.latency_threads)
+
+        # the searched widths priced by this run's table: a table measured again (another session,
+        # another load) predicts other figures than the one the search played with
+        target = aimed_at(row["ratios"]["latency_predicted"]).cost.ratio(searched_kept)
+        env = aimed_at(target)
         rule_kept = env.feasible_policy(filled(env, SEARCHERS.get(args.rule)().policy(env)))
         rule_model, _ = task.pruned(rule_kept)
-        searched_model, _ = task.pruned([row["widths"][n] for n in task.table.names])
+        searched_model, _ = task.pruned(searched_kept)
         ratios = {"rule": [], "searched": []}
         for _ in range(args.rounds):  # alternated, so drift moves both alike
             ratios["rule"].append(timed(rule_model))
             ratios["searched"].append(timed(searched_model))
         rule_test = task.test_accuracy(rule_model)
         out = {"searcher": row["searcher"], "seed": row["seed"], "target_predicted": target,
+               "searched_predicted_in_search": row["ratios"]["latency_predicted"],
                "rule": args.rule, "rule_test": rule_test, "rule_predicted": env.cost.ratio(rule_kept),
                "rule_flops": task.cost_ratios(rule_kept)["flops"],
                "rule_latency": statistics.median(ratios["rule"]),
