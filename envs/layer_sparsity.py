@@ -16,8 +16,9 @@ the median ratio of measured to predicted latency: the table fits its calibratio
 few per cent, but a search visits other policies, and on ResNet-56 they measured 4-11 % over the
 table's figure (BENCHMARKS.md, where the timings also drifted as the process ran). With
 ``latency_adapt``, from the tenth the margin is what the measurements show of the corrected
-table's error: how far over their median 9 in 10 of the ratios stayed (:func:`scatter`). And since the wall only cuts, a policy that asked for more sparsity than needed is
-widened into the slack it left below the aim before it is scored (``latency_fill``).
+table's error: how far over their median 9 in 10 of the ratios stayed (:func:`scatter`). And
+since the wall only cuts, a policy that asked for more sparsity than needed is widened into the
+slack it left below the aim before it is scored (``latency_fill``).
 """
 
 from __future__ import annotations
@@ -334,6 +335,6 @@ class LayerSparsityEnv(gym.Env):
                 f"{LATENCY_TOLERANCE:.0%} over it"
                 + ("; from the third episode the wall aims by the median of measured over predicted latency"
                    if c.latency_correct else "")
-                + (f", from the {ADAPT_AFTER}th with how far over it 9 in 10 of them run as its margin" if c.latency_correct and c.latency_adapt
-                   else "")
+                + (f", from the {ADAPT_AFTER}th with how far over it 9 in 10 of them run as its margin"
+                   if c.latency_correct and c.latency_adapt else "")
                 + ("; each policy is widened into what it leaves below the aim" if c.latency_fill else ""))

@@ -33,7 +33,6 @@ import numpy as np
 from autoprune.errors import AutopruneError
 from autoprune.units import UnitTable
 
-
 COUPLED = "coupled"
 """The ``--range`` pattern that names every unit an add or concat ties across layers."""
 
