@@ -86,9 +86,10 @@ def test_five_random_sigkills_then_resume(tmp_path, tiny_weights, searcher):
             original = by_number[t.user_attrs["retry_of"]]
             assert original.state == TrialState.FAIL
             assert original.params.items() <= t.params.items()
+    # a trial killed while its record was being written is failed with what it had written (Optuna
+    # writes user attributes one at a time): its episode is never counted, nor told again
+    assert not {t.user_attrs.get("uid") for t in failed} & set(uids), summary
     if searcher == "ddpg":
-        # an episode killed before the agent saved it is failed, whole: never half-recorded
-        assert all("uid" not in t.user_attrs for t in failed), summary
         (state,) = (tmp_path / "autoprune-state").glob("s-*/agent.pt")
         agent = torch.load(state, weights_only=True)
         assert agent["episode_index"] == episodes  # the agent learned from exactly the episodes the study holds
