@@ -134,13 +134,8 @@ def filled(env: LayerSparsityEnv, sparsity: np.ndarray) -> np.ndarray:
     returned as they are."""
     if env.budget.metric != "latency":
         return sparsity
-    kept = env.wall.fill(env.feasible_policy(sparsity), env.space.leader)
+    kept = env.wall.fill(env.feasible_policy(sparsity), env.space.groups)
     return _playable(env, np.array([env.table.achieved(u, int(k)) for u, k in enumerate(kept)]))
-
-
-def _groups(space) -> dict[int, list[int]]:
-    """Each deciding unit of the search space and the units that take its sparsity (itself first)."""
-    return {lead: [u for u in range(len(space.leader)) if space.leader[u] == lead] for lead in space.leaders}
 
 
 @SEARCHERS.register("uniform", help="the same sparsity for every unit, the least that meets the budget")
@@ -233,7 +228,7 @@ def knapsack_policy(env: LayerSparsityEnv) -> np.ndarray:
     ranks = env.task.ranks
     # the importance of removing the first k elements of each unit's removal order, for every k
     spent = [np.concatenate([[0.0], np.cumsum(lamp[u][ranks[u]])]) for u in range(n)]
-    members = _groups(space)
+    members = space.groups
     kept = table.kept_all(space.low[space.leader])
     over = env.over(kept)  # each budget's cost over the budget (several budgets: all are met)
     while max(over) > 1.0 + 1e-9:

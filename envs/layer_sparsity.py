@@ -208,7 +208,7 @@ class LayerSparsityEnv(gym.Env):
         decision = self.wall.decide(self._kept, t, self._requested[t])
         self._kept[t] = decision.kept
         if t + 1 == self.n_units and self.config.latency_fill and self.budget.metric == "latency":
-            self._kept = self.wall.fill(self._kept, self.space.leader)
+            self._kept = self.wall.fill(self._kept, self.space.groups)
         info = {"unit": self.table.units[t].name, "step": t, "requested": decision.requested,
                 "sparsity": decision.achieved, "kept": decision.kept, "clipped": decision.clipped}
         if t + 1 < self.n_units:

@@ -51,6 +51,11 @@ class SearchSpace:
         """The units whose sparsity is decided (the others follow one of them)."""
         return [u for u, lead in enumerate(self.leader) if lead == u]
 
+    @property
+    def groups(self) -> dict[int, list[int]]:
+        """Each deciding unit and the units that take its sparsity (itself first)."""
+        return {lead: [u for u in range(len(self.leader)) if self.leader[u] == lead] for lead in self.leaders}
+
     @classmethod
     def build(cls, table: UnitTable, min_sparsity: float, max_sparsity: float,
               ranges: Sequence[str] = (), share: Sequence[str] = ()) -> SearchSpace:

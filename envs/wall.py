@@ -21,7 +21,7 @@ Under a predicted cost on coarse widths that slack can be large (ResNet-56's TPE
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,17 +137,16 @@ class ActionWall:
         k = self.table.kept(t, s)
         return WallDecision(float(requested), int(k), self.table.achieved(t, k), clipped)
 
-    def fill(self, kept: np.ndarray, leader: Sequence[int]) -> np.ndarray:
+    def fill(self, kept: np.ndarray, groups: Mapping[int, Sequence[int]]) -> np.ndarray:
         """``kept`` with units widened into what it leaves below the aim: one width step at a
         time (a unit's next level, else one ``round_to`` step), the step that brings back the most
         of its units' width per unit of predicted cost first, while the widths meet the aim and
-        every extra budget. Units that share a ``leader`` widen together; none goes wider than its
+        every extra budget. The units of a group (its leader's sparsity, :attr:`SearchSpace.groups
+        <autoprune.envs.space.SearchSpace.groups>`) widen together; none goes wider than its
         range's lower bound allows. Widths that meet the aim already with no step to spare come
         back as they are."""
         table = self.table
         kept = np.array(kept, dtype=np.int64)
-        leader = np.asarray(leader)
-        groups = {int(lead): np.flatnonzero(leader == lead) for lead in np.unique(leader)}
         widest = {lead: table.kept(lead, float(self.low[lead])) for lead in groups}
         now = self.cost.ratio(kept)
         while True:
