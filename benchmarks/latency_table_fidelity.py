@@ -17,13 +17,13 @@ as a search builds it), so the figures describe what a search on this machine wo
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
 import numpy as np
 import torch
 
 from autoprune.cost.latency import RatioMeter
 from autoprune.envs import LayerSparsityEnv
+from autoprune.envs.space import COUPLED, SearchSpace
 from benchmarks.common import machine, make_task, read_results, write_results
 
 
@@ -49,17 +49,17 @@ def main() -> None:
           f"{machine()}", flush=True)
 
     policies: list[tuple[str, np.ndarray]] = []
-    stages = defaultdict(list)  # stage name -> its block-inner (uncoupled) units
-    for unit, coupled in zip(table.units, table.coupled()):
-        if not coupled:
-            stages[unit.name.split(".")[0]].append(unit.index)
-    for stage, units in stages.items():
+    levels = cost.width_levels()
+    # the stage space's knobs: each stage's block-inner convs, the residual stream fixed whole
+    stage_space = SearchSpace.build(table, 0.0, 1.0, ranges=[f"{COUPLED}=0"], share=["stage"])
+    for lead, units in stage_space.groups.items():
         if len(units) < 2:
-            continue  # a stem or classifier of its own, not a stage
-        for width, _ in cost.width_levels()[units[0]][:-1]:
+            continue  # a unit of its own (the stem, the classifier, a residual stream), not a stage
+        for width, _ in levels[lead][:-1]:
             kept = table.sizes().copy()
             kept[units] = [min(width, table.units[u].size) for u in units]
-            policies.append((f"{stage} inner at {width}/{table.units[units[0]].size}", kept))
+            policies.append((f"{table.units[lead].name.split('.')[0]} inner at {width}/{table.units[lead].size}",
+                             kept))
     for path in filter(None, args.policies.split(",")):
         for row in (read_results(path) or {}).get("rows", []):
             if "widths" in row:

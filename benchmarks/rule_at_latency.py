@@ -61,20 +61,21 @@ def main() -> None:
         return meter.measure(model, args.latency_batch, args.latency_threads, pairs=args.pairs,
                              runtime=args.latency_runtime).ratio
 
+    def aimed_at(target: float) -> LayerSparsityEnv:
+        return LayerSparsityEnv(task, budget=f"{target:.6f}latency", latency_margin=0.0, latency_correct=False,
+                                latency_runtime=args.latency_runtime, latency_batch=args.latency_batch,
+                                latency_threads=args.latency_threads)
+
+    # every row's widths priced by this run's table (one table, whatever the budget): a table
+    # measured again (another session, another load) predicts other figures than the search's
+    price = None
     rows = []
     for row in found["rows"]:
         if is_rule(row["searcher"]) or "latency_predicted" not in row["ratios"]:
             continue
         searched_kept = [row["widths"][n] for n in task.table.names]
-
-        def aimed_at(target: float) -> LayerSparsityEnv:
-            return LayerSparsityEnv(task, budget=f"{target:.6f}latency", latency_margin=0.0, latency_correct=False,
-                                    latency_runtime=args.latency_runtime, latency_batch=args.latency_batch,
-                                    latency_threads=args.latency_threads)
-
-        # the searched widths priced by this run's table: a table measured again (another session,
-        # another load) predicts other figures than the one the search played with
-        target = aimed_at(row["ratios"]["latency_predicted"]).cost.ratio(searched_kept)
+        price = price or aimed_at(row["ratios"]["latency_predicted"]).cost.ratio
+        target = price(searched_kept)
         env = aimed_at(target)
         rule_kept = env.feasible_policy(filled(env, SEARCHERS.get(args.rule)().policy(env)))
         rule_model, _ = task.pruned(rule_kept)
