@@ -6,8 +6,10 @@ shared machine whose absolute timings drift by tens of percent between seconds.
 
 :class:`LatencyModel` is what the action wall uses for a ``latency`` budget, since measuring a
 model at every step would be far too slow. It is a lookup table in the manner of NetAdapt: every
-conv/linear layer shape of the network is timed on its own over a grid of kept input and output
-fractions (minimum of repeated runs, made monotone). A policy's latency ratio is predicted as
+conv/linear layer shape of the network is timed over a grid of kept input and output fractions
+(minimum of repeated runs), a conv between two 1x1 convs at its full widths, so that what a
+runtime pays for a width that breaks its channel blocks shows (:func:`_layer_module`); a narrower
+cell is never priced dearer than a wider one. A policy's latency ratio is predicted as
 
     1 - a * (1 - L(kept) / L(dense)) - b * (1 - A(kept) / A(dense))
 
@@ -274,13 +276,23 @@ def _signature(layer: Layer) -> str | None:
 
 
 def _layer_module(layer: Layer, cin: int, cout: int) -> tuple[nn.Module, tuple[int, ...]]:
+    """One cell of the table: ``layer`` at ``cin`` inputs and ``cout`` outputs, and the input shape.
+
+    A conv is timed in context, between two 1x1 convs that restore the layer's full widths (its
+    dense neighbours' layout): a runtime that computes in channel blocks (ONNX Runtime's NCHWc
+    convs on a CPU) converts a tensor whose width is not a multiple of the block to and from the
+    plain layout, and that conversion, which a conv timed alone never pays, can cost more than
+    the cut saves (ResNet-56's 16-channel convs cut to 12 run slower in the network than whole).
+    """
     if layer.kind == "linear":
         return nn.Linear(cin, cout), (cin,)
     if layer.kind == "dwconv":
         return nn.Conv2d(cout, cout, layer.kernel, layer.stride, layer.kernel // 2, groups=cout,
                          bias=False), (cout, *layer.in_hw)
-    return (nn.Conv2d(cin, cout, layer.kernel, layer.stride, layer.kernel // 2, bias=False),
-            (cin, *layer.in_hw))
+    conv = nn.Conv2d(cin, cout, layer.kernel, layer.stride, layer.kernel // 2, bias=False)
+    return (nn.Sequential(nn.Conv2d(layer.in_channels, cin, 1, bias=False), conv,
+                          nn.Conv2d(cout, layer.out_channels, 1, bias=False)),
+            (layer.in_channels, *layer.in_hw))
 
 
 def _width(n: int, f: float) -> int:
@@ -416,7 +428,7 @@ def _cache_key(table: UnitTable, device: str, batch_size: int, threads: int, run
     version = get_runtime(runtime).version()
     # the width multiple shapes the calibration models (kept_all rounds), so it shapes the fit: a
     # table calibrated on widths in multiples of 16 under-predicts odd widths on ONNX Runtime
-    key = (f"v3#{shape}#{units}#{table.input_shape}#{device}#{batch_size}#{threads}#{torch.__version__}"
+    key = (f"v4#{shape}#{units}#{table.input_shape}#{device}#{batch_size}#{threads}#{torch.__version__}"
            f"#{runtime}#{version}#{list(grid)}#{table.multiple}" + ("#auto" if auto_widths else ""))
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
@@ -447,10 +459,21 @@ def _measure_luts(table: UnitTable, device: str, batch_size: int, threads: int, 
                     # the minimum is the run least disturbed by the rest of the machine
                     row.append(min(_time(run, device, runs, 2)))
             rows.append(row)
-        # a narrower layer is never slower: make the table monotone along both axes
-        arr = np.maximum.accumulate(np.maximum.accumulate(np.asarray(rows), axis=1), axis=0)
-        luts[sig] = arr.tolist()
+        luts[sig] = cheapest_of_wider(np.asarray(rows)).tolist()
     return luts
+
+
+def cheapest_of_wider(cells: np.ndarray) -> np.ndarray:
+    """A table's cells (input fraction x output fraction, both increasing) with each cell the least
+    of itself and every cell at least as wide on both axes.
+
+    A narrower cell is then never priced dearer than a wider one, which the action wall assumes
+    (narrowing never costs time), and a width the runtime runs slower in context (a channel block
+    broken) is priced as the wider width: it buys nothing. Timing noise cannot make a narrow cell
+    dear either.
+    """
+    flipped = np.asarray(cells)[::-1, ::-1]
+    return np.minimum.accumulate(np.minimum.accumulate(flipped, axis=1), axis=0)[::-1, ::-1]
 
 
 def _read_cache(path: Path, runtime: str) -> dict | None:

@@ -50,9 +50,10 @@ class Runtime(ABC):
         """A callable that runs ``model`` (in eval mode, on ``x``'s device) on the batch ``x``."""
 
     def prepare_layer(self, layer: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
-        """:meth:`prepare` for one bare ``nn.Conv2d`` or ``nn.Linear``, a cell of the latency table,
-        of which a table has hundreds: a runtime may build the cell's graph directly where that
-        runs the same kernel and costs far less than its whole-model path."""
+        """:meth:`prepare` for a cell of the latency table (a bare ``nn.Linear``, or an ``nn.Conv2d``
+        alone or between two 1x1 ones in an ``nn.Sequential``), of which a table has hundreds: a
+        runtime may build the cell's graph directly where that runs the same kernels and costs
+        far less than its whole-model path."""
         return self.prepare(layer, x, threads)
 
 
@@ -121,25 +122,31 @@ def onnx_program(model: nn.Module, example: torch.Tensor):
 
 
 def layer_graph(layer: nn.Module, x: torch.Tensor):
-    """A one-node ONNX graph of a plain ``nn.Conv2d`` (Conv) or ``nn.Linear`` (Gemm), as the exporter
-    writes it, at ``x``'s shape; ``None`` for anything else."""
+    """The ONNX graph of a plain ``nn.Conv2d`` (Conv), an ``nn.Sequential`` of them (a chain of
+    Convs) or an ``nn.Linear`` (Gemm), as the exporter writes it, at ``x``'s shape; ``None`` for
+    anything else."""
     from onnx import TensorProto, helper, numpy_helper
 
-    inits = [numpy_helper.from_array(layer.weight.detach().cpu().numpy(), "weight")]
-    if getattr(layer, "bias", None) is not None:
-        inits.append(numpy_helper.from_array(layer.bias.detach().cpu().numpy(), "bias"))
-    names = ["input"] + [t.name for t in inits]
-    if type(layer) is nn.Conv2d and isinstance(layer.padding, tuple) and layer.padding_mode == "zeros":
-        node = helper.make_node("Conv", names, ["output"], kernel_shape=list(layer.kernel_size),
-                                strides=list(layer.stride), dilations=list(layer.dilation),
-                                pads=[*layer.padding, *layer.padding], group=layer.groups)
-    elif type(layer) is nn.Linear and x.dim() == 2:
-        node = helper.make_node("Gemm", names, ["output"], transB=1)
-    else:
-        return None
+    chain = list(layer) if type(layer) is nn.Sequential else [layer]
+    inits, nodes, last = [], [], "input"
+    for i, part in enumerate(chain):
+        names = [last, f"weight{i}"]
+        inits.append(numpy_helper.from_array(part.weight.detach().cpu().numpy(), names[1]))
+        if getattr(part, "bias", None) is not None:
+            names.append(f"bias{i}")
+            inits.append(numpy_helper.from_array(part.bias.detach().cpu().numpy(), names[2]))
+        last = "output" if i == len(chain) - 1 else f"hidden{i}"
+        if type(part) is nn.Conv2d and isinstance(part.padding, tuple) and part.padding_mode == "zeros":
+            nodes.append(helper.make_node("Conv", names, [last], kernel_shape=list(part.kernel_size),
+                                          strides=list(part.stride), dilations=list(part.dilation),
+                                          pads=[*part.padding, *part.padding], group=part.groups))
+        elif type(part) is nn.Linear and x.dim() == 2 and len(chain) == 1:
+            nodes.append(helper.make_node("Gemm", names, [last], transB=1))
+        else:
+            return None
     inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(x.shape))]
     outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)]
-    graph = helper.make_graph([node], "cell", inputs, outputs, inits)
+    graph = helper.make_graph(nodes, "cell", inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -158,8 +165,8 @@ class OnnxRuntime(Runtime):
         return self._session(onnx_program(model, x).model_proto, x, threads)
 
     def prepare_layer(self, layer: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
-        # The exporter takes seconds per call and a table has hundreds of cells; the one node it
-        # would write (Conv, or Gemm for a linear layer) is built directly in milliseconds.
+        # The exporter takes seconds per call and a table has hundreds of cells; the nodes it
+        # would write (Convs, or a Gemm for a linear layer) are built directly in milliseconds.
         proto = layer_graph(layer, x)
         return self.prepare(layer, x, threads) if proto is None else self._session(proto, x, threads)
 

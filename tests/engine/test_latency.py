@@ -34,6 +34,39 @@ def test_every_runtime_runs_the_model_it_was_given(trained_tiny, name):
     assert latency.runtime == name and latency.runs == 3 and latency.batch_size == 3
 
 
+def test_a_table_cell_is_its_conv_between_full_width_neighbours_and_onnx_runs_it_as_torch(tiny_task):
+    from autoprune.cost.latency import _layer_module
+
+    conv = next(lay for lay in tiny_task.table.layers if lay.kind == "conv" and lay.in_channels > 1)
+    cell, shape = _layer_module(conv, conv.in_channels // 2, conv.out_channels // 4)
+    cin, cout = conv.in_channels, conv.out_channels
+    first, middle, last = cell
+    assert (first.in_channels, first.out_channels, first.kernel_size) == (cin, cin // 2, (1, 1))
+    assert (middle.in_channels, middle.out_channels) == (cin // 2, cout // 4)
+    assert (last.in_channels, last.out_channels, last.kernel_size) == (cout // 4, cout, (1, 1))
+    assert shape == (conv.in_channels, *conv.in_hw)
+    x = torch.randn(3, *shape)
+    run = get_runtime("onnxruntime").prepare_layer(cell.eval(), x, threads=1)
+    with torch.inference_mode():
+        np.testing.assert_allclose(run()[0], cell(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_narrower_cell_is_never_priced_dearer_than_a_wider_one():
+    from autoprune.cost.latency import cheapest_of_wider
+
+    # rows: input fraction, columns: output fraction, both increasing; 3.0 at (0, 1) is a width
+    # that breaks a channel block, slower than the whole width (2.0), and 0.5 at (1, 0) is noise
+    cells = np.array([[1.0, 3.0, 2.0],
+                      [0.5, 2.5, 4.0],
+                      [2.0, 3.5, 5.0]])
+    got = cheapest_of_wider(cells)
+    np.testing.assert_array_equal(got, [[0.5, 2.0, 2.0],
+                                        [0.5, 2.5, 4.0],
+                                        [2.0, 3.5, 5.0]])
+    assert (np.diff(got, axis=0) >= 0).all() and (np.diff(got, axis=1) >= 0).all()
+    assert (got <= cells).all() and got[-1, -1] == cells[-1, -1]  # the whole layer keeps its time
+
+
 def test_unknown_runtime_and_missing_onnxruntime_are_one_clear_error(trained_tiny, monkeypatch):
     with pytest.raises(AutopruneError, match="unknown latency runtime 'tensorrt'; choose one of: eager"):
         measure_ratio(trained_tiny, trained_tiny, (1, 8, 8), runtime="tensorrt")
