@@ -10,18 +10,21 @@ what the table calls cheap: a stage the table overprices is one the search leave
 each stage's block-inner convs (the stage space's knobs) cut to each width the runtime rewards,
 the rest of the network dense, and for every row's policy in the ``--policies`` results files,
 this prints the table's predicted latency ratio beside the one measured against the dense model
-(``--pairs`` alternated pairs), and their relative error. The table is the cached one (or built
+(``--pairs`` alternated pairs), and their relative error; with ``--other-table``, what another
+table (an older build, say) predicts for the same policies in the same run. The table is the cached one (or built
 as a search builds it), so the figures describe what a search on this machine would be told.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from autoprune.cost.latency import RatioMeter
+from autoprune.cost.latency import GRID, LatencyModel, RatioMeter, _width
 from autoprune.envs import LayerSparsityEnv
 from autoprune.envs.space import COUPLED, SearchSpace
 from benchmarks.common import machine, make_task, read_results, write_results
@@ -35,6 +38,10 @@ def main() -> None:
     ap.add_argument("--latency-threads", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=40)
     ap.add_argument("--policies", default="", help="search_quality results files, comma-separated")
+    ap.add_argument("--widths", choices=("levels", "grid"), default="levels",
+                    help="cut each stage to the widths the table rewards (levels) or to every grid width")
+    ap.add_argument("--other-table", default=None,
+                    help="a latency table's JSON (as the cache keeps it) whose predictions to print beside")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -50,6 +57,14 @@ def main() -> None:
 
     policies: list[tuple[str, np.ndarray]] = []
     levels = cost.width_levels()
+    other = None
+    if args.other_table:
+        data = json.loads(Path(args.other_table).read_text())
+        other = LatencyModel(table, cost.device, data["batch_size"], data["threads"], data["luts"],
+                             tuple(data["coef"]), data["dense_s"], tuple(data["fit_error"]), data["runtime"],
+                             tuple(data["grid"]))
+    if args.widths == "grid":
+        levels = [[(w, None) for w in sorted({_width(u.size, f) for f in GRID})] for u in table.units]
     # the stage space's knobs: each stage's block-inner convs, the residual stream fixed whole
     stage_space = SearchSpace.build(table, 0.0, 1.0, ranges=[f"{COUPLED}=0"], share=["stage"])
     for lead, units in stage_space.groups.items():
@@ -69,16 +84,18 @@ def main() -> None:
     rows = []
     for what, kept in policies:
         predicted = cost.ratio(kept)
+        also = {} if other is None else {"other_predicted": other.ratio(kept)}
         measured = meter.measure(task.prune(kept), args.latency_batch, args.latency_threads, pairs=args.pairs,
                                  runtime=args.latency_runtime).ratio
         rows.append({"what": what, "predicted": predicted, "measured": measured,
-                     "error": predicted / measured - 1.0, "flops": task.cost_ratios(kept)["flops"],
+                     "error": predicted / measured - 1.0, **also, "flops": task.cost_ratios(kept)["flops"],
                      "widths": dict(zip(table.names, (int(k) for k in kept)))})
         print(f"{what:60s} flops {rows[-1]['flops']:.3f} predicted {predicted:.3f} measured {measured:.3f} "
-              f"({rows[-1]['error']:+.1%})", flush=True)
+              f"({rows[-1]['error']:+.1%})" + (f"; other table {also['other_predicted']:.3f}" if also else ""),
+              flush=True)
         if args.out:
-            write_results(args.out, {"args": vars(args), "machine": machine(),
-                                     "fit_error": list(cost.fit_error), "rows": rows})
+            write_results(args.out, {"args": vars(args), "machine": machine(), "fit_error": list(cost.fit_error),
+                                     "other_fit_error": other and list(other.fit_error), "rows": rows})
 
 
 if __name__ == "__main__":
