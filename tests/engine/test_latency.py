@@ -92,11 +92,63 @@ def test_the_runtime_is_part_of_the_latency_table_cache_key(tiny_task, fake_late
     assert json.loads(first.pop().read_text()) == ort.to_json()
     again = build("onnxruntime")  # a cache hit: nothing measured
     assert fake_latency["tables"] == ["onnxruntime", "eager"]
-    assert len(fake_latency["ratios"]) == 2 * 12  # the calibration pairs of the two tables only
+    # the calibration pairs of the two tables only: 12 policies, and each stage's units cut alone at
+    # two levels
+    from autoprune.cost.latency import calibration_sparsities
+
+    per_table = len(calibration_sparsities(ort, 12))
+    assert per_table == 12 + 2 * (ort._stage.max() + 1) and len(fake_latency["ratios"]) == 2 * per_table
     # each table's calibration prepared the dense model once, not once per policy
     assert sum(m is tiny_task.dense for _, m in fake_latency["prepared"]) == 2
     assert (again.runtime, again.coef, again.luts) == ("onnxruntime", ort.coef, ort.luts)
     assert eager.runtime == "eager" and set(eager.luts) == set(ort.luts)
+
+
+@pytest.mark.parametrize("stage0", [1 / 3, 1.0])
+def test_a_stage_the_runtime_runs_otherwise_gets_a_coefficient_of_its_own(tiny_task, fake_latency, monkeypatch,
+                                                                          tmp_path, stage0):
+    """Timings in which stage 0's cuts buy ``stage0`` of what its table cells say, the other
+    stages' what theirs say: with 1/3 the fit keeps one coefficient per stage and predicts every
+    policy; with 1 one coefficient fits as well, and it keeps one."""
+    from types import SimpleNamespace
+
+    from autoprune.cost import latency
+    from autoprune.cost.latency import LatencyModel
+
+    table = tiny_task.table
+    luts = latency._measure_luts(table, "cpu", 4, 1, 12, False, "eager")  # the fixture's: MACs
+    probe = LatencyModel(table, "cpu", 4, 1, luts, (1.0, 0.0), 1.0, (0.0, 0.0))
+    assert probe._stage.max() >= 1  # the tiny net has stages
+
+    def truth(kept):
+        gone = probe.features(kept, by_stage=True)[:-1]
+        return 1.0 - stage0 * gone[0] - gone[1:].sum()
+
+    class Pruned(torch.nn.Module):
+        def __init__(self, kept):
+            super().__init__()
+            self.kept = np.asarray(kept)
+
+    for name in RUNTIMES.names():
+        monkeypatch.setattr(RUNTIMES.get(name), "prepare",
+                            lambda self, model, x, threads: SimpleNamespace(kept=getattr(model, "kept", None)))
+    monkeypatch.setattr(latency, "_time_pairs", lambda base, other, device, pairs, warmup:
+                        ([1.0] * pairs, [truth(other.kept)] * pairs))
+    model = build_latency_model(table, tiny_task.dense, Pruned, batch_size=4, threads=1, cache_dir=tmp_path,
+                                progress=False, runtime="eager")
+    by_stage = stage0 != 1.0
+    assert len(model.coef) == (probe._stage.max() + 2 if by_stage else 2)
+    if by_stage:
+        assert model.coef[0] == pytest.approx(stage0, abs=1e-6)
+        assert model.coef[1:-1] == pytest.approx([1.0] * probe._stage.max(), abs=1e-6)
+    assert model.fit_error[0] < 1e-6
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        kept = table.kept_all(rng.uniform(0.0, 0.8, len(table.units)))
+        assert model.ratio(kept) == pytest.approx(truth(kept), abs=1e-6)
+    again = build_latency_model(table, tiny_task.dense, Pruned, batch_size=4, threads=1, cache_dir=tmp_path,
+                                progress=False, runtime="eager")
+    assert again.coef == model.coef  # the per-stage coefficients are cached as they are
 
 
 def test_the_width_multiple_is_part_of_the_latency_table_cache_key(tiny_task, fake_latency, tmp_path):
