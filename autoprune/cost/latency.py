@@ -309,8 +309,8 @@ def _bilinear(arr: np.ndarray, grid: np.ndarray, fi: float, fo: float) -> float:
 
 def stages(table: UnitTable, cells: np.ndarray, least: float = 0.05) -> np.ndarray:
     """Per layer, its stage: the layers of one output resolution (a CNN's stage), numbered in the
-    order they first appear; a stage with less than ``least`` of the dense table time ``cells``
-    joins the stage before it (the first, the one after)."""
+    order they first appear. A stage with less than ``least`` of the dense table time ``cells``
+    (a classifier, say) joins the stage before it; a first stage that small, the next one."""
     order = list(dict.fromkeys(lay.out_hw for lay in table.layers))
     stage = np.array([order.index(lay.out_hw) for lay in table.layers])
     share = np.bincount(stage, weights=cells, minlength=len(order)) / max(float(cells.sum()), 1e-30)
@@ -344,6 +344,8 @@ class LatencyModel(CostModel):
         fit_error: (max, mean) relative error of the fit on its calibration policies.
         runtime: what ran every timing (a name in :data:`~autoprune.cost.runtimes.RUNTIMES`).
         grid: the kept fractions the table was measured at.
+        calibration: what the fit saw, for inspection: each calibration policy's kept widths and
+            measured ratio, and the leave-one-out mean error of each fit (see :func:`_calibrate`).
     """
 
     table: UnitTable
@@ -357,6 +359,7 @@ class LatencyModel(CostModel):
     runtime: str = "eager"
     grid: tuple[float, ...] = GRID
     metric: str = "latency"
+    calibration: dict = field(default_factory=dict, repr=False)
     _sigs: list = field(default_factory=list, repr=False)
 
     @classmethod
@@ -453,7 +456,7 @@ class LatencyModel(CostModel):
     def to_json(self) -> dict:
         return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads,
                 "runtime": self.runtime, "luts": self.luts, "coef": list(self.coef), "dense_s": self.dense_s,
-                "fit_error": list(self.fit_error), "grid": list(self.grid)}
+                "fit_error": list(self.fit_error), "grid": list(self.grid), "calibration": self.calibration}
 
 
 def _cache_key(table: UnitTable, device: str, batch_size: int, threads: int, runtime: str,
@@ -554,7 +557,8 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     cached = _read_cache(path, runtime)
     if cached is not None:
         model = LatencyModel(table, device, batch_size, threads, cached["luts"], tuple(cached["coef"]),
-                             cached["dense_s"], tuple(cached["fit_error"]), runtime, tuple(cached["grid"]))
+                             cached["dense_s"], tuple(cached["fit_error"]), runtime, tuple(cached["grid"]),
+                             calibration=cached.get("calibration", {}))
         return _with_width_levels(model) if auto_widths else model
     # said even without progress bars (-q): the table takes minutes before the first episode
     log.warning("note: measuring a latency table for this model (%s on %s, batch %d, %d thread(s)) once; "
@@ -573,9 +577,10 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result.to_json()))
     log.warning("note: latency table of %d layer shapes and %d calibration models measured in %.0f s; "
-                "predicted ratios within %.1f%% of measured ones (mean %.1f%%)", len(luts),
-                len(calibration_sparsities(uncalibrated, calibration_policies)),
-                time.perf_counter() - started, 100 * result.fit_error[0], 100 * result.fit_error[1])
+                "predicted ratios within %.1f%% of measured ones (mean %.1f%%, %s)", len(luts),
+                len(result.calibration["measured"]), time.perf_counter() - started,
+                100 * result.fit_error[0], 100 * result.fit_error[1],
+                "a coefficient per stage" if len(result.coef) > 2 else "one table coefficient")
     return result
 
 
@@ -591,9 +596,9 @@ def _calibrate(model: LatencyModel, dense: nn.Module, prune, policies: int, prog
 
     Two fits are made, one table coefficient for the whole network and one per stage; the one per
     stage is kept where it predicts each calibration policy, fitted without it (leave-one-out),
-    with at least 10 % less error (and 0.2 points):
-    a runtime may run one stage's cuts faster or slower than the table's cells say, and the
-    stage's own coefficient takes that up, where the data show it.
+    with at least 10 % (and 0.2 points) less error. A runtime may run one stage's cuts faster or
+    slower than the table's cells say, and the stage's own coefficient takes that up where the
+    data show it.
     """
     from scipy.optimize import nnls
     from tqdm.auto import tqdm
@@ -624,10 +629,10 @@ def _calibrate(model: LatencyModel, dense: nn.Module, prune, policies: int, prog
     better = fits[1][1] < min(0.9 * fits[0][1], fits[0][1] - 0.002)
     coef = fits[1][0] if stage.max() > 0 and better else fits[0][0]
     errors = np.abs((1.0 - np.array([model.features(k, len(coef) > 2) for k in kept_all]) @ coef) / y - 1.0)
-    log.info("latency fit: leave-one-out mean error %.1f%% with one table coefficient, %.1f%% with one per "
-             "stage; kept %s", 100 * fits[0][1], 100 * fits[1][1], "one per stage" if len(coef) > 2 else "one")
+    seen = {"kept": [[int(k) for k in kept] for kept in kept_all], "measured": [float(r) for r in y],
+            "loo_error": {"one": fits[0][1], "per_stage": fits[1][1]}}
     return replace(model, coef=tuple(float(c) for c in coef), dense_s=float(np.median(dense_times)),
-                   fit_error=(float(errors.max()), float(errors.mean())))
+                   fit_error=(float(errors.max()), float(errors.mean())), calibration=seen)
 
 
 def calibration_sparsities(model: LatencyModel, policies: int) -> list[np.ndarray]:

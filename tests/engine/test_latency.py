@@ -98,6 +98,9 @@ def test_the_runtime_is_part_of_the_latency_table_cache_key(tiny_task, fake_late
 
     per_table = len(calibration_sparsities(ort, 12))
     assert per_table == 12 + 2 * (ort._stage.max() + 1) and len(fake_latency["ratios"]) == 2 * per_table
+    # what the fit saw is kept with the table, for inspection
+    seen = again.calibration
+    assert len(seen["kept"]) == len(seen["measured"]) == per_table and set(seen["loo_error"]) == {"one", "per_stage"}
     # each table's calibration prepared the dense model once, not once per policy
     assert sum(m is tiny_task.dense for _, m in fake_latency["prepared"]) == 2
     assert (again.runtime, again.coef, again.luts) == ("onnxruntime", ort.coef, ort.luts)
