@@ -20,9 +20,9 @@
 # search (search-resnet56-0.3flops-ce-heldout.json; the best epoch picked on held-out images, test
 # on the other 9,000), fine-tune seeds 0 and 1; and at 0.5flops seed 1 of the pair seed 0 measured.
 # Issue 25 (the latency pair after fine-tuning): JOBS=lat fine-tunes, seeds 0 and 1, the stage-space latency
-# search's best ResNet-56 policy at 0.75latency (ONNX Runtime, batch 64) and the uncoupled rule filled to
-# its predicted latency (benchmarks/results/rule-at-latency-resnet56-ort64-stage-pair.json, written by
-# benchmarks/rule_at_latency.py --pair-out).
+# search's best ResNet-56 policy at 0.75latency (ONNX Runtime, batch 64, the in-context table) and the best
+# rule filled to its predicted latency (benchmarks/results/rule-at-latency-resnet56-ort64-ctxs-pair.json,
+# written by benchmarks/rule_at_latency.py --pair-out; QLAT=<another pair file> to fine-tune another).
 # Local dry run: LOCAL=1 EPOCHS=0.02 SELECT=0.01 DEVICE=cpu OUT=/tmp/gout bash benchmarks/finetune_on_gpu.sh
 set -u
 REPO=$(pwd)
@@ -45,7 +45,7 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'data', cif
 EOF
 Q=benchmarks/results/quality-resnet56-portfolio.json
 Q03=benchmarks/results/search-resnet56-0.3flops-ce-heldout.json
-QLAT=${QLAT:-benchmarks/results/rule-at-latency-resnet56-ort64-stage-pair.json}
+QLAT=${QLAT:-benchmarks/results/rule-at-latency-resnet56-ort64-ctxs-pair.json}
 T0=$(date +%s)
 recipe() {  # recipe LOG ARGS...: one finetune_recipe run in the background, resumed if its checkpoint is there
   local log=$1; shift

@@ -1,12 +1,12 @@
-"""The latency table's cells on ONNX Runtime: built directly (one ONNX node) against exported.
+"""The latency table's cells on ONNX Runtime: built directly (ONNX nodes) against exported.
 
     python -m benchmarks.latency_table_build --model resnet18 --dataset digits --cells 5 \\
         --out benchmarks/results/latency-table-build-resnet18-digits.json
 
 For every distinct conv/linear layer shape of the model, ``--cells`` cells of the table's grid
-(the corners and the middle first) are prepared both ways, the runtime's ``prepare_layer`` (a
-Conv or Gemm node built with ``onnx.helper``) and its whole-model ``prepare`` (``torch.onnx``'s
-exporter), and timed in alternation (the minimum of ``--runs`` runs each, ``--rounds`` rounds),
+(the corners and the middle first) are prepared both ways, the runtime's ``prepare_layer`` (the
+cell's Conv nodes, or a Gemm, built with ``onnx.helper``) and its whole-model ``prepare``
+(``torch.onnx``'s exporter), and timed in alternation (the minimum of ``--runs`` runs each, ``--rounds`` rounds),
 so the two figures of a cell share the machine's state. Reports the preparation seconds of each
 path and, per cell, the ratio of the two timings: the table is only as good as that ratio is 1.
 """
