@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoprune.cost.latency import GRID, LatencyModel, RatioMeter, _width
+from autoprune.cost.latency import LatencyModel, RatioMeter, _width
 from autoprune.envs import LayerSparsityEnv
 from autoprune.envs.space import COUPLED, SearchSpace
 from benchmarks.common import machine, make_task, read_results, write_results
@@ -56,15 +56,11 @@ def main() -> None:
           f"{machine()}", flush=True)
 
     policies: list[tuple[str, np.ndarray]] = []
-    levels = cost.width_levels()
-    other = None
-    if args.other_table:
-        data = json.loads(Path(args.other_table).read_text())
-        other = LatencyModel(table, cost.device, data["batch_size"], data["threads"], data["luts"],
-                             tuple(data["coef"]), data["dense_s"], tuple(data["fit_error"]), data["runtime"],
-                             tuple(data["grid"]))
+    other = LatencyModel.from_json(table, json.loads(Path(args.other_table).read_text())) if args.other_table else None
     if args.widths == "grid":
-        levels = [[(w, None) for w in sorted({_width(u.size, f) for f in GRID})] for u in table.units]
+        levels = [[(w, None) for w in sorted({_width(u.size, f) for f in cost.grid})] for u in table.units]
+    else:
+        levels = cost.width_levels()
     # the stage space's knobs: each stage's block-inner convs, the residual stream fixed whole
     stage_space = SearchSpace.build(table, 0.0, 1.0, ranges=[f"{COUPLED}=0"], share=["stage"])
     for lead, units in stage_space.groups.items():

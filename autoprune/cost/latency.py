@@ -377,15 +377,14 @@ class LatencyModel(CostModel):
                               for lay in self.table.layers], dtype=np.float64)
         self._arrays = {k: np.asarray(v) for k, v in self.luts.items()}
         self._grid = np.asarray(self.grid)
-        dense = self.table.sizes()
-        cells = self._cells(dense)
+        cells = self._cells(*layer_fractions(self.table, self.table.sizes()))
         self._l0, self._a0 = float(cells.sum()), float(self._act.sum())
         self._stage = stages(self.table, cells)
         self._dense_by_stage = np.bincount(self._stage, weights=cells)
 
-    def _cells(self, kept: np.ndarray) -> np.ndarray:
-        """Per layer, its table time at widths ``kept`` (0 for layers the table does not time)."""
-        f_out, f_in = layer_fractions(self.table, kept)
+    def _cells(self, f_out: np.ndarray, f_in: np.ndarray) -> np.ndarray:
+        """Per layer, its table time at the kept output and input fractions of
+        :func:`~autoprune.cost.flops.layer_fractions` (0 for layers the table does not time)."""
         out = np.zeros(len(self._sigs))
         for i, (sig, fo, fi) in enumerate(zip(self._sigs, f_out, f_in)):
             if sig is None:
@@ -396,8 +395,8 @@ class LatencyModel(CostModel):
         return out
 
     def _raw(self, kept: np.ndarray) -> tuple[float, float]:
-        f_out, _ = layer_fractions(self.table, kept)
-        return float(self._cells(kept).sum()), float(self._act @ f_out)
+        f_out, f_in = layer_fractions(self.table, kept)
+        return float(self._cells(f_out, f_in).sum()), float(self._act @ f_out)
 
     def features(self, kept: np.ndarray, by_stage: bool | None = None) -> np.ndarray:
         """How much of the table time is gone, as a fraction of the dense table time (one figure,
@@ -405,8 +404,8 @@ class LatencyModel(CostModel):
         fitted), then how much of the activation volume is gone."""
         if by_stage is None:
             by_stage = len(self.coef) > 2
-        f_out, _ = layer_fractions(self.table, kept)
-        cells = self._cells(kept)
+        f_out, f_in = layer_fractions(self.table, kept)  # once: the action wall prices tens of policies a step
+        cells = self._cells(f_out, f_in)
         if by_stage:
             dense = self._dense_by_stage
             gone = (dense - np.bincount(self._stage, weights=cells, minlength=len(dense))) / self._l0
@@ -452,6 +451,13 @@ class LatencyModel(CostModel):
         a CPU: mean 2.9 %, max 6.4 %, covered up to 6 %).
         """
         return max(0.0, float(self.fit_error[1]))
+
+    @classmethod
+    def from_json(cls, table: UnitTable, data: dict) -> LatencyModel:
+        """The model :meth:`to_json` wrote (as the cache keeps it), over ``table``."""
+        return cls(table, data["device"], data["batch_size"], data["threads"], data["luts"], tuple(data["coef"]),
+                   data["dense_s"], tuple(data["fit_error"]), data["runtime"], tuple(data["grid"]),
+                   calibration=data.get("calibration", {}))
 
     def to_json(self) -> dict:
         return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads,
@@ -556,9 +562,7 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     path = (cache_dir or default_cache_dir()) / "latency" / f"{key}.json"
     cached = _read_cache(path, runtime)
     if cached is not None:
-        model = LatencyModel(table, device, batch_size, threads, cached["luts"], tuple(cached["coef"]),
-                             cached["dense_s"], tuple(cached["fit_error"]), runtime, tuple(cached["grid"]),
-                             calibration=cached.get("calibration", {}))
+        model = LatencyModel.from_json(table, cached)  # the key holds device, batch, threads and runtime
         return _with_width_levels(model) if auto_widths else model
     # said even without progress bars (-q): the table takes minutes before the first episode
     log.warning("note: measuring a latency table for this model (%s on %s, batch %d, %d thread(s)) once; "
