@@ -8,8 +8,11 @@
 For each path, in one process: the loader alone (images per second, no model) and the real
 fine-tune step (:func:`autoprune.finetune.loop.finetune` for ``--steps`` steps, distilling from
 the dense model, the recipe ``export`` uses) on the dense model and on the best-rule policy at
-each budget. An epoch's time is the training split's images over the measured rate, after a
-warm-up of ``--warmup`` steps (cuDNN autotuning, compilation) that is not counted.
+each budget. ``--fp32`` also times the tensor path in float32 and the contiguous layout, against
+the default bfloat16 autocast and channels-last (on CUDA and on CPUs with native bfloat16, AMX or
+AVX512-BF16; elsewhere both rows run float32). An epoch's time is the training split's images over
+the measured rate, after a warm-up of ``--warmup`` steps (cuDNN autotuning, compilation) that is
+not counted.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 
 import torch
 
-from autoprune.finetune.loop import FinetuneConfig, finetune
+from autoprune.finetune.loop import FinetuneConfig, finetune, native_bf16
 from benchmarks.common import machine, make_task, rule_widths, write_results
 
 
@@ -38,8 +41,9 @@ def loader_rate(splits, device: str, batches: int, batch_size: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def step_rate(task, splits, model, device: str, steps: int, warmup: int, batch_size: int, compile: bool) -> float:
-    cfg = FinetuneConfig.recipe(1, batch_size=batch_size, compile=compile)
+def step_rate(task, splits, model, device: str, steps: int, warmup: int, batch_size: int, compile: bool,
+              fp32: bool = False) -> float:
+    cfg = FinetuneConfig.recipe(1, batch_size=batch_size, compile=compile, amp=not fp32, channels_last=not fp32)
     run = dataclasses.replace(cfg, steps=warmup)
     finetune(model, splits, run, teacher=task.dense, device=device, progress=False)
     if device.startswith("cuda"):
@@ -63,6 +67,7 @@ def main() -> None:
     ap.add_argument("--rule", default="uncoupled")
     ap.add_argument("--paths", default="jpeg,tensor")
     ap.add_argument("--compile", action="store_true", help="also time the tensor path through torch.compile")
+    ap.add_argument("--fp32", action="store_true", help="also time the tensor path in float32, contiguous")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -82,14 +87,17 @@ def main() -> None:
         print(f"{name:6s} loader alone: {rate:,.0f} images/s", flush=True)
     for policy in args.policies.split(","):
         widths = None if policy == "dense" else rule_widths(task, args.rule, policy)
-        variants = [(n, sp, False) for n, sp in paths.items()]
+        variants = [(n, sp, False, False) for n, sp in paths.items()]
+        if args.fp32:
+            variants.append(("tensor+fp32", splits, False, True))
         if args.compile:
-            variants.append(("tensor+compile", splits, True))
-        for name, sp, comp in variants:
+            variants.append(("tensor+compile", splits, True, False))
+        for name, sp, comp, fp32 in variants:
             model = task.prune(task.table.sizes()) if widths is None else task.pruned(widths)[0]
-            rate = step_rate(task, sp, model, args.device, args.steps, args.warmup, args.batch_size, comp)
+            rate = step_rate(task, sp, model, args.device, args.steps, args.warmup, args.batch_size, comp, fp32)
             flops = 1.0 if widths is None else task.cost_ratios(widths)["flops"]
             row = {"path": name, "what": "fine-tune", "policy": policy, "images_per_s": rate,
+                   "bf16": native_bf16(args.device) and not fp32,
                    "epoch_s": train_images / rate, "flops": flops}
             rows.append(row)
             print(f"{name:14s} {policy:8s}: {rate:,.0f} images/s, epoch {row['epoch_s']:.1f} s", flush=True)

@@ -63,10 +63,11 @@ class FinetuneConfig:
         hint: weight of feature-map hints (FitNets): the mean squared error between the pruned
             model's outputs at the hint points (the units' BatchNorm layers) and the dense model's
             on the channels it kept. 0 = none; needs the dense model and the hint points.
-        amp: mixed precision (bfloat16 autocast) when training on CUDA; ignored on CPU.
+        amp: mixed precision (bfloat16 autocast) on CUDA, and on CPUs that compute in bfloat16
+            natively (AMX or AVX512-BF16; see :func:`native_bf16`); ignored on other CPUs.
         seed: seeds each epoch's batch order and augmentation.
-        channels_last: on CUDA, the model and its batches in channels-last memory layout (what
-            cuDNN's fastest convolutions read); ignored on CPU.
+        channels_last: the model and its batches in channels-last memory layout (what cuDNN's and
+            oneDNN's fastest convolutions read), on the devices ``amp`` applies to.
         compile: train through ``torch.compile`` (minutes of compilation first; pays on long runs).
     """
 
@@ -124,6 +125,19 @@ class FinetuneResult:
     val_acc: float | None = None
     val_before: float | None = None
     resumed_after: int = 0
+
+
+def native_bf16(device: str) -> bool:
+    """Whether training on ``device`` gains from bfloat16 autocast: on CUDA, and on CPUs with AMX
+    tiles or AVX512-BF16, where oneDNN runs bfloat16 convolutions natively (measured on an AMX
+    Xeon, one thread, a ResNet-56 training step: 2.3x with channels-last). Elsewhere a CPU emulates
+    bfloat16, slower than float32."""
+    if str(device).startswith("cuda"):
+        return True
+    if not str(device).startswith("cpu"):
+        return False
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(probe is not None and probe() for probe in probes)
 
 
 def _loss(logits, y, teacher_logits, cfg: FinetuneConfig):
@@ -313,10 +327,11 @@ class _Run:
             raise AutopruneError("the training split is smaller than one batch; lower the fine-tune's batch_size")
         self.total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(self.total, cfg.warmup))
-        cuda = str(device).startswith("cuda")
-        amp = cfg.amp and cuda  # bfloat16: no loss scaling needed
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-        self.layout = torch.channels_last if cfg.channels_last and cuda else torch.contiguous_format
+        fast = native_bf16(device)
+        kind = torch.device(device).type
+        amp = cfg.amp and fast  # bfloat16: no loss scaling needed
+        self.autocast = (lambda: torch.autocast(kind, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        self.layout = torch.channels_last if cfg.channels_last and fast else torch.contiguous_format
         for m in (model, teacher):
             if m is not None and self.layout is torch.channels_last:
                 m.to(memory_format=torch.channels_last)

@@ -18,7 +18,7 @@ import torch
 from autoprune.cli import main
 from autoprune.errors import AutopruneError
 from autoprune.evaluate.metrics import accuracy
-from autoprune.finetune.loop import CHECKPOINT, LOG, LOG_FIELDS, FinetuneConfig, finetune
+from autoprune.finetune.loop import CHECKPOINT, LOG, LOG_FIELDS, FinetuneConfig, finetune, native_bf16
 from tests.conftest import REPO
 
 TINY = f"{REPO / 'tests' / 'tinynets.py'}:tiny"
@@ -135,6 +135,21 @@ def test_apply_logs_the_finetune_and_resume_after_sigkill(tmp_path, tiny_weights
     assert m["finetune"]["distill"] == 0.9 and "test_acc_finetuned" in m["pruned"]
     assert not (out / CHECKPOINT).exists()  # a finished run leaves the model files and the log
     assert {p.name for p in out.iterdir()} == {"pruned.pt", "model.pt2", "policy.json", "metrics.json", LOG}
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_cpu_trains_in_bfloat16_where_it_is_native_and_hands_back_float32(digits, trained_tiny, amp):
+    model = _student(trained_tiny)
+    seen = []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, args, out: seen.append((m.training, out.dtype)))
+    finetune(model, digits, FinetuneConfig(steps=2, batch_size=64, amp=amp), teacher=trained_tiny, progress=False)
+    bf16 = amp and native_bf16("cpu")
+    trained = [dtype for training, dtype in seen if training]
+    assert len(trained) == 2 and set(trained) == {torch.bfloat16 if bf16 else torch.float32}
+    # the caller gets its model back as it came: float32 weights, the contiguous layout
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+    assert native_bf16("cuda") and not native_bf16("mps")
 
 
 def test_export_top_k_finetunes_k_candidates_and_records_the_pick(tmp_path, tiny_weights, capsys):
