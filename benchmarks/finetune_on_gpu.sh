@@ -24,11 +24,15 @@
 # rule filled to its predicted latency (benchmarks/results/rule-at-latency-resnet56-ort64-ctxs-pair.json,
 # written by benchmarks/rule_at_latency.py --pair-out; QLAT=<another pair file> to fine-tune another).
 # Local dry run: LOCAL=1 EPOCHS=0.02 SELECT=0.01 DEVICE=cpu OUT=/tmp/gout bash benchmarks/finetune_on_gpu.sh
+# On this CPU (bfloat16 where it is native, about 1 h 50 min for a pruned ResNet-56's 30 epochs on one core),
+# two runs at a time, one thread each, resumable across sessions (WORK kept):
+#   LOCAL=1 DEVICE=cpu PARALLEL=2 THREADS=1 BUDGET=86400 WORK=bench-state OUT=logs/ft JOBS=lat bash benchmarks/finetune_on_gpu.sh
 set -u
 REPO=$(pwd)
 C=$REPO/devcarry
 EPOCHS=${EPOCHS:-30}; SELECT=${SELECT:-2}; DEVICE=${DEVICE:-cuda}; BUDGET=${BUDGET:-530}
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+THREADS=${THREADS:-2}; PARALLEL=${PARALLEL:-99}
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=$THREADS
 if [ -z "${LOCAL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $C/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site PY=python3
@@ -49,7 +53,9 @@ QLAT=${QLAT:-benchmarks/results/rule-at-latency-resnet56-ort64-ctxs-pair.json}
 T0=$(date +%s)
 recipe() {  # recipe LOG ARGS...: one finetune_recipe run in the background, resumed if its checkpoint is there
   local log=$1; shift
-  timeout $BUDGET $PY -m benchmarks.finetune_recipe --quality $Q --epochs $EPOCHS --device $DEVICE --work $W/ft "$@" \
+  while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 10; done  # at most PARALLEL runs at once
+  timeout $BUDGET $PY -m benchmarks.finetune_recipe --quality $Q --epochs $EPOCHS --device $DEVICE --work $W/ft \
+    --threads $THREADS "$@" \
     >> $OUT/$log.log 2>&1 &
 }
 for job in ${JOBS:-best rule topk lr01}; do
