@@ -64,11 +64,11 @@ for job in ${JOBS:-best rule topk lr01}; do
     rule)  recipe rule --which rule --out $W/ft/recipe-rule.json ;;
     lr01)  recipe lr01 --which best --lr 0.01 --label lr01 --out $W/ft/recipe-best-lr01.json ;;
     hint1) recipe hint1 --which best --hint 1 --label hint1 --out $W/ft/recipe-best-hint1.json ;;
-    r03)   for w in best rule; do for fs in 0 1; do
+    r03)   for fs in 0 1; do for w in best rule; do  # seed outermost: with PARALLEL=2 a pair runs together
              recipe r03-$w-fs$fs --quality $Q03 --which $w --seed $fs --out $W/ft/r03-$w-fs$fs.json
            done; done ;;
     r05s1) for w in best rule; do recipe r05-$w-fs1 --which $w --seed 1 --out $W/ft/r05-$w-fs1.json; done ;;
-    lat)   for w in best rule; do for fs in 0 1; do
+    lat)   for fs in 0 1; do for w in best rule; do
              recipe lat-$w-fs$fs --quality $QLAT --which $w --seed $fs --out $W/ft/lat-$w-fs$fs.json
            done; done ;;
     topk)
