@@ -87,5 +87,5 @@ done
 wait
 echo "all done at t+$(( $(date +%s) - T0 ))s"
 (cd $W && find . -name '*.csv' -o -name '*.json' | xargs tail -n +1 > $OUT/results.txt 2>/dev/null)
-tar -czf $OUT/gpuwork.tar.gz --exclude='*.onnx' --exclude='*.pt' -C $W .
+[ -z "${LOCAL:-}" ] && tar -czf $OUT/gpuwork.tar.gz --exclude='*.onnx' --exclude='*.pt' -C $W .  # what comes back from the device
 for f in $OUT/*.log; do echo "== $f"; tail -n 5 $f; done
