@@ -24,7 +24,7 @@
 # rule filled to its predicted latency (benchmarks/results/rule-at-latency-resnet56-ort64-ctxs-pair.json,
 # written by benchmarks/rule_at_latency.py --pair-out; QLAT=<another pair file> to fine-tune another).
 # Local dry run: LOCAL=1 EPOCHS=0.02 SELECT=0.01 DEVICE=cpu OUT=/tmp/gout bash benchmarks/finetune_on_gpu.sh
-# On this CPU (bfloat16 where it is native, about 1 h 50 min for a pruned ResNet-56's 30 epochs on one core),
+# On this CPU (bfloat16 where it is native, about 2 h for a pruned ResNet-56's 30 epochs on one core),
 # two runs at a time, one thread each, resumable across sessions (WORK kept):
 #   LOCAL=1 DEVICE=cpu PARALLEL=2 THREADS=1 BUDGET=86400 WORK=bench-state OUT=logs/ft JOBS=lat bash benchmarks/finetune_on_gpu.sh
 set -u
