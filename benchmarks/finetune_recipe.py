@@ -44,13 +44,15 @@ def main() -> None:
                     help="the fine-tune's seed (data order, augmentation); runs of seed N>0 are labelled -fsN")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true",
+                    help="train through torch.compile (a resumed run may switch: the math is the same)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     q = json.loads(Path(args.quality).read_text())
     overrides = {k: v for k, v in {"lr": args.lr, "distill": args.distill,
                                    "label_smoothing": args.label_smoothing, "hint": args.hint}.items()
                  if v is not None}
-    recipe = FinetuneConfig.recipe(args.epochs, seed=args.seed, **overrides)
+    recipe = FinetuneConfig.recipe(args.epochs, seed=args.seed, compile=args.compile, **overrides)
     # the task the searches scored on: a held-out search-val picks the best epoch on held-out
     # images too, and the test report is on the other test images
     task = make_task(q["args"]["model"], q["args"]["search_val_size"],
