@@ -217,9 +217,13 @@ def _read_checkpoint(path: Path, cfg: FinetuneConfig, tag: dict) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         raise AutopruneError(f"{path} is not an autoprune fine-tuning checkpoint")
     # checkpoints from before hints and memory layouts had none (the layout changes no result)
-    saved = {"hint": 0.0, "channels_last": cfg.channels_last, "compile": False, **ckpt.get("config", {})}
-    if saved != asdict(cfg):
-        diff = sorted(k for k, v in asdict(cfg).items() if saved.get(k) != v)
+    saved = {"hint": 0.0, "channels_last": cfg.channels_last, **ckpt.get("config", {})}
+    # whether the steps run through torch.compile changes how fast they run, not what they compute:
+    # a run may resume with or without it (on a machine without a compiler, say)
+    mine = {k: v for k, v in asdict(cfg).items() if k != "compile"}
+    saved.pop("compile", None)
+    if saved != mine:
+        diff = sorted(k for k, v in mine.items() if saved.get(k) != v)
         raise AutopruneError(f"{path} was written by a fine-tune with other settings ({', '.join(diff)}); "
                              "resume with the same settings, or remove it to start again")
     if ckpt.get("tag") != tag:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,15 @@ import torch
 from autoprune.cli import main
 from autoprune.errors import AutopruneError
 from autoprune.evaluate.metrics import accuracy
-from autoprune.finetune.loop import CHECKPOINT, LOG, LOG_FIELDS, FinetuneConfig, finetune, native_bf16
+from autoprune.finetune.loop import (
+    CHECKPOINT,
+    LOG,
+    LOG_FIELDS,
+    FinetuneConfig,
+    _read_checkpoint,
+    finetune,
+    native_bf16,
+)
 from tests.conftest import REPO
 
 TINY = f"{REPO / 'tests' / 'tinynets.py'}:tiny"
@@ -77,6 +86,9 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(digits, trained_tiny, tmp_
     with pytest.raises(AutopruneError, match="other settings"):
         finetune(_student(trained_tiny), digits, FinetuneConfig.recipe(3, lr=0.05, batch_size=64, seed=3),
                  teacher=trained_tiny, progress=False, run_dir=tmp_path / "b", resume=True, validate=val)
+    # torch.compile is how the steps run, not what they compute: the checkpoint takes either
+    ckpt = _read_checkpoint(tmp_path / "b" / CHECKPOINT, replace(RECIPE, compile=not RECIPE.compile), {})
+    assert ckpt["epoch"] == 1
 
     resumed_model = _student(trained_tiny)  # a fresh process would rebuild the model as it began
     resumed = finetune(resumed_model, digits, RECIPE, teacher=trained_tiny, progress=False,
