@@ -27,8 +27,9 @@
 # On this CPU (bfloat16 where it is native, about 2 h for a pruned ResNet-56's 30 epochs on one core),
 # two runs at a time, one thread each, resumable across sessions (WORK kept):
 #   LOCAL=1 DEVICE=cpu PARALLEL=2 THREADS=1 BUDGET=86400 WORK=bench-state OUT=logs/ft JOBS=lat bash benchmarks/finetune_on_gpu.sh
-# COMPILE=1 trains the recipe runs through torch.compile (on this CPU about 1.35x the steps per second
-# of eager bfloat16 for a 0.3flops ResNet-56; a run resumed with or without it goes on with the same math).
+# COMPILE=1 trains the recipe runs through torch.compile (on this CPU, two 0.3flops ResNet-56 runs side by
+# side: 2.2-2.3 steps/s each against 1.9-2.0 eager, after about 2 minutes of compiling; short
+# benchmarks under load did not separate them); a run may resume with or without it.
 set -u
 REPO=$(pwd)
 C=$REPO/devcarry
