@@ -75,6 +75,18 @@ def write_results(path: str | Path, payload: dict, earlier: dict | None = None) 
     return atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
 
 
+def finished_run(run_dir: str | Path) -> dict | None:
+    """The ``metrics.json`` of a fine-tune run that ended in ``run_dir`` (``apply_policy`` writes it
+    last and removes the epoch checkpoint), or ``None`` while it has not: a rerun reads it rather
+    than fine-tuning again."""
+    from autoprune.finetune.loop import has_checkpoint
+
+    metrics = Path(run_dir) / "metrics.json"
+    if not metrics.is_file() or has_checkpoint(run_dir):
+        return None
+    return json.loads(metrics.read_text())
+
+
 def read_results(path: str | Path | None) -> dict | None:
     """A results file written earlier (to resume from), or ``None``."""
     return json.loads(Path(path).read_text()) if path and Path(path).is_file() else None

@@ -23,18 +23,20 @@
 # search's best ResNet-56 policy at 0.75latency (ONNX Runtime, batch 64, the in-context table) and the best
 # rule filled to its predicted latency (benchmarks/results/rule-at-latency-resnet56-ort64-ctxs-pair.json,
 # written by benchmarks/rule_at_latency.py --pair-out; QLAT=<another pair file> to fine-tune another).
-# Local dry run: LOCAL=1 EPOCHS=0.02 SELECT=0.01 DEVICE=cpu OUT=/tmp/gout bash benchmarks/finetune_on_gpu.sh
+# Local dry run: LOCAL=1 EPOCHS=0.02 SELECT=0.01 SHORT=0.01 DEVICE=cpu OUT=/tmp/gout bash benchmarks/finetune_on_gpu.sh
 # On this CPU (bfloat16 where it is native, about 2 h for a pruned ResNet-56's 30 epochs on one core),
 # two runs at a time, one thread each, resumable across sessions (WORK kept):
 #   LOCAL=1 DEVICE=cpu PARALLEL=2 THREADS=1 BUDGET=86400 WORK=bench-state OUT=logs/ft JOBS=lat bash benchmarks/finetune_on_gpu.sh
+# Issue 24's predictor study: JOBS=pred runs benchmarks/predictors.py in SHARDS processes (default 2) over the
+# 0.3flops policies of both searches (rules and each seed's best; the r03 runs of fine-tune seed 0 are reused).
 # COMPILE=1 trains the recipe runs through torch.compile (on this CPU, two 0.3flops ResNet-56 runs side by
 # side: 2.2-2.3 steps/s each against 1.9-2.0 eager, after about 2 minutes of compiling; short
 # benchmarks under load did not separate them); a run may resume with or without it.
 set -u
 REPO=$(pwd)
 C=$REPO/devcarry
-EPOCHS=${EPOCHS:-30}; SELECT=${SELECT:-2}; DEVICE=${DEVICE:-cuda}; BUDGET=${BUDGET:-530}
-THREADS=${THREADS:-2}; PARALLEL=${PARALLEL:-99}
+EPOCHS=${EPOCHS:-30}; SELECT=${SELECT:-2}; SHORT=${SHORT:-1,3}; DEVICE=${DEVICE:-cuda}; BUDGET=${BUDGET:-530}
+THREADS=${THREADS:-2}; PARALLEL=${PARALLEL:-99}; SHARDS=${SHARDS:-2}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=$THREADS
 if [ -z "${LOCAL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $C/whl/*.whl || exit 1
@@ -52,6 +54,7 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'data', cif
 EOF
 Q=benchmarks/results/quality-resnet56-portfolio.json
 Q03=benchmarks/results/search-resnet56-0.3flops-ce-heldout.json
+Q03T=benchmarks/results/search-resnet56-0.3flops-ce-train.json
 QLAT=${QLAT:-benchmarks/results/rule-at-latency-resnet56-ort64-ctxs-pair.json}
 T0=$(date +%s)
 recipe() {  # recipe LOG ARGS...: one finetune_recipe run in the background, resumed if its checkpoint is there
@@ -74,6 +77,12 @@ for job in ${JOBS:-best rule topk lr01}; do
     lat)   for fs in 0 1; do for w in best rule; do
              recipe lat-$w-fs$fs --quality $QLAT --which $w --seed $fs --out $W/ft/lat-$w-fs$fs.json
            done; done ;;
+    pred)  for i in $(seq 0 $(( SHARDS - 1 ))); do  # the predictor study at 0.3flops (benchmarks/predictors.py)
+             while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 10; done
+             timeout $BUDGET $PY -m benchmarks.predictors --quality $Q03,$Q03T --work $W/ft --epochs $EPOCHS \
+               --short $SHORT --device $DEVICE --threads $THREADS --shard $i/$SHARDS ${COMPILE:+--compile} \
+               --out $W/ft/predictors-resnet56-0.3flops.json >> $OUT/pred-$i.log 2>&1 &
+           done ;;
     topk)
       mkdir -p $W/topk
       (cd /tmp && timeout $BUDGET env PYTHONPATH=${PYTHONPATH:-$REPO} $PY -m autoprune.cli export \
@@ -81,7 +90,7 @@ for job in ${JOBS:-best rule topk lr01}; do
         --weights $C/shared/models/resnet56_cifar10.pt --data-dir $HOME/.cache/autoprune-data/cifar10-jpeg \
         --model-dir $W/topk/model --finetune-epochs $EPOCHS --top-k 4 --select-epochs $SELECT \
         --device $DEVICE) >> $OUT/topk.log 2>&1 & ;;
-    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1, lat)"; exit 2 ;;
+    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1, lat, pred)"; exit 2 ;;
   esac
 done
 while [ -n "$(jobs -r)" ]; do

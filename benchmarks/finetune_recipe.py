@@ -8,7 +8,8 @@ best searched policy (the search row with the highest *proxy* score: the choice 
 without the test set) and the best one-shot rule (highest proxy among the rules). Each run is
 what ``autoprune apply --finetune-epochs N`` does: prune, refit, recalibrate, then the recipe,
 with a checkpoint every epoch and ``finetune.csv`` (held-out and test accuracy per epoch) in
-``WORK/<label>/``. Killed, it resumes: run the same command again. ``--distill``, ``--hint`` and friends
+``WORK/<label>/``. Killed, it resumes: run the same command again (a run that ended is read, not
+run again). ``--distill``, ``--hint`` and friends
 override the recipe for ablations (give each its own ``--label``).
 """
 
@@ -25,7 +26,7 @@ import torch
 from autoprune.export.apply import apply_policy
 from autoprune.finetune.loop import FinetuneConfig, has_checkpoint
 from autoprune.units.policy import Policy
-from benchmarks.common import machine, make_task, pick, read_results, write_results
+from benchmarks.common import finished_run, machine, make_task, pick, read_results, write_results
 
 
 def main() -> None:
@@ -71,8 +72,8 @@ def main() -> None:
         run_dir = work / label
         policy = Policy(row["policy"], {"model": q["args"]["model"]}, row["widths"])
         start = time.perf_counter()
-        metrics = apply_policy(task, policy, run_dir, recipe, test=True, resume=has_checkpoint(run_dir),
-                               quiet=False)
+        metrics = finished_run(run_dir) or apply_policy(task, policy, run_dir, recipe, test=True,
+                                                        resume=has_checkpoint(run_dir), quiet=False)
         csv = (run_dir / "finetune.csv").read_text()
         results["runs"][label] = {
             "which": which, "searcher": row["searcher"], "seed": row["seed"], "trial": row["trial"],

@@ -13,6 +13,8 @@ accuracy after ``--epochs`` of the export recipe:
 * ``train_acc``, ``train_ce``, ``heldout_acc``, ``heldout_ce``: the refit proxy before fine-tuning,
   top-1 and exp(-cross-entropy), on the 1,000 training images of the default search-val and on
   the 1,000 held-out images (as ``proxy_heldout`` scores them);
+* ``params``: the fraction of the dense model's parameters kept (at one FLOPs budget, the
+  capacity left for the fine-tune to use);
 * ``heldout_eN``, ``train_eN`` for each N of ``--short``: top-1 on those images after a separate
   N-epoch run of the recipe (its schedule compressed to N epochs, its best epoch kept on held-out
   images), which is what ``export --top-k K --select-epochs N`` runs on each candidate;
@@ -44,11 +46,13 @@ import torch
 from autoprune.export.apply import apply_policy, run_finetune
 from autoprune.finetune.loop import FinetuneConfig, has_checkpoint
 from autoprune.units.policy import Policy
-from benchmarks.common import is_rule, machine, make_task, read_results, write_results
+from benchmarks.common import finished_run, is_rule, machine, make_task, read_results, write_results
 from benchmarks.proxy_heldout import score
 from benchmarks.proxy_top import spearman
 
 BEFORE = ("train_acc", "train_ce", "heldout_acc", "heldout_ce")
+# at one FLOPs budget, how much of the model a policy keeps: capacity left for the fine-tune to use
+CAPACITY = ("params",)
 
 
 def label(row: dict) -> str:
@@ -96,10 +100,9 @@ def record(out: Path, name: str, **values) -> None:
 
 def finished_long(run_dir: Path) -> dict | None:
     """A finished long run's figures, from its folder (``metrics.json`` and ``finetune.csv``)."""
-    metrics = run_dir / "metrics.json"
-    if not metrics.exists() or has_checkpoint(run_dir):
+    m = finished_run(run_dir)
+    if m is None:
         return None
-    m = json.loads(metrics.read_text())
     last = (run_dir / "finetune.csv").read_text().strip().splitlines()[-1].split(",")
     return {"test_kept": m["pruned"]["test_acc_finetuned"], "kept_epoch": m["finetune_run"]["best_epoch"],
             "test_final": float(last[-2]), "epochs": int(last[0])}
@@ -107,9 +110,8 @@ def finished_long(run_dir: Path) -> dict | None:
 
 def report(saved: dict) -> dict:
     rows = [r for r in saved["policies"].values() if "test_final" in r]
-    names = [k for k in (*BEFORE, *sorted(k for r in rows for k in r if k.startswith(("heldout_e", "train_e"))))
-             if all(k in r for r in rows)]
-    names = list(dict.fromkeys(names))
+    short = sorted({k for r in rows for k in r if k.startswith(("heldout_e", "train_e"))})
+    names = [k for k in (*BEFORE, *CAPACITY, *short) if all(k in r for r in rows)]
     out = {"policies": len(rows)}
     if len(rows) < 3:
         return out
@@ -121,6 +123,25 @@ def report(saved: dict) -> dict:
                   "picks": rows[int(np.argmax(vals))]["label"],
                   "regret": target[best] - target[int(np.argmax(vals))]}
     return out
+
+
+def table(saved: dict) -> str:
+    """Markdown: one row per policy with every predictor and the targets, then each predictor's
+    Spearman rho with the test accuracy after the last epoch, its pick and that pick's regret."""
+    summary = report(saved)
+    names = [k for k in summary if k != "policies"]
+    rows = sorted(saved["policies"].values(), key=lambda r: -r.get("test_final", -1))
+    out = ["| policy | " + " | ".join(names) + " | test before | test, last epoch |",
+           "|---|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        cells = [f"{r[k]:.3f}" if k in r else "" for k in names]
+        out.append(f"| {r['label']} | " + " | ".join(cells)
+                   + f" | {r.get('test_before', float('nan')):.2%} | {r.get('test_final', float('nan')):.2%} |")
+    if names:
+        out.append("| Spearman rho | " + " | ".join(f"**{summary[k]['spearman']:+.2f}**" for k in names) + " | | |")
+        out.append("| regret of its pick (points) | "
+                   + " | ".join(f"{100 * summary[k]['regret']:.2f}" for k in names) + " | | |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -139,7 +160,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     if args.report:
-        print(json.dumps(report(json.loads(out.read_text())), indent=1))
+        print(table(json.loads(out.read_text())))
         return
     torch.set_num_threads(args.threads)
     first, rows = policies(args.quality.split(","))
@@ -167,7 +188,8 @@ def main() -> None:
             model, _ = task.pruned(task.kept(row["as_policy"]))
             values = {p: score(model, splits[p.split("_")[0]], p.split("_")[1], task.device) for p in BEFORE}
             values.update(test_before=task.test_accuracy(model), source=row["source"], label=row["label"],
-                          searcher=row["searcher"], seed=row["seed"], flops=row["ratios"]["flops"])
+                          searcher=row["searcher"], seed=row["seed"], flops=row["ratios"]["flops"],
+                          params=row["ratios"]["params"])
             record(out, row["label"], **values)
             print(f"{row['label']}: " + " ".join(f"{p} {values[p]:.4f}" for p in BEFORE)
                   + f" test {values['test_before']:.4f}", flush=True)
@@ -205,7 +227,7 @@ def main() -> None:
 
     with locked(out) as saved:
         saved["spearman"] = report(saved)
-    print(json.dumps(saved["spearman"], indent=1))
+    print(table(saved))
 
 
 if __name__ == "__main__":
