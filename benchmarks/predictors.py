@@ -37,6 +37,7 @@ import argparse
 import fcntl
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -203,6 +204,8 @@ def main() -> None:
                 kept = task.kept(row["as_policy"])
                 model, _ = task.pruned(kept)
                 run_dir = work / f"short-{key}-{row['label']}"
+                if run_dir.exists() and not has_checkpoint(run_dir):  # ended, but its figures were not kept
+                    shutil.rmtree(run_dir)
                 ran = run_finetune(task, model, FinetuneConfig.recipe(epochs), run_dir=run_dir,
                                    resume=has_checkpoint(run_dir), desc=f"{row['label']} {key}",
                                    kept=kept)
