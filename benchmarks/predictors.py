@@ -112,7 +112,9 @@ def finished_long(run_dir: Path) -> dict | None:
 def report(saved: dict) -> dict:
     rows = [r for r in saved["policies"].values() if "test_final" in r]
     short = sorted({k for r in rows for k in r if k.startswith(("heldout_e", "train_e"))})
-    names = [k for k in (*BEFORE, *CAPACITY, *short) if all(k in r for r in rows)]
+    # test_before: the test set's own verdict before fine-tuning, no user's predictor but the bound
+    # of what any proxy before fine-tuning can say
+    names = [k for k in (*BEFORE, "test_before", *CAPACITY, *short) if all(k in r for r in rows)]
     out = {"policies": len(rows)}
     if len(rows) < 3:
         return out
@@ -132,16 +134,15 @@ def table(saved: dict) -> str:
     summary = report(saved)
     names = [k for k in summary if k != "policies"]
     rows = sorted(saved["policies"].values(), key=lambda r: -r.get("test_final", -1))
-    out = ["| policy | " + " | ".join(names) + " | test before | test, last epoch |",
-           "|---|" + "---|" * (len(names) + 2)]
+    out = ["| policy | " + " | ".join(names) + " | test, last epoch |",
+           "|---|" + "---|" * (len(names) + 1)]
     for r in rows:
         cells = [f"{r[k]:.3f}" if k in r else "" for k in names]
-        out.append(f"| {r['label']} | " + " | ".join(cells)
-                   + f" | {r.get('test_before', float('nan')):.2%} | {r.get('test_final', float('nan')):.2%} |")
+        out.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r.get('test_final', float('nan')):.2%} |")
     if names:
-        out.append("| Spearman rho | " + " | ".join(f"**{summary[k]['spearman']:+.2f}**" for k in names) + " | | |")
+        out.append("| Spearman rho | " + " | ".join(f"**{summary[k]['spearman']:+.2f}**" for k in names) + " | |")
         out.append("| regret of its pick (points) | "
-                   + " | ".join(f"{100 * summary[k]['regret']:.2f}" for k in names) + " | | |")
+                   + " | ".join(f"{100 * summary[k]['regret']:.2f}" for k in names) + " | |")
     return "\n".join(out)
 
 
