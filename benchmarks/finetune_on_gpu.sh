@@ -29,6 +29,8 @@
 #   LOCAL=1 DEVICE=cpu PARALLEL=2 THREADS=1 BUDGET=86400 WORK=bench-state OUT=logs/ft JOBS=lat bash benchmarks/finetune_on_gpu.sh
 # Issue 24's predictor study: JOBS=pred runs benchmarks/predictors.py in SHARDS processes (default 2) over the
 # 0.3flops policies of both searches (rules and each seed's best; the r03 runs of fine-tune seed 0 are reused).
+# Issue 25's CUDA timings: JOBS="cudalat ..." first times the 0.5flops policies with eager and compile at batch 256
+# (benchmarks/runtime_speedup.py --device cuda), alone, then the fine-tune jobs start.
 # COMPILE=1 trains the recipe runs through torch.compile (on this CPU, two 0.3flops ResNet-56 runs side by
 # side: 2.2-2.3 steps/s each against 1.9-2.0 eager, after about 2 minutes of compiling; short
 # benchmarks under load did not separate them); a run may resume with or without it.
@@ -83,6 +85,11 @@ for job in ${JOBS:-best rule topk lr01}; do
                --short $SHORT --device $DEVICE --threads $THREADS --shard $i/$SHARDS ${COMPILE:+--compile} \
                --out $W/ft/predictors-resnet56-0.3flops.json >> $OUT/pred-$i.log 2>&1 &
            done ;;
+    cudalat)  # issue 25 on a GPU: the 0.5flops rules and best searched policies timed against dense with eager
+              # and compile at batch 256; in the foreground, alone, before the fine-tunes load the GPU
+      timeout $BUDGET $PY -m benchmarks.runtime_speedup --models resnet56,resnet18 --runtimes eager,compile \
+        --batches 256 --round-to '' --pairs 30 --device $DEVICE --out $W/runtime-speedup-cuda.json \
+        --quality resnet56=$Q,resnet18=benchmarks/results/quality-resnet18-lsq.json >> $OUT/cudalat.log 2>&1 ;;
     topk)
       mkdir -p $W/topk
       (cd /tmp && timeout $BUDGET env PYTHONPATH=${PYTHONPATH:-$REPO} $PY -m autoprune.cli export \
@@ -90,7 +97,7 @@ for job in ${JOBS:-best rule topk lr01}; do
         --weights $C/shared/models/resnet56_cifar10.pt --data-dir $HOME/.cache/autoprune-data/cifar10-jpeg \
         --model-dir $W/topk/model --finetune-epochs $EPOCHS --top-k 4 --select-epochs $SELECT \
         --device $DEVICE) >> $OUT/topk.log 2>&1 & ;;
-    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1, lat, pred)"; exit 2 ;;
+    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1, lat, pred, cudalat)"; exit 2 ;;
   esac
 done
 while [ -n "$(jobs -r)" ]; do

@@ -26,10 +26,12 @@ without a C++ compiler) gets its error string in its rows and the run goes on.
 
 The JSON (``--out``) is rewritten after every row, so a killed run keeps what it measured; run the
 same command again and it measures only the rows it lacks (a row is keyed by model, budget,
-policy, round_to, runtime, batch size and threads, not by ``--pairs``; rows that failed, or that
-timed other widths than the policy has now, are measured again; ``--fresh`` starts over).
-``--profile RUNTIME`` adds, per model, where the pruned ``uncoupled`` model spends its time at
-``--profile-batch`` against the dense one (:mod:`benchmarks.runtime_profile`).
+policy, round_to, runtime, batch size, threads and device, not by ``--pairs``; rows that failed, or
+that timed other widths than the policy has now, are measured again; ``--fresh`` starts over).
+``--device cuda`` times on a GPU (the runtimes ``eager`` and ``compile``, in float32; ``--threads``
+does not apply), e.g. at ``--batches 256`` for issue 25. ``--profile RUNTIME`` (CPU only) adds, per
+model, where the pruned ``uncoupled`` model spends its time at ``--profile-batch`` against the
+dense one (:mod:`benchmarks.runtime_profile`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ RULES = ("uncoupled", "uniform")
 class Results:
     """The JSON file of rows keyed by what they measured, rewritten (atomically) after each row."""
 
-    KEY = ("section", "model", "budget", "policy", "round_to", "runtime", "batch", "threads")
+    KEY = ("section", "model", "budget", "policy", "round_to", "runtime", "batch", "threads", "device")
 
     def __init__(self, path: Path, args: argparse.Namespace, fresh: bool) -> None:
         self.path = path
@@ -67,7 +69,8 @@ class Results:
 
     @classmethod
     def key(cls, row: dict) -> str:
-        return "|".join(str(row[k]) for k in cls.KEY)
+        return "|".join(str(row.get(k, "cpu") if k == "device" else row[k]) for k in cls.KEY)  # rows before
+        # --device were timed on the CPU
 
     def done(self, key: dict) -> dict | None:
         """The stored row, unless it is absent or failed (a failed row is measured again)."""
@@ -86,7 +89,7 @@ class Results:
 class ModelBench:
     """One model's tasks (built lazily, one per width multiple), its policies and its meter."""
 
-    def __init__(self, name: str, budget: str, quality: str | None) -> None:
+    def __init__(self, name: str, budget: str, quality: str | None, device: str = "cpu") -> None:
         self.name, self.budget = name, budget
         self.random_dense = None
         if not fixture(name).exists():
@@ -98,7 +101,7 @@ class ModelBench:
         self.task = self.task_for(None)
         self.round_to = self.task.table.round_to
         self._tasks[self.round_to] = self.task
-        self.meter = RatioMeter(self.task.dense, self.task.table.input_shape, "cpu")
+        self.meter = RatioMeter(self.task.dense, self.task.table.input_shape, device)
         self.policies = {rule: rule_widths(self.task, rule, budget) for rule in RULES}
         if quality:
             q = json.loads(Path(quality).read_text())
@@ -180,7 +183,8 @@ def policy_tables(results: Results, broken: dict, bench: ModelBench, args) -> No
         for batch in args.batches:
             for name, kept in bench.policies.items():
                 key = {"section": "policies", "model": bench.name, "budget": args.budget, "policy": name,
-                       "round_to": bench.round_to, "runtime": runtime, "batch": batch, "threads": args.threads}
+                       "round_to": bench.round_to, "runtime": runtime, "batch": batch, "threads": args.threads,
+                       "device": args.device}
                 row = run_row(results, broken, bench, key, bench.task, kept, args)
                 print(f"| {name} | {batch} | {row['flops_ratio']:.3f} | {cells(row)}", flush=True)
 
@@ -195,7 +199,8 @@ def round_to_table(results: Results, broken: dict, bench: ModelBench, args) -> N
         for runtime in args.runtimes:
             for batch in args.batches:
                 key = {"section": "round_to", "model": bench.name, "budget": args.budget, "policy": "uncoupled",
-                       "round_to": round_to, "runtime": runtime, "batch": batch, "threads": args.threads}
+                       "round_to": round_to, "runtime": runtime, "batch": batch, "threads": args.threads,
+                       "device": args.device}
                 row = run_row(results, broken, bench, key, task, kept, args)
                 print(f"| {round_to} | {row['flops_ratio']:.3f} | {runtime} | {batch} | {cells(row)}", flush=True)
 
@@ -250,7 +255,10 @@ def main() -> None:
     ap.add_argument("--profile-runs", type=int, default=20)
     ap.add_argument("--out", default="runtime-speedup.json", help="JSON of the results, rewritten after each row")
     ap.add_argument("--fresh", action="store_true", help="ignore the rows already in --out")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for GPU timings (eager and compile)")
     args = ap.parse_args()
+    if args.profile and args.device != "cpu":
+        raise SystemExit("--profile runs on the CPU only; leave it out with --device cuda")
     args.models = args.models.split(",")
     args.runtimes = args.runtimes.split(",")
     for runtime in args.runtimes:
@@ -260,9 +268,10 @@ def main() -> None:
     quality = parse_quality(args.quality, args.models)
     results = Results(Path(args.out), args, args.fresh)
     broken: dict = {}  # (model, runtime) -> the error of its first failure in this run
-    print(f"# runtime speedup at {args.budget}: CPU, {args.threads} intra-op thread(s); {machine()}", flush=True)
+    where = "CPU" if args.device == "cpu" else args.device
+    print(f"# runtime speedup at {args.budget}: {where}, {args.threads} intra-op thread(s); {machine()}", flush=True)
     for name in args.models:
-        bench = ModelBench(name, args.budget, quality.get(name))
+        bench = ModelBench(name, args.budget, quality.get(name), args.device)
         policy_tables(results, broken, bench, args)
         if args.round_to:
             round_to_table(results, broken, bench, args)
