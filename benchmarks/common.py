@@ -179,6 +179,16 @@ def is_rule(label: str) -> bool:
     return label.split("+")[0] in LATENCY_PORTFOLIO
 
 
+def run_label(row: dict, finetune_seed: int = 0, suffix: str = "") -> str:
+    """The folder name of one fine-tune run of a ``search_quality`` row: ``best-`` for a searched
+    row (each is its seed's best), ``rule-`` for a one-shot rule, then ``<searcher>-s<seed>``,
+    ``-fsN`` for fine-tune seeds past 0 and ``-<suffix>`` for ablations. ``finetune_recipe`` and
+    ``predictors`` name runs alike, so either finds the other's."""
+    kind = "rule" if is_rule(row["searcher"]) else "best"
+    return (f"{kind}-{row['searcher']}-s{row['seed']}{f'-fs{finetune_seed}' if finetune_seed else ''}"
+            f"{'-' + suffix if suffix else ''}")
+
+
 def pick(rows: list[dict], which: str) -> dict:
     """Of a ``search_quality`` file's rows, ``best``: the searched row with the best proxy score
     (the choice a user can make without the test set); ``rule``: the best one-shot rule by proxy."""

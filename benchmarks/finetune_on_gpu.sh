@@ -59,9 +59,10 @@ Q03=benchmarks/results/search-resnet56-0.3flops-ce-heldout.json
 Q03T=benchmarks/results/search-resnet56-0.3flops-ce-train.json
 QLAT=${QLAT:-benchmarks/results/rule-at-latency-resnet56-ort64-ctxs-pair.json}
 T0=$(date +%s)
+slot() { while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 10; done; }  # at most PARALLEL runs at once
 recipe() {  # recipe LOG ARGS...: one finetune_recipe run in the background, resumed if its checkpoint is there
   local log=$1; shift
-  while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 10; done  # at most PARALLEL runs at once
+  slot
   timeout $BUDGET $PY -m benchmarks.finetune_recipe --quality $Q --epochs $EPOCHS --device $DEVICE --work $W/ft \
     --threads $THREADS ${COMPILE:+--compile} "$@" \
     >> $OUT/$log.log 2>&1 &
@@ -80,7 +81,7 @@ for job in ${JOBS:-best rule topk lr01}; do
              recipe lat-$w-fs$fs --quality $QLAT --which $w --seed $fs --out $W/ft/lat-$w-fs$fs.json
            done; done ;;
     pred)  for i in $(seq 0 $(( SHARDS - 1 ))); do  # the predictor study at 0.3flops (benchmarks/predictors.py)
-             while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 10; done
+             slot
              timeout $BUDGET $PY -m benchmarks.predictors --quality $Q03,$Q03T --work $W/ft --epochs $EPOCHS \
                --short $SHORT --device $DEVICE --threads $THREADS --shard $i/$SHARDS ${COMPILE:+--compile} \
                --out $W/ft/predictors-resnet56-0.3flops.json >> $OUT/pred-$i.log 2>&1 &

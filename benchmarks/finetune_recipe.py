@@ -26,7 +26,7 @@ import torch
 from autoprune.export.apply import apply_policy
 from autoprune.finetune.loop import FinetuneConfig, has_checkpoint
 from autoprune.units.policy import Policy
-from benchmarks.common import finished_run, machine, make_task, pick, read_results, write_results
+from benchmarks.common import finished_run, machine, make_task, pick, read_results, run_label, write_results
 
 
 def main() -> None:
@@ -67,8 +67,7 @@ def main() -> None:
     print(f"# {q['args']['model']} {q['args']['budget']}, recipe {recipe}; {machine()}", flush=True)
     for which in args.which.split(","):
         row = pick(q["rows"], which)
-        label = (f"{which}-{row['searcher']}-s{row['seed']}{f'-fs{args.seed}' if args.seed else ''}"
-                 f"{'-' + args.label if args.label else ''}")
+        label = run_label(row, args.seed, args.label)
         run_dir = work / label
         policy = Policy(row["policy"], {"model": q["args"]["model"]}, row["widths"])
         start = time.perf_counter()

@@ -34,6 +34,7 @@ stored (``--report`` prints it from the file alone).
 from __future__ import annotations
 
 import argparse
+import csv
 import fcntl
 import json
 import os
@@ -45,21 +46,15 @@ import numpy as np
 import torch
 
 from autoprune.export.apply import apply_policy, run_finetune
-from autoprune.finetune.loop import FinetuneConfig, has_checkpoint
+from autoprune.finetune.loop import LOG, FinetuneConfig, has_checkpoint
 from autoprune.units.policy import Policy
-from benchmarks.common import finished_run, is_rule, machine, make_task, read_results, write_results
+from benchmarks.common import finished_run, machine, make_task, read_results, run_label, write_results
 from benchmarks.proxy_heldout import score
 from benchmarks.proxy_top import spearman
 
 BEFORE = ("train_acc", "train_ce", "heldout_acc", "heldout_ce")
 # at one FLOPs budget, how much of the model a policy keeps: capacity left for the fine-tune to use
 CAPACITY = ("params",)
-
-
-def label(row: dict) -> str:
-    """The run's folder name, as ``finetune_recipe`` names a fine-tune seed 0 run: each searched
-    row of a quality file is its seed's best, so ``best-<searcher>-s<seed>``; rules ``rule-...``."""
-    return f"{'rule' if is_rule(row['searcher']) else 'best'}-{row['searcher']}-s{row['seed']}"
 
 
 def policies(paths: list[str]) -> tuple[dict, list[dict]]:
@@ -74,7 +69,7 @@ def policies(paths: list[str]) -> tuple[dict, list[dict]]:
             widths = tuple(sorted(row["widths"].items()))
             if widths not in seen:
                 seen.add(widths)
-                rows.append({**row, "label": label(row), "source": Path(path).name,
+                rows.append({**row, "label": run_label(row), "source": Path(path).name,
                              "as_policy": Policy(row["policy"], {"model": first["model"]}, row["widths"])})
     return first, rows
 
@@ -104,9 +99,10 @@ def finished_long(run_dir: Path) -> dict | None:
     m = finished_run(run_dir)
     if m is None:
         return None
-    last = (run_dir / "finetune.csv").read_text().strip().splitlines()[-1].split(",")
+    with open(run_dir / LOG, newline="") as f:
+        last = list(csv.DictReader(f))[-1]
     return {"test_kept": m["pruned"]["test_acc_finetuned"], "kept_epoch": m["finetune_run"]["best_epoch"],
-            "test_final": float(last[-2]), "epochs": int(last[0])}
+            "test_final": float(last["test_acc"]), "epochs": int(last["epoch"])}
 
 
 def report(saved: dict) -> dict:

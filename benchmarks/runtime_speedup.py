@@ -69,8 +69,8 @@ class Results:
 
     @classmethod
     def key(cls, row: dict) -> str:
-        return "|".join(str(row.get(k, "cpu") if k == "device" else row[k]) for k in cls.KEY)  # rows before
-        # --device were timed on the CPU
+        # rows written before --device have no device: they were timed on the CPU
+        return "|".join(str(row.get(k, "cpu") if k == "device" else row[k]) for k in cls.KEY)
 
     def done(self, key: dict) -> dict | None:
         """The stored row, unless it is absent or failed (a failed row is measured again)."""
