@@ -13,13 +13,13 @@ The names below are imported on first use, so ``import autoprune`` stays light.
 __version__ = "0.1.0"
 
 __all__ = ["search", "load", "apply", "inspect", "SearchResult", "TaskConfig", "EnvConfig", "Policy",
-           "FinetuneConfig", "AutopruneError"]
+           "FinetuneConfig", "AutopruneError", "semi_structured"]
 
 _EXPORTS = {
     "search": "autoprune.api", "load": "autoprune.api", "apply": "autoprune.api", "inspect": "autoprune.api",
     "SearchResult": "autoprune.studies.result", "EnvConfig": "autoprune.envs.config",
     "TaskConfig": "autoprune.task", "Policy": "autoprune.units.policy", "FinetuneConfig": "autoprune.finetune.loop",
-    "AutopruneError": "autoprune.errors",
+    "AutopruneError": "autoprune.errors", "semi_structured": "autoprune.export.semi_structured",
 }
 
 

@@ -31,6 +31,8 @@
 # 0.3flops policies of both searches (rules and each seed's best; the r03 runs of fine-tune seed 0 are reused).
 # Issue 25's CUDA timings: JOBS="cudalat ..." first times the 0.5flops policies with eager and compile at batch 256
 # (benchmarks/runtime_speedup.py --device cuda), alone, then the fine-tune jobs start.
+# Issue 26's 2:4 timings: JOBS="nm24 ..." times ResNet-18 cut to 2:4, layer by layer and whole, as cuDNN convs, as
+# dense GEMMs and with PyTorch's semi-structured sparse kernels (benchmarks/semi_structured_latency.py), alone.
 # COMPILE=1 trains the recipe runs through torch.compile (on this CPU, two 0.3flops ResNet-56 runs side by
 # side: 2.2-2.3 steps/s each against 1.9-2.0 eager, after about 2 minutes of compiling; short
 # benchmarks under load did not separate them); a run may resume with or without it.
@@ -91,6 +93,9 @@ for job in ${JOBS:-best rule topk lr01}; do
       timeout $BUDGET $PY -m benchmarks.runtime_speedup --models resnet56,resnet18 --runtimes eager,compile \
         --batches 256 --round-to '' --pairs 30 --device $DEVICE --out $W/runtime-speedup-cuda.json \
         --quality resnet56=$Q,resnet18=benchmarks/results/quality-resnet18-lsq.json >> $OUT/cudalat.log 2>&1 ;;
+    nm24)  # issue 26 on a GPU: ResNet-18 at 2:4, per layer and end to end, dense against sparse kernels; alone
+      timeout $BUDGET $PY -m benchmarks.semi_structured_latency --model resnet18 --batch 256 --device $DEVICE \
+        --out $W/semi-structured-resnet18.json >> $OUT/nm24.log 2>&1 ;;
     topk)
       mkdir -p $W/topk
       (cd /tmp && timeout $BUDGET env PYTHONPATH=${PYTHONPATH:-$REPO} $PY -m autoprune.cli export \
@@ -98,7 +103,7 @@ for job in ${JOBS:-best rule topk lr01}; do
         --weights $C/shared/models/resnet56_cifar10.pt --data-dir $HOME/.cache/autoprune-data/cifar10-jpeg \
         --model-dir $W/topk/model --finetune-epochs $EPOCHS --top-k 4 --select-epochs $SELECT \
         --device $DEVICE) >> $OUT/topk.log 2>&1 & ;;
-    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1, lat, pred, cudalat)"; exit 2 ;;
+    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1, lat, pred, cudalat, nm24)"; exit 2 ;;
   esac
 done
 while [ -n "$(jobs -r)" ]; do

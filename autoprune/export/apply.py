@@ -122,6 +122,8 @@ def apply_policy(
     checked = check_patterns(model, task.table, kept)
     if checked:
         metrics["patterns_checked"] = checked  # every layer cut to a pattern satisfies it
+    if checked and task.config.granularity.startswith("nm"):
+        metrics["semi_structured"] = _semi_structured(task, model, quiet)
     metrics["latency"] = _latencies(task, model, latency_batches, latency_device, latency_threads,
                                     latency_runtime, quiet)
     task.dense.to(task.device)
@@ -208,6 +210,24 @@ def _finetune_phase(task: PruningTask, model: nn.Module, kept, finetune_cfg, out
               + (f" (epoch {ran.best_epoch} of {len(ran.history)}, kept by search-val)" if ran.history else ""),
               quiet)
     return run_dir
+
+
+def _semi_structured(task: PruningTask, model: nn.Module, quiet: bool) -> dict:
+    """Where the task runs on a GPU with sparse tensor cores: which layers take the 2:4 sparse
+    form, and how far its outputs are from the masked model's; elsewhere, why not."""
+    from autoprune.export.semi_structured import check_semi_structured, semi_structured
+
+    try:
+        sparse, report = semi_structured(model, task.device)
+    except AutopruneError as err:
+        _note(f"2:4 sparse kernels not checked: {err}", quiet)
+        return {"checked": False, "why": str(err)}
+    converted = [r.name for r in report if r.converted]
+    diff = check_semi_structured(model, sparse, task.calibration_inputs()[:64]) if converted else 0.0
+    _note(f"2:4 sparse kernels: {len(converted)} of {len(report)} layers converted (autoprune.semi_structured), "
+          f"largest output difference {diff:.2g} of the largest output (bfloat16)", quiet)
+    return {"checked": True, "converted": len(converted), "max_rel_diff": diff,
+            "layers": [r.to_dict() for r in report]}
 
 
 def _latencies(task: PruningTask, model: nn.Module, batches: tuple[int, ...], device: str,
