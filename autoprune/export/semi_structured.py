@@ -65,7 +65,7 @@ class GemmConv2d(nn.Module):
             ho, wo = patches.shape[1:3]
             cols = patches.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, -1)  # reduction (kh, kw, in)
         out = F.linear(cols, self.weight, self.bias)
-        return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)  # NCHW, channels_last in memory
+        return out.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)  # NCHW, channels_last in memory
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1]}->{self.out_channels}, kernel={self.kernel_size}, "
