@@ -10,7 +10,8 @@ For each target the uniform policy puts every unit at it: an N:M rung (``2:4``) 
 episode is, and scored on search-val and on the 10,000 test images. Its effective FLOPs ratio is
 the budget of a search over the default ladder (or blocks at any sparsity), TPE from the
 portfolio of one-shot rules, one study per seed; each study's best trial (by reward, within
-budget) is pruned again and scored on test. Every figure is written to ``--out`` after each
+budget) is pruned again and scored on test (with ``--search-val heldout``, on the 9,000 test images
+search-val leaves out). Every figure is written to ``--out`` after each
 step, and a rerun with the same ``--storage`` resumes the studies where they stopped and does
 not score again what it scored.
 """
@@ -66,6 +67,9 @@ def main() -> None:
     ap.add_argument("--proxy", default="ce")
     ap.add_argument("--max-sparsity", type=float, default=0.9)
     ap.add_argument("--search-val-size", type=int, default=1000)
+    ap.add_argument("--search-val", choices=("train", "heldout"), default="train",
+                    help="search-val on training images, or on 1,000 held-out test images (test on the rest); "
+                         "give a --tag of its own, the studies differ")
     ap.add_argument("--storage", default="sqlite:///bench-state/patterns.db")
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -76,7 +80,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    task = make_task(args.model, args.search_val_size, granularity=args.granularity, proxy=args.proxy)
+    task = make_task(args.model, args.search_val_size, granularity=args.granularity, proxy=args.proxy,
+                     search_val=args.search_val)
     print(f"# {args.model} {task.table.granularity}: {len(task.table.units)} units; {machine()}", flush=True)
     earlier = read_results(args.out) or {}
     if earlier.get("args", {}).get("granularity") not in (None, args.granularity):
