@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoprune.errors import AutopruneError
+
 # What tests/engine/test_tp_adapter.py checks exists, as paths under the ``torch_pruning`` package.
 RELIED_ON = (
     "__version__",
@@ -122,7 +124,13 @@ def channel_groups(model: nn.Module, example: torch.Tensor, ignored: Sequence[st
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(model, example, verbose=False)
+        try:
+            dg = tp.DependencyGraph().build_dependency(model, example, verbose=False)
+        except Exception as err:  # an op its tracer does not follow (ShuffleNet's channel shuffle)
+            raise AutopruneError(
+                "Torch-Pruning could not trace this model's channel dependencies "
+                f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else 'no message'}); "
+                "granularity 'unstructured' or 'nm' prunes weights and needs no channel graph") from err
     modules = dict(model.named_modules())
     name_of = {m: n for n, m in model.named_modules()}
     param_name = {p: n for n, p in model.named_parameters()}

@@ -156,3 +156,19 @@ def test_each_group_importance_scores_every_root_channel(block, scorer):
     assert torch.isfinite(scores).all(), _changed("group importance values")
     if scorer == "magnitude_l1":
         assert int(np.argmin(scores.detach().numpy())) == 5, _changed("GroupMagnitudeImportance's scores")
+
+
+def test_a_model_whose_channels_torch_pruning_cannot_trace_is_one_clear_error():
+    """ShuffleNet's channel shuffle breaks Torch-Pruning's tracer (a ZeroDivisionError inside it):
+    the user gets one line naming the way out, and a weight granularity prunes the same model."""
+    import torchvision
+
+    import autoprune
+    from autoprune.errors import AutopruneError
+
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(AutopruneError, match="could not trace this model's channel dependencies") as err:
+        autoprune.inspect(model, x)
+    assert "'unstructured' or 'nm'" in str(err.value) and "\n" not in str(err.value)
+    assert len(autoprune.inspect(model, x, granularity="unstructured").table.units) == 57
