@@ -19,7 +19,7 @@ _EXPORTS = {
     "search": "autoprune.api", "load": "autoprune.api", "apply": "autoprune.api", "inspect": "autoprune.api",
     "SearchResult": "autoprune.studies.result", "EnvConfig": "autoprune.envs.config",
     "TaskConfig": "autoprune.task", "Policy": "autoprune.units.policy", "FinetuneConfig": "autoprune.finetune.loop",
-    "AutopruneError": "autoprune.errors", "semi_structured": "autoprune.export.semi_structured",
+    "AutopruneError": "autoprune.errors", "semi_structured": "autoprune.cost.semi_structured",
 }
 
 

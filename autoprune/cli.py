@@ -390,10 +390,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_finetune_flags(args)
     if args.format not in FORMATS:
         raise AutopruneError(f"unknown --format {args.format!r}; choose one of: {', '.join(FORMATS)}")
-    if args.latency_runtime is not None:
+    if args.latency_runtime is not None or args.latency_device != "cpu":
         from autoprune.cost.runtimes import get_runtime
+        from autoprune.task.config import check_device
 
-        get_runtime(args.latency_runtime).check("cpu")
+        get_runtime(args.latency_runtime or "eager").check(check_device(args.latency_device))
     out = Path(args.output)
     if not out.parent.is_dir():
         raise AutopruneError(f"cannot write {out}: folder {out.parent} does not exist")
@@ -411,7 +412,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         ft = _finetune(args, result.record.task.seed)
         metrics = result.export(model_dir, trial, reconstruct=args.reconstruct, finetune=ft, onnx=args.onnx,
                                 quiet=args.quiet, resume=args.resume, top_k=args.top_k,
-                                select_epochs=args.select_epochs, latency_runtime=args.latency_runtime)
+                                select_epochs=args.select_epochs, latency_runtime=args.latency_runtime,
+                                latency_device=args.latency_device)
         if "selection" in metrics:
             trial = result.trial(metrics["selection"]["kept"])
         policy = result.policy(trial)
@@ -600,6 +602,8 @@ def _export_command(sub) -> None:
     m.add_argument("--latency-runtime", default=None,
                    help=_Help.of("runtime", "what runs the models whose latency metrics.json reports",
                                  "the study's"))
+    m.add_argument("--latency-device", default="cpu",
+                   help="where that latency is timed (default cpu; cuda[:N] for the semi-structured runtime)")
     m.add_argument("--reconstruct", default=None,
                    help=_Help.of("reconstruct", "how the model is rebuilt", "as the study's episodes were scored"))
     m.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")

@@ -12,7 +12,7 @@ the whole model, all in ``--dtype`` (bfloat16), channels-last, run on the layer'
 
 * ``conv``: the masked layer as it is, cuDNN's convolution (what a user runs without sparse kernels);
 * ``gemm``: the same layer as one dense GEMM over channels-last patches
-  (:class:`~autoprune.export.semi_structured.GemmConv2d`), what the sparse kernel replaces;
+  (:class:`~autoprune.cost.semi_structured.GemmConv2d`), what the sparse kernel replaces;
 * ``sparse``: that GEMM with the weight in PyTorch's semi-structured form (CUDA, sm80+ only).
 
 So ``sparse / gemm`` is what the sparse tensor cores buy, and ``sparse / conv`` what a user gets.
@@ -31,8 +31,8 @@ import time
 import torch
 from torch import nn
 
+from autoprune.cost.semi_structured import check_semi_structured, semi_structured
 from autoprune.errors import AutopruneError
-from autoprune.export.semi_structured import check_semi_structured, semi_structured
 from autoprune.model.checkpoints import load_weights
 from autoprune.model.zoo import ModelSpec, build_model
 from autoprune.prune.patterns import NM, fits_nm, nm_mask

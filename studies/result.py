@@ -133,12 +133,13 @@ class SearchResult:
     def export(self, directory: str | Path, trial: int | optuna.trial.FrozenTrial | None = None,
                reconstruct: str | None = None, finetune: Finetune = None, onnx: bool = False,
                latency_batches: tuple[int, ...] = (1,), quiet: bool = True, resume: bool = False,
-               top_k: int = 1, select_epochs: float = 1.0, latency_runtime: str | None = None) -> dict:
+               top_k: int = 1, select_epochs: float = 1.0, latency_runtime: str | None = None,
+               latency_device: str = "cpu") -> dict:
         """Write ``trial``'s pruned model and measurements to ``directory`` (made atomically):
         ``model.pt2`` (a ``torch.export`` program: ``torch.export.load(path).module()`` needs no
         autoprune), ``policy.json``, ``metrics.json``, ``pruned.pt`` for registered models, and
         ``model.onnx`` with ``onnx=True``. Latency is measured with ``latency_runtime`` (default:
-        the one the study searched with). Returns the metrics.
+        the one the study searched with) on ``latency_device``. Returns the metrics.
 
         A :class:`~autoprune.finetune.loop.FinetuneConfig` fine-tune checkpoints every epoch into
         ``directory`` and logs ``finetune.csv`` there; ``resume`` continues a killed one. With
@@ -154,7 +155,8 @@ class SearchResult:
         policy = self.policy(trial)
         return apply_policy(task, policy, directory, finetune, test=task.has_test,
                             latency_batches=latency_batches, onnx=onnx, quiet=quiet, resume=resume, extra=extra,
-                            latency_runtime=latency_runtime or self.record.search.env.latency_runtime)
+                            latency_runtime=latency_runtime or self.record.search.env.latency_runtime,
+                            latency_device=latency_device)
 
     def _select(self, task: PruningTask, k: int, epochs: float, finetune: Finetune, directory: Path,
                 resume: bool, quiet: bool) -> tuple[optuna.trial.FrozenTrial, dict]:

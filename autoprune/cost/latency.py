@@ -326,8 +326,9 @@ def check_timeable(strategy) -> None:
     the runtimes autoprune times run them as fast as the dense model."""
     if not strategy.physical:
         raise AutopruneError(f"a latency budget needs channel granularity: {strategy.name} masks run as "
-                             "fast as dense weights on the runtimes autoprune times (none of them runs "
-                             "N:M or block-sparse kernels); use a flops or params budget")
+                             "fast as dense weights on the runtimes a search times (the semi-structured "
+                             "runtime times a 2:4 model at export on a GPU, not in a search); use a flops "
+                             "or params budget")
 
 
 @COST_MODELS.register("latency", help="measured latency, predicted by a calibrated lookup table")

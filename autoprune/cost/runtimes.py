@@ -178,3 +178,26 @@ class OnnxRuntime(Runtime):
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: x.detach().cpu().numpy()}
         return lambda: session.run(None, feed)
+
+
+@RUNTIMES.register("semi-structured", help="2:4 layers on a GPU's sparse tensor cores, the rest dense "
+                   "(PyTorch semi-structured sparsity, bfloat16; CUDA, compute capability 8.0+)")
+class SemiStructuredRuntime(Runtime):
+    """What an N:M-masked model gains on sparse tensor cores: every layer whose mask fits 2:4 runs
+    as a sparse GEMM, every other layer as it is, all in bfloat16 and channels-last (so the dense
+    model it is compared with runs in the same precision and layout)."""
+
+    def check(self, device: str) -> None:
+        from autoprune.cost.semi_structured import require_sparse_cores
+
+        require_sparse_cores(device)
+
+    def prepare(self, model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+        from autoprune.cost.semi_structured import semi_structured
+
+        sparse, _ = semi_structured(model, x.device)
+        sparse = sparse.to(memory_format=torch.channels_last)
+        xb = x.to(torch.bfloat16)
+        if xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return lambda: sparse(xb)

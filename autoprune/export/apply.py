@@ -215,7 +215,7 @@ def _finetune_phase(task: PruningTask, model: nn.Module, kept, finetune_cfg, out
 def _semi_structured(task: PruningTask, model: nn.Module, quiet: bool) -> dict:
     """Where the task runs on a GPU with sparse tensor cores: which layers take the 2:4 sparse
     form, and how far its outputs are from the masked model's; elsewhere, why not."""
-    from autoprune.export.semi_structured import check_semi_structured, semi_structured
+    from autoprune.cost.semi_structured import check_semi_structured, semi_structured
 
     try:
         sparse, report = semi_structured(model, task.device)

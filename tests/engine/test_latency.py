@@ -20,8 +20,12 @@ from autoprune.task import PruningTask
 SLOW_RUNTIMES = {"compile"}
 
 
+# runtimes that time on a GPU only, covered by their own tests (tests/engine/test_semi_structured.py)
+GPU_RUNTIMES = {"semi-structured"}
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_RUNTIMES else n
-                                  for n in RUNTIMES.names()])
+                                  for n in RUNTIMES.names() if n not in GPU_RUNTIMES])
 def test_every_runtime_runs_the_model_it_was_given(trained_tiny, name):
     model = trained_tiny.eval()
     x = torch.randn(3, 1, 8, 8)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from autoprune.cost.semi_structured import GemmConv2d, check_semi_structured, gemm_unfit, semi_structured
 from autoprune.errors import AutopruneError
-from autoprune.export.semi_structured import GemmConv2d, check_semi_structured, gemm_unfit, semi_structured
 from autoprune.prune.patterns import NM, nm_mask, violations
 
 
@@ -98,3 +98,15 @@ def test_the_dense_gemm_twin_picks_the_two_of_four_layers_and_computes_the_same(
     assert isinstance(gemm[0], GemmConv2d) and isinstance(gemm[5], nn.Conv2d) and isinstance(net[0], nn.Conv2d)
     assert by_name["0"].to_dict() == {"layer": "0", "matrix": [128, 9 * 64], "converted": True}
     assert check_semi_structured(net, gemm, x[:4]) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="semi-structured sparse kernels need a CUDA GPU of compute capability 8.0 or later")
+def test_the_semi_structured_runtime_times_a_two_of_four_model_against_its_dense_twin():
+    from autoprune.cost.latency import measure_ratio
+
+    net, _ = _masked_net()
+    dense, _ = _masked_net()
+    dense.load_state_dict({k: torch.randn_like(v) if v.dim() > 1 else v for k, v in dense.state_dict().items()})
+    ratio, d, p = measure_ratio(dense, net, (64, 16, 16), "cuda", 64, 1, pairs=5, runtime="semi-structured")
+    assert 0 < ratio < 10 and d.median_s > 0 and p.median_s > 0

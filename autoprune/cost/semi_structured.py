@@ -5,7 +5,8 @@ along the reduction dimension at up to twice the dense rate. PyTorch reaches the
 ``torch.sparse.to_sparse_semi_structured``, for the weight of a matrix product (``F.linear``) in
 half precision, on CUDA only. autoprune's N:M masks already lie the way those kernels read them:
 a conv weight ``(out, in, kh, kw)`` grouped along the input channels at each kernel position
-(:mod:`autoprune.prune.patterns`). So a conv runs as a GEMM over *channels-last* patches, whose
+(:mod:`autoprune.prune.patterns`, whose channels-last view :func:`weight_matrix` repeats, since
+this module serves the runtimes, below the pruners). So a conv runs as a GEMM over *channels-last* patches, whose
 reduction index is ``(kh, kw, in)``: the weight matrix ``(out, kh*kw*in)`` then keeps the groups
 consecutive. Every rung with at most 2 non-zeros in each aligned group of 4 (2:4, 1:4, 2:8,
 1:8) fits; 4:8 and 6:8 do not.
@@ -14,7 +15,8 @@ Which layers gain is the hardware's call: a sparse GEMM beats a dense one only o
 and building the patches costs memory traffic that cuDNN's own convolution avoids, so a user
 should time both (``benchmarks/semi_structured_latency.py``). :func:`semi_structured` converts
 what it can and says, layer by layer, why it left the rest dense; :func:`check_semi_structured`
-compares the converted model with the masked one.
+compares the converted model with the masked one; the ``semi-structured`` latency runtime
+(:mod:`autoprune.cost.runtimes`) times what :func:`semi_structured` makes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprune.errors import AutopruneError
-from autoprune.prune import patterns
+
+
+def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A conv weight ``(out, in, kh, kw)`` as the GEMM's ``(out, kh*kw*in)``, a linear one as it is."""
+    w = weight.permute(0, 2, 3, 1) if weight.dim() == 4 else weight
+    return w.reshape(weight.shape[0], -1)
+
+
+def breaks_two_of_four(matrix: torch.Tensor) -> int:
+    """How many aligned groups of 4 along a matrix's rows keep more than 2 non-zeros."""
+    return int(((matrix.detach() != 0).reshape(-1, 4).sum(1) > 2).sum())
 
 
 class GemmConv2d(nn.Module):
@@ -46,8 +58,7 @@ class GemmConv2d(nn.Module):
         self.stride = tuple(conv.stride)
         self.padding = tuple(conv.padding)
         self.out_channels = conv.out_channels
-        w = patterns.channels_last(conv.weight.detach()).reshape(conv.out_channels, -1)
-        self.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+        self.weight = nn.Parameter(weight_matrix(conv.weight.detach()).contiguous(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +148,7 @@ def semi_structured(model: nn.Module, device: str | torch.device = "cuda", dtype
         if why is None and cols % 4:
             why = f"{cols} reduction columns are not a multiple of 4"
         if why is None:
-            bad = patterns.violations(patterns.channels_last(module.weight).reshape(rows, cols), "2:4")
+            bad = breaks_two_of_four(weight_matrix(module.weight))
             if bad:
                 why = f"{bad} of {rows * cols // 4} groups of 4 keep more than 2 weights"
         if why is None:
