@@ -159,7 +159,7 @@ def semi_structured(model: nn.Module, device: str | torch.device = "cuda", dtype
             except (RuntimeError, ValueError, NotImplementedError) as err:  # a shape the kernel refuses
                 why = str(err).strip().splitlines()[0]
             else:
-                _replace(out, name, gemm)
+                out.set_submodule(name, gemm)
         reports.append(LayerReport(name, rows, cols, why is None, why or ""))
     return out, reports
 
@@ -174,8 +174,3 @@ def check_semi_structured(masked: nn.Module, sparse: nn.Module, example: torch.T
     with torch.no_grad():
         ref, got = masked(x).float(), sparse(x).float()
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)

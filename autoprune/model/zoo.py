@@ -104,12 +104,6 @@ for _depth in (20, 32, 44, 56, 110):
 # ----------------------------------------------------------------------------------------------
 # torchvision classifiers
 # ----------------------------------------------------------------------------------------------
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
@@ -136,14 +130,14 @@ def _adapt_stem(model: nn.Module, spec: ModelSpec, stem_kernel: int | None = Non
         new.weight.data.copy_(conv.weight.data)  # keep pretrained stem weights when they fit
         if conv.bias is not None:
             new.bias.data.copy_(conv.bias.data)
-    _replace(model, name, new)
+    model.set_submodule(name, new)
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
     """Swap the last Linear for one with ``num_classes`` outputs when the count differs."""
     name, linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     if linear.out_features != num_classes:
-        _replace(model, name, nn.Linear(linear.in_features, num_classes))
+        model.set_submodule(name, nn.Linear(linear.in_features, num_classes))
 
 
 def _load_torchvision(arch: str, spec: ModelSpec) -> nn.Module:
