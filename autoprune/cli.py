@@ -390,11 +390,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_finetune_flags(args)
     if args.format not in FORMATS:
         raise AutopruneError(f"unknown --format {args.format!r}; choose one of: {', '.join(FORMATS)}")
-    if args.latency_runtime is not None or args.latency_device != "cpu":
-        from autoprune.cost.runtimes import get_runtime
-        from autoprune.task.config import check_device
+    from autoprune.task.config import check_device
 
-        get_runtime(args.latency_runtime or "eager").check(check_device(args.latency_device))
+    check_device(args.latency_device)
+    if args.latency_runtime is not None:  # the study's own runtime is checked once the study is read
+        from autoprune.cost.runtimes import get_runtime
+
+        get_runtime(args.latency_runtime).check(args.latency_device)
     out = Path(args.output)
     if not out.parent.is_dir():
         raise AutopruneError(f"cannot write {out}: folder {out.parent} does not exist")

@@ -146,8 +146,11 @@ class SearchResult:
         ``top_k > 1`` the ``top_k`` best trials are each fine-tuned for ``select_epochs`` with the
         same recipe, the one best on search-val is kept (``metrics["selection"]``) and fine-tuned
         in full."""
+        from autoprune.cost.runtimes import get_runtime
         from autoprune.export.apply import apply_policy
 
+        runtime = latency_runtime or self.record.search.env.latency_runtime
+        get_runtime(runtime).check(latency_device)  # before any top-K candidate is fine-tuned
         task = self.task(reconstruct)
         extra = None
         if top_k > 1:
@@ -155,8 +158,7 @@ class SearchResult:
         policy = self.policy(trial)
         return apply_policy(task, policy, directory, finetune, test=task.has_test,
                             latency_batches=latency_batches, onnx=onnx, quiet=quiet, resume=resume, extra=extra,
-                            latency_runtime=latency_runtime or self.record.search.env.latency_runtime,
-                            latency_device=latency_device)
+                            latency_runtime=runtime, latency_device=latency_device)
 
     def _select(self, task: PruningTask, k: int, epochs: float, finetune: Finetune, directory: Path,
                 resume: bool, quiet: bool) -> tuple[optuna.trial.FrozenTrial, dict]:
