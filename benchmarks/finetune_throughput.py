@@ -10,7 +10,11 @@ fine-tune step (:func:`autoprune.finetune.loop.finetune` for ``--steps`` steps, 
 the dense model, the recipe ``export`` uses) on the dense model and on the best-rule policy at
 each budget. ``--fp32`` also times the tensor path in float32 and the contiguous layout, against
 the default bfloat16 autocast and channels-last (on CUDA and on CPUs with native bfloat16, AMX or
-AVX512-BF16; elsewhere both rows run float32). An epoch's time is the training split's images over
+AVX512-BF16; elsewhere both rows run float32). ``--stored-logits`` also times the tensor path
+reading the dense teacher's logits that an earlier run on the same batches stored
+(:mod:`autoprune.finetune.teacher`: what a second fine-tune with the same seed pays), against the
+teacher run on every batch; ``--rounds`` alternates the variants and reports each one's median.
+Every other row runs the teacher on every batch. An epoch's time is the training split's images over
 the measured rate, after a warm-up of ``--warmup`` steps (cuDNN autotuning, compilation) that is
 not counted.
 """
@@ -18,8 +22,12 @@ not counted.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,14 +50,21 @@ def loader_rate(splits, device: str, batches: int, batch_size: int) -> float:
 
 
 def step_rate(task, splits, model, device: str, steps: int, warmup: int, batch_size: int, compile: bool,
-              fp32: bool = False) -> float:
+              fp32: bool = False, stored: Path | None = None) -> float:
+    """Images per second of ``steps`` fine-tune steps after ``warmup`` untimed ones. With ``stored``
+    (a folder), the teacher's logits of those steps are stored there first, then read."""
     cfg = FinetuneConfig.recipe(1, batch_size=batch_size, compile=compile, amp=not fp32, channels_last=not fp32)
-    run = dataclasses.replace(cfg, steps=warmup)
-    finetune(model, splits, run, teacher=task.dense, device=device, progress=False)
+    measured = dataclasses.replace(cfg, steps=steps)
+    run = dataclasses.replace(cfg, steps=warmup, seed=1)  # other batches than the measured ones
+    finetune(model, splits, run, teacher=task.dense, device=device, progress=False, teacher_cache=False)
+    if stored is not None:
+        finetune(copy.deepcopy(model), splits, measured, teacher=task.dense, device=device, progress=False,
+                 teacher_cache=stored)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    finetune(model, splits, dataclasses.replace(cfg, steps=steps), teacher=task.dense, device=device, progress=False)
+    finetune(model, splits, measured, teacher=task.dense, device=device, progress=False,
+             teacher_cache=stored if stored is not None else False)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return steps * batch_size / (time.perf_counter() - start)
@@ -68,6 +83,9 @@ def main() -> None:
     ap.add_argument("--paths", default="jpeg,tensor")
     ap.add_argument("--compile", action="store_true", help="also time the tensor path through torch.compile")
     ap.add_argument("--fp32", action="store_true", help="also time the tensor path in float32, contiguous")
+    ap.add_argument("--stored-logits", action="store_true",
+                    help="also time the tensor path reading the teacher's stored logits")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the variants this many times (median)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -87,16 +105,25 @@ def main() -> None:
         print(f"{name:6s} loader alone: {rate:,.0f} images/s", flush=True)
     for policy in args.policies.split(","):
         widths = None if policy == "dense" else rule_widths(task, args.rule, policy)
-        variants = [(n, sp, False, False) for n, sp in paths.items()]
+        variants = [(n, sp, False, False, False) for n, sp in paths.items()]
         if args.fp32:
-            variants.append(("tensor+fp32", splits, False, True))
+            variants.append(("tensor+fp32", splits, False, True, False))
         if args.compile:
-            variants.append(("tensor+compile", splits, True, False))
-        for name, sp, comp, fp32 in variants:
-            model = task.prune(task.table.sizes()) if widths is None else task.pruned(widths)[0]
-            rate = step_rate(task, sp, model, args.device, args.steps, args.warmup, args.batch_size, comp, fp32)
+            variants.append(("tensor+compile", splits, True, False, False))
+        if args.stored_logits:
+            variants.append(("tensor+stored-logits", splits, False, False, True))
+        rates: dict[str, list[float]] = {}
+        for _ in range(args.rounds):
+            for name, sp, comp, fp32, stored in variants:
+                model = task.prune(task.table.sizes()) if widths is None else task.pruned(widths)[0]
+                with tempfile.TemporaryDirectory() as folder:
+                    rates.setdefault(name, []).append(step_rate(
+                        task, sp, model, args.device, args.steps, args.warmup, args.batch_size, comp, fp32,
+                        Path(folder) if stored else None))
+        for name, _sp, _comp, fp32, _stored in variants:
+            rate = statistics.median(rates[name])
             flops = 1.0 if widths is None else task.cost_ratios(widths)["flops"]
-            row = {"path": name, "what": "fine-tune", "policy": policy, "images_per_s": rate,
+            row = {"path": name, "what": "fine-tune", "policy": policy, "images_per_s": rate, "rounds": rates[name],
                    "bf16": native_bf16(args.device) and not fp32,
                    "epoch_s": train_images / rate, "flops": flops}
             rows.append(row)

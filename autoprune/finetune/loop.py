@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from autoprune.common.fileio import atomic_torch_save, atomic_write_text
 from autoprune.data.datasets import Splits
 from autoprune.errors import AutopruneError
+from autoprune.finetune.teacher import TeacherLogits, default_folder
 
 CHECKPOINT = "finetune-checkpoint.pt"
 LOG = "finetune.csv"
@@ -237,7 +238,8 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
              desc: str = "fine-tune", run_dir: str | Path | None = None, resume: bool = False,
              validate: Callable[[nn.Module], float] | None = None,
              test: Callable[[nn.Module], float] | None = None, tag: dict | None = None,
-             hints: Mapping[str, torch.Tensor] | None = None) -> FinetuneResult:
+             hints: Mapping[str, torch.Tensor] | None = None,
+             teacher_cache: bool | str | Path = True) -> FinetuneResult:
     """Train ``model`` in place on ``splits.train`` (augmented) and return it in eval mode.
 
     Args:
@@ -250,6 +252,10 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
         tag: what the checkpoint must have been made from (the policy, the dense weights).
         hints: for ``cfg.hint > 0``, module name -> the dense model's channel indices that
             module kept in ``model`` (:func:`autoprune.export.apply.hint_points`).
+        teacher_cache: keep the teacher's logits for each batch and reuse those of an earlier run
+            on the same batches (:mod:`autoprune.finetune.teacher`): ``True`` under the cache
+            folder, a folder, or ``False`` (the teacher runs on every batch). It changes what a
+            step costs, not what it computes.
 
     A non-finite loss stops training with a user error rather than writing a broken model.
     """
@@ -257,7 +263,7 @@ def finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig = FinetuneCon
     run_dir = Path(run_dir) if run_dir is not None else None
     tag = dict(tag or {})
     ckpt_path = _open_run_dir(run_dir, resume)
-    run = _Run(model, splits, cfg, teacher, device, hints)
+    run = _Run(model, splits, cfg, teacher, device, hints, teacher_cache)
     if resume and ckpt_path is not None and ckpt_path.exists():
         run.restore(_read_checkpoint(ckpt_path, cfg, tag))
     elif validate is not None and cfg.steps is None:
@@ -316,7 +322,7 @@ class _Run:
     the step, the epoch, the best epoch so far and the result being filled in."""
 
     def __init__(self, model: nn.Module, splits: Splits, cfg: FinetuneConfig, teacher: nn.Module | None,
-                 device: str, hints: Mapping[str, torch.Tensor] | None) -> None:
+                 device: str, hints: Mapping[str, torch.Tensor] | None, teacher_cache: bool | str | Path) -> None:
         self.model, self.cfg, self.teacher, self.device = model, cfg, teacher, device
         model.to(device).train()
         if teacher is not None:
@@ -342,6 +348,11 @@ class _Run:
         self.forward = torch.compile(model) if cfg.compile else model
         # hooked last, so that a setting refused above leaves no hooks on the caller's models
         self.hinted = _Hints(model, teacher, hints, device) if cfg.hint > 0 else None
+        self.logits = None  # hints need the teacher's features on every batch, not only its logits
+        if self.distill and self.hinted is None and teacher_cache is not False:
+            folder = default_folder() if teacher_cache is True else Path(teacher_cache)
+            self.logits = TeacherLogits.for_run(teacher, self.loader, seed=cfg.seed, amp=amp, layout=self.layout,
+                                                device=device, folder=folder)
         self.result = FinetuneResult(model)
         self.step, self.epoch, self.best = 0, 0, None
 
@@ -362,23 +373,41 @@ class _Run:
         torch.manual_seed(cfg.seed * 100_003 + self.epoch)
         self.loader.generator.manual_seed(cfg.seed + self.epoch)
         losses = []
+        stored = self.logits.epoch(self.epoch) if self.logits is not None else None
+        seen = []  # the teacher's logits for each batch, stored or computed
         model.train()
-        for x, y in self.loader:
+        for i, (x, y) in enumerate(self.loader):
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.layout)
-            loss = self._train_step(x, y.to(self.device, non_blocking=True))
+            known = stored[i] if stored is not None and i < len(stored) else None
+            if known is not None and i == 0 and not self.logits.verify(known, self._teacher(x)):
+                stored = known = None
+            loss, t_logits = self._train_step(x, y.to(self.device, non_blocking=True), known)
+            seen.append(t_logits)
             losses.append(loss)
             bar.update(1)
             bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss:.3f}", refresh=False)
             if self.step >= self.total:
                 break
+        if self.logits is not None and len(seen) > (0 if stored is None else len(stored)):
+            self.logits.store(self.epoch, seen)
         self.epoch += 1
         return losses
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _teacher(self, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast(), torch.no_grad():
+            return self.teacher(x)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor,
+                    t_logits: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None]:
+        """One optimiser step; ``t_logits``: the teacher's logits for ``x`` where they are known.
+        Returns the loss and the teacher's logits the step used."""
         cfg = self.cfg
         with self.autocast():
-            with torch.no_grad():
-                t_logits = self.teacher(x) if self.distill or self.hinted else None
+            if t_logits is not None:
+                t_logits = t_logits.to(self.device, non_blocking=True)
+            elif self.distill or self.hinted:
+                with torch.no_grad():
+                    t_logits = self.teacher(x)
             loss = _loss(self.forward(x).float(), y, t_logits.float() if self.distill else None, cfg)
             if self.hinted is not None:
                 loss = loss + cfg.hint * self.hinted.loss()
@@ -390,7 +419,7 @@ class _Run:
         self.opt.step()
         self.sched.step()
         self.step += 1
-        return loss.item()
+        return loss.item(), t_logits
 
     def end_epoch(self, losses: list[float], started: float, validate, test) -> tuple[dict, dict]:
         """Score the epoch just trained, log it and keep it if it is the best so far. Returns its

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torchvision
 
 from autoprune.cli import main
 from autoprune.errors import AutopruneError
@@ -248,3 +249,97 @@ def test_hints_pull_the_pruned_features_towards_the_dense_ones(tiny_task):
         run_finetune(tiny_task, tiny_task.pruned(kept)[0], cfg, quiet=True)
     with pytest.raises(AutopruneError, match="hint weight"):
         FinetuneConfig.recipe(1, hint=-1.0).check()
+
+
+def _teacher_calls(teacher: torch.nn.Module) -> dict:
+    calls = {"n": 0}
+
+    def hook(module, args):
+        calls["n"] += 1
+
+    teacher.register_forward_pre_hook(hook)
+    return calls
+
+
+def test_teacher_logits_are_stored_once_and_the_next_run_on_the_same_batches_skips_the_teacher(
+        digits, trained_tiny, tmp_path):
+    from autoprune.finetune import teacher as stored_logits
+
+    stored_logits._MEMORY.clear()
+    cfg = FinetuneConfig.recipe(2, batch_size=64, seed=5)
+    steps = 2 * (len(digits.train) // 64)
+    plain = _student(trained_tiny)
+    finetune(plain, digits, cfg, teacher=copy.deepcopy(trained_tiny), progress=False, teacher_cache=False)
+
+    runs = []
+    for _ in range(2):  # the first run computes and stores, the second reads (from disk: memory cleared)
+        stored_logits._MEMORY.clear()
+        teacher = copy.deepcopy(trained_tiny)
+        calls = _teacher_calls(teacher)
+        model = _student(trained_tiny)
+        finetune(model, digits, cfg, teacher=teacher, progress=False, teacher_cache=tmp_path / "logits")
+        runs.append((model, calls["n"]))
+    assert runs[0][1] == steps and runs[1][1] == 2  # one batch an epoch, run again to check the store
+    assert len(list((tmp_path / "logits").glob("*/epoch-*.pt"))) == 2
+    for model, _ in runs:  # what a step computes does not change, only what it costs
+        for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), name
+
+    # another teacher, or another seed, is another key: the teacher runs on every batch
+    other = copy.deepcopy(trained_tiny)
+    with torch.no_grad():
+        next(other.parameters()).mul_(0.5)
+    for teacher, run_cfg in ((other, cfg), (copy.deepcopy(trained_tiny), replace(cfg, seed=6))):
+        calls = _teacher_calls(teacher)
+        finetune(_student(trained_tiny), digits, run_cfg, teacher=teacher, progress=False,
+                 teacher_cache=tmp_path / "logits")
+        assert calls["n"] == steps
+    # an episode's few steps: a longer run reads the stored steps, computes and keeps the rest
+    for n, expected in ((5, 5), (8, 1 + 3), (8, 1)):
+        stored_logits._MEMORY.clear()
+        calls = _teacher_calls(teacher := copy.deepcopy(trained_tiny))
+        finetune(_student(trained_tiny), digits, replace(cfg, seed=9, steps=n), teacher=teacher, progress=False,
+                 teacher_cache=tmp_path / "logits")
+        assert calls["n"] == expected
+
+
+def test_stored_teacher_logits_that_do_not_match_the_teacher_are_dropped(digits, trained_tiny, tmp_path, caplog):
+    from autoprune.finetune import teacher as stored_logits
+
+    stored_logits._MEMORY.clear()
+    cfg = FinetuneConfig.recipe(1, batch_size=64, seed=7)
+    finetune(_student(trained_tiny), digits, cfg, teacher=copy.deepcopy(trained_tiny), progress=False,
+             teacher_cache=tmp_path)
+    (path,) = tmp_path.glob("*/epoch-0.pt")
+    saved = torch.load(path, weights_only=True)
+    saved["logits"] = saved["logits"] + 3.0  # what a key that missed something would hand back
+    torch.save(saved, path)
+    stored_logits._MEMORY.clear()
+
+    plain, model = _student(trained_tiny), _student(trained_tiny)
+    finetune(plain, digits, cfg, teacher=copy.deepcopy(trained_tiny), progress=False, teacher_cache=False)
+    teacher = copy.deepcopy(trained_tiny)
+    calls = _teacher_calls(teacher)
+    with caplog.at_level("WARNING", logger="autoprune.finetune.teacher"):
+        finetune(model, digits, cfg, teacher=teacher, progress=False, teacher_cache=tmp_path)
+    assert "do not match" in caplog.text and calls["n"] == 1 + len(digits.train) // 64
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_teacher_logits_are_kept_only_where_batches_repeat_exactly(digits, trained_tiny, tmp_path):
+    from autoprune.finetune.teacher import TeacherLogits
+
+    teacher = copy.deepcopy(trained_tiny)
+    tensors = digits.train_loader(64, seed=0)
+    # image files decoded and augmented in worker processes: batches not decided by the seed alone
+    files = torch.utils.data.DataLoader(torchvision.datasets.FakeData(8, (3, 8, 8)), batch_size=4, num_workers=1,
+                                        generator=torch.Generator())
+    workers = torch.utils.data.DataLoader(digits.train, batch_size=64, num_workers=2, generator=torch.Generator())
+    kw = dict(seed=0, amp=False, layout=torch.contiguous_format, device="cpu", folder=tmp_path)
+    assert TeacherLogits.for_run(teacher, tensors, **kw) is not None
+    assert TeacherLogits.for_run(teacher, files, **kw) is None and TeacherLogits.for_run(teacher, workers, **kw) is None
+    a = TeacherLogits.for_run(teacher, tensors, **kw).key
+    assert a != TeacherLogits.for_run(teacher, digits.train_loader(32, seed=0), **kw).key
+    assert a != TeacherLogits.for_run(teacher, tensors, **{**kw, "amp": True}).key
+    assert a == TeacherLogits.for_run(copy.deepcopy(teacher), digits.train_loader(64, seed=0), **kw).key
