@@ -29,6 +29,9 @@
 #   LOCAL=1 DEVICE=cpu PARALLEL=2 THREADS=1 BUDGET=86400 WORK=bench-state OUT=logs/ft JOBS=lat bash benchmarks/finetune_on_gpu.sh
 # Issue 24's predictor study: JOBS=pred runs benchmarks/predictors.py in SHARDS processes (default 2) over the
 # 0.3flops policies of both searches (rules and each seed's best; the r03 runs of fine-tune seed 0 are reused).
+# Issue 24's GPU throughput: JOBS="thr ..." times fine-tune steps of the dense and 0.3flops ResNet-56, the JPEG
+# loader against the in-memory path, eager and compiled, and reading the teacher's stored logits
+# (benchmarks/finetune_throughput.py --device cuda), alone, before the fine-tunes load the GPU.
 # Issue 25's CUDA timings: JOBS="cudalat ..." first times the 0.5flops policies with eager and compile at batch 256
 # (benchmarks/runtime_speedup.py --device cuda), alone, then the fine-tune jobs start.
 # Issue 26's 2:4 timings: JOBS="nm24 ..." times ResNet-18 cut to 2:4, layer by layer and whole, as cuDNN convs, as
@@ -88,6 +91,10 @@ for job in ${JOBS:-best rule topk lr01}; do
                --short $SHORT --device $DEVICE --threads $THREADS --shard $i/$SHARDS ${COMPILE:+--compile} \
                --out $W/ft/predictors-resnet56-0.3flops.json >> $OUT/pred-$i.log 2>&1 &
            done ;;
+    thr)   # issue 24 on a GPU: epoch time of the dense and 0.3flops ResNet-56 (aim: 2 s dense on an H200); alone
+      timeout $BUDGET $PY -m benchmarks.finetune_throughput --model resnet56 --device $DEVICE --steps 100 \
+        --warmup 10 --policies dense,0.3flops --paths jpeg,tensor --compile --stored-logits --loader-batches 50 \
+        --threads $THREADS --out $W/finetune-throughput-cuda.json >> $OUT/thr.log 2>&1 ;;
     cudalat)  # issue 25 on a GPU: the 0.5flops rules and best searched policies timed against dense with eager
               # and compile at batch 256; in the foreground, alone, before the fine-tunes load the GPU
       timeout $BUDGET $PY -m benchmarks.runtime_speedup --models resnet56,resnet18 --runtimes eager,compile \
@@ -103,7 +110,7 @@ for job in ${JOBS:-best rule topk lr01}; do
         --weights $C/shared/models/resnet56_cifar10.pt --data-dir $HOME/.cache/autoprune-data/cifar10-jpeg \
         --model-dir $W/topk/model --finetune-epochs $EPOCHS --top-k 4 --select-epochs $SELECT \
         --device $DEVICE) >> $OUT/topk.log 2>&1 & ;;
-    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1, lat, pred, cudalat, nm24)"; exit 2 ;;
+    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1, lat, pred, thr, cudalat, nm24)"; exit 2 ;;
   esac
 done
 while [ -n "$(jobs -r)" ]; do
