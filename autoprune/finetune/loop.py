@@ -382,6 +382,8 @@ class _Run:
             if known is not None and i == 0 and not self.logits.verify(known, self._teacher(x)):
                 stored = known = None
             loss, t_logits = self._train_step(x, y.to(self.device, non_blocking=True), known)
+            if i == 0 and self.logits is not None and not self.logits.fits(t_logits, len(self.loader)):
+                self.logits = None  # an epoch's logits too large to keep (many images, many classes)
             seen.append(t_logits)
             losses.append(loss)
             bar.update(1)

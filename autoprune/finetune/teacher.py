@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 _FORMAT = "autoprune.teacher-logits/1"
 _MEMORY: dict[tuple[str, int], torch.Tensor] = {}  # (key, epoch) -> logits, for runs in one process
 _MEMORY_BYTES = 256 << 20
+EPOCH_BYTES = 64 << 20  # an epoch's logits beyond this are not kept (CIFAR-10's: 1 MB)
 
 
 def default_folder() -> Path:
@@ -138,6 +139,15 @@ class TeacherLogits:
                 atomic_torch_save({"format": _FORMAT, "key": self.key, "logits": stacked}, path)
             except OSError as e:  # a read-only or full cache costs speed, never the run
                 log.warning("could not store teacher logits under %s (%s)", path.parent, e)
+
+    def fits(self, batch_logits: torch.Tensor, steps: int) -> bool:
+        """Whether an epoch of ``steps`` batches like ``batch_logits`` is small enough to keep
+        (:data:`EPOCH_BYTES`); if not, the store is off for this run, which then runs as without it."""
+        size = steps * batch_logits.numel() * batch_logits.element_size()
+        if size > EPOCH_BYTES:
+            self.enabled = False
+            log.info("teacher logits not kept: an epoch's would take %d MB", size >> 20)
+        return size <= EPOCH_BYTES
 
     def verify(self, stored: torch.Tensor, computed: torch.Tensor) -> bool:
         """Whether ``computed`` (the teacher run again on a batch) matches ``stored``; if not, the

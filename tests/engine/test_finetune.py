@@ -343,3 +343,14 @@ def test_teacher_logits_are_kept_only_where_batches_repeat_exactly(digits, train
     assert a != TeacherLogits.for_run(teacher, digits.train_loader(32, seed=0), **kw).key
     assert a != TeacherLogits.for_run(teacher, tensors, **{**kw, "amp": True}).key
     assert a == TeacherLogits.for_run(copy.deepcopy(teacher), digits.train_loader(64, seed=0), **kw).key
+
+
+def test_teacher_logits_too_large_to_keep_are_not_kept(digits, trained_tiny, tmp_path, monkeypatch):
+    from autoprune.finetune import teacher as stored_logits
+
+    stored_logits._MEMORY.clear()
+    monkeypatch.setattr(stored_logits, "EPOCH_BYTES", 64)  # smaller than one batch's logits
+    calls = _teacher_calls(teacher := copy.deepcopy(trained_tiny))
+    finetune(_student(trained_tiny), digits, FinetuneConfig.recipe(1, batch_size=64, seed=11), teacher=teacher,
+             progress=False, teacher_cache=tmp_path)
+    assert calls["n"] == len(digits.train) // 64 and not list(tmp_path.rglob("*.pt")) and not stored_logits._MEMORY
