@@ -131,7 +131,10 @@ def add_eval_args(p: argparse.ArgumentParser, reconstruct_default: str) -> None:
     g.add_argument("--no-bn-recalibration", action="store_true",
                    help="score pruned models with the dense model's BN statistics")
     g.add_argument("--episode-finetune-steps", type=int, default=0,
-                   help="SGD steps on each pruned model before scoring")
+                   help="fine-tune steps on each pruned model before scoring (default 0: none)")
+    g.add_argument("--episode-finetune", default=None, choices=("distill", "sgd"),
+                   help="how those steps train: distill (default: export's recipe, from the dense model) "
+                        "or sgd (cross-entropy at lr 0.01, as studies made before this option)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
@@ -198,6 +201,8 @@ def task_config(args: argparse.Namespace, reconstruct: str = "lsq"):
     ``TaskConfig.check`` runs before any data is read)."""
     from autoprune.task import TaskConfig
 
+    if getattr(args, "episode_finetune", None) and not getattr(args, "episode_finetune_steps", 0):
+        raise AutopruneError("--episode-finetune says how --episode-finetune-steps train; give the steps too")
     return TaskConfig(
         model=args.model, weights=_absolute(args.weights), pretrained=args.pretrained,
         dataset=args.dataset or "digits", data_dir=_absolute(args.data_dir), seed=args.split_seed,
@@ -208,7 +213,8 @@ def task_config(args: argparse.Namespace, reconstruct: str = "lsq"):
         eval_batch_size=getattr(args, "eval_batch_size", 500),
         bn_recalibration=not getattr(args, "no_bn_recalibration", False), proxy=getattr(args, "proxy", "acc"),
         reconstruct=getattr(args, "reconstruct", None) or reconstruct,
-        episode_finetune_steps=getattr(args, "episode_finetune_steps", 0), device=getattr(args, "device", "cpu"),
+        episode_finetune_steps=getattr(args, "episode_finetune_steps", 0),
+        episode_finetune=getattr(args, "episode_finetune", None), device=getattr(args, "device", "cpu"),
     )
 
 

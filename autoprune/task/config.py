@@ -12,6 +12,14 @@ import torch
 from autoprune.common.records import Record, spec
 from autoprune.errors import AutopruneError
 
+EPISODE_FINETUNES = ("distill", "sgd")
+
+
+def _same_episode_finetune(a: str | None, b: str | None) -> bool:
+    """Studies made before the choice existed recorded none and ran ``sgd`` where they had steps
+    (without steps both are ``None``)."""
+    return (a or "sgd") == (b or "sgd")
+
 
 @dataclass(frozen=True)
 class TaskConfig(Record):
@@ -47,7 +55,12 @@ class TaskConfig(Record):
             ``acc`` top-1, ``ce`` exp(-cross-entropy), ``kl`` exp(-KL from the dense outputs).
         reconstruct: ``lsq`` refits each layer whose inputs shrank to the dense outputs
             (:mod:`autoprune.reconstruct.refit`); ``none`` keeps the selected weights.
-        episode_finetune_steps: SGD steps on each pruned model before scoring.
+        episode_finetune_steps: fine-tune steps on each pruned model before scoring (0: none).
+        episode_finetune: how those steps train: ``distill`` (the default where there are steps:
+            export's recipe, distillation from the dense model at a peak lr of 0.005 after a
+            tenth of the steps' warm-up, as NetAdapt's short-term fine-tune), or ``sgd``
+            (cross-entropy at lr 0.01 from the first step, what studies made before the choice
+            existed ran). ``None`` where there are no steps.
         device: ``cpu`` or ``cuda``.
     """
 
@@ -72,7 +85,14 @@ class TaskConfig(Record):
     proxy: str = spec("acc", identity=True, sibling=True, legacy="acc")
     reconstruct: str = spec("lsq", identity=True, sibling=True, legacy="none")
     episode_finetune_steps: int = spec(0, identity=True)
+    episode_finetune: str | None = spec(None, identity=True, legacy=None, equal=_same_episode_finetune)
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.episode_finetune_steps == 0:
+            object.__setattr__(self, "episode_finetune", None)
+        elif self.episode_finetune is None:
+            object.__setattr__(self, "episode_finetune", "distill")
 
     def asdict(self) -> dict:
         return asdict(self)
@@ -107,6 +127,11 @@ class TaskConfig(Record):
             raise AutopruneError(f"round_to must be a whole number of at least 1, or 'auto'; got {self.round_to!r}")
         RECONSTRUCTIONS.get(self.reconstruct)
         PROXIES.get(self.proxy)
+        if self.episode_finetune_steps < 0:
+            raise AutopruneError(f"episode fine-tune steps is {self.episode_finetune_steps}; give 0 (none) or more")
+        if self.episode_finetune not in (None, *EPISODE_FINETUNES):
+            raise AutopruneError(f"unknown episode fine-tune {self.episode_finetune!r}; choose one of: "
+                                 f"{', '.join(EPISODE_FINETUNES)}")
         for name in ("calib_batches", "calib_batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise AutopruneError(f"{name} must be at least 1")

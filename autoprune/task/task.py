@@ -244,9 +244,13 @@ class PruningTask:
         """
         model, report = self.pruned(kept)
         if self.config.episode_finetune_steps > 0:
-            finetune(model, self.splits, FinetuneConfig(steps=self.config.episode_finetune_steps,
-                                                        lr=0.01, seed=self.config.seed),
-                     device=self.device, progress=False)
+            steps, seed = self.config.episode_finetune_steps, self.config.seed
+            if self.config.episode_finetune == "sgd":
+                finetune(model, self.splits, FinetuneConfig(steps=steps, lr=0.01, seed=seed),
+                         device=self.device, progress=False)
+            else:  # every episode meets the same batches: the teacher's logits are computed once
+                finetune(model, self.splits, FinetuneConfig.recipe(1, steps=steps, seed=seed), teacher=self.dense,
+                         device=self.device, progress=False)
             if self.config.bn_recalibration:
                 recalibrate_bn(model, self._calib, self.config.calib_batch_size, self.device)
         if stop is None:

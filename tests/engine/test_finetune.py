@@ -255,7 +255,7 @@ def _teacher_calls(teacher: torch.nn.Module) -> dict:
     calls = {"n": 0}
 
     def hook(module, args):
-        calls["n"] += 1
+        calls["n"] += module is teacher  # not a pruned copy, which carries the hook along
 
     teacher.register_forward_pre_hook(hook)
     return calls
@@ -354,3 +354,33 @@ def test_teacher_logits_too_large_to_keep_are_not_kept(digits, trained_tiny, tmp
     finetune(_student(trained_tiny), digits, FinetuneConfig.recipe(1, batch_size=64, seed=11), teacher=teacher,
              progress=False, teacher_cache=tmp_path)
     assert calls["n"] == len(digits.train) // 64 and not list(tmp_path.rglob("*.pt")) and not stored_logits._MEMORY
+
+
+def test_episode_finetune_distils_from_the_dense_model_and_studies_record_which_recipe_ran(digits, trained_tiny):
+    from autoprune.finetune import teacher as stored_logits
+    from autoprune.task import PruningTask, TaskConfig
+
+    assert TaskConfig().episode_finetune is None and TaskConfig(episode_finetune_steps=5).episode_finetune == "distill"
+    # a study made before the choice existed ran SGD and recorded no recipe: it resumes only as sgd
+    old = {k: v for k, v in TaskConfig(episode_finetune_steps=5).to_attrs().items() if k != "task.episode_finetune"}
+    assert TaskConfig(episode_finetune_steps=5).mismatch(old)[0] == "episode_finetune"
+    assert TaskConfig(episode_finetune_steps=5, episode_finetune="sgd").mismatch(old) is None
+    plain = {k: v for k, v in TaskConfig().to_attrs().items() if k != "task.episode_finetune"}
+    assert TaskConfig().mismatch(plain) is None
+
+    stored_logits._MEMORY.clear()
+    scores, teacher_runs = {}, {}
+    for recipe, steps in (("none", 0), ("distill", 6), ("sgd", 6)):
+        dense = copy.deepcopy(trained_tiny)
+        task = PruningTask(TaskConfig(model="tiny", dataset="digits", proxy="ce", episode_finetune_steps=steps,
+                                      episode_finetune=None if recipe == "none" else recipe),
+                           splits=digits, dense=dense)
+        kept = [max(1, s // 2) for s in task.table.sizes()]
+        task.evaluate(kept)
+        calls = _teacher_calls(dense)
+        _, ev = task.evaluate(kept)  # a second episode meets the same batches as the first
+        scores[recipe], teacher_runs[recipe] = ev.accuracy, calls["n"]
+    # distillation reads the teacher's stored logits of the first episode: one batch run again to
+    # check them, beyond what an episode asks of the dense model anyway
+    assert teacher_runs["distill"] == teacher_runs["none"] + 1 == teacher_runs["sgd"] + 1
+    assert len(set(scores.values())) == 3  # each recipe trained (or not) its own way
