@@ -406,8 +406,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if not out.parent.is_dir():
         raise AutopruneError(f"cannot write {out}: folder {out.parent} does not exist")
-    if args.top_k < 1 or args.select_epochs <= 0:
-        raise AutopruneError("--top-k must be at least 1 and --select-epochs positive")
+    if args.top_k < 1 or args.select_epochs <= 0 or args.select_workers < 1:
+        raise AutopruneError("--top-k and --select-workers must be at least 1 and --select-epochs positive")
     if args.top_k > 1 and (args.trial is not None or not (args.weights or args.model_dir)
                            or args.finetune_epochs <= 0):
         raise AutopruneError("--top-k picks among the best trials by fine-tuning them: it needs "
@@ -421,7 +421,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         metrics = result.export(model_dir, trial, reconstruct=args.reconstruct, finetune=ft, onnx=args.onnx,
                                 quiet=args.quiet, resume=args.resume, top_k=args.top_k,
                                 select_epochs=args.select_epochs, latency_runtime=args.latency_runtime,
-                                latency_device=args.latency_device)
+                                latency_device=args.latency_device, select_workers=args.select_workers)
         if "selection" in metrics:
             trial = result.trial(metrics["selection"]["kept"])
         policy = result.policy(trial)
@@ -606,6 +606,9 @@ def _export_command(sub) -> None:
                         "on search-val, then fine-tune it fully (default 1: the best proxy score)")
     m.add_argument("--select-epochs", type=float, default=1.0, metavar="E",
                    help="epochs each --top-k candidate is fine-tuned for (default 1)")
+    m.add_argument("--select-workers", type=int, default=1, metavar="N",
+                   help="fine-tune N --top-k candidates at once, each in a process of its own (default 1; "
+                        "on a GPU that one small model leaves idle)")
     m.add_argument("--onnx", action="store_true", help="also write model.onnx, checked in onnxruntime")
     m.add_argument("--latency-runtime", default=None,
                    help=_Help.of("runtime", "what runs the models whose latency metrics.json reports",

@@ -108,7 +108,7 @@ for job in ${JOBS:-best rule topk lr01}; do
       (cd /tmp && timeout $BUDGET env PYTHONPATH=${PYTHONPATH:-$REPO} $PY -m autoprune.cli export \
         resnet56-0.5flops-l1-lsq-tpe-s0 --storage sqlite:///$C/r56.db -o $W/topk/policy.json \
         --weights $C/shared/models/resnet56_cifar10.pt --data-dir $HOME/.cache/autoprune-data/cifar10-jpeg \
-        --model-dir $W/topk/model --finetune-epochs $EPOCHS --top-k 4 --select-epochs $SELECT \
+        --model-dir $W/topk/model --finetune-epochs $EPOCHS --top-k 4 --select-epochs $SELECT --select-workers 4 \
         --device $DEVICE) >> $OUT/topk.log 2>&1 & ;;
     *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1, lat, pred, thr, cudalat, nm24)"; exit 2 ;;
   esac

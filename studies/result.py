@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
+import torch
 from torch import nn
 
 from autoprune.errors import AutopruneError
@@ -134,7 +135,7 @@ class SearchResult:
                reconstruct: str | None = None, finetune: Finetune = None, onnx: bool = False,
                latency_batches: tuple[int, ...] = (1,), quiet: bool = True, resume: bool = False,
                top_k: int = 1, select_epochs: float = 1.0, latency_runtime: str | None = None,
-               latency_device: str = "cpu") -> dict:
+               latency_device: str = "cpu", select_workers: int = 1) -> dict:
         """Write ``trial``'s pruned model and measurements to ``directory`` (made atomically):
         ``model.pt2`` (a ``torch.export`` program: ``torch.export.load(path).module()`` needs no
         autoprune), ``policy.json``, ``metrics.json``, ``pruned.pt`` for registered models, and
@@ -145,7 +146,9 @@ class SearchResult:
         ``directory`` and logs ``finetune.csv`` there; ``resume`` continues a killed one. With
         ``top_k > 1`` the ``top_k`` best trials are each fine-tuned for ``select_epochs`` with the
         same recipe, the one best on search-val is kept (``metrics["selection"]``) and fine-tuned
-        in full."""
+        in full; ``select_workers`` > 1 fine-tunes that many candidates at once, each in a process
+        of its own (a GPU that one small model's fine-tune leaves idle; a registered model's task
+        only, rebuilt in each process)."""
         from autoprune.cost.runtimes import get_runtime
         from autoprune.export.apply import apply_policy
 
@@ -154,25 +157,27 @@ class SearchResult:
         task = self.task(reconstruct)
         extra = None
         if top_k > 1:
-            trial, extra = self._select(task, top_k, select_epochs, finetune, Path(directory), resume, quiet)
+            trial, extra = self._select(task, top_k, select_epochs, finetune, Path(directory), resume, quiet,
+                                        select_workers)
         policy = self.policy(trial)
         return apply_policy(task, policy, directory, finetune, test=task.has_test,
                             latency_batches=latency_batches, onnx=onnx, quiet=quiet, resume=resume, extra=extra,
                             latency_runtime=runtime, latency_device=latency_device)
 
     def _select(self, task: PruningTask, k: int, epochs: float, finetune: Finetune, directory: Path,
-                resume: bool, quiet: bool) -> tuple[optuna.trial.FrozenTrial, dict]:
+                resume: bool, quiet: bool, workers: int = 1) -> tuple[optuna.trial.FrozenTrial, dict]:
         """Fine-tune the ``k`` best trials briefly and keep the best on search-val. Each finished
         candidate is written to ``directory/selection.json`` at once, so ``resume`` skips it."""
         from dataclasses import asdict
 
         from autoprune.common.fileio import write_document
-        from autoprune.export.apply import run_finetune
         from autoprune.export.artifacts import check_output_dir
 
         if not isinstance(finetune, FinetuneConfig) or finetune.epochs <= 0:
             raise AutopruneError("top-k selection fine-tunes the candidates with the same recipe: "
                                  "pass finetune=FinetuneConfig.recipe(epochs)")
+        if workers < 1:
+            raise AutopruneError(f"select workers is {workers}; give 1 or more")
         short = replace(finetune, epochs=epochs)
         path = directory / "selection.json"
         record = {"k": k, "select_epochs": epochs, "recipe": asdict(short), "candidates": []}
@@ -184,18 +189,12 @@ class SearchResult:
         directory.mkdir(exist_ok=True)
         done = {c["trial"] for c in record["candidates"]}
         candidates = top_trials(self.study, k)
-        for rank, t in enumerate(candidates, 1):
-            if t.number in done:
-                continue
-            kept = task.kept(self.policy(t))
-            model, _ = task.pruned(kept)
-            ran = run_finetune(task, model, short, quiet, desc=f"top-{k} candidate {rank}/{len(candidates)}",
-                               log_test=False, kept=kept)
-            row = {"trial": t.number, "rank_by_proxy": rank, "proxy_acc": t.user_attrs["accuracy"],
-                   "val_acc": ran.val_acc, "best_epoch": ran.best_epoch}
-            if task.has_test:  # recorded to measure the pick afterwards, never used to make it
-                row["test_acc"] = task.test_accuracy(model)
-            record["candidates"].append(row)
+        pending = [Candidate(t.number, rank, t.user_attrs["accuracy"], self.policy(t),
+                             f"top-{k} candidate {rank}/{len(candidates)}")
+                   for rank, t in enumerate(candidates, 1) if t.number not in done]
+        record["workers"] = min(workers, max(1, len(pending)))
+        for row in fit_candidates(task, pending, short, workers, quiet):
+            record["candidates"] = sorted([*record["candidates"], row], key=lambda c: c["rank_by_proxy"])
             write_document(path, record)
         best = max(record["candidates"], key=lambda c: (c["val_acc"], -c["rank_by_proxy"]))
         record["kept"] = best["trial"]
@@ -208,3 +207,69 @@ class SearchResult:
         if isinstance(trial, optuna.trial.FrozenTrial):
             return trial
         return self.trial(trial)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One top-K candidate: its trial, its rank by the proxy and that score, its policy."""
+
+    trial: int
+    rank: int
+    proxy: float
+    policy: Policy
+    desc: str
+
+
+def _fit(task: PruningTask, c: Candidate, short: FinetuneConfig, quiet: bool) -> dict:
+    """Prune ``c``'s policy, fine-tune it with ``short`` and score it: one row of the selection."""
+    from autoprune.export.apply import run_finetune
+
+    kept = task.kept(c.policy)
+    model, _ = task.pruned(kept)
+    ran = run_finetune(task, model, short, quiet, desc=c.desc, log_test=False, kept=kept)
+    row = {"trial": c.trial, "rank_by_proxy": c.rank, "proxy_acc": c.proxy, "val_acc": ran.val_acc,
+           "best_epoch": ran.best_epoch}
+    if task.has_test:  # recorded to measure the pick afterwards, never used to make it
+        row["test_acc"] = task.test_accuracy(model)
+    return row
+
+
+def fit_candidates(task: PruningTask, pending: list[Candidate], short: FinetuneConfig, workers: int,
+                   quiet: bool) -> Iterator[dict]:
+    """Each candidate's row, as it finishes: in this process one after another, or with
+    ``workers`` > 1 in that many processes at once, each building the task again from its config
+    (spawned, so CUDA works in them) and running with its share of this process's threads."""
+    if workers <= 1 or len(pending) <= 1:
+        for c in pending:
+            yield _fit(task, c, short, quiet)
+        return
+    if task.config.model.startswith("python:"):
+        raise AutopruneError("select workers rebuild the task in processes of their own: a model given in "
+                             "Python cannot be; select with one worker")
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    workers = min(workers, len(pending))
+    threads = max(1, torch.get_num_threads() // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                             initargs=(task.config, threads)) as pool:
+        futures = {pool.submit(_fit_in_worker, c, short): c for c in pending}
+        for future in as_completed(futures):
+            row = future.result()
+            if not quiet:
+                log.warning("%s: search-val %.2f%% after %g epoch(s)", futures[future].desc, 100 * row["val_acc"],
+                            short.epochs)
+            yield row
+
+
+_WORKER_TASK: PruningTask | None = None
+
+
+def _start_worker(config, threads: int) -> None:
+    global _WORKER_TASK
+    torch.set_num_threads(threads)
+    _WORKER_TASK = PruningTask(config, progress=False)
+
+
+def _fit_in_worker(c: Candidate, short: FinetuneConfig) -> dict:
+    return _fit(_WORKER_TASK, c, short, quiet=True)

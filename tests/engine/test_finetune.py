@@ -194,6 +194,31 @@ def test_export_top_k_finetunes_k_candidates_and_records_the_pick(tmp_path, tiny
     assert not (tmp_path / "missing").exists() and not (tmp_path / "q.json").exists()
 
 
+def test_top_k_candidates_fine_tuned_in_worker_processes_match_one_after_another(tmp_path, tiny_weights, capsys):
+    db = f"sqlite:///{tmp_path}/s.db"
+    assert main(["search", "--model", TINY, "--weights", str(tiny_weights), "--dataset", "digits",
+                 "--budget", "0.5flops", "--episodes", "8", "--storage", db, "-q"]) == 0
+    picks = {}
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        code = main(["export", "tinynets.tiny-digits-0.5flops-tpe", "--storage", db, "-o", str(out) + ".json",
+                     "--weights", str(tiny_weights), "--finetune-epochs", "0.5", "--top-k", "3",
+                     "--select-epochs", "0.5", "--select-workers", str(workers), "-q"])
+        assert code == 0, capsys.readouterr().err
+        picks[workers] = json.loads((out.parent / f"w{workers}_model" / "metrics.json").read_text())["selection"]
+    assert picks[1]["workers"] == 1 and picks[3]["workers"] == 3
+    one, many = picks[1]["candidates"], picks[3]["candidates"]
+    # the same candidates, in proxy order whatever order they finished in, scored as one process does
+    assert [c["trial"] for c in many] == [c["trial"] for c in one] and [c["rank_by_proxy"] for c in many] == [1, 2, 3]
+    for a, b in zip(one, many):
+        assert b["val_acc"] == pytest.approx(a["val_acc"], abs=0.02) and b["best_epoch"] == a["best_epoch"] == 1
+    assert picks[3]["kept"] == max(many, key=lambda c: (c["val_acc"], -c["rank_by_proxy"]))["trial"]
+    code = main(["export", "tinynets.tiny-digits-0.5flops-tpe", "--storage", db, "-o", str(tmp_path / "z.json"),
+                 "--weights", str(tiny_weights), "--finetune-epochs", "1", "--top-k", "2", "--select-workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--select-workers must be at least 1" in err and len(err.strip().splitlines()) == 1
+
+
 def test_top_k_needs_a_finetune(tmp_path, tiny_weights, capsys):
     code = main(["export", "x", "--storage", f"sqlite:///{tmp_path}/none.db", "-o", str(tmp_path / "p.json"),
                  "--weights", str(tiny_weights), "--top-k", "2"])
