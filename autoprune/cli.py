@@ -406,12 +406,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if not out.parent.is_dir():
         raise AutopruneError(f"cannot write {out}: folder {out.parent} does not exist")
-    if args.top_k < 1 or args.select_epochs <= 0 or args.select_workers < 1:
-        raise AutopruneError("--top-k and --select-workers must be at least 1 and --select-epochs positive")
+    if args.top_k < 1 or args.select_epochs < 0 or args.select_workers < 1 or args.select_images < 1:
+        raise AutopruneError("--top-k, --select-workers and --select-images must be at least 1 and "
+                             "--select-epochs 0 or more")
     if args.top_k > 1 and (args.trial is not None or not (args.weights or args.model_dir)
-                           or args.finetune_epochs <= 0):
-        raise AutopruneError("--top-k picks among the best trials by fine-tuning them: it needs "
-                             "--finetune-epochs and a model (--weights or --model-dir), and no --trial")
+                           or (args.select_epochs > 0 and args.finetune_epochs <= 0)):
+        raise AutopruneError("--top-k picks among the best trials by fine-tuning them (or, with --select-epochs 0, "
+                             "by scoring them on more images): it needs a model (--weights or --model-dir), "
+                             "--finetune-epochs unless --select-epochs is 0, and no --trial")
     result = load(args.study, args.storage, weights=args.weights, data_dir=args.data_dir,
                   device=args.device, progress=not args.quiet)
     trial = result.trial(args.trial, args.pick)
@@ -421,7 +423,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         metrics = result.export(model_dir, trial, reconstruct=args.reconstruct, finetune=ft, onnx=args.onnx,
                                 quiet=args.quiet, resume=args.resume, top_k=args.top_k,
                                 select_epochs=args.select_epochs, latency_runtime=args.latency_runtime,
-                                latency_device=args.latency_device, select_workers=args.select_workers)
+                                latency_device=args.latency_device, select_workers=args.select_workers,
+                                select_images=args.select_images)
         if "selection" in metrics:
             trial = result.trial(metrics["selection"]["kept"])
         policy = result.policy(trial)
@@ -605,7 +608,11 @@ def _export_command(sub) -> None:
                    help="fine-tune the K best trials within budget for --select-epochs each, keep the one best "
                         "on search-val, then fine-tune it fully (default 1: the best proxy score)")
     m.add_argument("--select-epochs", type=float, default=1.0, metavar="E",
-                   help="epochs each --top-k candidate is fine-tuned for (default 1)")
+                   help="epochs each --top-k candidate is fine-tuned for (default 1; 0: none, each is scored "
+                        "by the proxy on --select-images more training images instead)")
+    m.add_argument("--select-images", type=int, default=10_000, metavar="N",
+                   help="with --select-epochs 0: training images outside search-val the candidates are "
+                        "scored on (default 10000)")
     m.add_argument("--select-workers", type=int, default=1, metavar="N",
                    help="fine-tune N --top-k candidates at once, each in a process of its own (default 1; "
                         "on a GPU that one small model leaves idle)")

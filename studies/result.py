@@ -135,20 +135,21 @@ class SearchResult:
                reconstruct: str | None = None, finetune: Finetune = None, onnx: bool = False,
                latency_batches: tuple[int, ...] = (1,), quiet: bool = True, resume: bool = False,
                top_k: int = 1, select_epochs: float = 1.0, latency_runtime: str | None = None,
-               latency_device: str = "cpu", select_workers: int = 1) -> dict:
-        """Write ``trial``'s pruned model and measurements to ``directory`` (made atomically):
-        ``model.pt2`` (a ``torch.export`` program: ``torch.export.load(path).module()`` needs no
-        autoprune), ``policy.json``, ``metrics.json``, ``pruned.pt`` for registered models, and
-        ``model.onnx`` with ``onnx=True``. Latency is measured with ``latency_runtime`` (default:
-        the one the study searched with) on ``latency_device``. Returns the metrics.
+               latency_device: str = "cpu", select_workers: int = 1, select_images: int = 10_000) -> dict:
+        """Write ``trial``'s pruned model and measurements to ``directory`` (made atomically): ``model.pt2`` (a
+        ``torch.export`` program: ``torch.export.load(path).module()`` needs no autoprune), ``policy.json``,
+        ``metrics.json``, ``pruned.pt`` for registered models, and ``model.onnx`` with ``onnx=True``. Latency
+        is measured with ``latency_runtime`` (default: the one the study searched with) on ``latency_device``.
+        Returns the metrics.
 
-        A :class:`~autoprune.finetune.loop.FinetuneConfig` fine-tune checkpoints every epoch into
-        ``directory`` and logs ``finetune.csv`` there; ``resume`` continues a killed one. With
-        ``top_k > 1`` the ``top_k`` best trials are each fine-tuned for ``select_epochs`` with the
-        same recipe, the one best on search-val is kept (``metrics["selection"]``) and fine-tuned
-        in full; ``select_workers`` > 1 fine-tunes that many candidates at once, each in a process
-        of its own (a GPU that one small model's fine-tune leaves idle; a registered model's task
-        only, rebuilt in each process)."""
+        A :class:`~autoprune.finetune.loop.FinetuneConfig` fine-tune checkpoints every epoch into ``directory``
+        and logs ``finetune.csv`` there; ``resume`` continues a killed one. With ``top_k > 1`` the ``top_k``
+        best trials are each fine-tuned for ``select_epochs`` with the same recipe, the one best on search-val
+        is kept (``metrics["selection"]``) and fine-tuned in full. With ``select_epochs=0`` none is fine-tuned:
+        each is scored by the search's proxy on ``select_images`` training images outside search-val and
+        calibration, and the best there is kept (a pick among policies too close for search-val's images).
+        ``select_workers`` > 1 fine-tunes that many candidates at once, each in a process of its own (a GPU
+        that one small model's fine-tune leaves idle; a registered model's task only, rebuilt in each process)."""
         from autoprune.cost.runtimes import get_runtime
         from autoprune.export.apply import apply_policy
 
@@ -158,32 +159,39 @@ class SearchResult:
         extra = None
         if top_k > 1:
             trial, extra = self._select(task, top_k, select_epochs, finetune, Path(directory), resume, quiet,
-                                        select_workers)
+                                        select_workers, select_images)
         policy = self.policy(trial)
         return apply_policy(task, policy, directory, finetune, test=task.has_test,
                             latency_batches=latency_batches, onnx=onnx, quiet=quiet, resume=resume, extra=extra,
                             latency_runtime=runtime, latency_device=latency_device)
 
     def _select(self, task: PruningTask, k: int, epochs: float, finetune: Finetune, directory: Path,
-                resume: bool, quiet: bool, workers: int = 1) -> tuple[optuna.trial.FrozenTrial, dict]:
-        """Fine-tune the ``k`` best trials briefly and keep the best on search-val. Each finished
-        candidate is written to ``directory/selection.json`` at once, so ``resume`` skips it."""
+                resume: bool, quiet: bool, workers: int = 1,
+                images: int = 10_000) -> tuple[optuna.trial.FrozenTrial, dict]:
+        """Fine-tune the ``k`` best trials briefly and keep the best on search-val, or with
+        ``epochs=0`` score them on ``images`` more training images and keep the best there. Each
+        finished candidate is written to ``directory/selection.json`` at once, so ``resume``
+        skips it."""
         from dataclasses import asdict
 
         from autoprune.common.fileio import write_document
         from autoprune.export.artifacts import check_output_dir
 
-        if not isinstance(finetune, FinetuneConfig) or finetune.epochs <= 0:
+        if epochs < 0 or (epochs > 0 and (not isinstance(finetune, FinetuneConfig) or finetune.epochs <= 0)):
             raise AutopruneError("top-k selection fine-tunes the candidates with the same recipe: "
-                                 "pass finetune=FinetuneConfig.recipe(epochs)")
-        if workers < 1:
-            raise AutopruneError(f"select workers is {workers}; give 1 or more")
-        short = replace(finetune, epochs=epochs)
+                                 "pass finetune=FinetuneConfig.recipe(epochs), or select_epochs=0 to score "
+                                 "them on more images instead")
+        if workers < 1 or images < 1:
+            raise AutopruneError(f"select workers and images must be at least 1, not {workers} and {images}")
+        short = replace(finetune, epochs=epochs) if epochs > 0 else None
         path = directory / "selection.json"
-        record = {"k": k, "select_epochs": epochs, "recipe": asdict(short), "candidates": []}
+        record = {"k": k, "select_epochs": epochs, "recipe": asdict(short) if short else None, "candidates": []}
+        if short is None:
+            record.update(select_images=images, proxy=task.config.proxy)
+        keys = ("k", "select_epochs", "recipe", "select_images")
         if resume and path.exists():
             saved = json.loads(path.read_text())
-            if all(saved.get(key) == record[key] for key in ("k", "select_epochs", "recipe")):
+            if all(saved.get(key) == record.get(key) for key in keys):
                 record["candidates"] = saved["candidates"]
         check_output_dir(directory)
         directory.mkdir(exist_ok=True)
@@ -192,15 +200,23 @@ class SearchResult:
         pending = [Candidate(t.number, rank, t.user_attrs["accuracy"], self.policy(t),
                              f"top-{k} candidate {rank}/{len(candidates)}")
                    for rank, t in enumerate(candidates, 1) if t.number not in done]
-        record["workers"] = min(workers, max(1, len(pending)))
-        for row in fit_candidates(task, pending, short, workers, quiet):
+        if short is None:
+            rows = (_rescore(task, c, images) for c in pending)
+        else:
+            record["workers"] = min(workers, max(1, len(pending)))
+            rows = fit_candidates(task, pending, short, workers, quiet)
+        for row in rows:
             record["candidates"] = sorted([*record["candidates"], row], key=lambda c: c["rank_by_proxy"])
             write_document(path, record)
-        best = max(record["candidates"], key=lambda c: (c["val_acc"], -c["rank_by_proxy"]))
+        by = "val_acc" if short else "more_score"
+        best = max(record["candidates"], key=lambda c: (c[by], -c["rank_by_proxy"]))
         record["kept"] = best["trial"]
-        if not quiet:
+        if not quiet and short:
             log.warning("top-%d: kept trial %d (proxy rank %d), search-val %.2f%% after %g epoch(s)",
                         k, best["trial"], best["rank_by_proxy"], 100 * best["val_acc"], epochs)
+        elif not quiet:
+            log.warning("top-%d: kept trial %d (proxy rank %d), %s %.4f on %d more training images",
+                        k, best["trial"], best["rank_by_proxy"], task.config.proxy, best["more_score"], images)
         return self.trial(best["trial"]), {"selection": record}
 
     def _trial(self, trial) -> optuna.trial.FrozenTrial:
@@ -218,6 +234,16 @@ class Candidate:
     proxy: float
     policy: Policy
     desc: str
+
+
+def _rescore(task: PruningTask, c: Candidate, images: int) -> dict:
+    """Prune ``c``'s policy as its episode did and score it on ``images`` more training images."""
+    model, _ = task.pruned(task.kept(c.policy))
+    row = {"trial": c.trial, "rank_by_proxy": c.rank, "proxy_acc": c.proxy,
+           "more_score": task.score_more(model, images)}
+    if task.has_test:  # recorded to measure the pick afterwards, never used to make it
+        row["test_acc"] = task.test_accuracy(model)
+    return row
 
 
 def _fit(task: PruningTask, c: Candidate, short: FinetuneConfig, quiet: bool) -> dict:

@@ -109,6 +109,8 @@ class Splits:
     search_val_from: str = "train"  # the split search-val's images come from: train, val or test
     # builds (train, test) as decoded tensors on first use (small images), or gives None
     tensor_views: Callable[[], tuple[Dataset, Dataset] | None] | None = field(default=None, repr=False)
+    # n -> up to n training images outside search-val and calibration (a seeded draw), decoded
+    more_images: Callable[[int], TensorSplit] | None = field(default=None, repr=False)
 
     @cached_property
     def tensors(self) -> tuple[Dataset, Dataset] | None:
@@ -210,6 +212,7 @@ def make_splits(
         identity=raw.identity,
         sizes={"train": len(rest), "search_val": len(val_idx), "calib": n_calib, "test": len(raw.test)},
         tensor_views=_tensor_views(raw, np.sort(rest), None),
+        more_images=_more_images(raw, rest[n_calib:]),
     )
 
 
@@ -242,7 +245,19 @@ def _heldout_splits(raw: RawDataset, dataset: str, rng: np.random.Generator, see
         sizes={"train": len(raw.train), "search_val": len(val_idx), "calib": n_calib, "test": len(test)},
         search_val_from=source,
         tensor_views=_tensor_views(raw, None, None if source == "val" else rest),
+        more_images=_more_images(raw, train_order[n_calib:]),
     )
+
+
+def _more_images(raw: RawDataset, rows: np.ndarray) -> Callable[[int], TensorSplit]:
+    """What :attr:`Splits.more_images` gives: the first ``n`` of ``rows`` (in their seeded order),
+    plain (not augmented) training images, decoded on demand."""
+    def take(n: int) -> TensorSplit:
+        if len(rows) == 0:
+            raise AutopruneError("no training images are left beside search-val and calibration")
+        return materialize(raw.train, np.sort(rows[: max(1, n)]))
+
+    return take
 
 
 def _tensor_views(raw: RawDataset, train_rows, test_rows) -> Callable[[], tuple | None] | None:

@@ -37,6 +37,12 @@ class Scorer(ABC):
         *_, last = self.chunks(model)
         return float(last)
 
+    def score_on(self, model: nn.Module, images: int) -> float:
+        """The search's proxy on ``images`` training images outside search-val and calibration
+        (the same images for every model), for a final choice among close policies."""
+        raise AutopruneError("scoring more images needs a registered dataset; with a score function, "
+                             "the function is the only score")
+
     @abstractmethod
     def val_accuracy(self, model: nn.Module) -> float:
         """Top-1 on search-val whatever the proxy (what a fine-tune keeps its best epoch by)."""
@@ -65,6 +71,7 @@ class SplitScorer(Scorer):
 
     def __init__(self, splits: Splits, proxy: str, dense: nn.Module, batch_size: int, device: str) -> None:
         self.splits, self.proxy, self.batch_size, self.device = splits, proxy, batch_size, device
+        self._dense, self._more = dense, None
         val = splits.search_val
         self.val = val if device == "cpu" else type(val)(val.x.to(device), val.y)
         self.dense_logp = None
@@ -77,6 +84,19 @@ class SplitScorer(Scorer):
 
     def val_accuracy(self, model):
         return accuracy(model, self.val, self.batch_size, self.device)
+
+    def score_on(self, model, images):
+        if self.splits.more_images is None:
+            return super().score_on(model, images)
+        if self._more is None or self._more[0] != images:
+            split = self.splits.more_images(images)
+            split = split if self.device == "cpu" else type(split)(split.x.to(self.device), split.y)
+            dense_logp = (log_probs(self._dense.to(self.device), split.batches(self.batch_size), self.device)
+                          if PROXIES.get(self.proxy).needs_dense else None)
+            self._more = (images, split, dense_logp)
+        _, split, dense_logp = self._more
+        *_, last = running_score(model, split.batches(self.batch_size), self.proxy, self.device, dense_logp)
+        return float(last)
 
     @property
     def has_test(self):

@@ -265,6 +265,12 @@ class PruningTask:
         registered datasets, the user's ``score`` otherwise): no fine-tuning, no recalibration."""
         return self.scorer.score(model.eval())
 
+    def score_more(self, model: nn.Module, images: int) -> float:
+        """The search's proxy on ``images`` training images outside search-val and calibration
+        (a seeded draw, the same for every model): a final choice among policies search-val's
+        images cannot order."""
+        return self.scorer.score_on(model.eval(), images)
+
     def val_accuracy(self, model: nn.Module) -> float:
         """Top-1 on search-val whatever the proxy (the user's ``score`` for a model given in
         Python): what a fine-tune keeps its best epoch by."""

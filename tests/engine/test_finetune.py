@@ -216,7 +216,39 @@ def test_top_k_candidates_fine_tuned_in_worker_processes_match_one_after_another
     code = main(["export", "tinynets.tiny-digits-0.5flops-tpe", "--storage", db, "-o", str(tmp_path / "z.json"),
                  "--weights", str(tiny_weights), "--finetune-epochs", "1", "--top-k", "2", "--select-workers", "0"])
     err = capsys.readouterr().err
-    assert code == 2 and "--select-workers must be at least 1" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--select-workers and --select-images must be at least 1" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_top_k_without_fine_tuning_picks_by_the_proxy_on_more_training_images(tmp_path, tiny_weights, capsys):
+    db = f"sqlite:///{tmp_path}/s.db"
+    assert main(["search", "--model", TINY, "--weights", str(tiny_weights), "--dataset", "digits", "--proxy", "ce",
+                 "--budget", "0.5flops", "--episodes", "8", "--storage", db, "-q"]) == 0
+    code = main(["export", "tinynets.tiny-digits-0.5flops-tpe", "--storage", db, "-o", str(tmp_path / "p.json"),
+                 "--weights", str(tiny_weights), "--top-k", "4", "--select-epochs", "0", "--select-images", "300",
+                 "-q"])
+    assert code == 0, capsys.readouterr().err
+    folder = tmp_path / "p_model"
+    sel = json.loads((folder / "metrics.json").read_text())["selection"]
+    cands = sel["candidates"]
+    assert sel["select_images"] == 300 and sel["proxy"] == "ce" and sel["recipe"] is None
+    assert [c["rank_by_proxy"] for c in cands] == [1, 2, 3, 4] and all(0 < c["more_score"] <= 1 for c in cands)
+    assert sel["kept"] == max(cands, key=lambda c: (c["more_score"], -c["rank_by_proxy"]))["trial"]
+    assert json.loads((tmp_path / "p.json").read_text())["trial"] == sel["kept"]
+    assert not (folder / LOG).exists()  # nothing was fine-tuned
+
+
+def test_more_images_are_training_images_outside_search_val_and_calibration():
+    from autoprune.data.datasets import make_splits
+
+    for source in ("train", "heldout"):
+        splits = make_splits("digits", seed=0, calib_batches=2, calib_batch_size=64, search_val=source)
+        everything = splits.more_images(10**6)
+        calib = splits.sizes["calib"]
+        # search-val from training images: the training rows but calibration's; held out: all but calibration's
+        left = splits.sizes["train"] - calib
+        assert len(everything) == left and len(splits.more_images(100)) == 100
+        assert torch.equal(splits.more_images(50).y, splits.more_images(50).y)  # the same images each time
 
 
 def test_top_k_needs_a_finetune(tmp_path, tiny_weights, capsys):
