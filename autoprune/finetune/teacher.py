@@ -80,12 +80,13 @@ def _data_digest(owner, tensors) -> str:
 
 
 class TeacherLogits:
-    """The stored logits of one teacher on one seeded run's batches (see the module docstring). Build with
-    :meth:`for_run`, which returns ``None`` where the batches are not decided by the seed alone (a
-    DataLoader decoding and augmenting image files in worker processes). ``epoch(e)`` gives the
-    stored ``(steps, batch, classes)`` logits of epoch ``e`` or ``None``; ``store(e, logits)``
-    keeps a computed epoch (a longer one replaces a shorter one, as a run of more steps than an
-    earlier one extends it).
+    """The stored logits of one teacher on one seeded run's batches (see the module docstring).
+
+    Build with :meth:`for_run`, which returns ``None`` where the batches are not decided by the
+    seed alone (a DataLoader decoding and augmenting image files in worker processes).
+    ``epoch(e)`` gives the stored ``(steps, batch, classes)`` logits of epoch ``e`` or ``None``;
+    ``store(e, logits)`` keeps a computed epoch (a longer one replaces a shorter one, as a run of
+    more steps than an earlier one extends it).
     """
 
     def __init__(self, key: str, folder: Path | None) -> None:
