@@ -374,7 +374,7 @@ class _Run:
         self.loader.generator.manual_seed(cfg.seed + self.epoch)
         losses = []
         stored = self.logits.epoch(self.epoch) if self.logits is not None else None
-        seen = []  # the teacher's logits for each batch, stored or computed
+        seen = []  # the teacher's logits for each batch, stored or computed, while there is a store to fill
         model.train()
         for i, (x, y) in enumerate(self.loader):
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.layout)
@@ -384,7 +384,8 @@ class _Run:
             loss, t_logits = self._train_step(x, y.to(self.device, non_blocking=True), known)
             if i == 0 and self.logits is not None and not self.logits.fits(t_logits, len(self.loader)):
                 self.logits = None  # an epoch's logits too large to keep (many images, many classes)
-            seen.append(t_logits)
+            if self.logits is not None:
+                seen.append(t_logits)
             losses.append(loss)
             bar.update(1)
             bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss:.3f}", refresh=False)
