@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.data.datasets import Splits
+from autoprune.data.datasets import Splits, TensorSplit
 from autoprune.errors import AutopruneError
 from autoprune.evaluate.metrics import PROXIES, accuracy, accuracy_on, log_probs, running_score
 
@@ -72,11 +72,16 @@ class SplitScorer(Scorer):
     def __init__(self, splits: Splits, proxy: str, dense: nn.Module, batch_size: int, device: str) -> None:
         self.splits, self.proxy, self.batch_size, self.device = splits, proxy, batch_size, device
         self._dense, self._more = dense, None
-        val = splits.search_val
-        self.val = val if device == "cpu" else type(val)(val.x.to(device), val.y)
-        self.dense_logp = None
-        if PROXIES.get(proxy).needs_dense:
-            self.dense_logp = log_probs(dense.to(device), self.val.batches(batch_size), device)
+        self.val, self.dense_logp = self._prepared(splits.search_val)
+
+    def _prepared(self, split: TensorSplit) -> tuple[TensorSplit, torch.Tensor | None]:
+        """``split`` on the scoring device, and the dense model's log-probabilities of it where the
+        proxy compares with them."""
+        if self.device != "cpu":
+            split = type(split)(split.x.to(self.device), split.y)
+        if not PROXIES.get(self.proxy).needs_dense:
+            return split, None
+        return split, log_probs(self._dense.to(self.device), split.batches(self.batch_size), self.device)
 
     def chunks(self, model):
         yield from running_score(model, self.val.batches(self.batch_size), self.proxy, self.device,
@@ -89,11 +94,7 @@ class SplitScorer(Scorer):
         if self.splits.more_images is None:
             return super().score_on(model, images)
         if self._more is None or self._more[0] != images:
-            split = self.splits.more_images(images)
-            split = split if self.device == "cpu" else type(split)(split.x.to(self.device), split.y)
-            dense_logp = (log_probs(self._dense.to(self.device), split.batches(self.batch_size), self.device)
-                          if PROXIES.get(self.proxy).needs_dense else None)
-            self._more = (images, split, dense_logp)
+            self._more = (images, *self._prepared(self.splits.more_images(images)))
         _, split, dense_logp = self._more
         *_, last = running_score(model, split.batches(self.batch_size), self.proxy, self.device, dense_logp)
         return float(last)
