@@ -22,7 +22,7 @@ the task of other studies (an N:M search with a held-out search-val, say):
 
     python -m benchmarks.proxy_top --model resnet56 --granularity nm --search-val heldout \
         --storage sqlite:///bench-state/patterns.db --prefix resnet56-nm-1of4-ce-tpe-ks-heldout- \
-        --studies s0,s1,s2 --top 6 --more 10000 --threads 1 \
+        --studies s0,s1,s2 --top 4 --more 10000 --threads 1 \
         --out benchmarks/results/proxy-top-resnet56-nm-1of4-heldout.json
 """
 

@@ -136,20 +136,21 @@ class SearchResult:
                latency_batches: tuple[int, ...] = (1,), quiet: bool = True, resume: bool = False,
                top_k: int = 1, select_epochs: float = 1.0, latency_runtime: str | None = None,
                latency_device: str = "cpu", select_workers: int = 1, select_images: int = 10_000) -> dict:
-        """Write ``trial``'s pruned model and measurements to ``directory`` (made atomically): ``model.pt2`` (a
-        ``torch.export`` program: ``torch.export.load(path).module()`` needs no autoprune), ``policy.json``,
-        ``metrics.json``, ``pruned.pt`` for registered models, and ``model.onnx`` with ``onnx=True``. Latency
-        is measured with ``latency_runtime`` (default: the one the study searched with) on ``latency_device``.
-        Returns the metrics.
+        """Write ``trial``'s pruned model and measurements to ``directory`` (made atomically):
+        ``model.pt2`` (a ``torch.export`` program: ``torch.export.load(path).module()`` needs no
+        autoprune), ``policy.json``, ``metrics.json``, ``pruned.pt`` for registered models, and
+        ``model.onnx`` with ``onnx=True``. Latency is measured with ``latency_runtime`` (default:
+        the one the study searched with) on ``latency_device``. Returns the metrics.
 
-        A :class:`~autoprune.finetune.loop.FinetuneConfig` fine-tune checkpoints every epoch into ``directory``
-        and logs ``finetune.csv`` there; ``resume`` continues a killed one. With ``top_k > 1`` the ``top_k``
-        best trials are each fine-tuned for ``select_epochs`` with the same recipe, the one best on search-val
-        is kept (``metrics["selection"]``) and fine-tuned in full. With ``select_epochs=0`` none is fine-tuned:
-        each is scored by the search's proxy on ``select_images`` training images outside search-val and
-        calibration, and the best there is kept (a pick among policies too close for search-val's images).
-        ``select_workers`` > 1 fine-tunes that many candidates at once, each in a process of its own (a GPU
-        that one small model's fine-tune leaves idle; a registered model's task only, rebuilt in each process)."""
+        A :class:`~autoprune.finetune.loop.FinetuneConfig` fine-tune checkpoints every epoch into
+        ``directory`` and logs ``finetune.csv`` there; ``resume`` continues a killed one. With
+        ``top_k > 1`` the ``top_k`` best trials are each fine-tuned for ``select_epochs`` with the
+        same recipe, the one best on search-val is kept (``metrics["selection"]``) and fine-tuned
+        in full. With ``select_epochs=0`` none is fine-tuned: each is scored by the search's proxy
+        on ``select_images`` training images outside search-val and calibration, and the best there
+        is kept (a pick among policies too close for search-val's images). ``select_workers`` > 1
+        fine-tunes that many candidates at once, each in a process of its own (a GPU that one small
+        model's fine-tune leaves idle; a registered model's task only, rebuilt in each process)."""
         from autoprune.cost.runtimes import get_runtime
         from autoprune.export.apply import apply_policy
 
@@ -236,14 +237,19 @@ class Candidate:
     desc: str
 
 
+def _row(task: PruningTask, c: Candidate, model: nn.Module, **figures) -> dict:
+    """One row of the selection: ``c``, what picked among the candidates (``figures``) and the test
+    accuracy of ``model``, recorded to measure the pick afterwards, never used to make it."""
+    row = {"trial": c.trial, "rank_by_proxy": c.rank, "proxy_acc": c.proxy, **figures}
+    if task.has_test:
+        row["test_acc"] = task.test_accuracy(model)
+    return row
+
+
 def _rescore(task: PruningTask, c: Candidate, images: int) -> dict:
     """Prune ``c``'s policy as its episode did and score it on ``images`` more training images."""
     model, _ = task.pruned(task.kept(c.policy))
-    row = {"trial": c.trial, "rank_by_proxy": c.rank, "proxy_acc": c.proxy,
-           "more_score": task.score_more(model, images)}
-    if task.has_test:  # recorded to measure the pick afterwards, never used to make it
-        row["test_acc"] = task.test_accuracy(model)
-    return row
+    return _row(task, c, model, more_score=task.score_more(model, images))
 
 
 def _fit(task: PruningTask, c: Candidate, short: FinetuneConfig, quiet: bool) -> dict:
@@ -253,11 +259,7 @@ def _fit(task: PruningTask, c: Candidate, short: FinetuneConfig, quiet: bool) ->
     kept = task.kept(c.policy)
     model, _ = task.pruned(kept)
     ran = run_finetune(task, model, short, quiet, desc=c.desc, log_test=False, kept=kept)
-    row = {"trial": c.trial, "rank_by_proxy": c.rank, "proxy_acc": c.proxy, "val_acc": ran.val_acc,
-           "best_epoch": ran.best_epoch}
-    if task.has_test:  # recorded to measure the pick afterwards, never used to make it
-        row["test_acc"] = task.test_accuracy(model)
-    return row
+    return _row(task, c, model, val_acc=ran.val_acc, best_epoch=ran.best_epoch)
 
 
 def fit_candidates(task: PruningTask, pending: list[Candidate], short: FinetuneConfig, workers: int,
