@@ -5,10 +5,12 @@ through the env's action wall like any agent's actions, so every trial meets the
 one-shot rules of the portfolio (:func:`~autoprune.agents.baselines.portfolio`) are enqueued as
 the first trials (each trial records its ``rule``), so every sampler starts from the rules it must
 beat and a search never ends below the best of them. Under a latency budget the rules are the
-first measured episodes, by which the wall corrects and sizes its aim; where that moved the aim,
-the best rule is played once more after the last of them, filled into the new slack, so the search
-starts from the rule at the aim it searches at. (CMA-ES's own start, ``x0`` and ``sigma0``,
-is deprecated since Optuna 4.9, so it is not set: CMA-ES starts from the rules as every sampler.)
+first measured episodes, by which the wall corrects and sizes its aim; each rule's knob is
+bisected to the wall's aim and its policy filled into the slack left below it. Where the
+measurements moved the aim, the best rule is played once more after the last of them, bisected to
+the new aim and filled, so the search starts from the rule at the aim it searches at. (CMA-ES's
+own start, ``x0`` and ``sigma0``, is deprecated since Optuna 4.9, so it is not set: CMA-ES starts
+from the rules as every sampler.)
 """
 
 from __future__ import annotations
@@ -59,28 +61,29 @@ class SamplerSearcher(Searcher):
         return dataclasses.replace(episode, rule=rule)
 
 
-def _aim(env: LayerSparsityEnv, latency: dict) -> float:
-    """The latency ratio (as predicted) an episode's wall aimed at, from what it recorded."""
-    return env.budget.ratio / (latency["scale"] * (1.0 + latency["margin"]))
-
-
 def _replay_best_rule(env: LayerSparsityEnv, trial: optuna.Trial, episode: Episode) -> None:
     """After the portfolio's last rule (``trial``, just played as ``episode``), enqueue the best
-    rule once more if the wall's aim has moved since it was played (latency budgets that fill)."""
+    rule once more, bisected to the aim the measured rules moved the wall to and filled into its
+    slack, where that plays widths no rule has played (latency budgets that fill)."""
     if env.budget.metric != "latency" or not env.config.latency_fill or episode.outcome.latency is None:
         return
+    from autoprune.agents.baselines import filled, to_aim
+
     study = trial.study
     if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return  # more rules to play
     if any(t.user_attrs.get("replay") for t in study.get_trials(deepcopy=False)):
         return  # played once already (another worker's, or a run before a resume)
-    played = [(t.user_attrs["reward"], t.user_attrs["rule"], t.params, t.user_attrs["latency"])
+    played = [(t.user_attrs["reward"], t.user_attrs["rule"], tuple(t.user_attrs["widths"]))
               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if "rule" in t.user_attrs and "reward" in t.user_attrs and "latency" in t.user_attrs]
-    played.append((episode.reward, trial.user_attrs["rule"], trial.params, episode.outcome.latency))
-    _, rule, params, latency = max(played, key=lambda p: p[0])
-    if env.wall.aim > _aim(env, latency) * (1.0 + 1e-3):
-        study.enqueue_trial(params, user_attrs={"rule": rule, "replay": True})
+              if "rule" in t.user_attrs and "reward" in t.user_attrs]
+    played.append((episode.reward, trial.user_attrs["rule"], tuple(episode.outcome.widths)))
+    rule = max(played, key=lambda p: p[0])[1]
+    policy = filled(env, SEARCHERS.get(rule)().policy(env, to_aim(env)))
+    if tuple(int(k) for k in env.feasible_policy(policy)) not in {w for _, _, w in played}:
+        units = env.table.units
+        study.enqueue_trial({param_name(units[u].name): float(policy[u]) for u in env.space.leaders},
+                            user_attrs={"rule": rule, "replay": True})
 
 
 def _startup(env: LayerSparsityEnv) -> int:

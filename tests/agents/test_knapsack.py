@@ -51,7 +51,7 @@ def test_under_a_latency_budget_every_rule_is_widened_into_the_slack_its_bisecti
         digits, trained_tiny, tiny_task, staircase_latency):
     from dataclasses import replace
 
-    from autoprune.agents.baselines import filled
+    from autoprune.agents.baselines import filled, to_aim
     from autoprune.task import PruningTask
 
     auto = PruningTask(replace(tiny_task.config, round_to="auto"), splits=digits, dense=trained_tiny)
@@ -60,7 +60,7 @@ def test_under_a_latency_budget_every_rule_is_widened_into_the_slack_its_bisecti
                            latency_correct=False)
     table, widened = env.table, 0
     for name in LATENCY_PORTFOLIO:
-        plain = env.feasible_policy(SEARCHERS.get(name)().policy(env))
+        plain = env.feasible_policy(SEARCHERS.get(name)().policy(env, to_aim(env)))
         played = np.asarray(SEARCHERS.get(name)().episode(env, None).outcome.widths)
         assert env.wall.meets(played) and np.all(played >= plain)
         widened += int(np.any(played > plain))
@@ -76,8 +76,38 @@ def test_under_a_latency_budget_every_rule_is_widened_into_the_slack_its_bisecti
     assert filled(flops, request) is request  # a FLOPs budget's rules are met exactly: left alone
 
 
+def test_under_a_latency_margin_every_rule_is_bisected_to_the_wall_s_aim_not_cut_to_it(
+        digits, trained_tiny, tiny_task, staircase_latency):
+    from dataclasses import replace
+
+    from autoprune.agents.baselines import filled, to_aim
+    from autoprune.task import PruningTask
+
+    auto = PruningTask(replace(tiny_task.config, round_to="auto"), splits=digits, dense=trained_tiny)
+    env = LayerSparsityEnv(auto, budget="0.7latency", max_sparsity=0.9, latency_runtime="onnxruntime",
+                           latency_margin=0.1, latency_correct=False)
+    assert to_aim(env) == pytest.approx(1 / 1.1) and to_aim(LayerSparsityEnv(tiny_task, budget="0.5flops")) == 1.0
+    space = env.space
+
+    def as_asked(request):  # the widths a request keeps with no unit cut by the wall
+        return env.table.kept_all(np.clip(request, space.low, space.high)[space.leader])
+
+    cut = 0
+    for name, played in portfolio(env):
+        rule = SEARCHERS.get(name)()
+        at_aim = rule.policy(env, to_aim(env))
+        assert np.array_equal(env.feasible_policy(at_aim), as_asked(at_aim))  # the wall lets it through
+        assert np.array_equal(played, filled(env, at_aim))  # and the portfolio plays it filled
+        assert env.wall.meets(env.feasible_policy(played))
+        at_budget = rule.policy(env)
+        cut += int(not np.array_equal(env.feasible_policy(at_budget), as_asked(at_budget)))
+    assert cut > 0  # bisected to the budget, some rule lands over the aim and the wall cuts it
+
+
 def test_a_latency_search_plays_its_best_rule_again_at_the_aim_its_measurements_moved(tiny_task, fake_latency,
                                                                                         tmp_path):
+    from autoprune.agents.base import param_name
+    from autoprune.agents.baselines import filled, to_aim
     from autoprune.studies.runner import SearchConfig, run_search
 
     def timed(env):  # every policy measures as the table predicts
@@ -101,11 +131,15 @@ def test_a_latency_search_plays_its_best_rule_again_at_the_aim_its_measurements_
     assert all("rule" in t.user_attrs and not t.user_attrs.get("replay") for t in rules)
     best = max(rules, key=lambda t: t.user_attrs["reward"])
     assert replay.user_attrs["replay"] is True and replay.user_attrs["rule"] == best.user_attrs["rule"]
-    assert replay.params == best.params  # the same request, played at the moved aim
+    # the rule bisected to the moved aim (the env's aim now) and filled
+    expected = filled(env, SEARCHERS.get(best.user_attrs["rule"])().policy(env, to_aim(env)))
+    units = env.table.units
+    assert replay.params == pytest.approx({param_name(units[u].name): expected[u] for u in env.space.leaders})
     aim = [0.7 / (t.user_attrs["latency"]["scale"] * (1 + t.user_attrs["latency"]["margin"]))
            for t in (best, replay)]
     assert aim[1] > aim[0]
     assert replay.user_attrs["ratios"]["latency_predicted"] >= best.user_attrs["ratios"]["latency_predicted"]
+    assert tuple(replay.user_attrs["widths"]) not in {tuple(t.user_attrs["widths"]) for t in rules}
     assert "rule" not in trials[n_rules + 1].user_attrs  # then the sampler's own
     # a search that keeps its first aim plays each rule once
     fixed = timed(LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5,
