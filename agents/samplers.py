@@ -6,9 +6,10 @@ one-shot rules of the portfolio (:func:`~autoprune.agents.baselines.portfolio`) 
 the first trials (each trial records its ``rule``), so every sampler starts from the rules it must
 beat and a search never ends below the best of them. Under a latency budget the rules are the
 first measured episodes, by which the wall corrects and sizes its aim; each rule's knob is
-bisected to the wall's aim and its policy filled into the slack left below it. Where the
-measurements moved the aim, the best rule is played once more after the last of them, bisected to
-the new aim and filled, so the search starts from the rule at the aim it searches at. (CMA-ES's
+bisected to the wall's aim and its policy filled into the slack left below it. After the last of
+them the best rule is played again, bisected to the aim the measurements left (it may have moved)
+and to a little below it, each filled, so the search starts from the best of the rule at the aim it
+searches at. (CMA-ES's
 own start, ``x0`` and ``sigma0``, is deprecated since Optuna 4.9, so it is not set: CMA-ES starts
 from the rules as every sampler.)
 """
@@ -56,34 +57,35 @@ class SamplerSearcher(Searcher):
         rule = trial.user_attrs.get("rule")  # an enqueued rule of the portfolio
         if rule is None:
             return episode
-        if not trial.user_attrs.get("replay") and len(trial.study.trials) < getattr(self, "episodes", 0):
-            _replay_best_rule(env, trial, episode)  # where the search has an episode left for it
+        room = getattr(self, "episodes", 0) - len(trial.study.trials)
+        if not trial.user_attrs.get("replay") and room > 0:
+            _replay_best_rule(env, trial, episode, room)  # where the search has episodes left for them
         return dataclasses.replace(episode, rule=rule)
 
 
-def _replay_best_rule(env: LayerSparsityEnv, trial: optuna.Trial, episode: Episode) -> None:
+def _replay_best_rule(env: LayerSparsityEnv, trial: optuna.Trial, episode: Episode, room: int) -> None:
     """After the portfolio's last rule (``trial``, just played as ``episode``), enqueue the best
-    rule once more, bisected to the aim the measured rules moved the wall to and filled into its
-    slack, where that plays widths no rule has played (latency budgets that fill)."""
+    rule again at the aim the search searches at and a little below it, each filled into the
+    slack (:func:`~autoprune.agents.baselines.at_aims`): latency budgets that fill, widths no rule
+    has played, at most ``room`` episodes."""
     if env.budget.metric != "latency" or not env.config.latency_fill or episode.outcome.latency is None:
         return
-    from autoprune.agents.baselines import filled, to_aim
+    from autoprune.agents.baselines import at_aims
 
     study = trial.study
     if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return  # more rules to play
     if any(t.user_attrs.get("replay") for t in study.get_trials(deepcopy=False)):
         return  # played once already (another worker's, or a run before a resume)
-    played = [(t.user_attrs["reward"], t.user_attrs["rule"], tuple(t.user_attrs["widths"]))
+    played = [(t.user_attrs["reward"], t.user_attrs["rule"], t.user_attrs["widths"])
               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if "rule" in t.user_attrs and "reward" in t.user_attrs]
-    played.append((episode.reward, trial.user_attrs["rule"], tuple(episode.outcome.widths)))
+    played.append((episode.reward, trial.user_attrs["rule"], episode.outcome.widths))
     rule = max(played, key=lambda p: p[0])[1]
-    policy = filled(env, SEARCHERS.get(rule)().policy(env, to_aim(env)))
-    if tuple(int(k) for k in env.feasible_policy(policy)) not in {w for _, _, w in played}:
-        units = env.table.units
+    units = env.table.units
+    for fraction, policy in at_aims(env, rule, besides=[w for _, _, w in played])[:room]:
         study.enqueue_trial({param_name(units[u].name): float(policy[u]) for u in env.space.leaders},
-                            user_attrs={"rule": rule, "replay": True})
+                            user_attrs={"rule": rule, "replay": True, "aim": fraction})
 
 
 def _startup(env: LayerSparsityEnv) -> int:

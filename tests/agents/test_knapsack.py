@@ -104,10 +104,41 @@ def test_under_a_latency_margin_every_rule_is_bisected_to_the_wall_s_aim_not_cut
     assert cut > 0  # bisected to the budget, some rule lands over the aim and the wall cuts it
 
 
-def test_a_latency_search_plays_its_best_rule_again_at_the_aim_its_measurements_moved(tiny_task, fake_latency,
-                                                                                        tmp_path):
+def test_a_rule_bisected_below_the_aim_is_filled_back_up_to_it_each_policy_once(
+        digits, trained_tiny, tiny_task, staircase_latency):
+    from dataclasses import replace
+
+    from autoprune.agents.baselines import RULE_AIMS, at_aims, filled, to_aim
+    from autoprune.task import PruningTask
+
+    auto = PruningTask(replace(tiny_task.config, round_to="auto"), splits=digits, dense=trained_tiny)
+    env = LayerSparsityEnv(auto, budget="0.7latency", max_sparsity=0.9, latency_runtime="onnxruntime",
+                           latency_margin=0.1, latency_correct=False)
+    table, space, more = env.table, env.space, 0
+    for name in LATENCY_PORTFOLIO:
+        at_aim = env.feasible_policy(filled(env, SEARCHERS.get(name)().policy(env, to_aim(env))))
+        variants = at_aims(env, name, besides=[at_aim])
+        fractions = [f for f, _ in variants]
+        assert fractions == [f for f in RULE_AIMS if f in fractions] and 1.0 not in fractions  # 1.0: played
+        widths = [at_aim] + [env.feasible_policy(p) for _, p in variants]
+        assert len({tuple(k) for k in widths}) == len(widths)  # each policy once
+        for fraction, kept in zip(fractions, widths[1:]):
+            assert env.wall.meets(kept)  # filled up to the aim, not past it
+            for lead, group in space.groups.items():  # and no group can take its next width
+                wider = [k for k, _ in table.levels[lead] if k > kept[lead]]
+                if wider:
+                    trial = kept.copy()
+                    trial[group] = [table.kept(u, table.achieved(lead, min(wider))) for u in group]
+                    assert not env.wall.meets(trial), (name, fraction, table.units[lead].name)
+        more += len(variants)
+    assert more > 0  # for some rule the knob stopped lower ends on other widths
+    assert at_aims(LayerSparsityEnv(tiny_task, budget="0.5flops"), "uniform") == []  # nothing to fill
+
+
+def test_a_latency_search_plays_its_best_rule_again_at_and_below_the_aim_its_measurements_moved(
+        tiny_task, fake_latency, tmp_path):
     from autoprune.agents.base import param_name
-    from autoprune.agents.baselines import filled, to_aim
+    from autoprune.agents.baselines import RULE_AIMS, filled, to_aim
     from autoprune.studies.runner import SearchConfig, run_search
 
     def timed(env):  # every policy measures as the table predicts
@@ -124,26 +155,32 @@ def test_a_latency_search_plays_its_best_rule_again_at_the_aim_its_measurements_
 
     env.observe_latency = observe
     n_rules = len(portfolio(env))
-    study = run_search(env, SearchConfig(searcher="tpe", episodes=n_rules + 2, progress=False,
+    study = run_search(env, SearchConfig(searcher="tpe", episodes=n_rules + len(RULE_AIMS) + 1, progress=False,
                                          storage=f"sqlite:///{tmp_path}/s.db")).study
     trials = study.trials
-    rules, replay = trials[:n_rules], trials[n_rules]
+    rules = trials[:n_rules]
     assert all("rule" in t.user_attrs and not t.user_attrs.get("replay") for t in rules)
     best = max(rules, key=lambda t: t.user_attrs["reward"])
-    assert replay.user_attrs["replay"] is True and replay.user_attrs["rule"] == best.user_attrs["rule"]
-    # the rule bisected to the moved aim (the env's aim now) and filled
+    replays = [t for t in trials if t.user_attrs.get("replay")]
+    assert replays and trials[n_rules:n_rules + len(replays)] == replays  # straight after the rules
+    assert all(t.user_attrs["rule"] == best.user_attrs["rule"] for t in replays)
+    aims = [t.user_attrs["aim"] for t in replays]
+    assert aims[0] == 1.0 and aims == [f for f in RULE_AIMS if f in aims]
+    # first the rule bisected to the moved aim (the env's aim now) and filled
     expected = filled(env, SEARCHERS.get(best.user_attrs["rule"])().policy(env, to_aim(env)))
     units = env.table.units
-    assert replay.params == pytest.approx({param_name(units[u].name): expected[u] for u in env.space.leaders})
+    assert replays[0].params == pytest.approx({param_name(units[u].name): expected[u] for u in env.space.leaders})
     aim = [0.7 / (t.user_attrs["latency"]["scale"] * (1 + t.user_attrs["latency"]["margin"]))
-           for t in (best, replay)]
-    assert aim[1] > aim[0]
-    assert replay.user_attrs["ratios"]["latency_predicted"] >= best.user_attrs["ratios"]["latency_predicted"]
-    assert tuple(replay.user_attrs["widths"]) not in {tuple(t.user_attrs["widths"]) for t in rules}
-    assert "rule" not in trials[n_rules + 1].user_attrs  # then the sampler's own
-    # a search that keeps its first aim plays each rule once
+           for t in (best, *replays)]
+    assert all(a > aim[0] for a in aim[1:])  # played at the aim the measurements moved
+    assert replays[0].user_attrs["ratios"]["latency_predicted"] >= best.user_attrs["ratios"]["latency_predicted"]
+    widths = [tuple(t.user_attrs["widths"]) for t in replays]
+    assert len(set(widths)) == len(widths) and not set(widths) & {tuple(t.user_attrs["widths"]) for t in rules}
+    assert all("rule" not in t.user_attrs for t in trials[n_rules + len(replays):])  # then the sampler's own
+    # a search that keeps its first aim does not play a rule at it twice, and plays no more than it has room for
     fixed = timed(LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5,
                                    latency_correct=False))
     again = run_search(fixed, SearchConfig(searcher="tpe", episodes=n_rules + 1, progress=False,
                                            storage=f"sqlite:///{tmp_path}/t.db")).study
-    assert not any(t.user_attrs.get("replay") for t in again.trials)
+    replayed = [t for t in again.trials if t.user_attrs.get("replay")]
+    assert len(replayed) <= 1 and all(t.user_attrs["aim"] < 1.0 for t in replayed)
