@@ -134,7 +134,7 @@ class Baseline(Searcher):
         raise NotImplementedError
 
     def episode(self, env: LayerSparsityEnv, trial: optuna.Trial, stop: Stop | None = None) -> Episode:
-        return run_policy(env, filled(env, self.policy(env, to_aim(env))))
+        return run_policy(env, rule_policy(env, self))
 
 
 def to_aim(env: LayerSparsityEnv) -> float:
@@ -148,6 +148,14 @@ def to_aim(env: LayerSparsityEnv) -> float:
     bisected to the aim and filled: 73.92 % (predicted 0.585; BENCHMARKS.md).
     """
     return env.wall.aim / env.budget.ratio if env.budget.metric == "latency" else 1.0
+
+
+def rule_policy(env: LayerSparsityEnv, rule: str | Baseline, fraction: float = 1.0) -> np.ndarray:
+    """A one-shot rule's requested per-unit sparsities as a search plays it: its knob bisected to
+    ``fraction`` of the wall's aim (:func:`to_aim`), the policy then filled into the slack left
+    below the aim (:func:`filled`). ``rule`` is a registered rule's name or an instance."""
+    searcher = SEARCHERS.get(rule)() if isinstance(rule, str) else rule
+    return np.asarray(filled(env, searcher.policy(env, fraction * to_aim(env))), dtype=np.float64)
 
 
 def filled(env: LayerSparsityEnv, sparsity: np.ndarray) -> np.ndarray:
@@ -320,7 +328,7 @@ def at_aims(env: LayerSparsityEnv, rule: str, besides: list[np.ndarray] | None =
     seen = [np.asarray(k, dtype=np.int64) for k in besides or []]
     out: list[tuple[float, np.ndarray]] = []
     for fraction in aims:
-        policy = np.asarray(filled(env, SEARCHERS.get(rule)().policy(env, fraction * to_aim(env))), dtype=np.float64)
+        policy = rule_policy(env, rule, fraction)
         kept = env.feasible_policy(policy)
         if not any(np.array_equal(kept, k) for k in seen):
             seen.append(kept)
@@ -335,7 +343,7 @@ def portfolio(env: LayerSparsityEnv) -> list[tuple[str, np.ndarray]]:
     out: list[tuple[str, np.ndarray]] = []
     knapsack_first = env.budget.metric == "latency" or not env.table.strategy.physical
     for name in LATENCY_PORTFOLIO if knapsack_first else PORTFOLIO:
-        policy = np.asarray(filled(env, SEARCHERS.get(name)().policy(env, to_aim(env))), dtype=np.float64)
+        policy = rule_policy(env, name)
         if not any(np.allclose(policy, p) for _, p in out):
             out.append((name, policy))
     return out

@@ -9,9 +9,8 @@ first measured episodes, by which the wall corrects and sizes its aim; each rule
 bisected to the wall's aim and its policy filled into the slack left below it. After the last of
 them the best rule is played again, bisected to the aim the measurements left (it may have moved)
 and to a little below it, each filled, so the search starts from the best of the rule at the aim it
-searches at. (CMA-ES's
-own start, ``x0`` and ``sigma0``, is deprecated since Optuna 4.9, so it is not set: CMA-ES starts
-from the rules as every sampler.)
+searches at. (CMA-ES's own start, ``x0`` and ``sigma0``, is deprecated since Optuna 4.9, so it is
+not set: CMA-ES starts from the rules as every sampler.)
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ Under a latency budget a rule's knob is bisected to the wall's aim and its polic
 into the slack the coarse widths left (``autoprune.agents.baselines.filled``). Where the knob
 stops decides what the fill has to spend, so the rule's accuracy need not rise with its aim. For
 each rule and each fraction of ``--aims`` this bisects the rule to that fraction of ``--target``
-(a predicted latency ratio, on a wall aimed at exactly it: no margin, no correction), fills it up
-to ``--target``, and scores the policy as an episode does (the proxy on search-val) and on the
-test images. Latency is the table's prediction, not timed: every row is filled to one aim. This
-is what ``RULE_AIMS`` (the fractions a search replays its best rule at) was chosen from.
+(a predicted latency ratio, on a wall aimed at exactly it: no margin, no correction) and fills it
+up to ``--target``, as a search's replay does (``rule_policy``), and scores the policy as an
+episode does (the proxy on search-val) and on the test images. Latency is the table's
+prediction, not timed: every row is filled to one aim. This is what ``RULE_AIMS`` (the fractions
+a search replays its best rule at) was chosen from.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import time
 import numpy as np
 import torch
 
-from autoprune.agents import SEARCHERS
-from autoprune.agents.baselines import filled
+from autoprune.agents.baselines import rule_policy
 from autoprune.envs import LayerSparsityEnv
 from benchmarks.common import machine, make_task, write_results
 
@@ -52,7 +52,7 @@ def main() -> None:
     for rule in args.rule.split(","):
         for fraction in (float(a) for a in args.aims.split(",")):
             start = time.perf_counter()
-            kept = env.feasible_policy(filled(env, SEARCHERS.get(rule)().policy(env, fraction)))
+            kept = env.feasible_policy(rule_policy(env, rule, fraction))
             key = tuple(int(k) for k in kept)
             row = {"rule": rule, "aim": fraction, "predicted": env.cost.ratio(kept),
                    "flops": task.cost_ratios(kept)["flops"], "widths": dict(zip(task.table.names, key))}

@@ -27,8 +27,7 @@ import statistics
 
 import torch
 
-from autoprune.agents import SEARCHERS
-from autoprune.agents.baselines import filled
+from autoprune.agents.baselines import rule_policy
 from autoprune.cost.latency import RatioMeter
 from autoprune.envs import LayerSparsityEnv
 from benchmarks.common import is_rule, machine, make_task, read_results, write_results
@@ -80,7 +79,7 @@ def main() -> None:
         price = price or aimed_at(row["ratios"]["latency_predicted"]).cost.ratio
         target = price(searched_kept)
         env = aimed_at(target)
-        rule_kept = {name: env.feasible_policy(filled(env, SEARCHERS.get(name)().policy(env))) for name in rules}
+        rule_kept = {name: env.feasible_policy(rule_policy(env, name)) for name in rules}
         models = {name: task.pruned(kept)[0] for name, kept in rule_kept.items()}
         models["searched"] = task.pruned(searched_kept)[0]
         ratios = {name: [] for name in models}
