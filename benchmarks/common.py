@@ -7,9 +7,11 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from datetime import date
 from pathlib import Path
 
@@ -100,13 +102,24 @@ def shared_dir() -> Path:
 
 
 def cifar_dir() -> Path:
-    """The shared CIFAR-10 JPEG folder, unpacked once into ~/.cache/autoprune-data."""
+    """The shared CIFAR-10 JPEG folder, unpacked once into ~/.cache/autoprune-data.
+
+    Unpacked into a folder of its own and renamed into place, so a second process (a benchmark's
+    other shard, the tests) sees the whole folder or none: a partial one once failed a shard.
+    """
     dest = Path.home() / ".cache" / "autoprune-data"
     folder = dest / "cifar10-jpeg"
-    if not (folder / "test").is_dir():
+    if not folder.is_dir():
         dest.mkdir(parents=True, exist_ok=True)
+        part = Path(tempfile.mkdtemp(prefix="cifar10-jpeg.", dir=dest))
         with tarfile.open(shared_dir() / "data" / "cifar10-jpeg.tar.gz") as tar:
-            tar.extractall(dest, filter="data")
+            tar.extractall(part, filter="data")
+        try:
+            (part / "cifar10-jpeg").rename(folder)
+        except OSError:  # another process renamed its copy first
+            if not folder.is_dir():
+                raise
+        shutil.rmtree(part, ignore_errors=True)
     return folder
 
 

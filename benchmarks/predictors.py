@@ -25,10 +25,11 @@ test accuracy after the last epoch (``test_final``; the kept epoch's is ``test_k
 
 Stages run in order (all proxies, then every short run, then every long one) so predictors come
 first; each result is written to ``--out`` at once, runs checkpoint every epoch, and the same
-command resumes. ``--shard i/n`` takes every n-th policy from the i-th, so n processes (one thread
-each) share the work and one file: start them with the same ``--out``; each rereads it before it
-writes. When every policy has its long run, the Spearman table over all policies is printed and
-stored (``--report`` prints it from the file alone).
+command resumes. ``--shard i/n`` takes every n-th policy (of ``--labels``, where given) from the
+i-th, so n processes (one thread each) share the work and one file: start them with the same
+``--out``; each rereads it before it writes; a long run already in ``--out`` is not run again.
+When every policy has its long run, the Spearman table over all policies is printed and stored
+(``--report`` prints it from the file alone).
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=30)
     ap.add_argument("--short", default="1,3", help="epochs of the short runs scored as predictors")
     ap.add_argument("--shard", default="0/1", help="i/n: this process takes every n-th policy from the i-th")
+    ap.add_argument("--labels", help="comma-separated run labels: only these policies (before --shard splits them)")
     ap.add_argument("--stages", default="proxies,short,long")
     ap.add_argument("--compile", action="store_true", help="train the long runs through torch.compile")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -162,6 +164,12 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     first, rows = policies(args.quality.split(","))
+    if args.labels:
+        wanted = args.labels.split(",")
+        unknown = sorted(set(wanted) - {row["label"] for row in rows})
+        if unknown:
+            raise SystemExit(f"--labels: no policy labelled {', '.join(unknown)} in --quality")
+        rows = [row for row in rows if row["label"] in wanted]
     i, n = (int(x) for x in args.shard.split("/"))
     mine = rows[i::n]
     task = make_task(first["model"], first["search_val_size"], reconstruct=first.get("reconstruct", "lsq"),
@@ -215,6 +223,8 @@ def main() -> None:
     if "long" in stages:
         recipe = FinetuneConfig.recipe(args.epochs, compile=args.compile)
         for row in mine:
+            if "test_kept" in done.get(row["label"], {}):  # recorded, perhaps from a run folder since removed
+                continue
             run_dir = work / row["label"]
             figures = finished_long(run_dir)
             if figures is None:
