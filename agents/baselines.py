@@ -336,6 +336,25 @@ def at_aims(env: LayerSparsityEnv, rule: str, besides: list[np.ndarray] | None =
     return out
 
 
+def best_rule_replays(env: LayerSparsityEnv, study: optuna.Study, rule: str, episode: Episode, room: int
+                      ) -> list[tuple[str, float, np.ndarray]]:
+    """What a search plays after the portfolio's last rule (``rule``, just played as ``episode``,
+    not yet told to ``study``): the best rule played so far, by reward, again at the aim the
+    measurements left and a little below it (:func:`at_aims`), as ``(rule, fraction, requested
+    sparsities)``, at most ``room``. Only latency budgets that fill get any; widths a rule has
+    played already are not played again."""
+    if (room <= 0 or env.budget.metric != "latency" or not env.config.latency_fill
+            or episode.outcome.latency is None):
+        return []
+    played = [(t.user_attrs["reward"], t.user_attrs["rule"], t.user_attrs["widths"])
+              for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+              if "rule" in t.user_attrs and "reward" in t.user_attrs]
+    played.append((episode.reward, rule, episode.outcome.widths))
+    best = max(played, key=lambda p: p[0])[1]
+    return [(best, fraction, policy)
+            for fraction, policy in at_aims(env, best, besides=[w for _, _, w in played])[:room]]
+
+
 def portfolio(env: LayerSparsityEnv) -> list[tuple[str, np.ndarray]]:
     """Each rule of :data:`PORTFOLIO` (:data:`LATENCY_PORTFOLIO` for a latency budget or masks) and
     its requested per-unit sparsities, for ``env``'s budget;

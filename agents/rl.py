@@ -6,7 +6,9 @@ supplies AMC's episode logic around them (He et al., ECCV 2018, and mit-han-lab/
 * warm-up episodes with no updates (AMC used 100; here ``min(100, episodes // 4)``, at least 5,
   unless ``warmup`` is given): the first play the one-shot rules of the portfolio
   (:func:`~autoprune.agents.baselines.portfolio`), so the replay buffer starts with good policies
-  and the study holds them, the rest uniformly random actions; the replay buffer keeps the last
+  and the study holds them, and under a latency budget the best of them again, at the aim the
+  measurements left and a little below it, as the samplers play them; the rest uniformly random
+  actions; the replay buffer keeps the last
   2,000 episodes' transitions;
 * exploration by a truncated normal around the actor's action, sigma 0.5 of the sparsity range,
   decaying by x0.95 per episode after warm-up (SAC explores with its own stochastic policy);
@@ -128,6 +130,8 @@ class RLSearcher(Searcher):
         from autoprune.agents.baselines import portfolio
 
         self.portfolio = portfolio(env)  # the first warm-up episodes play the one-shot rules
+        self.replays: list[tuple[str, float, np.ndarray]] = []  # then the best of them again, nearer the aim
+        self.episodes = episodes
         self.episode_index = 0
         self.rng = np.random.default_rng(self.seed)
 
@@ -160,7 +164,7 @@ class RLSearcher(Searcher):
     def episode(self, env: LayerSparsityEnv, trial: optuna.Trial, stop: Stop | None = None) -> Episode:
         obs, _ = env.reset()
         steps, requested, info, reward, done = [], [], {}, 0.0, False
-        rule, plan = self.portfolio[self.episode_index] if self.episode_index < len(self.portfolio) else (None, None)
+        rule, plan = self._plan(trial)
         while not done:
             action = env.sparsity_to_action(plan[len(steps)]) if plan is not None else self.act(obs)
             next_obs, reward, done, _, info = env.step(action)
@@ -174,8 +178,30 @@ class RLSearcher(Searcher):
         if self.episode_index >= self.warmup:  # batches are drawn with replacement
             self.model.train(gradient_steps=len(steps), batch_size=self.batch_size)
             agent = self._diagnostics()
+        episode = Episode(np.asarray(requested), info["outcome"], rule=rule, agent=agent)
+        if self.episode_index == len(self.portfolio) - 1 and trial is not None:  # the last rule
+            from autoprune.agents.baselines import best_rule_replays
+
+            self.replays = best_rule_replays(env, trial.study, rule, episode,
+                                             room=self.episodes - len(trial.study.trials))
         self.episode_index += 1
-        return Episode(np.asarray(requested), info["outcome"], rule=rule, agent=agent)
+        return episode
+
+    def _plan(self, trial: optuna.Trial | None) -> tuple[str | None, np.ndarray | None]:
+        """The rule this episode plays and its requested sparsities, or ``(None, None)`` for the
+        agent's own: the portfolio's rules first, then the best of them replayed nearer the aim
+        (:func:`~autoprune.agents.baselines.best_rule_replays`), marked in ``trial`` as the
+        samplers mark theirs."""
+        i = self.episode_index - len(self.portfolio)
+        if i < 0:
+            return self.portfolio[self.episode_index]
+        if i < len(self.replays):
+            rule, fraction, plan = self.replays[i]
+            if trial is not None:
+                trial.set_user_attr("replay", True)
+                trial.set_user_attr("aim", fraction)
+            return rule, plan
+        return None, None
 
     def _diagnostics(self) -> dict:
         """What the agent learned from this episode, recorded in its trial (``agent``) so a learning
@@ -211,6 +237,7 @@ class RLSearcher(Searcher):
             "buffer_full": bool(buf.full),
             "baseline": buf.baseline,
             "episode_index": self.episode_index,
+            "replays": json.dumps([(r, f, [float(x) for x in p]) for r, f, p in self.replays]),
             "warmup": self.warmup,
             "study_uid": self.study_uid,
             "n_updates": int(self.model._n_updates),  # no public accessor (see module docstring)
@@ -247,6 +274,7 @@ class RLSearcher(Searcher):
             getattr(buf, k)[...] = v.numpy()
         buf.pos, buf.full, buf.baseline = payload["buffer_pos"], payload["buffer_full"], payload["baseline"]
         self.episode_index = payload["episode_index"]
+        self.replays = [(r, f, np.asarray(p)) for r, f, p in json.loads(payload.get("replays", "[]"))]
         self.warmup = payload["warmup"]
         self.model._n_updates = payload["n_updates"]  # no public setter (see module docstring)
         self.rng.bit_generator.state = json.loads(payload["rng"])

@@ -64,25 +64,17 @@ class SamplerSearcher(Searcher):
 
 def _replay_best_rule(env: LayerSparsityEnv, trial: optuna.Trial, episode: Episode, room: int) -> None:
     """After the portfolio's last rule (``trial``, just played as ``episode``), enqueue the best
-    rule again at the aim the search searches at and a little below it, each filled into the
-    slack (:func:`~autoprune.agents.baselines.at_aims`): latency budgets that fill, widths no rule
-    has played, at most ``room`` episodes."""
-    if env.budget.metric != "latency" or not env.config.latency_fill or episode.outcome.latency is None:
-        return
-    from autoprune.agents.baselines import at_aims
+    rule again at the aim the search searches at and a little below it
+    (:func:`~autoprune.agents.baselines.best_rule_replays`), at most ``room`` episodes."""
+    from autoprune.agents.baselines import best_rule_replays
 
     study = trial.study
     if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return  # more rules to play
     if any(t.user_attrs.get("replay") for t in study.get_trials(deepcopy=False)):
         return  # played once already (another worker's, or a run before a resume)
-    played = [(t.user_attrs["reward"], t.user_attrs["rule"], t.user_attrs["widths"])
-              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if "rule" in t.user_attrs and "reward" in t.user_attrs]
-    played.append((episode.reward, trial.user_attrs["rule"], episode.outcome.widths))
-    rule = max(played, key=lambda p: p[0])[1]
     units = env.table.units
-    for fraction, policy in at_aims(env, rule, besides=[w for _, _, w in played])[:room]:
+    for rule, fraction, policy in best_rule_replays(env, study, trial.user_attrs["rule"], episode, room):
         study.enqueue_trial({param_name(units[u].name): float(policy[u]) for u in env.space.leaders},
                             user_attrs={"rule": rule, "replay": True, "aim": fraction})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from optuna.trial import TrialState
 
 from autoprune.agents import SEARCHERS
 from autoprune.agents.base import run_policy
@@ -135,27 +136,34 @@ def test_a_rule_bisected_below_the_aim_is_filled_back_up_to_it_each_policy_once(
     assert at_aims(LayerSparsityEnv(tiny_task, budget="0.5flops"), "uniform") == []  # nothing to fill
 
 
-def test_a_latency_search_plays_its_best_rule_again_at_and_below_the_aim_its_measurements_moved(
-        tiny_task, fake_latency, tmp_path):
-    from autoprune.agents.base import param_name
-    from autoprune.agents.baselines import RULE_AIMS, filled, to_aim
-    from autoprune.studies.runner import SearchConfig, run_search
+def _timed(env):  # every policy measures as the table predicts
+    env.measure_latency = lambda model: (env.cost.ratio(env._kept), {"pairs": 30, "margin": env.wall.margin})
+    return env
 
-    def timed(env):  # every policy measures as the table predicts
-        env.measure_latency = lambda model: (env.cost.ratio(env._kept), {"pairs": 30, "margin": env.wall.margin})
-        return env
 
-    env = timed(LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5))
-    seen = []
+def _moving_aim(tiny_task):
+    """A latency env whose aim moves up (a corrected scale) when the portfolio's last rule is measured."""
+    env = _timed(LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5))
+    n_rules, seen = len(portfolio(env)), []
 
-    def observe(predicted, measured):  # the last rule's measurement moves the aim up (a corrected scale)
+    def observe(predicted, measured):
         seen.append(measured)
         if len(seen) == n_rules:
             env.wall.rescale(0.9)
 
     env.observe_latency = observe
-    n_rules = len(portfolio(env))
-    study = run_search(env, SearchConfig(searcher="tpe", episodes=n_rules + len(RULE_AIMS) + 1, progress=False,
+    return env, n_rules
+
+
+@pytest.mark.parametrize("searcher", ["tpe", "ddpg"])
+def test_a_latency_search_plays_its_best_rule_again_at_and_below_the_aim_its_measurements_moved(
+        tiny_task, fake_latency, tmp_path, searcher):
+    from autoprune.agents.base import param_name
+    from autoprune.agents.baselines import RULE_AIMS, filled, to_aim
+    from autoprune.studies.runner import SearchConfig, run_search
+
+    env, n_rules = _moving_aim(tiny_task)
+    study = run_search(env, SearchConfig(searcher=searcher, episodes=n_rules + len(RULE_AIMS) + 1, progress=False,
                                          storage=f"sqlite:///{tmp_path}/s.db")).study
     trials = study.trials
     rules = trials[:n_rules]
@@ -168,19 +176,55 @@ def test_a_latency_search_plays_its_best_rule_again_at_and_below_the_aim_its_mea
     assert aims[0] == 1.0 and aims == [f for f in RULE_AIMS if f in aims]
     # first the rule bisected to the moved aim (the env's aim now) and filled
     expected = filled(env, SEARCHERS.get(best.user_attrs["rule"])().policy(env, to_aim(env)))
-    units = env.table.units
-    assert replays[0].params == pytest.approx({param_name(units[u].name): expected[u] for u in env.space.leaders})
+    names = [param_name(env.table.units[u].name) for u in env.space.leaders]
+    assert [replays[0].params[n] for n in names] == pytest.approx([expected[u] for u in env.space.leaders], abs=1e-5)
     aim = [0.7 / (t.user_attrs["latency"]["scale"] * (1 + t.user_attrs["latency"]["margin"]))
            for t in (best, *replays)]
     assert all(a > aim[0] for a in aim[1:])  # played at the aim the measurements moved
     assert replays[0].user_attrs["ratios"]["latency_predicted"] >= best.user_attrs["ratios"]["latency_predicted"]
     widths = [tuple(t.user_attrs["widths"]) for t in replays]
     assert len(set(widths)) == len(widths) and not set(widths) & {tuple(t.user_attrs["widths"]) for t in rules}
-    assert all("rule" not in t.user_attrs for t in trials[n_rules + len(replays):])  # then the sampler's own
+    assert all("rule" not in t.user_attrs for t in trials[n_rules + len(replays):])  # then the searcher's own
     # a search that keeps its first aim does not play a rule at it twice, and plays no more than it has room for
-    fixed = timed(LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5,
-                                   latency_correct=False))
-    again = run_search(fixed, SearchConfig(searcher="tpe", episodes=n_rules + 1, progress=False,
+    fixed = _timed(LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5,
+                                    latency_correct=False))
+    again = run_search(fixed, SearchConfig(searcher=searcher, episodes=n_rules + 1, progress=False,
                                            storage=f"sqlite:///{tmp_path}/t.db")).study
     replayed = [t for t in again.trials if t.user_attrs.get("replay")]
     assert len(replayed) <= 1 and all(t.user_attrs["aim"] < 1.0 for t in replayed)
+
+
+def test_an_rl_search_stopped_among_its_replays_plays_the_rest_of_them_when_resumed(
+        tiny_task, fake_latency, tmp_path, monkeypatch):
+    from autoprune.agents.baselines import RULE_AIMS
+    from autoprune.errors import AutopruneError
+    from autoprune.studies.runner import SearchConfig, run_search
+
+    def search(env, **kw):
+        return run_search(env, SearchConfig(searcher="ddpg", episodes=n_rules + len(RULE_AIMS) + 1, progress=False,
+                                            storage=f"sqlite:///{tmp_path}/{kw.pop('db')}.db", **kw)).study
+
+    env, n_rules = _moving_aim(tiny_task)
+    whole = [(t.user_attrs["aim"], t.params) for t in search(env, db="whole").trials if t.user_attrs.get("replay")]
+    assert len(whole) >= 2
+
+    env, n_rules = _moving_aim(tiny_task)
+    real_finish, calls = env.finish, []
+
+    def finish(kept, stop=None):  # the second replay fails: the run stops there
+        calls.append(1)
+        if len(calls) == n_rules + 2:
+            raise AutopruneError("stopped here")
+        return real_finish(kept, stop)
+
+    monkeypatch.setattr(env, "finish", finish)
+    with pytest.raises(AutopruneError, match="stopped here"):
+        search(env, db="cut")
+    monkeypatch.setattr(env, "finish", real_finish)
+    resumed = search(env, db="cut", resume=True).get_trials(states=(TrialState.COMPLETE,))
+    played = [(t.user_attrs["aim"], t.params) for t in resumed if t.user_attrs.get("replay")]
+    # the replays the agent saved, each once, none lost (as requested: the resumed wall's aim is
+    # the measurements' own, without the test's move, so it may keep other widths)
+    assert [a for a, _ in played] == [a for a, _ in whole]
+    for (_, got), (_, want) in zip(played, whole):
+        assert got == pytest.approx(want, abs=1e-5)
