@@ -8,8 +8,7 @@ supplies AMC's episode logic around them (He et al., ECCV 2018, and mit-han-lab/
   (:func:`~autoprune.agents.baselines.portfolio`), so the replay buffer starts with good policies
   and the study holds them, and under a latency budget the best of them again, at the aim the
   measurements left and a little below it, as the samplers play them; the rest uniformly random
-  actions; the replay buffer keeps the last
-  2,000 episodes' transitions;
+  actions; the replay buffer keeps the last 2,000 episodes' transitions;
 * exploration by a truncated normal around the actor's action, sigma 0.5 of the sparsity range,
   decaying by x0.95 per episode after warm-up (SAC explores with its own stochastic policy);
 * the episode's final reward given to every step of the episode, stored in the replay buffer;
