@@ -88,9 +88,10 @@ def fake_latency(monkeypatch, tmp_path_factory):
     cached (tests never time): a layer's table cell is its MACs at those fractions, and every
     runtime's ``prepare`` returns a callable that does nothing, which a timed pair counts as 1 ms
     per million parameters of its model, so a measured ratio is the ratio of the two models'
-    parameter counts. The runtime is still checked (a name or a package missing is
-    refused as for real). Returns what was measured, in order: ``{"tables": [runtime, ...],
-    "ratios": [runtime of each timing session, ...], "prepared": [(runtime, model), ...]}``;
+    parameter counts. The runtime is still checked (a name or a package missing is refused as
+    for real), and no runtime has a channel block. Returns what was measured, in order:
+    ``{"tables": [runtime, ...], "ratios": [runtime of each timing session, ...],
+    "prepared": [(runtime, model), ...]}``;
     a test may monkeypatch ``autoprune.cost.latency._time_pairs`` again for timings of its own.
 
     The cache is the test's own: a fake table must never be read as a measured one, nor a table
@@ -125,6 +126,8 @@ def fake_latency(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(latency, "_measure_luts", luts)
     for name in RUNTIMES.names():
         monkeypatch.setattr(RUNTIMES.get(name), "prepare", prepare)
+        # the fake timings know no channel blocks, so the auto widths are the same on every CPU
+        monkeypatch.setattr(RUNTIMES.get(name), "channel_block", lambda self, device: 1)
     monkeypatch.setattr(latency, "_time_pairs", time_pairs)
     return calls
 

@@ -347,6 +347,8 @@ class LatencyModel(CostModel):
         grid: the kept fractions the table was measured at.
         calibration: what the fit saw, for inspection: each calibration policy's kept widths and
             measured ratio, and the leave-one-out mean error of each fit (see :func:`_calibrate`).
+        channel_block: :meth:`width_levels` keeps only multiples of it (the runtime's
+            :meth:`~autoprune.cost.runtimes.Runtime.channel_block`; 1: any width).
     """
 
     table: UnitTable
@@ -361,6 +363,7 @@ class LatencyModel(CostModel):
     grid: tuple[float, ...] = GRID
     metric: str = "latency"
     calibration: dict = field(default_factory=dict, repr=False)
+    channel_block: int = 1
     _sigs: list = field(default_factory=list, repr=False)
 
     @classmethod
@@ -419,15 +422,21 @@ class LatencyModel(CostModel):
 
     def width_levels(self, min_step: float = 0.02) -> tuple[tuple[tuple[int, None], ...], ...]:
         """Per unit, the widths the runtime rewards (``--round-to auto``): of the table's grid
-        widths, ascending, those at which the table says the unit's layers run faster than at the
-        next wider width kept, by more than ``min_step`` of what the unit saves at its narrowest
-        width (a step below that is timing noise); always ending at the whole unit. A unit whose
-        layers save nothing at any width keeps only its whole width. In the form of
-        :attr:`~autoprune.units.UnitTable.levels`, with no pattern."""
+        widths that are multiples of :attr:`channel_block`, ascending, those at which the table
+        says the unit's layers run faster than at the next wider width kept, by more than
+        ``min_step`` of what the unit saves at its narrowest width (a step below that is timing
+        noise); always ending at the whole unit. A unit whose layers save nothing at any width
+        keeps only its whole width. In the form of :attr:`~autoprune.units.UnitTable.levels`, with
+        no pattern.
+
+        The block is kept apart from the table because a cell is one layer between dense
+        neighbours, where a width off the block costs one layout conversion; in the network such
+        a width also unfuses what follows it (a residual add), which no cell times."""
         out = []
         dense = self.table.sizes()
         for u, unit in enumerate(self.table.units):
-            widths = sorted({_width(unit.size, f) for f in self._grid}, reverse=True)
+            widths = sorted({w for w in (_width(unit.size, f) for f in self._grid)
+                             if w == unit.size or w % self.channel_block == 0}, reverse=True)
             saved = {}
             for w in widths:
                 kept = dense.copy()
@@ -458,23 +467,24 @@ class LatencyModel(CostModel):
         """The model :meth:`to_json` wrote (as the cache keeps it), over ``table``."""
         return cls(table, data["device"], data["batch_size"], data["threads"], data["luts"], tuple(data["coef"]),
                    data["dense_s"], tuple(data["fit_error"]), data["runtime"], tuple(data["grid"]),
-                   calibration=data.get("calibration", {}))
+                   calibration=data.get("calibration", {}), channel_block=int(data.get("channel_block", 1)))
 
     def to_json(self) -> dict:
         return {"device": self.device, "batch_size": self.batch_size, "threads": self.threads,
                 "runtime": self.runtime, "luts": self.luts, "coef": list(self.coef), "dense_s": self.dense_s,
-                "fit_error": list(self.fit_error), "grid": list(self.grid), "calibration": self.calibration}
+                "fit_error": list(self.fit_error), "grid": list(self.grid), "calibration": self.calibration,
+                "channel_block": self.channel_block}
 
 
 def _cache_key(table: UnitTable, device: str, batch_size: int, threads: int, runtime: str,
-               grid: tuple[float, ...], auto_widths: bool = False) -> str:
+               grid: tuple[float, ...], auto_widths: bool = False, channel_block: int = 1) -> str:
     shape = "|".join(f"{lay.name}:{_signature(lay)}" for lay in table.layers)
     units = "|".join(f"{u.name}:{u.size}" for u in table.units)
     version = get_runtime(runtime).version()
     # the width multiple shapes the calibration models (kept_all rounds), so it shapes the fit: a
     # table calibrated on widths in multiples of 16 under-predicts odd widths on ONNX Runtime
     key = (f"v5#{shape}#{units}#{table.input_shape}#{device}#{batch_size}#{threads}#{torch.__version__}"
-           f"#{runtime}#{version}#{list(grid)}#{table.multiple}" + ("#auto" if auto_widths else ""))
+           f"#{runtime}#{version}#{list(grid)}#{table.multiple}" + (f"#auto#b{channel_block}" if auto_widths else ""))
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -535,7 +545,8 @@ def _read_cache(path: Path, runtime: str) -> dict | None:
 def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str = "cpu",
                         batch_size: int = 1, threads: int | None = None, cache_dir: Path | None = None,
                         progress: bool = True, calibration_policies: int = 12, runtime: str = "eager",
-                        grid: tuple[float, ...] = GRID, auto_widths: bool = False) -> LatencyModel:
+                        grid: tuple[float, ...] = GRID, auto_widths: bool = False,
+                        channel_block: int | None = None) -> LatencyModel:
     """Measure (or load from the cache) the latency model of ``dense``.
 
     Args:
@@ -553,13 +564,16 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
         auto_widths: the model's table keeps only the widths at which the runtime gets faster
             (:meth:`LatencyModel.width_levels`, read from the layer timings before the fit), and
             the coefficients are fitted on policies of those widths.
+        channel_block: under ``auto_widths``, the widths kept are multiples of it (default: the
+            runtime's :meth:`~autoprune.cost.runtimes.Runtime.channel_block` on ``device``).
     """
     get_runtime(runtime).check(device)
     grid = tuple(float(f) for f in grid)
     if not grid or grid[-1] != 1.0 or any(a >= b for a, b in zip(grid, grid[1:])):
         raise ValueError(f"a latency grid increases to 1.0, got {grid}")
     threads = threads or default_threads(device)
-    key = _cache_key(table, device, batch_size, threads, runtime, grid, auto_widths)
+    block = (channel_block or get_runtime(runtime).channel_block(device)) if auto_widths else 1
+    key = _cache_key(table, device, batch_size, threads, runtime, grid, auto_widths, block)
     path = (cache_dir or default_cache_dir()) / "latency" / f"{key}.json"
     cached = _read_cache(path, runtime)
     if cached is not None:
@@ -575,7 +589,8 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
         luts = _measure_luts(table, device, batch_size, threads, 12, progress, runtime, grid)
     finally:
         torch.set_num_threads(before)
-    uncalibrated = LatencyModel(table, device, batch_size, threads, luts, (1.0, 0.0), 1.0, (0.0, 0.0), runtime, grid)
+    uncalibrated = LatencyModel(table, device, batch_size, threads, luts, (1.0, 0.0), 1.0, (0.0, 0.0), runtime, grid,
+                                channel_block=block)
     if auto_widths:  # calibrated on the widths it will predict
         uncalibrated = _with_width_levels(uncalibrated)
     result = _calibrate(uncalibrated, dense, prune, calibration_policies, progress)

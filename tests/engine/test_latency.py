@@ -176,8 +176,10 @@ def test_auto_widths_are_those_the_table_says_are_faster_than_the_next_wider(tin
                                                                               tmp_path):
     from autoprune.cost.latency import GRID, _width
 
+    # channel_block=1: any width (what ONNX Runtime's block does is the next test's)
     model = build_latency_model(tiny_task.table, tiny_task.dense, tiny_task.prune, batch_size=4, threads=1,
-                                cache_dir=tmp_path, progress=False, runtime="onnxruntime", auto_widths=True)
+                                cache_dir=tmp_path, progress=False, runtime="onnxruntime", auto_widths=True,
+                                channel_block=1)
     table = model.table
     assert tiny_task.table.levels is None and table.levels is not None  # the task's table is left as it was
     dense = table.sizes()
@@ -210,8 +212,46 @@ def test_auto_widths_are_those_the_table_says_are_faster_than_the_next_wider(tin
                                 cache_dir=tmp_path, progress=False, runtime="onnxruntime")
     assert plain.table.levels is None and len(list((tmp_path / "latency").glob("*.json"))) == 2
     again = build_latency_model(tiny_task.table, tiny_task.dense, tiny_task.prune, batch_size=4, threads=1,
-                                cache_dir=tmp_path, progress=False, runtime="onnxruntime", auto_widths=True)
+                                cache_dir=tmp_path, progress=False, runtime="onnxruntime", auto_widths=True,
+                                channel_block=1)
     assert again.table.levels == table.levels and staircase_latency["tables"] == ["onnxruntime"] * 2
+
+
+def test_auto_widths_are_multiples_of_the_runtime_s_channel_block(tiny_task, staircase_latency, tmp_path,
+                                                                    monkeypatch):
+    """ONNX Runtime's CPU kernels run a tensor whose channels are off their block in a slower
+    layout, which the table's cells (one layer between dense neighbours) do not price: the auto
+    widths keep only multiples of the block, and each block has a table of its own."""
+    from autoprune.cost.runtimes import OnnxRuntime
+
+    monkeypatch.setattr(OnnxRuntime, "channel_block", lambda self, device: 8)
+
+    def levels(**block):
+        model = build_latency_model(tiny_task.table, tiny_task.dense, tiny_task.prune, batch_size=4, threads=1,
+                                    cache_dir=tmp_path, progress=False, runtime="onnxruntime", auto_widths=True,
+                                    **block)
+        assert model.channel_block == (block.get("channel_block") or 8)
+        return [[w for w, _ in unit] for unit in model.table.levels]
+
+    any_width, blocked = levels(channel_block=1), levels()
+    sizes = tiny_task.table.sizes()
+    assert any(w % 8 for unit in any_width for w in unit)  # off-block widths the table rewards...
+    for unit, size, free in zip(blocked, sizes, any_width):
+        assert unit[-1] == size and all(w % 8 == 0 for w in unit[:-1])  # ...are left out
+        assert set(unit) == {w for w in free if w % 8 == 0 or w == size}  # and nothing else is
+    assert blocked[0] == [8, 16]  # the stem: the quarters 4 and 12 are off the block
+    assert levels() == blocked and staircase_latency["tables"] == ["onnxruntime"] * 2  # cached per block
+    assert len(list((tmp_path / "latency").glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("machine, flags, block", [("x86_64", {"avx2", "fma"}, 8), ("AMD64", set(), 8),
+                                                   ("x86_64", {"avx2", "avx512f"}, 16), ("aarch64", {"asimd"}, 1),
+                                                   ("arm64", set(), 1)])
+def test_onnx_runtime_s_channel_block_follows_its_cpu_kernels(machine, flags, block):
+    from autoprune.cost.runtimes import get_runtime, nchwc_block
+
+    assert nchwc_block(machine, flags) == block
+    assert get_runtime("eager").channel_block("cpu") == 1
 
 
 def test_a_ratio_meter_prepares_its_base_once_per_batch_threads_and_runtime(tiny_task, fake_latency):
