@@ -35,6 +35,7 @@ from gymnasium import spaces
 
 from autoprune.cost.budget import Budget
 from autoprune.cost.flops import COST_MODELS, CostModel, closed_form
+from autoprune.cost.runtimes import get_runtime
 from autoprune.envs.budget_check import BORDERLINE, LATENCY_TOLERANCE, MORE_PAIRS, extra_pairs, within_budget
 from autoprune.envs.config import EnvConfig
 from autoprune.envs.outcome import EpisodeOutcome
@@ -146,11 +147,13 @@ class LayerSparsityEnv(gym.Env):
         # the other budgets (several at once): exact costs the wall meets at the budget itself
         self.extra = tuple((b, make_cost_model(task, config, progress, b.metric)) for b in self.budgets
                            if b != self.budget)
-        grid = None
+        grid, self._block = None, 1  # the runtime's channel block, where widths are timed
         if auto_widths(task):  # the latency table's widths, whatever the budget's metric
             latency = self.cost if self.budget.metric == "latency" else make_cost_model(task, config, progress,
                                                                                         "latency")
-            self.table, grid = latency.table, width_grid(latency.table)
+            self.table, grid, self._block = latency.table, width_grid(latency.table), latency.channel_block
+        elif self.budget.metric == "latency":
+            self._block = get_runtime(self.cost.runtime).channel_block(self.cost.device)
         margin = 0.0
         if self.budget.metric == "latency":
             margin = self.cost.margin() if config.latency_margin is None else float(config.latency_margin)
@@ -310,14 +313,21 @@ class LayerSparsityEnv(gym.Env):
         return kept
 
     def width_note(self) -> str | None:
-        """Which widths ``round_to="auto"`` plays, in one line (None for explicit multiples)."""
-        if self.config.width_grid is None:
-            return None
+        """Which widths ``round_to="auto"`` plays, in one line; for explicit multiples under a
+        latency budget, a warning where they fall off the runtime's channel block (else None)."""
         c, levels = self.config, self.table.levels
+        if c.width_grid is None:
+            if self._block <= 1 or self.table.multiple % self._block == 0:
+                return None
+            return (f"widths are multiples of {self.table.multiple}, but {c.latency_runtime} on this CPU lays "
+                    f"channels out in blocks of {self._block}: a width off them runs slower than the latency "
+                    f"table predicts, so episodes may measure over the budget; --round-to auto (or a multiple "
+                    f"of {self._block}) keeps to the blocks")
         widest = max(range(self.n_units), key=lambda u: self.table.units[u].size)
+        blocks = f" and multiples of its channel block ({self._block})" if self._block > 1 else ""
         return (f"round_to auto: {sum(len(lv) for lv in levels)} widths over {self.n_units} units, those at which "
                 f"{c.latency_runtime} (batch {c.latency_batch}) runs faster than at the next wider one by the "
-                f"latency table; {self.table.units[widest].name} may keep "
+                f"latency table{blocks}; {self.table.units[widest].name} may keep "
                 + ", ".join(str(w) for w, _ in levels[widest]))
 
     def latency_note(self) -> str | None:

@@ -69,9 +69,9 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int) -> Se
                                                    budgets_slug(env.budgets), config.searcher)
     storage = open_storage(config.storage)
     study = open_study(env, searcher, config, name, storage)
-    note = env.latency_note()
-    if note and config.progress:
-        log.warning("note: %s", note)
+    for note in (env.latency_note(), env.width_note()):
+        if note and config.progress:
+            log.warning("note: %s", note)
     state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, config.episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, storage=storage)

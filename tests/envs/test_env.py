@@ -150,6 +150,28 @@ def test_round_to_auto_plays_only_the_widths_the_runtime_rewards(digits, trained
     assert plain.config.width_grid is None and plain.table.levels is None
 
 
+def test_the_search_says_where_its_widths_meet_the_runtime_s_channel_block(digits, trained_tiny, tiny_task,
+                                                                           staircase_latency, monkeypatch):
+    from autoprune.cost.runtimes import OnnxRuntime
+
+    def env(task, block):
+        monkeypatch.setattr(OnnxRuntime, "channel_block", lambda self, device: block)
+        return LayerSparsityEnv(task, budget="0.6latency", max_sparsity=0.9, latency_runtime="onnxruntime")
+
+    auto = env(_auto_task(digits, trained_tiny), 8)
+    assert all(w % 8 == 0 or w == unit.size for unit, lv in zip(auto.table.units, auto.table.levels) for w, _ in lv)
+    assert "multiples of its channel block (8)" in auto.width_note()
+    assert "channel block" not in env(_auto_task(digits, trained_tiny), 1).width_note()
+    # explicit multiples off the block are warned about, under a latency budget only
+    note = env(tiny_task_of(tiny_task, round_to=4), 8).width_note()
+    assert "multiples of 4" in note and "blocks of 8" in note and "--round-to auto" in note
+    assert env(tiny_task_of(tiny_task, round_to=8), 8).width_note() is None
+    assert env(tiny_task_of(tiny_task, round_to=4), 1).width_note() is None
+    flops = LayerSparsityEnv(tiny_task_of(tiny_task, round_to=4), budget="0.6flops", max_sparsity=0.9,
+                             latency_runtime="onnxruntime")
+    assert flops.width_note() is None
+
+
 def test_a_latency_budget_the_auto_widths_cannot_reach_is_refused(digits, trained_tiny, tiny_task,
                                                                   staircase_latency):
     plain = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9, latency_margin=0)
