@@ -196,12 +196,18 @@ def run_search(env: LayerSparsityEnv, config: SearchConfig, quota: int | None = 
         return _run(env, config, searcher, name, episodes, quota, storage, exclusive)
 
 
-def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> SearchResult:
-    storage = storage or open_storage(config.storage)
-    study = open_study(env, searcher, config, name, storage)
+def say_notes(env: LayerSparsityEnv, config: SearchConfig) -> None:
+    """Say how the env aims a latency budget and which widths it plays (unless quiet): one
+    search process, or the parent of several workers."""
     for note in (env.latency_note(), env.width_note()):
         if note and config.progress:
             log.warning("note: %s", note)
+
+
+def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> SearchResult:
+    storage = storage or open_storage(config.storage)
+    study = open_study(env, searcher, config, name, storage)
+    say_notes(env, config)
     state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive, storage=storage)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import sys
 import time
@@ -22,11 +21,10 @@ from autoprune.studies.runner import (
     default_study_name,
     open_study,
     run_search,
+    say_notes,
     trial_counts,
 )
 from autoprune.studies.storage import open_storage, storage_kind
-
-log = logging.getLogger(__name__)
 
 
 def split_quota(remaining: int, workers: int) -> list[int]:
@@ -69,9 +67,7 @@ def run_workers(env: LayerSparsityEnv, config: SearchConfig, workers: int) -> Se
                                                    budgets_slug(env.budgets), config.searcher)
     storage = open_storage(config.storage)
     study = open_study(env, searcher, config, name, storage)
-    for note in (env.latency_note(), env.width_note()):
-        if note and config.progress:
-            log.warning("note: %s", note)
+    say_notes(env, config)
     state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, config.episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, storage=storage)
