@@ -15,6 +15,9 @@ the runtime once per env, not once per episode. From the third measured episode 
 the median ratio of measured to predicted latency: the table fits its calibration policies to a
 few per cent, but a search visits other policies, and on ResNet-56 they measured 4-11 % over the
 table's figure (BENCHMARKS.md, where the timings also drifted as the process ran). With
+``latency_refit`` (the default) the table's coefficients are fitted again after every measured
+episode instead, on its calibration policies and the episodes so far, so the wall prices each kind
+of cut as this search measured it rather than scaling them all by one figure. With
 ``latency_adapt``, from the tenth the margin is what the measurements show of the corrected
 table's error: how far over their median 9 in 10 of the ratios stayed (:func:`scatter`). And
 since the wall only cuts, a policy that asked for more sparsity than needed is widened into the
@@ -164,6 +167,8 @@ class LayerSparsityEnv(gym.Env):
         # what the wall kept of the margin, and which widths it plays
         self.config = dataclasses.replace(config, latency_margin=self.wall.margin, width_grid=grid)
         self._latency_errors: list[float] = []  # measured / predicted, one per measured episode
+        self._timed: tuple[list[np.ndarray], list[float]] = ([], [])  # their widths and measured ratios
+        self.table_cost = self.cost  # as calibrated; ``cost`` may be refit on measured episodes
         self._meter = None  # measures episodes against the dense model, prepared once (latency budgets)
         self._static = static_features(self.table)
         self._rest = rest_flops(self.table)
@@ -235,7 +240,9 @@ class LayerSparsityEnv(gym.Env):
             ratios["latency_predicted"] = self.cost.ratio(kept)
             ratios["latency"], measurement = self.measure_latency(model)
             measurement["scale"] = self.wall.scale  # how the wall aimed this episode
-            self.observe_latency(ratios["latency_predicted"], ratios["latency"])
+            if self._refits:
+                measurement["coef"] = list(self.cost.coef)
+            self.observe_latency(ratios["latency_predicted"], ratios["latency"], kept)
         cost = ratios.get(self.budget.metric, ratios["flops"])  # a stopped latency episode is not timed
         reward, parts = self.reward_fn(Outcome(evaluation.accuracy, cost, self.budget.ratio,
                                                closed_form(self.table, kept).flops), self.config.reward_lambda)
@@ -274,35 +281,61 @@ class LayerSparsityEnv(gym.Env):
             how["first"] = first[0]
         return times.ratio, how
 
-    def observe_latency(self, predicted: float, measured: float) -> None:
-        """Learn from one episode's predicted and measured latency ratios: with
-        ``latency_correct``, from the third on, the wall aims by their median ratio, and until
-        the tenth with a margin that covers how far over it they ran (:func:`scatter`) where that
-        is more than the margin asked for; with ``latency_adapt``, from the tenth on, with that
+    @property
+    def _refits(self) -> bool:
+        """Whether measured episodes refit the latency table (else they scale it)."""
+        return self.budget.metric == "latency" and self.config.latency_correct and self.config.latency_refit
+
+    def observe_latency(self, predicted: float, measured: float, kept=None) -> None:
+        """Learn from one episode's predicted and measured latency ratios (of the policy of widths
+        ``kept``): with ``latency_correct``, the wall aims by them, and until the tenth with a
+        margin that covers how far over their median they ran (:func:`scatter`) where that is
+        more than the margin asked for; with ``latency_adapt``, from the tenth on, with that
         scatter as its margin.
 
+        How the wall aims by them: with ``latency_refit`` (the default), it prices policies by the
+        table with its coefficients fitted again on its calibration and every episode so far
+        (:meth:`~autoprune.cost.latency.LatencyModel.refit`; ``kept`` is needed), from the first;
+        without, from the third, by the table scaled by the median of measured over predicted.
         A median of a few episodes is the least sure: they are the portfolio's rules, the most
         unlike policies a search plays, which a table may price 7 % apart (ResNet-56 at batch 64:
         two rules that cut only inner convs measured 7 % under their prediction, a third on the
         mark; aimed by their median alone, the next rule ran 5 % over the budget)."""
+        self._record(predicted, measured, kept)
+        self._aim()
+
+    def replay_latency(self, episodes: Iterable[tuple]) -> None:
+        """Aim as a study's ``(predicted, measured[, kept])`` episodes say, in place of what this
+        env saw: a search run again on the same env must not count its episodes twice (the
+        table is refit once, on them all)."""
+        self._latency_errors, self._timed = [], ([], [])
+        self.wall.rescale(1.0, self.wall.asked)
+        for predicted, measured, *kept in episodes:
+            self._record(predicted, measured, *kept)
+        self._aim()
+
+    def _record(self, predicted: float, measured: float, kept=None) -> None:
         self._latency_errors.append(measured / predicted)
+        if self._refits:
+            if kept is None:
+                raise ValueError("a latency refit needs each measured episode's widths")
+            self._timed[0].append(np.asarray(kept, dtype=np.int64))
+            self._timed[1].append(float(measured))
+
+    def _aim(self) -> None:
+        """Price and aim the wall as the episodes so far say (:meth:`observe_latency`)."""
+        if self._refits:
+            self.cost = self.table_cost.refit(*self._timed) if self._timed[0] else self.table_cost
+            self.wall.reprice(self.cost)
         errors = np.asarray(self._latency_errors)
         if not self.config.latency_correct or len(errors) < 3:
             return
-        scale, margin = float(np.median(errors)), self.wall.asked
+        scale, margin = 1.0 if self._refits else float(np.median(errors)), self.wall.asked
         if len(errors) < ADAPT_AFTER:
             margin = max(margin, scatter(errors))
         elif self.config.latency_adapt:
             margin = min(margin, max(MARGIN_FLOOR, scatter(errors)))
         self.wall.rescale(scale, margin)
-
-    def replay_latency(self, episodes: Iterable[tuple[float, float]]) -> None:
-        """Aim as a study's (predicted, measured) episodes say, in place of what this env saw:
-        a search run again on the same env must not count its episodes twice."""
-        self._latency_errors = []
-        self.wall.rescale(1.0, self.wall.asked)
-        for predicted, measured in episodes:
-            self.observe_latency(predicted, measured)
 
     def meets(self, kept) -> bool:
         """Whether widths ``kept`` meet every budget as the cost models predict (the primary one
@@ -352,9 +385,12 @@ class LayerSparsityEnv(gym.Env):
                 f"table predicts it, a margin of {c.latency_margin:.1%} (the table's fit error: mean {mean:.1%}, "
                 f"max {worst:.1%}); each episode's latency is {how}, and is within budget up to "
                 f"{LATENCY_TOLERANCE:.0%} over it"
-                + ("; from the third episode the wall aims by the median of measured over predicted latency "
-                   f"(until the {ADAPT_AFTER}th with a margin that also covers how far over it they ran)"
-                   if c.latency_correct else "")
+                + ("; after each episode the table's coefficients are fitted again on its calibration and "
+                   "every episode measured so far" if self._refits else "")
+                + ("; from the third episode the wall aims by the median of measured over predicted latency"
+                   if c.latency_correct and not self._refits else "")
+                + (f" (until the {ADAPT_AFTER}th with a margin that also covers how far over the median of "
+                   "measured over predicted latency they ran)" if c.latency_correct else "")
                 + (f", from the {ADAPT_AFTER}th with how far over it 9 in 10 of them run as its margin"
                    if c.latency_correct and c.latency_adapt else "")
                 + ("; each policy is widened into what it leaves below the aim" if c.latency_fill else ""))

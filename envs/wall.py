@@ -11,7 +11,8 @@ margin stated by the cost model (:meth:`~autoprune.cost.flops.CostModel.margin`)
 below what maximum sparsity everywhere reaches, so a budget within reach stays within reach and
 the margin shrinks instead (``ActionWall.margin`` is the one it kept). Where measurements show
 the prediction off by a steady factor, :meth:`ActionWall.rescale` aims by the measured figure, and
-with a margin that measurements size.
+with a margin that measurements size; where they refit the cost model, :meth:`ActionWall.reprice`
+prices by the refit one.
 
 The wall only ever cuts: a policy that asks for more sparsity than the budget needs ends below it.
 Under a predicted cost on coarse widths that slack can be large (ResNet-56's TPE episodes at
@@ -87,6 +88,13 @@ class ActionWall:
         self.aim = aim(self.budget / self.scale, self._asked, self.lowest)
         # what is left of the margin where the aim was raised, in measured terms
         self.margin = self.budget / (self.aim * self.scale) - 1.0
+
+    def reprice(self, cost: CostModel) -> None:
+        """Price policies with ``cost`` from now on (the budget's cost model with coefficients
+        fitted again on measurements), aiming as before: at the same scale and margin."""
+        self.cost = cost
+        self.lowest = cost.ratio(self.floor)
+        self.rescale(self.scale)
 
     @property
     def _levels_note(self) -> str:

@@ -212,9 +212,9 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
     searcher.setup(env, study, episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive, storage=storage)
     if env.budget.metric == "latency":  # a resumed study's measurements aim the wall as they did
-        ratios = [t.user_attrs.get("ratios", {}) for t in completed(study)]
-        env.replay_latency((r["latency_predicted"], r["latency"]) for r in ratios
-                           if "latency" in r and "latency_predicted" in r)
+        attrs = [t.user_attrs for t in completed(study)]
+        env.replay_latency((a["ratios"]["latency_predicted"], a["ratios"]["latency"], a.get("widths"))
+                           for a in attrs if {"latency", "latency_predicted"} <= a.get("ratios", {}).keys())
     done, _ = trial_counts(study)
     todo = max(0, episodes - done) if quota is None else min(quota, max(0, episodes - done))
     progress = Progress(config, name, episodes, done, env.task.config.proxy)

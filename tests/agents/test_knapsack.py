@@ -146,7 +146,7 @@ def _moving_aim(tiny_task):
     env = _timed(LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5))
     n_rules, seen = len(portfolio(env)), []
 
-    def observe(predicted, measured):
+    def observe(predicted, measured, kept=None):
         seen.append(measured)
         if len(seen) == n_rules:
             env.wall.rescale(0.9)

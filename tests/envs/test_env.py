@@ -261,7 +261,7 @@ def test_latency_budget_wall_uses_the_measured_table(tiny_task, tmp_path, monkey
     assert last["ratios"]["latency_predicted"] <= 0.9 + 1e-9
     assert last["ratios"]["latency"] > 0  # measured, reported (not asserted: tests never time)
     again = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9, latency_batch=32)
-    assert again.cost.coef == env.cost.coef  # reloaded from the cache, not re-measured
+    assert again.cost.coef == env.table_cost.coef  # reloaded from the cache, not re-measured
 
 
 def test_a_latency_wall_aims_below_the_budget_by_the_tables_stated_error(tiny_task, fake_latency, monkeypatch):
@@ -341,7 +341,7 @@ def test_the_wall_aims_by_measured_over_predicted_latency_from_the_third_episode
     from autoprune.envs.layer_sparsity import ADAPT_AFTER, scatter
     from autoprune.envs.wall import aim
 
-    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9)
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_refit=False)
     fixed = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_correct=False)
     margin, start = env.cost.margin(), env.wall.aim
     for e in (env, fixed):
@@ -378,8 +378,9 @@ def test_with_latency_adapt_the_margin_is_how_far_over_the_median_measured_laten
     from autoprune.envs.layer_sparsity import ADAPT_AFTER, MARGIN_FLOOR, scatter
     from autoprune.envs.wall import aim
 
-    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.2, latency_adapt=True)
-    kept = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.2)  # off by default
+    settings = dict(budget="0.7latency", max_sparsity=0.9, latency_margin=0.2, latency_refit=False)
+    env = LayerSparsityEnv(tiny_task, latency_adapt=True, **settings)
+    kept = LayerSparsityEnv(tiny_task, **settings)  # off by default
     errors = [1.10, 1.05, 1.12, 1.08, 1.06] * 2
     assert len(errors) == ADAPT_AFTER
     for i, e in enumerate(errors, start=1):
@@ -401,6 +402,48 @@ def test_with_latency_adapt_the_margin_is_how_far_over_the_median_measured_laten
     # a replay starts from the margin asked for, as a new run would
     env.replay_latency([])
     assert env.wall.margin == pytest.approx(0.2) and env.wall.scale == 1.0
+
+
+def test_with_latency_refit_the_wall_prices_by_the_table_fitted_again_on_every_episode(tiny_task, fake_latency):
+    from autoprune.envs.wall import aim
+
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9)  # refit by default
+    table = env.cost
+    assert env.config.latency_refit and len(table.calibration["measured"]) >= len(table.coef)
+    cut = env.feasible_policy(np.full(env.n_units, 0.5))
+    table_says = table.ratio(cut)
+    # this kind of policy measures 20 % under the table, over and over: a median scale would
+    # move every price by that; the refit moves this policy's price towards what it measured
+    episodes, prices = [], [table_says]
+    for _ in range(24):
+        episodes.append((env.cost.ratio(cut), 0.8 * table_says, cut))
+        env.observe_latency(*episodes[-1])
+        assert env.wall.cost is env.cost and env.wall.lowest == env.cost.ratio(env.wall.floor)
+        prices.append(env.cost.ratio(cut))
+    assert env.wall.scale == 1.0  # the coefficients carry the correction
+    # each episode moves the price on, the more of them the nearer what they measured (the
+    # calibration's 16 policies weigh as much as 16 episodes)
+    assert all(a > b for a, b in zip(prices, prices[1:])) and prices[-1] > 0.8 * table_says
+    assert prices[-1] - 0.8 * table_says < 0.5 * (table_says - 0.8 * table_says)
+    assert env.cost.coef == pytest.approx(table.refit([cut] * 24, [0.8 * table_says] * 24).coef)
+    assert env.cost.coef != table.coef and env.cost.luts is table.luts  # the cells are the table's
+    assert env.wall.aim == pytest.approx(aim(0.7, env.wall.margin, env.wall.lowest))
+    # the episode records the coefficients it was priced with
+    _, infos = rollout(env, seed=0)
+    assert infos[-1]["latency"]["coef"] == pytest.approx(list(table.refit([cut] * 24, [0.8 * table_says] * 24).coef))
+    episodes.append((infos[-1]["ratios"]["latency_predicted"], infos[-1]["ratios"]["latency"], infos[-1]["widths"]))
+    # a resumed search refits once on what its study recorded, and prices as the first run did
+    again = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9)
+    again.replay_latency(episodes)
+    assert again.cost.coef == pytest.approx(env.cost.coef) and again.wall.aim == pytest.approx(env.wall.aim)
+    again.replay_latency([])  # and starts from the table where there is nothing to replay
+    assert again.cost.coef == table.coef and again.wall.cost is again.cost
+    with pytest.raises(ValueError, match="widths"):
+        again.observe_latency(0.5, 0.6)
+    # without it, the median of measured over predicted scales the table
+    scaled = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_refit=False)
+    scaled.replay_latency([(table_says, 0.8 * table_says, cut)] * 4)
+    assert scaled.cost.coef == table.coef and scaled.wall.scale == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize("share", [(), ("stage",)])

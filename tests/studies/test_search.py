@@ -172,21 +172,38 @@ def test_a_two_budget_study_meets_both_and_resumes_only_with_both(tiny_task, tmp
     assert len(result.study.trials) == 8  # refused before any episode
 
 
-def test_a_resumed_latency_study_aims_by_its_episodes_measurements(tiny_task, tmp_path, fake_latency):
-    env = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9)
+@pytest.mark.parametrize("refit", [True, False])
+def test_a_resumed_latency_study_aims_by_its_episodes_measurements(tiny_task, tmp_path, fake_latency, refit):
+    def made(trials) -> tuple[list, list, list]:
+        """Each trial's widths, measured latency ratio, and measured over predicted."""
+        ratios = [t.user_attrs["ratios"] for t in trials]
+        return ([t.user_attrs["widths"] for t in trials], [r["latency"] for r in ratios],
+                [r["latency"] / r["latency_predicted"] for r in ratios])
+
+    def aimed(trial) -> float | list[float]:
+        """How the wall priced and aimed ``trial``: the refit coefficients, or the scale."""
+        return trial.user_attrs["latency"]["coef" if refit else "scale"]
+
+    env = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9, latency_refit=refit)
+    table = env.table_cost
+
+    def expected(trials):  # what the episodes so far say: the table refit on them, or their median
+        widths, measured, errors = made(trials)
+        return pytest.approx(list(table.refit(widths, measured).coef) if refit else float(np.median(errors)))
+
     first = _run(env, tmp_path, "random", episodes=3)
-    errors = [t.user_attrs["ratios"]["latency"] / t.user_attrs["ratios"]["latency_predicted"]
-              for t in first.study.trials]
-    assert [t.user_attrs["latency"]["scale"] for t in first.study.trials] == [1.0, 1.0, 1.0]
-    fresh = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9)
+    if refit:
+        assert aimed(first.study.trials[0]) == pytest.approx(list(table.coef))
+        assert aimed(first.study.trials[2]) == expected(first.study.trials[:2])
+    else:
+        assert [aimed(t) for t in first.study.trials] == [1.0, 1.0, 1.0]
+    fresh = LayerSparsityEnv(tiny_task, budget="0.9latency", max_sparsity=0.9, latency_refit=refit)
     again = _run(fresh, tmp_path, "random", episodes=4, resume=True, study_name=first.study.study_name)
     # the fourth episode, in a new process, aimed as the first three measured
-    assert again.study.trials[3].user_attrs["latency"]["scale"] == pytest.approx(float(np.median(errors)))
+    assert aimed(again.study.trials[3]) == expected(again.study.trials[:3])
     # run again on the env that saw the first three: each episode counts once, not twice
-    errors.append(again.study.trials[3].user_attrs["ratios"]["latency"]
-                  / again.study.trials[3].user_attrs["ratios"]["latency_predicted"])
     last = _run(env, tmp_path, "random", episodes=5, resume=True, study_name=first.study.study_name)
-    assert last.study.trials[4].user_attrs["latency"]["scale"] == pytest.approx(float(np.median(errors)))
+    assert aimed(last.study.trials[4]) == expected(last.study.trials[:4])
 
 
 def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_resumes(tiny_task, tmp_path,
@@ -201,7 +218,8 @@ def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_re
     assert f"a margin of {env.config.latency_margin:.1%}" in said and env.config.latency_margin > 0
     spec = StudyRecord.of(new.study).search.env
     assert (spec.latency_margin, spec.latency_remeasure, spec.latency_correct, spec.latency_adapt,
-            spec.latency_fill) == (pytest.approx(env.config.latency_margin), True, True, False, True)
+            spec.latency_fill, spec.latency_refit) == (pytest.approx(env.config.latency_margin), True, True, False,
+                                                       True, True)
     for t in new.study.trials:  # each episode: how its latency was measured, and aimed at
         assert t.user_attrs["latency"]["pairs"] in (30, 90)
         assert t.user_attrs["latency"]["margin"] == pytest.approx(env.config.latency_margin)
@@ -209,14 +227,14 @@ def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_re
     old = optuna.create_study(storage=storage, study_name="old", directions=new.study.directions)
     for key, value in new.study.user_attrs.items():
         if key not in ("search.latency_margin", "search.latency_remeasure", "search.latency_correct",
-                       "search.latency_adapt", "search.latency_fill"):
+                       "search.latency_adapt", "search.latency_fill", "search.latency_refit"):
             old.set_user_attr(key, value)
     for t in new.study.trials:
         old.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, values=t.values,
                                                 user_attrs={k: v for k, v in t.user_attrs.items() if k != "latency"}))
     spec = StudyRecord.of(old).search.env  # it aimed at the budget, by the table, measured once, did not fill
     assert (spec.latency_margin, spec.latency_remeasure, spec.latency_correct, spec.latency_adapt,
-            spec.latency_fill) == (0.0, False, False, False, False)
+            spec.latency_fill, spec.latency_refit) == (0.0, False, False, False, False, False)
     resumed = _run(env, tmp_path, "random", episodes=4, study_name="old", resume=True)
     assert resumed.new_trials == 2 and len(resumed.study.trials) == 4 and resumed.best is not None
     assert ["latency" in t.user_attrs for t in resumed.study.trials] == [False, False, True, True]
