@@ -1,0 +1,109 @@
+"""How well each way of correcting the latency table predicts a search's next episode, replayed
+from studies that measured every episode.
+
+    python -m benchmarks.latency_refit_replay --model resnet56 --round-to auto \\
+        --latency-runtime onnxruntime --latency-batch 64 \\
+        --storage sqlite:///bench-state/r56-lat06-blk-tpe-s0.db,sqlite:///bench-state/r56-lat06-blk-ddpg-s0.db \\
+        --out benchmarks/results/latency-refit-replay-resnet56-ort64.json
+
+A latency search prices each policy by the latency table, then measures it. For every episode of
+each study in ``--storage`` (in the order they ran), this predicts its latency ratio as each
+correction would have from the episodes before it, and compares that with what the episode
+measured:
+
+- ``table``: the table as calibrated, no correction;
+- ``median``: the table scaled by the median of measured over predicted latency of the episodes
+  so far, from the third (``--no-latency-refit``);
+- ``refit``: the table's coefficients fitted again on its calibration policies and every episode so
+  far, from the first (:meth:`~autoprune.cost.latency.LatencyModel.refit`, the default).
+
+An error is measured over predicted, less one; over zero means the episode ran slower than
+priced, and beyond the budget's 3 % tolerance where the wall aimed at the budget by it. The
+policies are the ones the studies' own walls chose, so this compares predictions on the same
+episodes, not searches steered by each. The table is this machine's cached one for the model,
+runtime and batch (it is measured if absent), which must be the one the studies ran with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import numpy as np
+import optuna
+
+from autoprune.envs import LayerSparsityEnv
+from benchmarks.common import machine, make_task, write_results
+
+ARMS = ("table", "median", "refit")
+
+
+def replay(table, episodes: list[tuple[np.ndarray, float]]) -> dict[str, list[float]]:
+    """Each arm's error on each episode (measured over predicted, less one), from the third."""
+    errors: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    by_table = [table.ratio(kept) for kept, _ in episodes]
+    for t in range(3, len(episodes)):
+        kept, measured = episodes[t]
+        seen = episodes[:t]
+        scale = statistics.median(m / p for (_, m), p in zip(seen, by_table))
+        refit = table.refit([k for k, _ in seen], [m for _, m in seen])
+        predicted = {"table": by_table[t], "median": scale * by_table[t], "refit": refit.ratio(kept)}
+        for arm in ARMS:
+            errors[arm].append(measured / predicted[arm] - 1.0)
+    return errors
+
+
+def summary(errors: list[float]) -> dict:
+    e = np.asarray(errors)
+    return {"episodes": len(e), "mean": float(e.mean()), "mean_abs": float(np.abs(e).mean()),
+            "max": float(e.max()), "min": float(e.min()), "over_3pct": int((e > 0.03).sum()),
+            "over_2pct": int((e > 0.02).sum())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet56")
+    ap.add_argument("--storage", required=True, help="study databases, comma-separated (one study each)")
+    ap.add_argument("--round-to", default="auto")
+    ap.add_argument("--latency-runtime", default="onnxruntime")
+    ap.add_argument("--latency-batch", type=int, default=64)
+    ap.add_argument("--latency-threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    round_to = args.round_to if args.round_to == "auto" else int(args.round_to)
+    task = make_task(args.model, round_to=round_to)
+    env = LayerSparsityEnv(task, budget="0.9latency", latency_runtime=args.latency_runtime,
+                           latency_batch=args.latency_batch, latency_threads=args.latency_threads)
+    table = env.table_cost
+    print(f"# {args.model}: latency corrections replayed on {args.storage}; {machine()}", flush=True)
+    studies, pooled = {}, {arm: [] for arm in ARMS}
+    for url in args.storage.split(","):
+        for name in optuna.get_all_study_names(url):
+            study = optuna.load_study(study_name=name, storage=url)
+            episodes = [(np.array([t.user_attrs["widths"][n] for n in task.table.names]
+                                  if isinstance(t.user_attrs["widths"], dict) else t.user_attrs["widths"]),
+                         t.user_attrs["ratios"]["latency"])
+                        for t in sorted(study.trials, key=lambda t: t.number)
+                        if t.state == optuna.trial.TrialState.COMPLETE and "latency" in t.user_attrs.get("ratios", {})]
+            errors = replay(table, episodes)
+            studies[name] = {arm: summary(errors[arm]) for arm in ARMS}
+            for arm in ARMS:
+                pooled[arm] += errors[arm]
+                s = studies[name][arm]
+                print(f"{name} {arm:6s}: mean {s['mean']:+.3f} |e| {s['mean_abs']:.3f} "
+                      f"max {s['max']:+.3f} min {s['min']:+.3f} beyond +3 % {s['over_3pct']} of {s['episodes']}",
+                      flush=True)
+    total = {arm: summary(pooled[arm]) for arm in ARMS}
+    for arm in ARMS:
+        s = total[arm]
+        print(f"all {arm:6s}: mean {s['mean']:+.3f} |e| {s['mean_abs']:.3f} max {s['max']:+.3f} "
+              f"min {s['min']:+.3f} beyond +3 % {s['over_3pct']} of {s['episodes']}")
+    if args.out:
+        write_results(args.out, {"machine": machine(), "model": args.model, "runtime": args.latency_runtime,
+                                 "batch": args.latency_batch, "table_coef": list(table.coef),
+                                 "table_fit_error": list(table.fit_error), "studies": studies, "all": total})
+
+
+if __name__ == "__main__":
+    main()
