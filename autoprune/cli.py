@@ -570,10 +570,11 @@ def _search_command(sub) -> None:
     p.add_argument("--no-latency-correct", dest="latency_correct", action="store_false",
                    help="trust the latency table; by default, from the third episode the wall aims by the "
                         "median of measured over predicted latency")
-    p.add_argument("--no-latency-refit", dest="latency_refit", action="store_false",
-                   help="correct the latency table by the median of measured over predicted latency; by "
-                        "default its coefficients are fitted again after each episode, on its calibration "
-                        "and every episode measured so far")
+    p.add_argument("--latency-refit", action="store_true",
+                   help="correct the latency table by fitting its coefficients again after each episode, on its "
+                        "calibration and every episode measured so far; by default it is scaled by the median "
+                        "of measured over predicted latency (the refit predicts episodes closer, but is not yet "
+                        "measured to find better policies)")
     p.add_argument("--latency-adapt", action="store_true",
                    help="from the tenth episode, aim with a margin of how far over their median 9 in 10 ratios of "
                         "measured to predicted latency ran (never more than the first); off by default: timings "

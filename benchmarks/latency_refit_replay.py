@@ -13,9 +13,9 @@ measured:
 
 - ``table``: the table as calibrated, no correction;
 - ``median``: the table scaled by the median of measured over predicted latency of the episodes
-  so far, from the third (``--no-latency-refit``);
+  so far, from the third (the default);
 - ``refit``: the table's coefficients fitted again on its calibration policies and every episode so
-  far, from the first (:meth:`~autoprune.cost.latency.LatencyModel.refit`, the default).
+  far, from the first (:meth:`~autoprune.cost.latency.LatencyModel.refit`, ``--latency-refit``).
 
 An error is measured over predicted, less one; over zero means the episode ran slower than
 priced, and beyond the budget's 3 % tolerance where the wall aimed at the budget by it. The

@@ -15,7 +15,7 @@ the runtime once per env, not once per episode. From the third measured episode 
 the median ratio of measured to predicted latency: the table fits its calibration policies to a
 few per cent, but a search visits other policies, and on ResNet-56 they measured 4-11 % over the
 table's figure (BENCHMARKS.md, where the timings also drifted as the process ran). With
-``latency_refit`` (the default) the table's coefficients are fitted again after every measured
+``latency_refit`` the table's coefficients are fitted again after every measured
 episode instead, on its calibration policies and the episodes so far, so the wall prices each kind
 of cut as this search measured it rather than scaling them all by one figure. With
 ``latency_adapt``, from the tenth the margin is what the measurements show of the corrected
@@ -293,10 +293,11 @@ class LayerSparsityEnv(gym.Env):
         more than the margin asked for; with ``latency_adapt``, from the tenth on, with that
         scatter as its margin.
 
-        How the wall aims by them: with ``latency_refit`` (the default), it prices policies by the
+        How the wall aims by them: with ``latency_refit``, it prices policies by the
         table with its coefficients fitted again on its calibration and every episode so far
         (:meth:`~autoprune.cost.latency.LatencyModel.refit`; ``kept`` is needed), from the first;
-        without, from the third, by the table scaled by the median of measured over predicted.
+        without (the default), from the third, by the table scaled by the median of measured over
+        predicted.
         A median of a few episodes is the least sure: they are the portfolio's rules, the most
         unlike policies a search plays, which a table may price 7 % apart (ResNet-56 at batch 64:
         two rules that cut only inner convs measured 7 % under their prediction, a third on the

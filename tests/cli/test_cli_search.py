@@ -56,7 +56,7 @@ def test_search_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path
 
 
 @pytest.mark.parametrize("given,expect", [(["--latency-margin", "0", "--no-latency-correct", "--latency-adapt",
-                                            "--no-latency-fill", "--no-latency-refit"], 0.0), ([], None)])
+                                            "--no-latency-fill", "--latency-refit"], 0.0), ([], None)])
 def test_latency_margin_option_reaches_the_study(capsys, tmp_path, tiny_weights, fake_latency, given, expect):
     from tests.conftest import REPO
 
@@ -69,6 +69,7 @@ def test_latency_margin_option_reaches_the_study(capsys, tmp_path, tiny_weights,
     margin = study.user_attrs["search.latency_margin"]
     assert margin == expect if expect is not None else margin > 0  # default: the table's fit error
     assert all(t.user_attrs["latency"]["margin"] == pytest.approx(margin) for t in study.trials)
-    for key in ("correct", "fill", "refit"):  # on unless told
+    for key in ("correct", "fill"):  # on unless told
         assert study.user_attrs[f"search.latency_{key}"] is (expect is None)
-    assert study.user_attrs["search.latency_adapt"] is (expect is not None)  # off unless asked
+    for key in ("adapt", "refit"):  # off unless asked
+        assert study.user_attrs[f"search.latency_{key}"] is (expect is not None)

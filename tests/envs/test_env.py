@@ -341,7 +341,7 @@ def test_the_wall_aims_by_measured_over_predicted_latency_from_the_third_episode
     from autoprune.envs.layer_sparsity import ADAPT_AFTER, scatter
     from autoprune.envs.wall import aim
 
-    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_refit=False)
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9)
     fixed = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_correct=False)
     margin, start = env.cost.margin(), env.wall.aim
     for e in (env, fixed):
@@ -378,7 +378,7 @@ def test_with_latency_adapt_the_margin_is_how_far_over_the_median_measured_laten
     from autoprune.envs.layer_sparsity import ADAPT_AFTER, MARGIN_FLOOR, scatter
     from autoprune.envs.wall import aim
 
-    settings = dict(budget="0.7latency", max_sparsity=0.9, latency_margin=0.2, latency_refit=False)
+    settings = dict(budget="0.7latency", max_sparsity=0.9, latency_margin=0.2)
     env = LayerSparsityEnv(tiny_task, latency_adapt=True, **settings)
     kept = LayerSparsityEnv(tiny_task, **settings)  # off by default
     errors = [1.10, 1.05, 1.12, 1.08, 1.06] * 2
@@ -407,9 +407,9 @@ def test_with_latency_adapt_the_margin_is_how_far_over_the_median_measured_laten
 def test_with_latency_refit_the_wall_prices_by_the_table_fitted_again_on_every_episode(tiny_task, fake_latency):
     from autoprune.envs.wall import aim
 
-    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9)  # refit by default
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_refit=True)
     table = env.cost
-    assert env.config.latency_refit and len(table.calibration["measured"]) >= len(table.coef)
+    assert len(table.calibration["measured"]) >= len(table.coef)
     cut = env.feasible_policy(np.full(env.n_units, 0.5))
     table_says = table.ratio(cut)
     # this kind of policy measures 20 % under the table, over and over: a median scale would
@@ -433,15 +433,15 @@ def test_with_latency_refit_the_wall_prices_by_the_table_fitted_again_on_every_e
     assert infos[-1]["latency"]["coef"] == pytest.approx(list(table.refit([cut] * 24, [0.8 * table_says] * 24).coef))
     episodes.append((infos[-1]["ratios"]["latency_predicted"], infos[-1]["ratios"]["latency"], infos[-1]["widths"]))
     # a resumed search refits once on what its study recorded, and prices as the first run did
-    again = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9)
+    again = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_refit=True)
     again.replay_latency(episodes)
     assert again.cost.coef == pytest.approx(env.cost.coef) and again.wall.aim == pytest.approx(env.wall.aim)
     again.replay_latency([])  # and starts from the table where there is nothing to replay
     assert again.cost.coef == table.coef and again.wall.cost is again.cost
     with pytest.raises(ValueError, match="widths"):
         again.observe_latency(0.5, 0.6)
-    # without it, the median of measured over predicted scales the table
-    scaled = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_refit=False)
+    # without it (the default), the median of measured over predicted scales the table
+    scaled = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9)
     scaled.replay_latency([(table_says, 0.8 * table_says, cut)] * 4)
     assert scaled.cost.coef == table.coef and scaled.wall.scale == pytest.approx(0.8)
 

@@ -219,7 +219,7 @@ def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_re
     spec = StudyRecord.of(new.study).search.env
     assert (spec.latency_margin, spec.latency_remeasure, spec.latency_correct, spec.latency_adapt,
             spec.latency_fill, spec.latency_refit) == (pytest.approx(env.config.latency_margin), True, True, False,
-                                                       True, True)
+                                                       True, False)
     for t in new.study.trials:  # each episode: how its latency was measured, and aimed at
         assert t.user_attrs["latency"]["pairs"] in (30, 90)
         assert t.user_attrs["latency"]["margin"] == pytest.approx(env.config.latency_margin)
