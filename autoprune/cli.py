@@ -573,8 +573,8 @@ def _search_command(sub) -> None:
     p.add_argument("--latency-refit", action="store_true",
                    help="correct the latency table by fitting its coefficients again after each episode, on its "
                         "calibration and every episode measured so far; by default it is scaled by the median "
-                        "of measured over predicted latency (the refit predicts episodes closer; of one TPE and "
-                        "one DDPG search with it, TPE found a better policy and DDPG a worse one)")
+                        "of measured over predicted latency (the refit predicts episodes closer; with it two TPE "
+                        "searches found about as good policies, two DDPG searches worse ones)")
     p.add_argument("--latency-adapt", action="store_true",
                    help="from the tenth episode, aim with a margin of how far over their median 9 in 10 ratios of "
                         "measured to predicted latency ran (never more than the first); off by default: timings "

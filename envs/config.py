@@ -48,8 +48,8 @@ class EnvConfig(Record):
         latency_refit: with ``latency_correct``, correct the table by fitting its coefficients
             again after each measured episode, on its calibration policies and every episode
             measured so far, in place of scaling it by that median. Off by default: it predicts
-            the next episode closer, but of one TPE and one DDPG search with it, DDPG found worse
-            policies (BENCHMARKS.md).
+            the next episode closer, but with it two DDPG searches found worse policies (two TPE
+            searches about as good; BENCHMARKS.md).
         latency_adapt: with ``latency_correct``, from the tenth measured episode the margin
             is how far over their median 9 in 10 of the ratios of measured to predicted latency
             ran (never more than the margin the study started with). Off by default: on a shared
