@@ -81,9 +81,7 @@ def main() -> None:
     for url in args.storage.split(","):
         for name in optuna.get_all_study_names(url):
             study = optuna.load_study(study_name=name, storage=url)
-            episodes = [(np.array([t.user_attrs["widths"][n] for n in task.table.names]
-                                  if isinstance(t.user_attrs["widths"], dict) else t.user_attrs["widths"]),
-                         t.user_attrs["ratios"]["latency"])
+            episodes = [(np.array(t.user_attrs["widths"]), t.user_attrs["ratios"]["latency"])
                         for t in sorted(study.trials, key=lambda t: t.number)
                         if t.state == optuna.trial.TrialState.COMPLETE and "latency" in t.user_attrs.get("ratios", {})]
             errors = replay(table, episodes)

@@ -425,12 +425,13 @@ def test_with_latency_refit_the_wall_prices_by_the_table_fitted_again_on_every_e
     # calibration's 16 policies weigh as much as 16 episodes)
     assert all(a > b for a, b in zip(prices, prices[1:])) and prices[-1] > 0.8 * table_says
     assert prices[-1] - 0.8 * table_says < 0.5 * (table_says - 0.8 * table_says)
-    assert env.cost.coef == pytest.approx(table.refit([cut] * 24, [0.8 * table_says] * 24).coef)
+    refit = table.refit([cut] * 24, [0.8 * table_says] * 24)
+    assert env.cost.coef == pytest.approx(refit.coef)
     assert env.cost.coef != table.coef and env.cost.luts is table.luts  # the cells are the table's
     assert env.wall.aim == pytest.approx(aim(0.7, env.wall.margin, env.wall.lowest))
     # the episode records the coefficients it was priced with
     _, infos = rollout(env, seed=0)
-    assert infos[-1]["latency"]["coef"] == pytest.approx(list(table.refit([cut] * 24, [0.8 * table_says] * 24).coef))
+    assert infos[-1]["latency"]["coef"] == pytest.approx(list(refit.coef))
     episodes.append((infos[-1]["ratios"]["latency_predicted"], infos[-1]["ratios"]["latency"], infos[-1]["widths"]))
     # a resumed search refits once on what its study recorded, and prices as the first run did
     again = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_refit=True)
