@@ -23,6 +23,9 @@
 # search's best ResNet-56 policy at 0.75latency (ONNX Runtime, batch 64, the in-context table) and the best
 # rule filled to its predicted latency (benchmarks/results/rule-at-latency-resnet56-ort64-ctxs-pair.json,
 # written by benchmarks/rule_at_latency.py --pair-out; QLAT=<another pair file> to fine-tune another).
+# JOBS=lat06 does the same for the 0.6latency pair of the block grid: the DDPG seed its proxy ranks first of three
+# and the best rule at its measured latency (benchmarks/results/rule-at-latency-resnet56-ort64-06-blk-ddpg-pair.json,
+# written by rule_at_latency.py --pair-from from the three seeds' comparisons), in run folders labelled lat06.
 # Local dry run: LOCAL=1 EPOCHS=0.02 SELECT=0.01 SHORT=0.01 DEVICE=cpu OUT=/tmp/gout bash benchmarks/finetune_on_gpu.sh
 # On this CPU (bfloat16 where it is native, about 2 h for a pruned ResNet-56's 30 epochs on one core),
 # two runs at a time, one thread each, resumable across sessions (WORK kept):
@@ -63,6 +66,7 @@ Q=benchmarks/results/quality-resnet56-portfolio.json
 Q03=benchmarks/results/search-resnet56-0.3flops-ce-heldout.json
 Q03T=benchmarks/results/search-resnet56-0.3flops-ce-train.json
 QLAT=${QLAT:-benchmarks/results/rule-at-latency-resnet56-ort64-ctxs-pair.json}
+QLAT06=benchmarks/results/rule-at-latency-resnet56-ort64-06-blk-ddpg-pair.json
 T0=$(date +%s)
 slot() { while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 10; done; }  # at most PARALLEL runs at once
 recipe() {  # recipe LOG ARGS...: one finetune_recipe run in the background, resumed if its checkpoint is there
@@ -84,6 +88,9 @@ for job in ${JOBS:-best rule topk lr01}; do
     r05s1) for w in best rule; do recipe r05-$w-fs1 --which $w --seed 1 --out $W/ft/r05-$w-fs1.json; done ;;
     lat)   for fs in 0 1; do for w in best rule; do
              recipe lat-$w-fs$fs --quality $QLAT --which $w --seed $fs --out $W/ft/lat-$w-fs$fs.json
+           done; done ;;
+    lat06) for fs in 0 1; do for w in best rule; do
+             recipe lat06-$w-fs$fs --quality $QLAT06 --which $w --seed $fs --label lat06 --out $W/ft/lat06-$w-fs$fs.json
            done; done ;;
     pred)  for i in $(seq 0 $(( SHARDS - 1 ))); do  # the predictor study at 0.3flops (benchmarks/predictors.py)
              slot
@@ -110,7 +117,7 @@ for job in ${JOBS:-best rule topk lr01}; do
         --weights $C/shared/models/resnet56_cifar10.pt --data-dir $HOME/.cache/autoprune-data/cifar10-jpeg \
         --model-dir $W/topk/model --finetune-epochs $EPOCHS --top-k 4 --select-epochs $SELECT --select-workers 4 \
         --device $DEVICE) >> $OUT/topk.log 2>&1 & ;;
-    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1, lat, pred, thr, cudalat, nm24)"; exit 2 ;;
+    *) echo "unknown job $job (best, rule, lr01, hint1, topk, r03, r05s1, lat, lat06, pred, thr, cudalat, nm24)"; exit 2 ;;
   esac
 done
 while [ -n "$(jobs -r)" ]; do

@@ -26,7 +26,10 @@ rows before 2026-12-06 were made).
 
 ``--pair-out FILE`` writes the searched row with the best proxy score and its rule twin as a
 ``search_quality``-shaped file, for ``finetune_recipe --quality FILE --which best,rule`` (the
-fine-tuned pair at equal latency; ``benchmarks/finetune_on_gpu.sh`` job ``lat``).
+fine-tuned pair at equal latency; ``benchmarks/finetune_on_gpu.sh`` job ``lat``). With
+``--pair-from FILES`` (earlier results of this script, comma-separated, e.g. one per seed) it
+writes that pair from their rows instead, timing nothing: the best searched row by proxy over all
+of them, and its rule twin as that run filled and timed it.
 """
 
 from __future__ import annotations
@@ -58,15 +61,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     ap.add_argument("--pair-out", default=None, help="the best searched row and its rule twin, for finetune_recipe")
+    ap.add_argument("--pair-from", default=None,
+                    help="earlier results of this script, comma-separated: --pair-out from their rows, untimed")
     ap.add_argument("--match", choices=("measured", "predicted"), default="measured",
                     help="fill each rule until it measures as the searched policy does, or to its predicted latency")
     ap.add_argument("--tolerance", type=float, default=0.01, help="--match measured: relative, of the latency ratio")
     ap.add_argument("--steps", type=int, default=3, help="--match measured: refills at most")
     args = ap.parse_args()
+    found = read_results(args.against)
+    if args.pair_from:
+        if not args.pair_out:
+            ap.error("--pair-from writes --pair-out; give it")
+        write_pair(args.pair_out, found, [row for f in args.pair_from.split(",") for row in read_results(f)["rows"]])
+        return
     torch.set_num_threads(args.threads)
     round_to = args.round_to if args.round_to == "auto" else int(args.round_to)
     task = make_task(args.model, proxy=args.proxy, round_to=round_to)
-    found = read_results(args.against)
     meter = RatioMeter(task.dense, task.table.input_shape, task.device)
     rules = args.rule.split(",")
     print(f"# {args.model}: the {args.rule} rule(s) at each searched policy's predicted latency; {machine()}",
@@ -147,16 +157,23 @@ def main() -> None:
         if args.out:
             write_results(args.out, {"args": vars(args), "machine": machine(), "rows": rows})
     if args.pair_out and rows:
-        best = max(rows, key=lambda r: r["searched_proxy"])
-        twin = {"searcher": f"{best['rule']}+at-latency", "seed": 0, "trial": None, "proxy_acc": None,
-                "test_acc": best["rule_test"], "policy": best["rule_policy"], "widths": best["rule_widths"]}
-        write_results(args.pair_out, {"args": found["args"], "machine": machine(),
-                                      "rows": [best["searched_row"], twin]})
+        write_pair(args.pair_out, found, rows)
     if rows:
         gain = [r["searched_test"] - r["rule_test"] for r in rows]
         print(f"mean over {len(rows)}: {100 * statistics.mean(gain):+.2f} points; latency searched "
               f"{statistics.mean(r['searched_latency'] for r in rows):.3f}, rule "
               f"{statistics.mean(r['rule_latency'] for r in rows):.3f}")
+
+
+def write_pair(path: str, found: dict, rows: list[dict]) -> None:
+    """The searched row with the best proxy score among ``rows`` and the rule twin it was compared
+    with, as a ``search_quality``-shaped file of the search ``found`` (``finetune_recipe --quality``)."""
+    best = max(rows, key=lambda r: r["searched_proxy"])
+    twin = {"searcher": f"{best['rule']}+at-latency", "seed": 0, "trial": None, "proxy_acc": None,
+            "test_acc": best["rule_test"], "policy": best["rule_policy"], "widths": best["rule_widths"]}
+    write_results(path, {"args": found["args"], "machine": machine(), "rows": [best["searched_row"], twin]})
+    print(f"{path}: {best['searched_row']['searcher']} seed {best['searched_row']['seed']} "
+          f"({best['searched_test']:.4f}) and {twin['searcher']} ({best['rule_test']:.4f})", flush=True)
 
 
 if __name__ == "__main__":
