@@ -129,7 +129,8 @@ class RLSearcher(Searcher):
         from autoprune.agents.baselines import portfolio
 
         self.portfolio = portfolio(env)  # the first warm-up episodes play the one-shot rules
-        self.replays: list[tuple[str, float, np.ndarray]] = []  # then the best of them again, nearer the aim
+        # then rules played again: (rule, fraction of the aim, requested sparsities, scale or None)
+        self.replays: list[tuple[str, float, np.ndarray, float | None]] = []
         self.episodes = episodes
         self.episode_index = 0
         self.rng = np.random.default_rng(self.seed)
@@ -163,13 +164,14 @@ class RLSearcher(Searcher):
     def episode(self, env: LayerSparsityEnv, trial: optuna.Trial, stop: Stop | None = None) -> Episode:
         obs, _ = env.reset()
         steps, requested, info, reward, done = [], [], {}, 0.0, False
-        rule, plan = self._plan(trial)
-        while not done:
-            action = env.sparsity_to_action(plan[len(steps)]) if plan is not None else self.act(obs)
-            next_obs, reward, done, _, info = env.step(action)
-            steps.append((obs, action, next_obs, done))
-            requested.append(info["requested"])
-            obs = next_obs
+        rule, plan, scale = self._plan(trial)
+        with env.aimed_by(scale):  # a rule played again at its own measured ratio
+            while not done:
+                action = env.sparsity_to_action(plan[len(steps)]) if plan is not None else self.act(obs)
+                next_obs, reward, done, _, info = env.step(action)
+                steps.append((obs, action, next_obs, done))
+                requested.append(info["requested"])
+                obs = next_obs
         buffer = self.model.replay_buffer
         for o, a, o2, d in steps:  # AMC: the final reward for every step of the episode
             buffer.add(o[None], o2[None], a[None], np.array([reward]), np.array([d]), [{}])
@@ -186,21 +188,23 @@ class RLSearcher(Searcher):
         self.episode_index += 1
         return episode
 
-    def _plan(self, trial: optuna.Trial | None) -> tuple[str | None, np.ndarray | None]:
-        """The rule this episode plays and its requested sparsities, or ``(None, None)`` for the
-        agent's own: the portfolio's rules first, then the best of them replayed nearer the aim
-        (:func:`~autoprune.agents.baselines.best_rule_replays`), marked in ``trial`` as the
-        samplers mark theirs."""
+    def _plan(self, trial: optuna.Trial | None) -> tuple[str | None, np.ndarray | None, float | None]:
+        """The rule this episode plays, its requested sparsities and the scale the wall aims by
+        for it, or ``(None, None, None)`` for the agent's own: the portfolio's rules first, then
+        the rules played again (:func:`~autoprune.agents.baselines.best_rule_replays`), marked in
+        ``trial`` as the samplers mark theirs."""
         i = self.episode_index - len(self.portfolio)
         if i < 0:
-            return self.portfolio[self.episode_index]
+            return *self.portfolio[self.episode_index], None
         if i < len(self.replays):
-            rule, fraction, plan = self.replays[i]
+            rule, fraction, plan, scale = self.replays[i]
             if trial is not None:
                 trial.set_user_attr("replay", True)
                 trial.set_user_attr("aim", fraction)
-            return rule, plan
-        return None, None
+                if scale is not None:
+                    trial.set_user_attr("scale", scale)
+            return rule, plan, scale
+        return None, None, None
 
     def _diagnostics(self) -> dict:
         """What the agent learned from this episode, recorded in its trial (``agent``) so a learning
@@ -236,7 +240,7 @@ class RLSearcher(Searcher):
             "buffer_full": bool(buf.full),
             "baseline": buf.baseline,
             "episode_index": self.episode_index,
-            "replays": json.dumps([(r, f, [float(x) for x in p]) for r, f, p in self.replays]),
+            "replays": json.dumps([(r, f, [float(x) for x in p], c) for r, f, p, c in self.replays]),
             "warmup": self.warmup,
             "study_uid": self.study_uid,
             "n_updates": int(self.model._n_updates),  # no public accessor (see module docstring)
@@ -273,7 +277,8 @@ class RLSearcher(Searcher):
             getattr(buf, k)[...] = v.numpy()
         buf.pos, buf.full, buf.baseline = payload["buffer_pos"], payload["buffer_full"], payload["baseline"]
         self.episode_index = payload["episode_index"]
-        self.replays = [(r, f, np.asarray(p)) for r, f, p in json.loads(payload.get("replays", "[]"))]
+        replays = json.loads(payload.get("replays", "[]"))  # saved before they had a scale: three fields
+        self.replays = [(r[0], r[1], np.asarray(r[2]), r[3] if len(r) > 3 else None) for r in replays]
         self.warmup = payload["warmup"]
         self.model._n_updates = payload["n_updates"]  # no public setter (see module docstring)
         self.rng.bit_generator.state = json.loads(payload["rng"])

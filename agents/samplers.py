@@ -52,7 +52,8 @@ class SamplerSearcher(Searcher):
         space, units = env.space, env.table.units
         asked = {u: trial.suggest_float(param_name(units[u].name), space.low[u], space.high[u])
                  for u in space.leaders}  # units that share a sparsity take their leader's
-        episode = run_policy(env, [asked[space.leader[u]] for u in range(len(units))], stop=stop)
+        with env.aimed_by(trial.user_attrs.get("scale")):  # a rule played again at its own measured ratio
+            episode = run_policy(env, [asked[space.leader[u]] for u in range(len(units))], stop=stop)
         rule = trial.user_attrs.get("rule")  # an enqueued rule of the portfolio
         if rule is None:
             return episode
@@ -64,7 +65,8 @@ class SamplerSearcher(Searcher):
 
 def _replay_best_rule(env: LayerSparsityEnv, trial: optuna.Trial, episode: Episode, room: int) -> None:
     """After the portfolio's last rule (``trial``, just played as ``episode``), enqueue the best
-    rule again at the aim the search searches at and a little below it
+    rule again at the aim the search searches at and a little below it, and the rules the table
+    priced dear at their own measured ratio
     (:func:`~autoprune.agents.baselines.best_rule_replays`), at most ``room`` episodes."""
     from autoprune.agents.baselines import best_rule_replays
 
@@ -74,9 +76,10 @@ def _replay_best_rule(env: LayerSparsityEnv, trial: optuna.Trial, episode: Episo
     if any(t.user_attrs.get("replay") for t in study.get_trials(deepcopy=False)):
         return  # played once already (another worker's, or a run before a resume)
     units = env.table.units
-    for rule, fraction, policy in best_rule_replays(env, study, trial.user_attrs["rule"], episode, room):
+    for rule, fraction, policy, scale in best_rule_replays(env, study, trial.user_attrs["rule"], episode, room):
+        attrs = {"rule": rule, "replay": True, "aim": fraction} | ({} if scale is None else {"scale": scale})
         study.enqueue_trial({param_name(units[u].name): float(policy[u]) for u in env.space.leaders},
-                            user_attrs={"rule": rule, "replay": True, "aim": fraction})
+                            user_attrs=attrs)
 
 
 def _startup(env: LayerSparsityEnv) -> int:

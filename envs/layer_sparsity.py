@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import gymnasium as gym
@@ -304,6 +305,23 @@ class LayerSparsityEnv(gym.Env):
         mark; aimed by their median alone, the next rule ran 5 % over the budget)."""
         self._record(predicted, measured, kept)
         self._aim()
+
+    @contextmanager
+    def aimed_by(self, scale: float | None) -> Iterator[None]:
+        """Aim the wall, for what is played inside the block, as if the latency table's ratios were
+        ``scale`` times its prediction (:meth:`~autoprune.envs.wall.ActionWall.scaled`): a rule
+        played again at its own first play's measured over predicted latency. Afterwards the wall
+        aims as every episode measured so far says, the ones inside included. ``None``: as now."""
+        if scale is None:
+            yield
+            return
+        seen = len(self._latency_errors)
+        try:
+            with self.wall.scaled(scale):
+                yield
+        finally:
+            if len(self._latency_errors) != seen:
+                self._aim()
 
     def replay_latency(self, episodes: Iterable[tuple]) -> None:
         """Aim as a study's ``(predicted, measured[, kept])`` episodes say, in place of what this

@@ -194,6 +194,63 @@ def test_a_latency_search_plays_its_best_rule_again_at_and_below_the_aim_its_mea
     assert len(replayed) <= 1 and all(t.user_attrs["aim"] < 1.0 for t in replayed)
 
 
+@pytest.mark.parametrize("searcher", ["tpe", "ddpg"])
+def test_a_rule_the_table_priced_dear_is_played_again_aimed_by_its_own_measured_ratio(
+        tiny_task, fake_latency, tmp_path, searcher):
+    from autoprune.studies.runner import SearchConfig, run_search
+
+    # the scale of the wall stays 1 (latency_correct off), so only a rule's own ratio moves its aim
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5,
+                           latency_correct=False)
+    rules = portfolio(env)
+    dear = rules[1][0]  # its first play measures 0.8 of what the table predicts, every other as predicted
+    calls = []
+
+    def measure(model):
+        calls.append(1)
+        factor = 0.8 if len(calls) == 2 else 1.0
+        return factor * env.cost.ratio(env._kept), {"pairs": 30, "margin": env.wall.margin}
+
+    env.measure_latency = measure
+    study = run_search(env, SearchConfig(searcher=searcher, episodes=len(rules) + 6, progress=False,
+                                         storage=f"sqlite:///{tmp_path}/s.db")).study
+    trials = study.trials
+    first = trials[1]
+    assert first.user_attrs["rule"] == dear
+    assert first.user_attrs["ratios"]["latency"] == pytest.approx(0.8 * first.user_attrs["ratios"]["latency_predicted"])
+    scaled = [t for t in trials if "scale" in t.user_attrs]
+    assert len(scaled) == 1, [t.user_attrs.get("rule") for t in scaled]  # the others measured as priced
+    again = scaled[0]
+    assert again.user_attrs["rule"] == dear and again.user_attrs["replay"] and again.user_attrs["aim"] == 1.0
+    assert again.user_attrs["scale"] == pytest.approx(0.8)
+    assert again.user_attrs["latency"]["scale"] == pytest.approx(0.8)  # the wall aimed by it for this episode
+    predicted = again.user_attrs["ratios"]["latency_predicted"]
+    # filled into the room its own ratio says the table left: over what its first play was priced
+    # at, within the budget at the margin asked for once scaled by 0.8
+    assert predicted > first.user_attrs["ratios"]["latency_predicted"]
+    assert 0.8 * predicted <= 0.7 / 1.5 + 1e-9
+    assert tuple(again.user_attrs["widths"]) != tuple(first.user_attrs["widths"])
+    # and the episodes after it are aimed as before
+    later = [t for t in trials if t.number > again.number and "rule" not in t.user_attrs]
+    assert later and all(t.user_attrs["latency"]["scale"] == 1.0 for t in later)
+    assert env.wall.scale == 1.0 and env.wall.aim == pytest.approx(0.7 / 1.5)
+
+
+def test_a_wall_aimed_by_one_policy_s_ratio_aims_again_by_every_episode_after_it(tiny_task, fake_latency):
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9)
+    for measured in (0.6, 0.55, 0.65):
+        env.observe_latency(0.5, measured)
+    scale, margin, aim = env.wall.scale, env.wall.margin, env.wall.aim
+    with env.aimed_by(0.8):
+        assert env.wall.scale == 0.8 and env.wall.aim == pytest.approx(0.7 / 0.8 / (1 + env.wall.asked))
+    assert (env.wall.scale, env.wall.margin, env.wall.aim) == (scale, margin, aim)
+    with env.aimed_by(None):
+        assert env.wall.aim == aim
+    with env.aimed_by(0.8):
+        env.observe_latency(0.5, 0.7)  # an episode played inside counts for the aim after it
+    assert env.wall.scale == pytest.approx(float(np.median([1.2, 1.1, 1.3, 1.4])))
+
+
 def test_an_rl_search_stopped_among_its_replays_plays_the_rest_of_them_when_resumed(
         tiny_task, fake_latency, tmp_path, monkeypatch):
     from autoprune.agents.baselines import RULE_AIMS
