@@ -338,21 +338,22 @@ def at_aims(env: LayerSparsityEnv, rule: str, besides: list[np.ndarray] | None =
 
 
 def best_rule_replays(env: LayerSparsityEnv, study: optuna.Study, rule: str, episode: Episode, room: int
-                      ) -> list[tuple[str, float, np.ndarray, float | None]]:
+                      ) -> list[tuple[str, float, np.ndarray, float]]:
     """What a search plays after the portfolio's last rule (``rule``, just played as ``episode``,
-    not yet told to ``study``), as ``(rule, fraction, requested sparsities, scale)``, at most
-    ``room``. Only latency budgets that fill get any; widths a rule has played already are not
-    played again.
+    not yet told to ``study``): rules played again, each aimed by its own first play's measured
+    over predicted latency (``scale``, :meth:`LayerSparsityEnv.aimed_by`), as ``(rule, fraction,
+    requested sparsities, scale)``, at most ``room``. Only latency budgets that fill get any;
+    widths a rule has played already are not played again.
 
-    * The best rule played so far, by reward, again at the aim the measurements left and a little
-      below it (:func:`at_aims`; ``scale`` None: the wall aims as it does).
-    * Then each rule, best reward first, whose first play the table priced so dear that its own
-      measured over predicted latency would fill it more than :data:`LATENCY_TOLERANCE` further:
-      once, aimed by that ratio (``scale``, :meth:`LayerSparsityEnv.aimed_by`). One scale for all
-      episodes cannot price every rule: ResNet-56's batch-1 table on ONNX Runtime's channel block
-      priced the ``uncoupled`` rule's first play at 0.573 of dense and it measured 0.516, while
-      ``uniform`` measured 0.588 for 0.574; the median aimed between them, and the search's
-      best episode tested 2.8 points under ``uncoupled`` filled to the budget (BENCHMARKS.md).
+    A rule is played again where its first play ran over the budget (beyond
+    :data:`LATENCY_TOLERANCE`), or where its own ratio would fill it by more than that: the best
+    rule by reward at the aim and a little below it (:func:`at_aims`), each other rule, best
+    reward first, once at the aim. One scale for every policy, the median of the episodes', cannot
+    price them all: ResNet-56's batch-1 table on ONNX Runtime's channel block priced the
+    ``uncoupled`` rule's first play at 0.573 of dense and it measured 0.516, while ``uniform``
+    measured 0.605 for 0.574; aimed by their median, ``uniform`` played again measured 0.683 and
+    ``uncoupled`` was never filled, and DDPG's best episode tested 2.76 points under ``uncoupled``
+    filled to the budget (BENCHMARKS.md).
     """
     if (room <= 0 or env.budget.metric != "latency" or not env.config.latency_fill
             or episode.outcome.latency is None):
@@ -363,19 +364,16 @@ def best_rule_replays(env: LayerSparsityEnv, study: optuna.Study, rule: str, epi
               if "rule" in t.user_attrs and "reward" in t.user_attrs]
     played.append((episode.reward, rule, episode.outcome.widths, episode.outcome.ratios.get("latency")))
     seen = [np.asarray(w, dtype=np.int64) for _, _, w, _ in played]
-    best = max(played, key=lambda p: p[0])[1]
-    out: list[tuple[str, float, np.ndarray, float | None]] = []
-    for fraction, policy in at_aims(env, best, besides=seen):
-        out.append((best, fraction, policy, None))
-        seen.append(env.feasible_policy(policy))
-    for _, name, widths, measured in sorted(played, key=lambda p: -p[0]):
+    out: list[tuple[str, float, np.ndarray, float]] = []
+    for i, (_, name, widths, measured) in enumerate(sorted(played, key=lambda p: -p[0])):
         if measured is None:
             continue
         scale = measured / env.cost.ratio(np.asarray(widths, dtype=np.int64))
         with env.aimed_by(scale):
-            if env.wall.aim * scale < measured * (1.0 + LATENCY_TOLERANCE):
-                continue  # its own ratio would fill it by less than the measurement's tolerance
-            for fraction, policy in at_aims(env, name, besides=seen, aims=(1.0,)):
+            over = measured > env.budget.ratio * (1.0 + LATENCY_TOLERANCE)
+            if not over and env.wall.aim * scale < measured * (1.0 + LATENCY_TOLERANCE):
+                continue  # within the budget, and its own ratio would fill it by less than the tolerance
+            for fraction, policy in at_aims(env, name, besides=seen, aims=RULE_AIMS if i == 0 else (1.0,)):
                 out.append((name, fraction, policy, scale))
                 seen.append(env.feasible_policy(policy))
     return out[:room]

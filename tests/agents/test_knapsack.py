@@ -136,104 +136,104 @@ def test_a_rule_bisected_below_the_aim_is_filled_back_up_to_it_each_policy_once(
     assert at_aims(LayerSparsityEnv(tiny_task, budget="0.5flops"), "uniform") == []  # nothing to fill
 
 
-def _timed(env):  # every policy measures as the table predicts
-    env.measure_latency = lambda model: (env.cost.ratio(env._kept), {"pairs": 30, "margin": env.wall.margin})
+def _priced(tiny_task, factors, margin=0.5):
+    """A latency env whose wall keeps its first aim (no median scale) and whose ``i``-th measured
+    episode measures ``factors(i)`` times what the table predicts."""
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=margin,
+                           latency_correct=False)
+    calls = []
+
+    def measure(model):
+        calls.append(1)
+        return factors(len(calls)) * env.cost.ratio(env._kept), {"pairs": 30, "margin": env.wall.margin}
+
+    env.measure_latency = measure
     return env
 
 
-def _moving_aim(tiny_task):
-    """A latency env whose aim moves up (a corrected scale) when the portfolio's last rule is measured."""
-    env = _timed(LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5))
-    n_rules, seen = len(portfolio(env)), []
-
-    def observe(predicted, measured, kept=None):
-        seen.append(measured)
-        if len(seen) == n_rules:
-            env.wall.rescale(0.9)
-
-    env.observe_latency = observe
-    return env, n_rules
+def _dear(tiny_task):
+    """A latency env whose table prices every policy 10 % dearer than it measures."""
+    return _priced(tiny_task, lambda i: 0.9)
 
 
 @pytest.mark.parametrize("searcher", ["tpe", "ddpg"])
-def test_a_latency_search_plays_its_best_rule_again_at_and_below_the_aim_its_measurements_moved(
+def test_a_latency_search_plays_rules_again_aimed_by_their_own_measured_ratio(
         tiny_task, fake_latency, tmp_path, searcher):
     from autoprune.agents.base import param_name
     from autoprune.agents.baselines import RULE_AIMS, filled, to_aim
     from autoprune.studies.runner import SearchConfig, run_search
 
-    env, n_rules = _moving_aim(tiny_task)
-    study = run_search(env, SearchConfig(searcher=searcher, episodes=n_rules + len(RULE_AIMS) + 1, progress=False,
+    env = _dear(tiny_task)
+    n_rules = len(portfolio(env))
+    study = run_search(env, SearchConfig(searcher=searcher, episodes=n_rules + len(RULE_AIMS) + 2, progress=False,
                                          storage=f"sqlite:///{tmp_path}/s.db")).study
     trials = study.trials
     rules = trials[:n_rules]
     assert all("rule" in t.user_attrs and not t.user_attrs.get("replay") for t in rules)
+    first = {t.user_attrs["rule"]: t for t in rules}
     best = max(rules, key=lambda t: t.user_attrs["reward"])
     replays = [t for t in trials if t.user_attrs.get("replay")]
     assert replays and trials[n_rules:n_rules + len(replays)] == replays  # straight after the rules
-    assert all(t.user_attrs["rule"] == best.user_attrs["rule"] for t in replays)
-    aims = [t.user_attrs["aim"] for t in replays]
+    # the best rule first, at the aim and a little below it; then other rules, once each
+    mine = [t for t in replays if t.user_attrs["rule"] == best.user_attrs["rule"]]
+    assert replays[:len(mine)] == mine
+    aims = [t.user_attrs["aim"] for t in mine]
     assert aims[0] == 1.0 and aims == [f for f in RULE_AIMS if f in aims]
-    # first the rule bisected to the moved aim (the env's aim now) and filled
-    expected = filled(env, SEARCHERS.get(best.user_attrs["rule"])().policy(env, to_aim(env)))
+    others = [t.user_attrs["rule"] for t in replays[len(mine):]]
+    assert others and len(set(others)) == len(others)
+    assert all(t.user_attrs["aim"] == 1.0 for t in replays[len(mine):])
+    for t in replays:  # each aimed by its rule's first play: measured over predicted, 0.9 here
+        own = first[t.user_attrs["rule"]].user_attrs["ratios"]
+        assert t.user_attrs["scale"] == pytest.approx(own["latency"] / own["latency_predicted"])
+        assert t.user_attrs["latency"]["scale"] == pytest.approx(0.9)
+        assert 0.9 * t.user_attrs["ratios"]["latency_predicted"] <= 0.7 / 1.5 + 1e-9
+    # the best rule bisected to its own aim and filled, wider than its first play
+    with env.aimed_by(0.9):
+        expected = filled(env, SEARCHERS.get(best.user_attrs["rule"])().policy(env, to_aim(env)))
     names = [param_name(env.table.units[u].name) for u in env.space.leaders]
-    assert [replays[0].params[n] for n in names] == pytest.approx([expected[u] for u in env.space.leaders], abs=1e-5)
-    aim = [0.7 / (t.user_attrs["latency"]["scale"] * (1 + t.user_attrs["latency"]["margin"]))
-           for t in (best, *replays)]
-    assert all(a > aim[0] for a in aim[1:])  # played at the aim the measurements moved
-    assert replays[0].user_attrs["ratios"]["latency_predicted"] >= best.user_attrs["ratios"]["latency_predicted"]
+    assert [mine[0].params[n] for n in names] == pytest.approx([expected[u] for u in env.space.leaders], abs=1e-5)
+    assert mine[0].user_attrs["ratios"]["latency_predicted"] > best.user_attrs["ratios"]["latency_predicted"]
     widths = [tuple(t.user_attrs["widths"]) for t in replays]
     assert len(set(widths)) == len(widths) and not set(widths) & {tuple(t.user_attrs["widths"]) for t in rules}
     assert all("rule" not in t.user_attrs for t in trials[n_rules + len(replays):])  # then the searcher's own
-    # a search that keeps its first aim does not play a rule at it twice, and plays no more than it has room for
-    fixed = _timed(LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5,
-                                    latency_correct=False))
-    again = run_search(fixed, SearchConfig(searcher=searcher, episodes=n_rules + 1, progress=False,
+    # a table that prices every rule as it measures leaves nothing to play again
+    exact = _priced(tiny_task, lambda i: 1.0)
+    again = run_search(exact, SearchConfig(searcher=searcher, episodes=n_rules + 2, progress=False,
                                            storage=f"sqlite:///{tmp_path}/t.db")).study
-    replayed = [t for t in again.trials if t.user_attrs.get("replay")]
-    assert len(replayed) <= 1 and all(t.user_attrs["aim"] < 1.0 for t in replayed)
+    assert not [t for t in again.trials if t.user_attrs.get("replay")]
 
 
 @pytest.mark.parametrize("searcher", ["tpe", "ddpg"])
-def test_a_rule_the_table_priced_dear_is_played_again_aimed_by_its_own_measured_ratio(
+def test_a_rule_priced_dear_is_filled_and_a_rule_over_the_budget_cut_each_by_its_own_ratio(
         tiny_task, fake_latency, tmp_path, searcher):
     from autoprune.studies.runner import SearchConfig, run_search
 
-    # the scale of the wall stays 1 (latency_correct off), so only a rule's own ratio moves its aim
-    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.5,
-                           latency_correct=False)
+    # the second episode measures 0.8 of its price, the third 1.2 (over the budget), the rest as priced
+    env = _priced(tiny_task, lambda i: {2: 0.8, 3: 1.2}.get(i, 1.0), margin=0.0)
     rules = portfolio(env)
-    dear = rules[1][0]  # its first play measures 0.8 of what the table predicts, every other as predicted
-    calls = []
-
-    def measure(model):
-        calls.append(1)
-        factor = 0.8 if len(calls) == 2 else 1.0
-        return factor * env.cost.ratio(env._kept), {"pairs": 30, "margin": env.wall.margin}
-
-    env.measure_latency = measure
-    study = run_search(env, SearchConfig(searcher=searcher, episodes=len(rules) + 6, progress=False,
+    study = run_search(env, SearchConfig(searcher=searcher, episodes=len(rules) + 8, progress=False,
                                          storage=f"sqlite:///{tmp_path}/s.db")).study
     trials = study.trials
-    first = trials[1]
-    assert first.user_attrs["rule"] == dear
-    assert first.user_attrs["ratios"]["latency"] == pytest.approx(0.8 * first.user_attrs["ratios"]["latency_predicted"])
-    scaled = [t for t in trials if "scale" in t.user_attrs]
-    assert len(scaled) == 1, [t.user_attrs.get("rule") for t in scaled]  # the others measured as priced
-    again = scaled[0]
-    assert again.user_attrs["rule"] == dear and again.user_attrs["replay"] and again.user_attrs["aim"] == 1.0
-    assert again.user_attrs["scale"] == pytest.approx(0.8)
-    assert again.user_attrs["latency"]["scale"] == pytest.approx(0.8)  # the wall aimed by it for this episode
-    predicted = again.user_attrs["ratios"]["latency_predicted"]
-    # filled into the room its own ratio says the table left: over what its first play was priced
-    # at, within the budget at the margin asked for once scaled by 0.8
-    assert predicted > first.user_attrs["ratios"]["latency_predicted"]
-    assert 0.8 * predicted <= 0.7 / 1.5 + 1e-9
-    assert tuple(again.user_attrs["widths"]) != tuple(first.user_attrs["widths"])
-    # and the episodes after it are aimed as before
-    later = [t for t in trials if t.number > again.number and "rule" not in t.user_attrs]
+    dear, over = trials[1], trials[2]
+    assert over.user_attrs["ratios"]["latency"] > 0.7 * 1.03 and not over.user_attrs["within_budget"]
+    replays = [t for t in trials if t.user_attrs.get("replay")]
+    assert {t.user_attrs["rule"] for t in replays} == {dear.user_attrs["rule"], over.user_attrs["rule"]}
+    for first, scale in ((dear, 0.8), (over, 1.2)):
+        again = [t for t in replays if t.user_attrs["rule"] == first.user_attrs["rule"]]
+        assert again[0].user_attrs["aim"] == 1.0
+        assert all(t.user_attrs["scale"] == pytest.approx(scale) for t in again)
+        assert all(t.user_attrs["latency"]["scale"] == pytest.approx(scale) for t in again)  # how the wall aimed
+        assert all(scale * t.user_attrs["ratios"]["latency_predicted"] <= 0.7 + 1e-9 for t in again)
+    # filled into the room its own ratio left, or cut back under the budget (measured as priced now)
+    dear_again = next(t for t in replays if t.user_attrs["rule"] == dear.user_attrs["rule"])
+    over_again = next(t for t in replays if t.user_attrs["rule"] == over.user_attrs["rule"])
+    assert dear_again.user_attrs["ratios"]["latency_predicted"] > dear.user_attrs["ratios"]["latency_predicted"]
+    assert over_again.user_attrs["ratios"]["latency_predicted"] < over.user_attrs["ratios"]["latency_predicted"]
+    assert over_again.user_attrs["within_budget"]
+    # the episodes after them are aimed as before
+    later = [t for t in trials if t.number > replays[-1].number]
     assert later and all(t.user_attrs["latency"]["scale"] == 1.0 for t in later)
-    assert env.wall.scale == 1.0 and env.wall.aim == pytest.approx(0.7 / 1.5)
+    assert env.wall.scale == 1.0 and env.wall.aim == pytest.approx(0.7)
 
 
 def test_a_wall_aimed_by_one_policy_s_ratio_aims_again_by_every_episode_after_it(tiny_task, fake_latency):
@@ -261,11 +261,12 @@ def test_an_rl_search_stopped_among_its_replays_plays_the_rest_of_them_when_resu
         return run_search(env, SearchConfig(searcher="ddpg", episodes=n_rules + len(RULE_AIMS) + 1, progress=False,
                                             storage=f"sqlite:///{tmp_path}/{kw.pop('db')}.db", **kw)).study
 
-    env, n_rules = _moving_aim(tiny_task)
+    env = _dear(tiny_task)
+    n_rules = len(portfolio(env))
     whole = [(t.user_attrs["aim"], t.params) for t in search(env, db="whole").trials if t.user_attrs.get("replay")]
     assert len(whole) >= 2
 
-    env, n_rules = _moving_aim(tiny_task)
+    env = _dear(tiny_task)
     real_finish, calls = env.finish, []
 
     def finish(kept, stop=None):  # the second replay fails: the run stops there
