@@ -351,9 +351,9 @@ def best_rule_replays(env: LayerSparsityEnv, study: optuna.Study, rule: str, epi
     reward first, once at the aim. One scale for every policy, the median of the episodes', cannot
     price them all: ResNet-56's batch-1 table on ONNX Runtime's channel block priced the
     ``uncoupled`` rule's first play at 0.573 of dense and it measured 0.516, while ``uniform``
-    measured 0.605 for 0.574; aimed by their median, ``uniform`` played again measured 0.683 and
-    ``uncoupled`` was never filled, and DDPG's best episode tested 2.76 points under ``uncoupled``
-    filled to the budget (BENCHMARKS.md).
+    measured 0.588 for 0.574; aimed by their median, ``uniform`` played again measured 0.641 (over
+    a 0.6 budget), ``uncoupled`` was never filled, and DDPG's pick tested 2.76 points under
+    ``uncoupled`` filled to its latency (BENCHMARKS.md).
     """
     if (room <= 0 or env.budget.metric != "latency" or not env.config.latency_fill
             or episode.outcome.latency is None):

@@ -64,9 +64,8 @@ class SamplerSearcher(Searcher):
 
 
 def _replay_best_rule(env: LayerSparsityEnv, trial: optuna.Trial, episode: Episode, room: int) -> None:
-    """After the portfolio's last rule (``trial``, just played as ``episode``), enqueue the best
-    rule again at the aim the search searches at and a little below it, and the rules the table
-    priced dear at their own measured ratio
+    """After the portfolio's last rule (``trial``, just played as ``episode``), enqueue the rules
+    to play again, each with the wall aimed by its own measured ratio (``scale``)
     (:func:`~autoprune.agents.baselines.best_rule_replays`), at most ``room`` episodes."""
     from autoprune.agents.baselines import best_rule_replays
 

@@ -84,11 +84,21 @@ def recover(study: optuna.Study, searcher: Searcher, state_dir: Path, quiet: boo
             params = {**(trial.system_attrs.get("fixed_params") or {}), **trial.params}
             # retried once: a policy that kills its worker every time must not loop forever
             if params and searcher.uses_trial and "retry_of" not in trial.user_attrs:
-                study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+                study.enqueue_trial(params, user_attrs=_retry_attrs(trial))
     if failed and not quiet:
         log.warning("note: failed %d trial(s) left running by a killed worker (%s); sampler trials are "
                     "retried with the same parameters", len(failed), ", ".join(map(str, failed)))
     return failed
+
+
+PLAYED_BY = ("rule", "replay", "aim", "scale")
+"""An enqueued trial's attributes that say how it is played (a rule of the portfolio, played again
+at a fraction of the aim and with the wall aimed by that rule's own ratio): a retry carries them,
+or the wall would cut the same parameters to other widths."""
+
+
+def _retry_attrs(trial: optuna.trial.FrozenTrial) -> dict:
+    return {"retry_of": trial.number, **{k: trial.user_attrs[k] for k in PLAYED_BY if k in trial.user_attrs}}
 
 
 def _finish_pending(study: optuna.Study, pending: dict | None) -> bool:
@@ -121,7 +131,7 @@ def _fail_heartbeat_stale(study: optuna.Study):
     stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before]
     for t in stale:
         if t.params and "retry_of" not in t.user_attrs and "error" not in t.user_attrs:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            study.enqueue_trial(t.params, user_attrs=_retry_attrs(t))
     return stale
 
 

@@ -181,6 +181,24 @@ def test_a_trial_completed_while_heartbeats_are_checked_is_not_retried(tmp_path,
     assert [t.user_attrs["retry_of"] for t in waiting] == [stale.number]
 
 
+def test_a_retried_rule_is_played_as_the_killed_one_was(tmp_path, monkeypatch):
+    """A rule played again with the wall aimed by its own ratio keeps that aim when its trial is
+    retried: the same parameters under another aim would be cut to other widths."""
+    from optuna.distributions import FloatDistribution
+
+    from autoprune.studies import recovery
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/r.db")
+    played = {"rule": "uncoupled", "replay": True, "aim": 0.97, "scale": 0.9}
+    study.enqueue_trial({"x": 0.5}, user_attrs=played)
+    stale = study.ask({"x": FloatDistribution(0, 1)})
+    monkeypatch.setattr(optuna.storages, "fail_stale_trials", lambda s: s.tell(stale, state=TrialState.FAIL))
+    assert [t.number for t in recovery._fail_heartbeat_stale(study)] == [stale.number]
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.user_attrs == {"retry_of": stale.number, **played}
+    assert retry.system_attrs["fixed_params"] == {"x": 0.5}
+
+
 def test_a_hot_journal_left_by_a_kill_mid_write_is_rolled_back_not_refused(tmp_path):
     """kill -9 inside a write transaction leaves a hot journal; the storage check must accept it."""
     from autoprune.studies.storage import check_storage
