@@ -129,7 +129,8 @@ class RLSearcher(Searcher):
         from autoprune.agents.baselines import portfolio
 
         self.portfolio = portfolio(env)  # the first warm-up episodes play the one-shot rules
-        # then rules played again: (rule, fraction of the aim, requested sparsities, scale or None)
+        # then rules played again: (rule, fraction of the aim, requested sparsities, scale; None in
+        # a state saved before replays had one)
         self.replays: list[tuple[str, float, np.ndarray, float | None]] = []
         self.episodes = episodes
         self.episode_index = 0

@@ -76,9 +76,8 @@ def _replay_best_rule(env: LayerSparsityEnv, trial: optuna.Trial, episode: Episo
         return  # played once already (another worker's, or a run before a resume)
     units = env.table.units
     for rule, fraction, policy, scale in best_rule_replays(env, study, trial.user_attrs["rule"], episode, room):
-        attrs = {"rule": rule, "replay": True, "aim": fraction} | ({} if scale is None else {"scale": scale})
         study.enqueue_trial({param_name(units[u].name): float(policy[u]) for u in env.space.leaders},
-                            user_attrs=attrs)
+                            user_attrs={"rule": rule, "replay": True, "aim": fraction, "scale": scale})
 
 
 def _startup(env: LayerSparsityEnv) -> int:
