@@ -22,6 +22,10 @@ priced, and beyond the budget's 3 % tolerance where the wall aimed at the budget
 policies are the ones the studies' own walls chose, so this compares predictions on the same
 episodes, not searches steered by each. The table is this machine's cached one for the model,
 runtime and batch (it is measured if absent), which must be the one the studies ran with.
+
+Each correction is replayed on both forms of the table's fit (:func:`~autoprune.cost.latency.fit_calibration`),
+fitted on the table's own calibration: ``one`` table coefficient for the whole network, or one
+``per_stage`` (what a table is fitted with wherever the network has stages).
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ import statistics
 import numpy as np
 import optuna
 
+from autoprune.cost.latency import fit_calibration
 from autoprune.envs import LayerSparsityEnv
 from benchmarks.common import machine, make_task, write_results
 
 ARMS = ("table", "median", "refit")
+FORMS = ("one", "per_stage")  # the forms of the table's fit (fit_calibration)
 
 
 def replay(table, episodes: list[tuple[np.ndarray, float]]) -> dict[str, list[float]]:
@@ -75,33 +81,38 @@ def main() -> None:
     task = make_task(args.model, round_to=round_to)
     env = LayerSparsityEnv(task, budget="0.9latency", latency_runtime=args.latency_runtime,
                            latency_batch=args.latency_batch, latency_threads=args.latency_threads)
-    table = env.table_cost
+    seen = env.table_cost.calibration
+    # the table in each form of its fit, on its own calibration (one coefficient; one per stage)
+    tables = {form: fit_calibration(env.table_cost, seen["kept"], seen["measured"], by_stage=form == "per_stage")
+              for form in FORMS}
+    arms = [f"{form}/{arm}" for form in FORMS for arm in ARMS]
     print(f"# {args.model}: latency corrections replayed on {args.storage}; {machine()}", flush=True)
-    studies, pooled = {}, {arm: [] for arm in ARMS}
+    studies, pooled = {}, {arm: [] for arm in arms}
+
+    def show(name: str, arm: str, s: dict) -> None:
+        print(f"{name} {arm:16s}: mean {s['mean']:+.3f} |e| {s['mean_abs']:.3f} max {s['max']:+.3f} "
+              f"min {s['min']:+.3f} beyond +3 % {s['over_3pct']} of {s['episodes']}", flush=True)
+
     for url in args.storage.split(","):
         for name in optuna.get_all_study_names(url):
             study = optuna.load_study(study_name=name, storage=url)
             episodes = [(np.array(t.user_attrs["widths"]), t.user_attrs["ratios"]["latency"])
                         for t in sorted(study.trials, key=lambda t: t.number)
                         if t.state == optuna.trial.TrialState.COMPLETE and "latency" in t.user_attrs.get("ratios", {})]
-            errors = replay(table, episodes)
-            studies[name] = {arm: summary(errors[arm]) for arm in ARMS}
-            for arm in ARMS:
+            errors = {f"{form}/{arm}": e for form in FORMS for arm, e in replay(tables[form], episodes).items()}
+            studies[name] = {arm: summary(errors[arm]) for arm in arms}
+            for arm in arms:
                 pooled[arm] += errors[arm]
-                s = studies[name][arm]
-                print(f"{name} {arm:6s}: mean {s['mean']:+.3f} |e| {s['mean_abs']:.3f} "
-                      f"max {s['max']:+.3f} min {s['min']:+.3f} beyond +3 % {s['over_3pct']} of {s['episodes']}",
-                      flush=True)
-    total = {arm: summary(pooled[arm]) for arm in ARMS}
-    for arm in ARMS:
-        s = total[arm]
-        print(f"all {arm:6s}: mean {s['mean']:+.3f} |e| {s['mean_abs']:.3f} max {s['max']:+.3f} "
-              f"min {s['min']:+.3f} beyond +3 % {s['over_3pct']} of {s['episodes']}")
+                show(name, arm, studies[name][arm])
+    total = {arm: summary(pooled[arm]) for arm in arms}
+    for arm in arms:
+        show("all", arm, total[arm])
     if args.out:
         write_results(args.out, {"machine": machine(), "model": args.model, "runtime": args.latency_runtime,
-                                 "batch": args.latency_batch, "table_coef": list(table.coef),
-                                 "table_fit_error": list(table.fit_error), "studies": studies, "all": total})
-
+                                 "batch": args.latency_batch, "storage": args.storage.split(","),
+                                 "tables": {form: {"coef": list(t.coef), "fit_error": list(t.fit_error)}
+                                            for form, t in tables.items()},
+                                 "loo_error": seen["loo_error"], "studies": studies, "all": total})
 
 if __name__ == "__main__":
     main()

@@ -115,8 +115,10 @@ def test_the_runtime_is_part_of_the_latency_table_cache_key(tiny_task, fake_late
 def test_a_stage_the_runtime_runs_otherwise_gets_a_coefficient_of_its_own(tiny_task, fake_latency, monkeypatch,
                                                                           tmp_path, stage0):
     """Timings in which stage 0's cuts buy ``stage0`` of what its table cells say, the other
-    stages' what theirs say: with 1/3 the fit keeps one coefficient per stage and predicts every
-    policy; with 1 one coefficient fits as well, and it keeps one."""
+    stages' what theirs say: the fit keeps one coefficient per stage, finds each and predicts
+    every policy, also where one coefficient would fit as well (1). A table cached with one
+    coefficient is fitted per stage on load, from the measurements it keeps, without timing
+    anything again, and the cache says so."""
     from types import SimpleNamespace
 
     from autoprune.cost import latency
@@ -143,19 +145,29 @@ def test_a_stage_the_runtime_runs_otherwise_gets_a_coefficient_of_its_own(tiny_t
                         ([1.0] * pairs, [truth(other.kept)] * pairs))
     model = build_latency_model(table, tiny_task.dense, Pruned, batch_size=4, threads=1, cache_dir=tmp_path,
                                 progress=False, runtime="eager")
-    by_stage = stage0 != 1.0
-    assert len(model.coef) == (probe._stage.max() + 2 if by_stage else 2)
-    if by_stage:
-        assert model.coef[0] == pytest.approx(stage0, abs=1e-6)
-        assert model.coef[1:-1] == pytest.approx([1.0] * probe._stage.max(), abs=1e-6)
+    assert len(model.coef) == probe._stage.max() + 2
+    assert model.coef[0] == pytest.approx(stage0, abs=1e-6)
+    assert model.coef[1:-1] == pytest.approx([1.0] * probe._stage.max(), abs=1e-6)
     assert model.fit_error[0] < 1e-6
     rng = np.random.default_rng(3)
     for _ in range(5):
         kept = table.kept_all(rng.uniform(0.0, 0.8, len(table.units)))
         assert model.ratio(kept) == pytest.approx(truth(kept), abs=1e-6)
-    again = build_latency_model(table, tiny_task.dense, Pruned, batch_size=4, threads=1, cache_dir=tmp_path,
-                                progress=False, runtime="eager")
-    assert again.coef == model.coef  # the per-stage coefficients are cached as they are
+    build = lambda: build_latency_model(table, tiny_task.dense, Pruned, batch_size=4, threads=1,  # noqa: E731
+                                        cache_dir=tmp_path, progress=False, runtime="eager")
+    assert build().coef == model.coef  # the per-stage coefficients are cached as they are
+    # a table cached by a version that fitted one coefficient where it fitted the calibration as well
+    (path,) = (tmp_path / "latency").glob("*.json")
+    old = json.loads(path.read_text())
+    old["coef"] = [1.0, 0.0]
+    path.write_text(json.dumps(old))
+    timed = []
+    monkeypatch.setattr(latency, "_time_pairs", lambda *a, **k: timed.append(a) or ([1.0], [1.0]))
+    monkeypatch.setattr(latency, "_measure_luts", lambda *a, **k: pytest.fail("a cached table was timed again"))
+    again = build()
+    assert again.coef == pytest.approx(model.coef, abs=1e-9) and not timed
+    assert json.loads(path.read_text())["coef"] == list(again.coef)  # the cache holds the fit it gives
+    assert again.calibration["measured"] == old["calibration"]["measured"]
 
 
 def test_the_width_multiple_is_part_of_the_latency_table_cache_key(tiny_task, fake_latency, tmp_path):
