@@ -114,5 +114,6 @@ def main() -> None:
                                             for form, t in tables.items()},
                                  "loo_error": seen["loo_error"], "studies": studies, "all": total})
 
+
 if __name__ == "__main__":
     main()

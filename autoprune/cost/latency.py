@@ -18,9 +18,9 @@ memory-bound work (BatchNorm, ReLU, adds) that shrinks with output widths. The n
 b are fitted on paired measurements of real slimmed networks at a dozen policies, so the
 prediction is 1 at the dense model by construction. Where the network has stages (layers of one
 output resolution), ``a`` is one per stage, each on the share of the table time that stage saves:
-a runtime may run a stage's cuts otherwise than its cells alone say. Everything is measured once per (model,
-input shape, device, batch size, threads, runtime, torch and runtime versions) and cached on disk
-as JSON.
+a runtime may run a stage's cuts otherwise than its cells alone say. Everything is measured once
+per (model, input shape, device, batch size, threads, runtime, torch and runtime versions) and
+cached on disk as JSON.
 
 Every timing, of a whole model or of one cell of the table, runs through a runtime
 (:mod:`autoprune.cost.runtimes`: eager PyTorch, ``torch.compile``, ONNX Runtime), so a latency budget
@@ -601,11 +601,11 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     if cached is not None:
         model = LatencyModel.from_json(table, cached)  # the key holds device, batch, threads and runtime
         seen = model.calibration
-        if seen.get("kept"):  # fitted as this version fits, on the measurements the cache keeps
-            fitted = fit_calibration(model, seen["kept"], seen["measured"])
-            if fitted.coef != model.coef:
-                atomic_write_text(path, json.dumps(fitted.to_json()))
-            model = fitted
+        if seen.get("kept") and (len(model.coef) > 2) != bool(model._stage.max() > 0):
+            # fitted in the other form (before bfb435e): fitted again as this version fits, on
+            # the measurements the cache keeps; a table in this form is read as it is
+            model = fit_calibration(model, seen["kept"], seen["measured"])
+            atomic_write_text(path, json.dumps(model.to_json()))
         return _with_width_levels(model) if auto_widths else model
     # said even without progress bars (-q): the table takes minutes before the first episode
     log.warning("note: measuring a latency table for this model (%s on %s, batch %d, %d thread(s)) once; "
