@@ -31,6 +31,8 @@ class EpisodeOutcome:
         stopped_after: the chunks of search-val scored before an early stop ended the episode;
             ``None`` for an episode scored in full. A stopped episode is recorded as pruned.
         patterns: ``{unit name: pattern}`` where units take patterns (``nm`` granularity).
+        repeat: the env had scored these widths in full before (this search): the earlier
+            outcome, nothing pruned, scored or timed again (``eval_seconds`` is this lookup's).
     """
 
     policy: dict[str, float]
@@ -47,6 +49,7 @@ class EpisodeOutcome:
     latency: dict | None = None
     stopped_after: int | None = None
     patterns: dict[str, str] | None = None
+    repeat: bool = False
 
     @property
     def stopped(self) -> bool:

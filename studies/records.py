@@ -159,6 +159,7 @@ class EpisodeRecord(Record):
     latency: dict | None = None  # how a latency budget's figure was measured: pairs, margin[, first]
     agent: dict | None = None  # an RL agent's learning after this episode: critic/actor loss, sigma, baseline
     patterns: dict | None = None  # N:M granularity: each unit's pattern
+    repeat: bool | None = None  # widths this search scored before: that episode's scores, not scored again
 
     pruned_after_chunks: int | None = None  # scoring stopped early (--early-stop): the trial is pruned
 
@@ -171,12 +172,12 @@ class EpisodeRecord(Record):
             within_budget=o.within_budget, searcher=searcher, episode=index, uid=uid,
             seconds=round(seconds, 3), eval_seconds=round(o.eval_seconds, 3),
             reconstruction=o.reconstruction, rule=ep.rule, latency=o.latency, agent=ep.agent,
-            pruned_after_chunks=o.stopped_after, patterns=o.patterns,
+            pruned_after_chunks=o.stopped_after, patterns=o.patterns, repeat=o.repeat or None,
         )
 
     def to_attrs(self) -> dict[str, Any]:
         attrs = super().to_attrs()
-        for key in ("reconstruction", "rule", "latency", "agent", "pruned_after_chunks", "patterns"):
+        for key in ("reconstruction", "rule", "latency", "agent", "pruned_after_chunks", "patterns", "repeat"):
             if attrs[key] is None:
                 del attrs[key]
         if self.pruned_after_chunks is not None:  # a partial score earns no reward and meets no budget

@@ -208,13 +208,15 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
     storage = storage or open_storage(config.storage)
     study = open_study(env, searcher, config, name, storage)
     say_notes(env, config)
+    env.forget_scores()  # an env shared by several searches scores each one's episodes anew
     state_dir = agent_state_dir(config, study)
     searcher.setup(env, study, episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive, storage=storage)
     if env.budget.metric == "latency":  # a resumed study's measurements aim the wall as they did
         attrs = [t.user_attrs for t in completed(study)]
         env.replay_latency((a["ratios"]["latency_predicted"], a["ratios"]["latency"], a.get("widths"))
-                           for a in attrs if {"latency", "latency_predicted"} <= a.get("ratios", {}).keys())
+                           for a in attrs if {"latency", "latency_predicted"} <= a.get("ratios", {}).keys()
+                           and not a.get("repeat"))  # a repeat was not timed: it aimed nothing
     done, _ = trial_counts(study)
     todo = max(0, episodes - done) if quota is None else min(quota, max(0, episodes - done))
     progress = Progress(config, name, episodes, done, env.task.config.proxy)

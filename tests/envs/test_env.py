@@ -472,3 +472,31 @@ def test_under_a_latency_budget_every_episode_is_widened_into_the_slack_the_wall
                 trial[group] = [table.kept(v, table.achieved(u, min(wider))) for v in np.flatnonzero(group)]
                 assert not env.wall.meets(trial), table.units[u].name
     assert widened > 0
+
+
+def test_widths_scored_before_are_not_scored_or_timed_again_until_the_env_forgets(tiny_task, fake_latency,
+                                                                                   monkeypatch):
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9)
+    scored = []
+    evaluate = env.task.evaluate
+    monkeypatch.setattr(env.task, "evaluate", lambda kept, stop=None: scored.append(1) or evaluate(kept, stop))
+    actions = [np.array([0.3], np.float32)] * env.n_units
+    _, first = rollout(env, actions=actions)
+    timings = len(fake_latency["ratios"])
+    _, again = rollout(env, actions=actions)
+    a, b = first[-1]["outcome"], again[-1]["outcome"]
+    assert b.repeat and not a.repeat and len(scored) == 1 and len(fake_latency["ratios"]) == timings
+    assert (b.widths, b.accuracy, b.reward, b.ratios, b.within_budget) == (a.widths, a.accuracy, a.reward,
+                                                                           a.ratios, a.within_budget)
+    # the trial says so; a first play says nothing
+    from autoprune.agents.base import Episode
+    from autoprune.studies.records import EpisodeRecord
+
+    attrs = [EpisodeRecord.of(Episode(np.zeros(env.n_units), o), "tpe", 1, "uid", 0.0).to_attrs() for o in (a, b)]
+    assert "repeat" not in attrs[0] and attrs[1]["repeat"] is True
+    assert EpisodeRecord.from_attrs(attrs[1]).repeat
+    _, other = rollout(env, actions=[np.array([0.9], np.float32)] * env.n_units)  # other widths: scored
+    assert not other[-1]["outcome"].repeat and len(scored) == 2
+    env.forget_scores()
+    _, fresh = rollout(env, actions=actions)
+    assert not fresh[-1]["outcome"].repeat and len(scored) == 3 and len(fake_latency["ratios"]) > timings
