@@ -386,6 +386,16 @@ class LatencyModel(CostModel):
         self._stage = stages(self.table, cells)
         self._dense_by_stage = np.bincount(self._stage, weights=cells)
 
+    @property
+    def staged(self) -> bool:
+        """Whether the network has stages (layers of more than one output resolution)."""
+        return bool(self._stage.max() > 0)
+
+    @property
+    def per_stage(self) -> bool:
+        """Whether :attr:`coef` holds a table coefficient per stage (else one for the table)."""
+        return len(self.coef) > 2
+
     def _cells(self, f_out: np.ndarray, f_in: np.ndarray) -> np.ndarray:
         """Per layer, its table time at the kept output and input fractions of
         :func:`~autoprune.cost.flops.layer_fractions` (0 for layers the table does not time)."""
@@ -407,7 +417,7 @@ class LatencyModel(CostModel):
         or one per stage of :func:`stages` with ``by_stage``; default: as :attr:`coef` is
         fitted), then how much of the activation volume is gone."""
         if by_stage is None:
-            by_stage = len(self.coef) > 2
+            by_stage = self.per_stage
         f_out, f_in = layer_fractions(self.table, kept)  # once: the action wall prices tens of policies a step
         cells = self._cells(f_out, f_in)
         if by_stage:
@@ -438,8 +448,7 @@ class LatencyModel(CostModel):
                                  np.asarray(measured, dtype=np.float64)])
         if len(ratios) < len(self.coef):
             return self  # fewer policies than coefficients: nothing to fit
-        by_stage = len(self.coef) > 2
-        features = np.array([self.features(k, by_stage) for k in policies])
+        features = np.array([self.features(k, self.per_stage) for k in policies])
         return replace(self, coef=tuple(float(c) for c in _fit(features, ratios)))
 
     def width_levels(self, min_step: float = 0.02) -> tuple[tuple[tuple[int, None], ...], ...]:
@@ -601,7 +610,7 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
     if cached is not None:
         model = LatencyModel.from_json(table, cached)  # the key holds device, batch, threads and runtime
         seen = model.calibration
-        if seen.get("kept") and (len(model.coef) > 2) != bool(model._stage.max() > 0):
+        if seen.get("kept") and model.per_stage != model.staged:
             # fitted in the other form (before bfb435e): fitted again as this version fits, on
             # the measurements the cache keeps; a table in this form is read as it is
             model = fit_calibration(model, seen["kept"], seen["measured"])
@@ -628,7 +637,7 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
                 "predicted ratios within %.1f%% of measured ones (mean %.1f%%, %s)", len(luts),
                 len(result.calibration["measured"]), time.perf_counter() - started,
                 100 * result.fit_error[0], 100 * result.fit_error[1],
-                "a coefficient per stage" if len(result.coef) > 2 else "one table coefficient")
+                "a coefficient per stage" if result.per_stage else "one table coefficient")
     return result
 
 
@@ -691,7 +700,7 @@ def fit_calibration(model: LatencyModel, kept: Sequence[np.ndarray], measured: S
     forms = {name: np.array([model.features(k, by_stage) for k in kept])
              for name, by_stage in (("one", False), ("per_stage", True))}
     if by_stage is None:
-        by_stage = bool(model._stage.max() > 0)
+        by_stage = model.staged
     X = forms["per_stage" if by_stage else "one"]
     coef = _fit(X, y)
     errors = np.abs((1.0 - X @ coef) / y - 1.0)
@@ -718,7 +727,7 @@ def calibration_sparsities(model: LatencyModel, policies: int) -> list[np.ndarra
     n = len(table.units)
     sparsities = [np.full(n, s) for s in (0.2, 0.4, 0.6, 0.8)]
     sparsities += [rng.uniform(0.0, 0.8, n) for _ in range(max(0, policies - len(sparsities)))]
-    if model._stage.max() > 0:
+    if model.staged:
         for units in _stage_units(table, model._stage):
             for s in (0.5, 0.75):
                 sparsity = np.zeros(n)
