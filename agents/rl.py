@@ -132,6 +132,9 @@ class RLSearcher(Searcher):
         # then rules played again: (rule, fraction of the aim, requested sparsities, scale; None in
         # a state saved before replays had one)
         self.replays: list[tuple[str, float, np.ndarray, float | None]] = []
+        # the agent's own best episode to play again at its own measured ratio: (requested
+        # sparsities, scale, its trial's number), or None (:func:`best_own_replay`)
+        self.refill: tuple[np.ndarray, float, int] | None = None
         self.episodes = episodes
         self.episode_index = 0
         self.rng = np.random.default_rng(self.seed)
@@ -181,22 +184,36 @@ class RLSearcher(Searcher):
             self.model.train(gradient_steps=len(steps), batch_size=self.batch_size)
             agent = self._diagnostics()
         episode = Episode(np.asarray(requested), info["outcome"], rule=rule, agent=agent)
-        if self.episode_index == len(self.portfolio) - 1 and trial is not None:  # the last rule
-            from autoprune.agents.baselines import best_rule_replays
+        if trial is not None:
+            from autoprune.agents.baselines import best_own_replay, best_rule_replays
 
-            self.replays = best_rule_replays(env, trial.study, rule, episode,
-                                             room=self.episodes - len(trial.study.trials))
+            room = self.episodes - len(trial.study.trials)
+            if self.episode_index == len(self.portfolio) - 1:  # the last rule
+                self.replays = best_rule_replays(env, trial.study, rule, episode, room=room)
+            elif plan is None:  # the agent's own
+                own = best_own_replay(env, trial.study, episode, room)
+                if own is not None:
+                    self.refill = (episode.requested, own, trial.number)
         self.episode_index += 1
         return episode
 
     def _plan(self, trial: optuna.Trial | None) -> tuple[str | None, np.ndarray | None, float | None]:
         """The rule this episode plays, its requested sparsities and the scale the wall aims by
         for it, or ``(None, None, None)`` for the agent's own: the portfolio's rules first, then
-        the rules played again (:func:`~autoprune.agents.baselines.best_rule_replays`), marked in
-        ``trial`` as the samplers mark theirs."""
+        the rules played again (:func:`~autoprune.agents.baselines.best_rule_replays`), and after
+        an own episode that is the agent's best so far, that episode played again at its own ratio
+        (:func:`~autoprune.agents.baselines.best_own_replay`), marked in ``trial`` as the samplers
+        mark theirs."""
         i = self.episode_index - len(self.portfolio)
         if i < 0:
             return *self.portfolio[self.episode_index], None
+        if self.refill is not None:
+            plan, scale, of = self.refill
+            self.refill = None
+            if trial is not None:
+                trial.set_user_attr("replay_of", of)
+                trial.set_user_attr("scale", scale)
+            return None, plan, scale
         if i < len(self.replays):
             rule, fraction, plan, scale = self.replays[i]
             if trial is not None:
@@ -242,6 +259,8 @@ class RLSearcher(Searcher):
             "baseline": buf.baseline,
             "episode_index": self.episode_index,
             "replays": json.dumps([(r, f, [float(x) for x in p], c) for r, f, p, c in self.replays]),
+            "refill": json.dumps(None if self.refill is None else
+                                 ([float(x) for x in self.refill[0]], self.refill[1], self.refill[2])),
             "warmup": self.warmup,
             "study_uid": self.study_uid,
             "n_updates": int(self.model._n_updates),  # no public accessor (see module docstring)
@@ -280,6 +299,8 @@ class RLSearcher(Searcher):
         self.episode_index = payload["episode_index"]
         replays = json.loads(payload.get("replays", "[]"))  # saved before they had a scale: three fields
         self.replays = [(r[0], r[1], np.asarray(r[2]), r[3] if len(r) > 3 else None) for r in replays]
+        refill = json.loads(payload.get("refill", "null"))  # saved before own episodes were played again: none
+        self.refill = None if refill is None else (np.asarray(refill[0]), refill[1], refill[2])
         self.warmup = payload["warmup"]
         self.model._n_updates = payload["n_updates"]  # no public setter (see module docstring)
         self.rng.bit_generator.state = json.loads(payload["rng"])

@@ -55,9 +55,11 @@ class SamplerSearcher(Searcher):
         with env.aimed_by(trial.user_attrs.get("scale")):  # a rule played again at its own measured ratio
             episode = run_policy(env, [asked[space.leader[u]] for u in range(len(units))], stop=stop)
         rule = trial.user_attrs.get("rule")  # an enqueued rule of the portfolio
-        if rule is None:
-            return episode
         room = getattr(self, "episodes", 0) - len(trial.study.trials)
+        if rule is None:
+            if "replay_of" not in trial.user_attrs:
+                _replay_best_own(env, trial, episode, room)
+            return episode
         if not trial.user_attrs.get("replay") and room > 0:
             _replay_best_rule(env, trial, episode, room)  # where the search has episodes left for them
         return dataclasses.replace(episode, rule=rule)
@@ -78,6 +80,18 @@ def _replay_best_rule(env: LayerSparsityEnv, trial: optuna.Trial, episode: Episo
     for rule, fraction, policy, scale in best_rule_replays(env, study, trial.user_attrs["rule"], episode, room):
         study.enqueue_trial({param_name(units[u].name): float(policy[u]) for u in env.space.leaders},
                             user_attrs={"rule": rule, "replay": True, "aim": fraction, "scale": scale})
+
+
+def _replay_best_own(env: LayerSparsityEnv, trial: optuna.Trial, episode: Episode, room: int) -> None:
+    """Enqueue the sampler's own ``episode`` (``trial``'s) to play again, its parameters as they
+    were, with the wall aimed by its own measured ratio, where it is the best of the sampler's own
+    so far and that ratio would play it otherwise
+    (:func:`~autoprune.agents.baselines.best_own_replay`)."""
+    from autoprune.agents.baselines import best_own_replay
+
+    scale = best_own_replay(env, trial.study, episode, room)
+    if scale is not None:
+        trial.study.enqueue_trial(dict(trial.params), user_attrs={"replay_of": trial.number, "scale": scale})
 
 
 def _startup(env: LayerSparsityEnv) -> int:

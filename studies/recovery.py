@@ -91,9 +91,10 @@ def recover(study: optuna.Study, searcher: Searcher, state_dir: Path, quiet: boo
     return failed
 
 
-PLAYED_BY = ("rule", "replay", "aim", "scale")
+PLAYED_BY = ("rule", "replay", "aim", "scale", "replay_of")
 """An enqueued trial's attributes that say how it is played (a rule of the portfolio, played again
-at a fraction of the aim and with the wall aimed by that rule's own ratio): a retry carries them,
+at a fraction of the aim and with the wall aimed by that rule's own ratio; a searcher's own episode
+played again at its own ratio): a retry carries them,
 or the wall would cut the same parameters to other widths."""
 
 

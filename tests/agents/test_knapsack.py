@@ -286,3 +286,41 @@ def test_an_rl_search_stopped_among_its_replays_plays_the_rest_of_them_when_resu
     assert [a for a, _ in played] == [a for a, _ in whole]
     for (_, got), (_, want) in zip(played, whole):
         assert got == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("searcher", ["tpe", "ddpg"])
+def test_a_searcher_s_best_own_episode_is_played_again_aimed_by_its_own_measured_ratio(
+        tiny_task, fake_latency, tmp_path, searcher):
+    from autoprune.studies.runner import SearchConfig, run_search
+
+    env = _priced(tiny_task, lambda i: 1.0)
+    n_rules = len(portfolio(env))
+    # the rules measure as priced, the searcher's own episodes at 0.8 of their price
+    env = _priced(tiny_task, lambda i: 1.0 if i <= n_rules else 0.8)
+    study = run_search(env, SearchConfig(searcher=searcher, episodes=n_rules + 8, progress=False,
+                                         storage=f"sqlite:///{tmp_path}/s.db")).study
+    trials = study.trials
+    assert not [t for t in trials if t.user_attrs.get("replay")]  # no rule is played again
+    again = [t for t in trials if "replay_of" in t.user_attrs]
+    assert again
+    for t in again:
+        first = trials[t.user_attrs["replay_of"]]
+        assert t.number == first.number + 1  # played next
+        assert "rule" not in first.user_attrs and "replay_of" not in first.user_attrs  # the searcher's own
+        own_before = [o.user_attrs["reward"] for o in trials[:first.number]
+                      if "rule" not in o.user_attrs]
+        assert all(first.user_attrs["reward"] > r for r in own_before)  # its best so far
+        assert t.params == pytest.approx(first.params, abs=1e-6)  # what it asked for, as it was
+        ratios = first.user_attrs["ratios"]
+        assert t.user_attrs["scale"] == pytest.approx(ratios["latency"] / ratios["latency_predicted"])
+        assert t.user_attrs["scale"] == pytest.approx(0.8)
+        assert t.user_attrs["latency"]["scale"] == pytest.approx(0.8)  # how the wall aimed
+        # filled into the room its own ratio left: wider, and still within the budget
+        assert t.user_attrs["ratios"]["latency_predicted"] > ratios["latency_predicted"]
+        assert t.user_attrs["widths"] != first.user_attrs["widths"]
+        assert 0.8 * t.user_attrs["ratios"]["latency_predicted"] <= 0.7 + 1e-9 and t.user_attrs["within_budget"]
+    # an episode measured as priced leaves nothing to play again
+    exact = _priced(tiny_task, lambda i: 1.0)
+    same = run_search(exact, SearchConfig(searcher=searcher, episodes=n_rules + 4, progress=False,
+                                          storage=f"sqlite:///{tmp_path}/t.db")).study
+    assert not [t for t in same.trials if "replay_of" in t.user_attrs]
