@@ -405,7 +405,8 @@ class LayerSparsityEnv(gym.Env):
                     f"table predicts, so episodes may measure over the budget; --round-to auto (or a multiple "
                     f"of {self._block}) keeps to the blocks")
         widest = max(range(self.n_units), key=lambda u: self.table.units[u].size)
-        blocks = f" and multiples of its channel block ({self._block})" if self._block > 1 else ""
+        blocks = (f" and multiples of its channel block ({self._block}) or narrower than one block"
+                  if self._block > 1 else "")
         return (f"round_to auto: {sum(len(lv) for lv in levels)} widths over {self.n_units} units, those at which "
                 f"{c.latency_runtime} (batch {c.latency_batch}) runs faster than at the next wider one by the "
                 f"latency table{blocks}; {self.table.units[widest].name} may keep "

@@ -347,8 +347,9 @@ class LatencyModel(CostModel):
         calibration: what the fit saw, for inspection: each calibration policy's kept widths and
             measured ratio, and the leave-one-out mean error of each form of the fit (see
             :func:`fit_calibration`).
-        channel_block: :meth:`width_levels` keeps only multiples of it (the runtime's
-            :meth:`~autoprune.cost.runtimes.Runtime.channel_block`; 1: any width).
+        channel_block: :meth:`width_levels` keeps only multiples of it and widths narrower than
+            it (the runtime's :meth:`~autoprune.cost.runtimes.Runtime.channel_block`; 1: any
+            width).
     """
 
     table: UnitTable
@@ -453,7 +454,8 @@ class LatencyModel(CostModel):
 
     def width_levels(self, min_step: float = 0.02) -> tuple[tuple[tuple[int, None], ...], ...]:
         """Per unit, the widths the runtime rewards (``--round-to auto``): of the table's grid
-        widths that are multiples of :attr:`channel_block`, ascending, those at which the table
+        widths that are multiples of :attr:`channel_block` or narrower than one block, ascending,
+        those at which the table
         says the unit's layers run faster than at the next wider width kept, by more than
         ``min_step`` of what the unit saves at its narrowest width (a step below that is timing
         noise); always ending at the whole unit. A unit whose layers save nothing at any width
@@ -462,12 +464,18 @@ class LatencyModel(CostModel):
 
         The block is kept apart from the table because a cell is one layer between dense
         neighbours, where a width off the block costs one layout conversion; in the network such
-        a width also unfuses what follows it (a residual add), which no cell times."""
+        a width also unfuses what follows it (a residual add), which no cell times. A width
+        narrower than one block is kept all the same: a tensor that narrow has no blocked layout
+        to lose, and it buys time in the network. On an AVX-512 CPU (block 16) at batch 1,
+        ResNet-56 with every stage-1 inner conv at 4 of 16 measured 0.90 of dense, and with the
+        stage-2 inner convs at 8 of 32 as well and stage 3's at 48 of 64, 0.64 at 84.29 % on test,
+        where the searches on multiples of 16 alone reached 76-77 % at 0.69 (BENCHMARKS.md)."""
         out = []
         dense = self.table.sizes()
         for u, unit in enumerate(self.table.units):
             widths = sorted({w for w in (_width(unit.size, f) for f in self._grid)
-                             if w == unit.size or w % self.channel_block == 0}, reverse=True)
+                             if w == unit.size or w % self.channel_block == 0 or w < self.channel_block},
+                            reverse=True)
             saved = {}
             for w in widths:
                 kept = dense.copy()
@@ -515,7 +523,9 @@ def _cache_key(table: UnitTable, device: str, batch_size: int, threads: int, run
     # the width multiple shapes the calibration models (kept_all rounds), so it shapes the fit: a
     # table calibrated on widths in multiples of 16 under-predicts odd widths on ONNX Runtime
     key = (f"v5#{shape}#{units}#{table.input_shape}#{device}#{batch_size}#{threads}#{torch.__version__}"
-           f"#{runtime}#{version}#{list(grid)}#{table.multiple}" + (f"#auto#b{channel_block}" if auto_widths else ""))
+           f"#{runtime}#{version}#{list(grid)}#{table.multiple}")
+    if auto_widths:  # "sub": the widths narrower than one block are kept too (from 2026-12-07)
+        key += f"#auto#b{channel_block}#sub"
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -595,7 +605,8 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
         auto_widths: the model's table keeps only the widths at which the runtime gets faster
             (:meth:`LatencyModel.width_levels`, read from the layer timings before the fit), and
             the coefficients are fitted on policies of those widths.
-        channel_block: under ``auto_widths``, the widths kept are multiples of it (default: the
+        channel_block: under ``auto_widths``, the widths kept are multiples of it or narrower than
+            it (default: the
             runtime's :meth:`~autoprune.cost.runtimes.Runtime.channel_block` on ``device``).
     """
     get_runtime(runtime).check(device)

@@ -229,11 +229,12 @@ def test_auto_widths_are_those_the_table_says_are_faster_than_the_next_wider(tin
     assert again.table.levels == table.levels and staircase_latency["tables"] == ["onnxruntime"] * 2
 
 
-def test_auto_widths_are_multiples_of_the_runtime_s_channel_block(tiny_task, staircase_latency, tmp_path,
-                                                                    monkeypatch):
+def test_auto_widths_are_multiples_of_the_runtime_s_channel_block_or_narrower(tiny_task, staircase_latency,
+                                                                               tmp_path, monkeypatch):
     """ONNX Runtime's CPU kernels run a tensor whose channels are off their block in a slower
     layout, which the table's cells (one layer between dense neighbours) do not price: the auto
-    widths keep only multiples of the block, and each block has a table of its own."""
+    widths keep multiples of the block, and widths narrower than one block (which no width keeps
+    blocked), and each block has a table of its own."""
     from autoprune.cost.runtimes import OnnxRuntime
 
     monkeypatch.setattr(OnnxRuntime, "channel_block", lambda self, device: 8)
@@ -249,9 +250,9 @@ def test_auto_widths_are_multiples_of_the_runtime_s_channel_block(tiny_task, sta
     sizes = tiny_task.table.sizes()
     assert any(w % 8 for unit in any_width for w in unit)  # off-block widths the table rewards...
     for unit, size, free in zip(blocked, sizes, any_width):
-        assert unit[-1] == size and all(w % 8 == 0 for w in unit[:-1])  # ...are left out
-        assert set(unit) == {w for w in free if w % 8 == 0 or w == size}  # and nothing else is
-    assert blocked[0] == [8, 16]  # the stem: the quarters 4 and 12 are off the block
+        assert unit[-1] == size and all(w % 8 == 0 or w < 8 for w in unit[:-1])  # ...are left out
+        assert set(unit) == {w for w in free if w % 8 == 0 or w < 8 or w == size}  # and nothing else is
+    assert blocked[0] == [4, 8, 16]  # the stem: the quarter 12 is off the block, 4 under it
     assert levels() == blocked and staircase_latency["tables"] == ["onnxruntime"] * 2  # cached per block
     assert len(list((tmp_path / "latency").glob("*.json"))) == 2
 
