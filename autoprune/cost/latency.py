@@ -455,10 +455,9 @@ class LatencyModel(CostModel):
     def width_levels(self, min_step: float = 0.02) -> tuple[tuple[tuple[int, None], ...], ...]:
         """Per unit, the widths the runtime rewards (``--round-to auto``): of the table's grid
         widths that are multiples of :attr:`channel_block` or narrower than one block, ascending,
-        those at which the table
-        says the unit's layers run faster than at the next wider width kept, by more than
-        ``min_step`` of what the unit saves at its narrowest width (a step below that is timing
-        noise); always ending at the whole unit. A unit whose layers save nothing at any width
+        those at which the table says the unit's layers run faster than at the next wider width
+        kept, by more than ``min_step`` of what the unit saves at its narrowest width (a step below
+        that is timing noise); always ending at the whole unit. A unit whose layers save nothing at any width
         keeps only its whole width. In the form of :attr:`~autoprune.units.UnitTable.levels`, with
         no pattern.
 
@@ -606,8 +605,8 @@ def build_latency_model(table: UnitTable, dense: nn.Module, prune, device: str =
             (:meth:`LatencyModel.width_levels`, read from the layer timings before the fit), and
             the coefficients are fitted on policies of those widths.
         channel_block: under ``auto_widths``, the widths kept are multiples of it or narrower than
-            it (default: the
-            runtime's :meth:`~autoprune.cost.runtimes.Runtime.channel_block` on ``device``).
+            it (default: the runtime's :meth:`~autoprune.cost.runtimes.Runtime.channel_block` on
+            ``device``).
     """
     get_runtime(runtime).check(device)
     grid = tuple(float(f) for f in grid)
