@@ -324,3 +324,27 @@ def test_a_searcher_s_best_own_episode_is_played_again_aimed_by_its_own_measured
     same = run_search(exact, SearchConfig(searcher=searcher, episodes=n_rules + 4, progress=False,
                                           storage=f"sqlite:///{tmp_path}/t.db")).study
     assert not [t for t in same.trials if "replay_of" in t.user_attrs]
+
+
+def test_the_stage_knapsack_keeps_the_residual_stream_whole_and_each_stage_s_inner_convs_at_one_width(digits):
+    from autoprune.agents.baselines import PORTFOLIO
+    from autoprune.task import PruningTask, TaskConfig
+
+    task = PruningTask(TaskConfig(model="resnet20", dataset="digits", reconstruct="none"), splits=digits,
+                       progress=False)
+    env = LayerSparsityEnv(task, budget="0.5flops")
+    outcome = SEARCHERS.get("knapsack-stage")().episode(env, None).outcome
+    widths, names = np.asarray(outcome.widths), env.table.names
+    assert outcome.within_budget and outcome.cost >= 0.5 - 0.05
+    coupled = env.table.coupled()
+    assert np.array_equal(widths[coupled], env.table.sizes()[coupled])  # the residual stream whole
+    inner = {}
+    for name, width, c in zip(names, widths, coupled):
+        if not c:
+            inner.setdefault(name.split(".")[0], set()).add(int(width))
+    assert sorted(inner) == ["layer1", "layer2", "layer3"] and all(len(w) == 1 for w in inner.values()), inner
+    assert any(w < {"layer1": 16, "layer2": 32, "layer3": 64}[s] for s, (w,) in inner.items())
+    # where the search is over the stage space already, it is the knapsack
+    staged = LayerSparsityEnv(task, budget="0.5flops", ranges=("coupled=0",), share=("stage",))
+    assert np.allclose(SEARCHERS.get("knapsack-stage")().policy(staged), knapsack_policy(staged))
+    assert "knapsack-stage" in PORTFOLIO and "knapsack-stage" in [n for n, _ in portfolio(env)]
