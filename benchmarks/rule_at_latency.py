@@ -22,7 +22,12 @@ rule can run faster than the searched policy and be compared at a latency it did
 rule whose measured ratio is more than ``--tolerance`` off the searched one's is filled again to
 its predicted latency times their ratio, and everything is timed again, up to ``--steps`` times;
 the rows say where each rule ended. ``--match predicted`` stops after the first timing (how the
-rows before 2026-12-06 were made).
+rows before 2026-12-06 were made). A rule's knob can jump between unlike policies from one refill
+to the next (ResNet-56's ``knapsack-stage`` at batch 1, refilled towards a search's 0.683 of
+dense, ended at 62.68 % at 0.617, where filled to 0.657 it tests 84.71 %), so with ``--choose best-under`` (the default since 2026-12-07)
+each rule is compared at its best on test among the policies it was timed at that measured at or
+under the searched policy's latency (within ``--tolerance``); ``--choose last`` keeps the last
+refill's, as before.
 
 ``--pair-out FILE`` writes the searched row with the best proxy score and its rule twin as a
 ``search_quality``-shaped file, for ``finetune_recipe --quality FILE --which best,rule`` (the
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import numpy as np
 import torch
 
 from autoprune.agents.baselines import rule_policy
@@ -67,6 +73,9 @@ def main() -> None:
                     help="fill each rule until it measures as the searched policy does, or to its predicted latency")
     ap.add_argument("--tolerance", type=float, default=0.01, help="--match measured: relative, of the latency ratio")
     ap.add_argument("--steps", type=int, default=3, help="--match measured: refills at most")
+    ap.add_argument("--choose", choices=("best-under", "last"), default="best-under",
+                    help="--match measured: each rule's policy compared: its best on test of those timed at or "
+                         "under the searched policy's latency (within --tolerance), or the last refill's")
     args = ap.parse_args()
     found = read_results(args.against)
     if args.pair_from:
@@ -95,6 +104,14 @@ def main() -> None:
         env = aimed_at(target)
         return env.feasible_policy(rule_policy(env, rule))
 
+    tests: dict[tuple, float] = {}
+
+    def test_of(kept: tuple) -> float:
+        """Test accuracy of the model of widths ``kept`` (each scored once)."""
+        if kept not in tests:
+            tests[kept] = task.test_accuracy(task.pruned(list(kept))[0])
+        return tests[kept]
+
     def time_all(models: dict) -> dict[str, list[float]]:
         ratios = {name: [] for name in models}
         for _ in range(args.rounds):  # alternated, so drift moves every model alike
@@ -117,6 +134,9 @@ def main() -> None:
         models = {name: task.pruned(kept)[0] for name, kept in rule_kept.items()}
         models["searched"] = task.pruned(searched_kept)[0]
         ratios = time_all(models)
+        # every policy each rule was timed at, with its last median: a knob can jump between shapes
+        # from one refill to the next, so the last one is not always the rule at its best
+        tried = {name: {tuple(rule_kept[name]): statistics.median(ratios[name])} for name in rules}
         for _ in range(args.steps if args.match == "measured" else 0):
             searched = statistics.median(ratios["searched"])
             off = {name: searched / statistics.median(ratios[name]) for name in rules}
@@ -130,7 +150,17 @@ def main() -> None:
             if not moved:
                 break
             ratios = time_all(models)
-        each = {name: {"test": task.test_accuracy(models[name]), "predicted": price(kept),
+            for name in rules:
+                tried[name][tuple(rule_kept[name])] = statistics.median(ratios[name])
+        if args.choose == "best-under":  # each rule at its best among the policies timed at or under the search's
+            searched = statistics.median(ratios["searched"])
+            for name in rules:
+                under = [k for k, r in tried[name].items() if r <= searched * (1.0 + args.tolerance)]
+                best = max(under, key=test_of, default=None)
+                if best is not None and best != tuple(rule_kept[name]):
+                    rule_kept[name], models[name] = np.asarray(best, dtype=np.int64), task.pruned(list(best))[0]
+                    ratios[name] = [tried[name][best]]  # as it was timed
+        each = {name: {"test": test_of(tuple(kept)), "predicted": price(kept),
                        "target_predicted": targets[name], "flops": task.cost_ratios(kept)["flops"],
                        "latency": statistics.median(ratios[name]),
                        "widths": dict(zip(task.table.names, (int(k) for k in kept)))}
