@@ -22,12 +22,14 @@ rule can run faster than the searched policy and be compared at a latency it did
 rule whose measured ratio is more than ``--tolerance`` off the searched one's is filled again to
 its predicted latency times their ratio, and everything is timed again, up to ``--steps`` times;
 the rows say where each rule ended. ``--match predicted`` stops after the first timing (how the
-rows before 2026-12-06 were made). A rule's knob can jump between unlike policies from one refill
-to the next (ResNet-56's ``knapsack-stage`` at batch 1, refilled towards a search's 0.683 of
-dense, ended at 62.68 % at 0.617, where filled to 0.657 it tests 84.71 %), so with ``--choose best-under`` (the default since 2026-12-07)
-each rule is compared at its best on test among the policies it was timed at that measured at or
-under the searched policy's latency (within ``--tolerance``); ``--choose last`` keeps the last
-refill's, as before.
+rows before 2026-12-06 were made).
+
+A rule's knob can jump between unlike policies from one refill to the next (ResNet-56's
+``knapsack-stage`` at batch 1, refilled towards a search's 0.683 of dense, ended at 62.68 % at
+0.617, where filled to 0.657 it tests 84.71 %). So with ``--choose best-under`` (the default
+since 2026-12-07) each rule is compared at its best on test among the policies it was timed at
+that measured at or under the searched policy's latency (within ``--tolerance``); where none did,
+the last refill's stays. ``--choose last`` keeps the last refill's, as before.
 
 ``--pair-out FILE`` writes the searched row with the best proxy score and its rule twin as a
 ``search_quality``-shaped file, for ``finetune_recipe --quality FILE --which best,rule`` (the
