@@ -30,8 +30,7 @@ rule's policy is then widened into the slack the bisection left (:func:`filled`)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 import optuna
@@ -71,13 +70,14 @@ def _bisect(env: LayerSparsityEnv, policy_of: Callable[[float], np.ndarray], lo:
     return _playable(env, policy_of(hi))
 
 
-def _playable(env: LayerSparsityEnv, sparsity: np.ndarray) -> np.ndarray:
+def _playable(env: LayerSparsityEnv, sparsity: np.ndarray, space: SearchSpace | None = None) -> np.ndarray:
     """The policy as the env will play it: each unit's request moved to the middle of the width it
     keeps. Bisection ends just past a rounding step, where the float32 action the env takes can
     round the other way, to a width over budget that the wall then cuts from the last units."""
-    low, high = env.space.low, env.space.high
+    space = space or env.space
+    low, high = space.low, space.high
     asked = np.clip(sparsity, low, high)
-    kept = env.table.kept_all(asked[env.space.leader])
+    kept = env.table.kept_all(asked[space.leader])
     centre = np.array([env.table.achieved(u, int(k)) for u, k in enumerate(kept)])
     inside = (centre >= low) & (centre <= high) & (asked > 0)  # a unit left whole stays at 0
     return np.where(inside, centre, asked)
@@ -244,11 +244,11 @@ class ERK(Baseline):
         return _bisect(env, policy, -1e-9, 20.0, aim)
 
 
-def _width_steps(env: LayerSparsityEnv, u: int, kept: int) -> int | None:
+def _width_steps(env: LayerSparsityEnv, space: SearchSpace, u: int, kept: int) -> int | None:
     """Unit ``u``'s next narrower width from ``kept`` (its next level, else one width step of
     ``round_to``, or 2 % of a unit of single weights), or ``None`` at its floor."""
     table = env.table
-    floor = table.kept(u, env.space.high[u])
+    floor = table.kept(u, space.high[u])
     if table.levels is not None:
         lower = [k for k, _ in table.levels[u] if floor <= k < kept]
         return max(lower) if lower else None
@@ -259,9 +259,10 @@ def _width_steps(env: LayerSparsityEnv, u: int, kept: int) -> int | None:
     return nxt if nxt >= floor else None
 
 
-def knapsack_policy(env: LayerSparsityEnv, aim: float = 1.0) -> np.ndarray:
-    """The ``knapsack`` rule's sparsities (see module docstring)."""
-    table, space, n = env.table, env.space, env.n_units
+def knapsack_policy(env: LayerSparsityEnv, aim: float = 1.0, space: SearchSpace | None = None) -> np.ndarray:
+    """The ``knapsack`` rule's sparsities (see module docstring), its steps taken in ``space``
+    (default: ``env``'s; the per-unit policy it returns can be played in any space)."""
+    table, space, n = env.table, space or env.space, env.n_units
     lamp = lamp_scores(_element_scores(env, squared=True))
     ranks = env.task.ranks
     # the importance of removing the first k elements of each unit's removal order, for every k
@@ -273,7 +274,7 @@ def knapsack_policy(env: LayerSparsityEnv, aim: float = 1.0) -> np.ndarray:
     while any(o > t for o, t in zip(over, targets)):
         best, best_price, best_over = None, np.inf, over
         for lead, group in members.items():
-            nxt = _width_steps(env, lead, int(kept[lead]))
+            nxt = _width_steps(env, space, lead, int(kept[lead]))
             if nxt is None:
                 continue
             trial = kept.copy()
@@ -289,7 +290,7 @@ def knapsack_policy(env: LayerSparsityEnv, aim: float = 1.0) -> np.ndarray:
         if best is None:  # every unit at its floor: the wall takes it from here
             break
         kept, over = best, best_over
-    return _playable(env, np.array([table.achieved(u, int(k)) for u, k in enumerate(kept)]))
+    return _playable(env, np.array([table.achieved(u, int(k)) for u, k in enumerate(kept)]), space)
 
 
 @SEARCHERS.register("knapsack", help="greedy knapsack: the least LAMP importance per unit of budget cost saved")
@@ -307,17 +308,6 @@ def stage_space(env: LayerSparsityEnv) -> SearchSpace:
     c = env.config
     return SearchSpace.build(env.table, c.min_sparsity, c.max_sparsity, (f"{COUPLED}=0", *c.ranges),
                              (*c.share, "stage"))
-
-
-@contextmanager
-def _in_space(env: LayerSparsityEnv, space: SearchSpace) -> Iterator[None]:
-    """Compute a rule as if ``env`` searched ``space`` (what the rule returns is a per-unit policy
-    any space can play)."""
-    own, env.space = env.space, space
-    try:
-        yield
-    finally:
-        env.space = own
 
 
 @SEARCHERS.register("knapsack-stage",
@@ -338,8 +328,7 @@ class StageKnapsack(Baseline):
     name = "knapsack-stage"
 
     def policy(self, env, aim=1.0):
-        with _in_space(env, stage_space(env)):
-            return knapsack_policy(env, aim)
+        return knapsack_policy(env, aim, stage_space(env))
 
 
 # The one-shot rules every search starts from, in the order they are played. A latency search
