@@ -106,13 +106,22 @@ def main() -> None:
         env = aimed_at(target)
         return env.feasible_policy(rule_policy(env, rule))
 
-    tests: dict[tuple, float] = {}
+    built: dict[tuple[int, ...], torch.nn.Module] = {}
+    tests: dict[tuple[int, ...], float] = {}
 
-    def test_of(kept: tuple) -> float:
-        """Test accuracy of the model of widths ``kept`` (each scored once)."""
-        if kept not in tests:
-            tests[kept] = task.test_accuracy(task.pruned(list(kept))[0])
-        return tests[kept]
+    def model_of(kept) -> torch.nn.Module:
+        """The pruned model of widths ``kept``, built once (timed and scored as the same model)."""
+        key = tuple(int(k) for k in kept)
+        if key not in built:
+            built[key] = task.pruned(list(key))[0]
+        return built[key]
+
+    def test_of(kept) -> float:
+        """Test accuracy of the model of widths ``kept``, scored once."""
+        key = tuple(int(k) for k in kept)
+        if key not in tests:
+            tests[key] = task.test_accuracy(model_of(key))
+        return tests[key]
 
     def time_all(models: dict) -> dict[str, list[float]]:
         ratios = {name: [] for name in models}
@@ -133,7 +142,7 @@ def main() -> None:
         target = price(searched_kept)
         targets = dict.fromkeys(rules, target)
         rule_kept = {name: filled(name, target) for name in rules}
-        models = {name: task.pruned(kept)[0] for name, kept in rule_kept.items()}
+        models = {name: model_of(kept) for name, kept in rule_kept.items()}
         models["searched"] = task.pruned(searched_kept)[0]
         ratios = time_all(models)
         # every policy each rule was timed at, with its last median: a knob can jump between shapes
@@ -148,7 +157,7 @@ def main() -> None:
                     targets[name] *= off[name]
                     kept = filled(name, targets[name])
                     if not (kept == rule_kept[name]).all():
-                        rule_kept[name], models[name], moved = kept, task.pruned(kept)[0], True
+                        rule_kept[name], models[name], moved = kept, model_of(kept), True
             if not moved:
                 break
             ratios = time_all(models)
@@ -160,9 +169,9 @@ def main() -> None:
                 under = [k for k, r in tried[name].items() if r <= searched * (1.0 + args.tolerance)]
                 best = max(under, key=test_of, default=None)
                 if best is not None and best != tuple(rule_kept[name]):
-                    rule_kept[name], models[name] = np.asarray(best, dtype=np.int64), task.pruned(list(best))[0]
+                    rule_kept[name], models[name] = np.asarray(best, dtype=np.int64), model_of(best)
                     ratios[name] = [tried[name][best]]  # as it was timed
-        each = {name: {"test": test_of(tuple(kept)), "predicted": price(kept),
+        each = {name: {"test": test_of(kept), "predicted": price(kept),
                        "target_predicted": targets[name], "flops": task.cost_ratios(kept)["flops"],
                        "latency": statistics.median(ratios[name]),
                        "widths": dict(zip(task.table.names, (int(k) for k in kept)))}
