@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from autoprune.agents import SEARCHERS
@@ -98,7 +99,7 @@ def test_under_a_latency_margin_every_rule_is_bisected_to_the_wall_s_aim_not_cut
         rule = SEARCHERS.get(name)()
         at_aim = rule.policy(env, to_aim(env))
         assert np.array_equal(env.feasible_policy(at_aim), as_asked(at_aim))  # the wall lets it through
-        assert np.array_equal(played, filled(env, at_aim))  # and the portfolio plays it filled
+        assert np.array_equal(played, filled(env, at_aim, rule.space(env)))  # and the portfolio plays it filled
         assert env.wall.meets(env.feasible_policy(played))
         at_budget = rule.policy(env)
         cut += int(not np.array_equal(env.feasible_policy(at_budget), as_asked(at_budget)))
@@ -117,7 +118,8 @@ def test_a_rule_bisected_below_the_aim_is_filled_back_up_to_it_each_policy_once(
                            latency_margin=0.1, latency_correct=False)
     table, space, more = env.table, env.space, 0
     for name in LATENCY_PORTFOLIO:
-        at_aim = env.feasible_policy(filled(env, SEARCHERS.get(name)().policy(env, to_aim(env))))
+        rule = SEARCHERS.get(name)()
+        at_aim = env.feasible_policy(filled(env, rule.policy(env, to_aim(env)), rule.space(env)))
         variants = at_aims(env, name, besides=[at_aim])
         fractions = [f for f, _ in variants]
         assert fractions == [f for f in RULE_AIMS if f in fractions] and 1.0 not in fractions  # 1.0: played
@@ -189,7 +191,8 @@ def test_a_latency_search_plays_rules_again_aimed_by_their_own_measured_ratio(
         assert 0.9 * t.user_attrs["ratios"]["latency_predicted"] <= 0.7 / 1.5 + 1e-9
     # the best rule bisected to its own aim and filled, wider than its first play
     with env.aimed_by(0.9):
-        expected = filled(env, SEARCHERS.get(best.user_attrs["rule"])().policy(env, to_aim(env)))
+        rule = SEARCHERS.get(best.user_attrs["rule"])()
+        expected = filled(env, rule.policy(env, to_aim(env)), rule.space(env))
     names = [param_name(env.table.units[u].name) for u in env.space.leaders]
     assert [mine[0].params[n] for n in names] == pytest.approx([expected[u] for u in env.space.leaders], abs=1e-5)
     assert mine[0].user_attrs["ratios"]["latency_predicted"] > best.user_attrs["ratios"]["latency_predicted"]
@@ -234,6 +237,61 @@ def test_a_rule_priced_dear_is_filled_and_a_rule_over_the_budget_cut_each_by_its
     later = [t for t in trials if t.number > replays[-1].number]
     assert later and all(t.user_attrs["latency"]["scale"] == 1.0 for t in later)
     assert env.wall.scale == 1.0 and env.wall.aim == pytest.approx(0.7)
+
+
+def test_the_best_rule_is_played_again_by_its_own_ratio_where_the_room_it_leaves_is_under_the_tolerance(
+        tiny_task, fake_latency, tmp_path):
+    from autoprune.agents.baselines import RULE_AIMS, own_scale
+    from autoprune.studies.runner import SearchConfig, run_search
+
+    # every episode measures 0.5 % under its price: within the tolerance, no rule ran over
+    env = _priced(tiny_task, lambda i: 0.995, margin=0.0)
+    n_rules = len(portfolio(env))
+    study = run_search(env, SearchConfig(searcher="tpe", episodes=n_rules + len(RULE_AIMS) + 1, progress=False,
+                                         storage=f"sqlite:///{tmp_path}/s.db")).study
+    rules = study.trials[:n_rules]
+    best = max(rules, key=lambda t: t.user_attrs["reward"])
+    room = {t.user_attrs["rule"]: own_scale(env, t.user_attrs["widths"], t.user_attrs["ratios"]["latency"])
+            for t in rules}  # where a rule other than the best is played again
+    assert room[best.user_attrs["rule"]] is None, room  # the best leaves less room than the tolerance
+    replays = [t for t in study.trials if t.user_attrs.get("replay")]
+    assert replays and replays[0].user_attrs["rule"] == best.user_attrs["rule"]  # yet it is played again
+    assert {t.user_attrs["rule"] for t in replays} <= {best.user_attrs["rule"]} | {r for r in room if room[r]}
+    assert all(t.user_attrs["scale"] == pytest.approx(0.995) for t in replays)
+    widths = {tuple(t.user_attrs["widths"]) for t in replays}
+    assert len(widths) == len(replays) and tuple(best.user_attrs["widths"]) not in widths
+
+
+def test_the_stage_knapsack_is_widened_a_stage_at_a_time_before_a_conv_at_a_time(digits, staircase_latency):
+    from autoprune.agents.baselines import filled, rule_policy, stage_space, to_aim
+    from autoprune.model.zoo import ModelSpec, build_model
+    from autoprune.task import PruningTask, TaskConfig
+
+    torch.manual_seed(0)  # where widths go does not need a trained model
+    dense = build_model("resnet20", ModelSpec(10, 1, 8))
+    task = PruningTask(TaskConfig(model="resnet20", dataset="digits", reconstruct="none", round_to="auto"),
+                       splits=digits, dense=dense, progress=False)
+    rule, spread = SEARCHERS.get("knapsack-stage")(), []
+
+    def widths_per_stage(kept, stages):  # how many widths each stage's inner convs end at
+        return sum(len({int(kept[u]) for u in group}) for group in stages.groups.values() if len(group) > 1)
+
+    for budget in ("0.5latency", "0.6latency", "0.7latency"):
+        env = LayerSparsityEnv(task, budget=budget, latency_runtime="onnxruntime", latency_margin=0.0,
+                               latency_correct=False)
+        stages = stage_space(env)
+        assert rule.space(env).groups == stages.groups
+        for fraction in (1.0, 0.94, 0.88):  # bisected below the aim, as a search plays the best rule again
+            request = rule.policy(env, fraction * to_aim(env))
+            by_stage = env.feasible_policy(filled(env, request, stages))
+            by_conv = env.feasible_policy(filled(env, request))
+            assert env.wall.meets(by_stage) and env.wall.meets(by_conv)
+            assert np.array_equal(by_stage, env.feasible_policy(rule_policy(env, rule, fraction)))  # as played
+            whole = env.wall.fill(env.feasible_policy(request), stages.groups)  # whole stages alone
+            assert np.all(by_stage >= whole)
+            spread.append((widths_per_stage(by_stage, stages), widths_per_stage(by_conv, stages),
+                           not np.array_equal(whole, env.feasible_policy(request))))
+    assert all(s <= c for s, c, _ in spread) and any(s < c and stepped for s, c, stepped in spread), spread
 
 
 def test_a_wall_aimed_by_one_policy_s_ratio_aims_again_by_every_episode_after_it(tiny_task, fake_latency):
