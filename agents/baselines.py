@@ -178,11 +178,11 @@ def filled(env: LayerSparsityEnv, sparsity: np.ndarray, space: SearchSpace | Non
     returned as they are.
 
     A rule whose steps are taken in another ``space`` (``knapsack-stage``: a stage's inner convs
-    at a time) is widened in that space first, whole groups, then unit by unit in the search's:
-    ResNet-56 at 0.7 of dense latency (ONNX Runtime, batch 1), played again at its own measured
-    ratio, the stage knapsack's (4, 16, 32) widened a stage at a time to (4, 16, 48), 87.18 % on
-    test at 0.675, where widened a conv at a time it stopped at stage 3's inner convs at 32 and
-    48 (BENCHMARKS.md)."""
+    at a time) is widened in that space first, whole groups, then unit by unit in the search's.
+    ResNet-56 at 0.7 of dense latency (ONNX Runtime, batch 1), the stage knapsack played again at
+    its own measured ratio: its stage inner convs at (4, 16, 32), widened a stage at a time to
+    (4, 16, 48), tested 87.18 % at 0.679 of dense; widened a conv at a time it had stopped at
+    stage 3's inner convs at 32 and 48, 84.71-85.03 % at 0.66-0.69 (BENCHMARKS.md)."""
     if env.budget.metric != "latency":
         return sparsity
     kept = env.feasible_policy(sparsity)
@@ -406,9 +406,10 @@ def best_rule_replays(env: LayerSparsityEnv, study: optuna.Study, rule: str, epi
     aim, where its first play ran over the budget (beyond :data:`LATENCY_TOLERANCE`) or its own
     ratio would fill it by more than that (:func:`own_scale`). The best rule's knob moves it in
     steps that room under the tolerance can still hold: ResNet-56's ``knapsack-stage`` at 0.7 of
-    dense (ONNX Runtime, batch 1) measured 0.664 for 0.690 predicted, 2.9 % under the aim; aimed
-    by that ratio (0.962) and bisected to 0.97 of the aim it kept stage 3's inner convs at 48,
-    not 32 (BENCHMARKS.md). One scale for every policy, the median of the episodes', cannot
+    dense (ONNX Runtime, batch 1) once measured 0.664 for 0.690 predicted, 2.9 % under the aim,
+    and was not played again; aimed by that ratio (0.962), bisected to 0.97 of the aim and
+    widened a stage at a time it keeps stage 3's inner convs at 48, not 32 (the policy that
+    tested 87.18 %, BENCHMARKS.md). One scale for every policy, the median of the episodes', cannot
     price them all: ResNet-56's batch-1 table on ONNX Runtime's channel block priced the
     ``uncoupled`` rule's first play at 0.573 of dense and it measured 0.516, while ``uniform``
     measured 0.588 for 0.574; aimed by their median, ``uniform`` played again measured 0.641 (over
