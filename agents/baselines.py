@@ -344,7 +344,7 @@ class StageKnapsack(Baseline):
     name = "knapsack-stage"
 
     def policy(self, env, aim=1.0):
-        return knapsack_policy(env, aim, stage_space(env))
+        return knapsack_policy(env, aim, self.space(env))
 
     def space(self, env):
         return stage_space(env)
