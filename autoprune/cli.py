@@ -582,6 +582,9 @@ def _search_command(sub) -> None:
     p.add_argument("--no-latency-fill", dest="latency_fill", action="store_false",
                    help="play each policy as the action wall leaves it; by default a latency budget's policy "
                         "is widened into what it leaves below the wall's aim")
+    p.add_argument("--no-latency-retry", dest="latency_retry", action="store_false",
+                   help="keep an episode that measures over its latency budget as it ran; by default it is "
+                        "played once more with the wall aimed by its own measured over predicted latency")
     s = p.add_argument_group("study")
     _storage_arg(s)
     s.add_argument("--study-name", default=None, help="default: <model>-<dataset>-<budget>-<searcher>")

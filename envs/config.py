@@ -58,6 +58,11 @@ class EnvConfig(Record):
         latency_fill: under a latency budget, widen each episode's finished policy into what it
             leaves below the wall's aim (:meth:`~autoprune.envs.wall.ActionWall.fill`); studies
             made before it existed played policies as the wall left them.
+        latency_retry: under a latency budget, an episode whose measured latency runs over the
+            budget beyond its tolerance is played once more, its requested sparsities as they
+            were, with the wall aimed by that episode's own measured over predicted latency; the
+            trial records the second play (and the first's figures under ``latency.over``).
+            Studies made before it existed kept the first play.
         latency_pairs: alternated dense/pruned runs behind each episode's measured latency; more
             pairs cost time and cut the noise of the median (about 1 % sd at 30 on a shared CPU).
         width_grid: under the task's ``round_to="auto"``, the widths the env read from the
@@ -84,6 +89,7 @@ class EnvConfig(Record):
     latency_refit: bool = spec(False, legacy=False)
     latency_adapt: bool = spec(False, legacy=False)
     latency_fill: bool = spec(True, legacy=False)
+    latency_retry: bool = spec(True, legacy=False)
     latency_pairs: int = spec(30, legacy=30)
     width_grid: str | None = spec(None, identity=True, legacy=None)
 

@@ -40,7 +40,7 @@ from gymnasium import spaces
 from autoprune.cost.budget import Budget
 from autoprune.cost.flops import COST_MODELS, CostModel, closed_form
 from autoprune.cost.runtimes import get_runtime
-from autoprune.envs.budget_check import BORDERLINE, LATENCY_TOLERANCE, MORE_PAIRS, extra_pairs, within_budget
+from autoprune.envs.budget_check import LATENCY_TOLERANCE, MORE_PAIRS, extra_pairs, within_budget
 from autoprune.envs.config import EnvConfig
 from autoprune.envs.outcome import EpisodeOutcome
 from autoprune.envs.rewards import REWARDS, Outcome
@@ -226,6 +226,8 @@ class LayerSparsityEnv(gym.Env):
             self._t = t + 1
             return self._obs(), 0.0, False, False, info
         outcome = self.finish(self._kept, self._stop)
+        if self.config.latency_retry:
+            outcome = self._played_again(outcome)
         info.update(outcome.info())
         self.episodes += 1
         return self._obs(), outcome.reward, True, False, info
@@ -273,6 +275,33 @@ class LayerSparsityEnv(gym.Env):
         if not outcome.stopped:
             self._scored[tuple(outcome.widths)] = outcome
         return outcome
+
+    def _played_again(self, first: EpisodeOutcome) -> EpisodeOutcome:
+        """``first``, or where its measured latency ran over the budget beyond the tolerance, the
+        episode's requested sparsities played once more with the wall aimed by ``first``'s own
+        measured over predicted latency (:meth:`aimed_by`; ``latency_retry``), the first play's
+        figures under ``latency["over"]``.
+
+        The table prices a search's odd policies worst: on ResNet-56 at 0.7 of dense (ONNX
+        Runtime, batch 1) DDPG's own episodes measured up to 14 % over the table's figure, and 12
+        of 120 ran over the budget beyond the tolerance, lost to the search (BENCHMARKS.md).
+        Played again, such an episode keeps what the agent asked for, cut to fit as it measures."""
+        measured = first.ratios.get("latency")
+        if measured is None or first.stopped or within_budget(measured, self.budget):
+            return first
+        scale = measured / first.ratios["latency_predicted"]
+        with self.aimed_by(scale):
+            kept = self.feasible_policy(self._requested)
+            if self.config.latency_fill:
+                kept = self.wall.fill(kept, self.space.groups)
+        if np.array_equal(kept, first.widths):  # at the narrowest widths the wall allows already
+            return first
+        self._kept = kept
+        second = self.finish(kept, self._stop)
+        over = {"latency": measured, "latency_predicted": first.ratios["latency_predicted"],
+                "widths": list(first.widths), "accuracy": first.accuracy, "scale": scale}
+        return dataclasses.replace(second, latency=dict(second.latency or {}, over=over),
+                                   eval_seconds=first.eval_seconds + second.eval_seconds)
 
     def forget_scores(self) -> None:
         """Score every policy afresh from here on (:meth:`finish` reuses the outcome of widths
@@ -418,9 +447,8 @@ class LayerSparsityEnv(gym.Env):
             return None
         worst, mean = self.cost.fit_error
         c = self.config
-        how = (f"measured again with {MORE_PAIRS} more pairs where the first {c.latency_pairs} put it at "
-               f"{BORDERLINE[0]:g}-{BORDERLINE[1]:g}x the budget" if c.latency_remeasure
-               else f"measured once with {c.latency_pairs} pairs")
+        how = (f"measured again with {MORE_PAIRS} more pairs where the first {c.latency_pairs} put it over the budget"
+               if c.latency_remeasure else f"measured once with {c.latency_pairs} pairs")
         return (f"latency budget {self.budget}: the action wall aims at {self.wall.aim:.4f} as the latency "
                 f"table predicts it, a margin of {c.latency_margin:.1%} (the table's fit error: mean {mean:.1%}, "
                 f"max {worst:.1%}); each episode's latency is {how}, and is within budget up to "
@@ -433,4 +461,6 @@ class LayerSparsityEnv(gym.Env):
                    "measured over predicted latency they ran)" if c.latency_correct else "")
                 + (f", from the {ADAPT_AFTER}th with how far over it 9 in 10 of them run as its margin"
                    if c.latency_correct and c.latency_adapt else "")
-                + ("; each policy is widened into what it leaves below the aim" if c.latency_fill else ""))
+                + ("; each policy is widened into what it leaves below the aim" if c.latency_fill else "")
+                + ("; an episode that still measures over the budget beyond that is played once more, aimed by "
+                   "its own measured over predicted latency" if c.latency_retry else ""))

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,6 +205,21 @@ def say_notes(env: LayerSparsityEnv, config: SearchConfig) -> None:
             log.warning("note: %s", note)
 
 
+def timed(attrs: Iterable[dict]) -> Iterator[tuple[float, float, list | None]]:
+    """``(predicted, measured, widths)`` of every timing a study's trials (their user attributes)
+    hold, in order: a played-again episode's first play too (``latency.over``); not a repeat's,
+    which was not timed and aimed nothing."""
+    for a in attrs:
+        if a.get("repeat"):
+            continue
+        over = (a.get("latency") or {}).get("over")
+        if over is not None:
+            yield over["latency_predicted"], over["latency"], over["widths"]
+        ratios = a.get("ratios", {})
+        if {"latency", "latency_predicted"} <= ratios.keys():
+            yield ratios["latency_predicted"], ratios["latency"], a.get("widths")
+
+
 def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> SearchResult:
     storage = storage or open_storage(config.storage)
     study = open_study(env, searcher, config, name, storage)
@@ -213,10 +229,7 @@ def _run(env, config, searcher, name, episodes, quota, storage, exclusive) -> Se
     searcher.setup(env, study, episodes)
     recover(study, searcher, state_dir, quiet=not config.progress, exclusive=exclusive, storage=storage)
     if env.budget.metric == "latency":  # a resumed study's measurements aim the wall as they did
-        attrs = [t.user_attrs for t in completed(study)]
-        env.replay_latency((a["ratios"]["latency_predicted"], a["ratios"]["latency"], a.get("widths"))
-                           for a in attrs if {"latency", "latency_predicted"} <= a.get("ratios", {}).keys()
-                           and not a.get("repeat"))  # a repeat was not timed: it aimed nothing
+        env.replay_latency(timed(t.user_attrs for t in completed(study)))
     done, _ = trial_counts(study)
     todo = max(0, episodes - done) if quota is None else min(quota, max(0, episodes - done))
     progress = Progress(config, name, episodes, done, env.task.config.proxy)

@@ -138,11 +138,12 @@ def test_a_rule_bisected_below_the_aim_is_filled_back_up_to_it_each_policy_once(
     assert at_aims(LayerSparsityEnv(tiny_task, budget="0.5flops"), "uniform") == []  # nothing to fill
 
 
-def _priced(tiny_task, factors, margin=0.5):
+def _priced(tiny_task, factors, margin=0.5, retry=False):
     """A latency env whose wall keeps its first aim (no median scale) and whose ``i``-th measured
-    episode measures ``factors(i)`` times what the table predicts."""
+    episode measures ``factors(i)`` times what the table predicts; an episode over the budget is
+    played again only with ``retry`` (the rules' own replays are what these tests are about)."""
     env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=margin,
-                           latency_correct=False)
+                           latency_correct=False, latency_retry=retry)
     calls = []
 
     def measure(model):
@@ -237,6 +238,26 @@ def test_a_rule_priced_dear_is_filled_and_a_rule_over_the_budget_cut_each_by_its
     later = [t for t in trials if t.number > replays[-1].number]
     assert later and all(t.user_attrs["latency"]["scale"] == 1.0 for t in later)
     assert env.wall.scale == 1.0 and env.wall.aim == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("searcher", ["tpe", "ddpg"])
+def test_every_episode_of_a_search_priced_cheap_is_within_its_budget_and_a_resume_aims_by_both_plays(
+        tiny_task, fake_latency, tmp_path, searcher):
+    from autoprune.studies.runner import SearchConfig, run_search, timed
+
+    env = _priced(tiny_task, lambda i: 1.25, margin=0.05, retry=True)  # every policy 25 % over its price
+    config = SearchConfig(searcher=searcher, episodes=len(portfolio(env)) + 3, progress=False,
+                          storage=f"sqlite:///{tmp_path}/s.db")
+    trials = run_search(env, config).study.trials
+    assert all(t.state == TrialState.COMPLETE and t.user_attrs["within_budget"] for t in trials)
+    overs = [t.user_attrs["latency"]["over"] for t in trials if "over" in t.user_attrs["latency"]]
+    assert overs and all(o["latency"] > 0.7 * 1.03 and o["scale"] == pytest.approx(1.25) for o in overs)
+    # a resumed study aims by every timing its trials hold, a first play over the budget included
+    attrs = [t.user_attrs for t in trials]
+    assert len(list(timed(attrs))) == len(trials) + len(overs)
+    errors = list(env._latency_errors)
+    env.replay_latency(timed(attrs))
+    assert env._latency_errors == pytest.approx(errors) and len(errors) == len(trials) + len(overs)
 
 
 def test_the_best_rule_is_played_again_by_its_own_ratio_where_the_room_it_leaves_is_under_the_tolerance(

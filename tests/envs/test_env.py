@@ -303,14 +303,16 @@ def test_a_margin_that_would_leave_the_budget_out_of_reach_shrinks(tiny_task, fa
 @pytest.mark.parametrize("first,then,remeasure,pairs,ratio,within", [
     (1.05, (0.98, 1.01), True, 90, 1.01, True),  # borderline: 60 more pairs, pooled with the first 30
     (0.99, None, True, 30, 0.99, True),  # under the budget: nothing could flip the verdict
-    (1.10, None, True, 30, 1.10, False),  # far over: nor here
+    (1.10, (1.10, 1.12), True, 90, 1.10, False),  # far over, and so it stays
+    (1.10, (0.99, 1.00), True, 90, 1.00, True),  # far over under a burst of load that has passed
     (1.05, None, False, 30, 1.05, False),  # re-measuring turned off
 ])
-def test_a_borderline_latency_is_measured_again_and_pooled(tiny_task, fake_latency, monkeypatch, first, then,
-                                                           remeasure, pairs, ratio, within):
+def test_a_latency_over_the_budget_is_measured_again_and_pooled(tiny_task, fake_latency, monkeypatch, first, then,
+                                                               remeasure, pairs, ratio, within):
     from autoprune.cost import latency
 
-    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_remeasure=remeasure)
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_remeasure=remeasure,
+                           latency_retry=False)
     sessions = []
 
     def time_pairs(run_base, run_other, device, n, warmup):  # per-pair ratios we choose, x the budget
@@ -325,6 +327,42 @@ def test_a_borderline_latency_is_measured_again_and_pooled(tiny_task, fake_laten
     assert last["latency"]["pairs"] == pairs and last["ratios"]["latency"] == pytest.approx(0.7 * ratio)
     assert last["latency"].get("first") == (pytest.approx(0.7 * first) if pairs == 90 else None)
     assert last["within_budget"] is within
+
+
+def _measured_as(env, factor):
+    """Every policy ``env`` plays measures ``factor`` times what its table predicts; returns the
+    measured ratios, in order."""
+    measured = []
+
+    def measure(model):
+        measured.append(factor * env.cost.ratio(env._kept))
+        return measured[-1], {"pairs": 30, "margin": env.wall.margin}
+
+    env.measure_latency = measure
+    return measured
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_an_episode_that_measures_over_its_latency_budget_is_played_again_narrower(tiny_task, fake_latency, retry):
+    env = LayerSparsityEnv(tiny_task, budget="0.7latency", max_sparsity=0.9, latency_margin=0.05,
+                           latency_correct=False, latency_retry=retry)
+    measured = _measured_as(env, 1.25)  # the table prices what this search plays 25 % cheap
+    aim = env.wall.aim
+    _, infos = rollout(env, actions=[np.array([-1.0])] * env.n_units)  # as little pruning as the wall allows
+    last = infos[-1]
+    if not retry:
+        assert len(measured) == 1 and last["ratios"]["latency"] == measured[0] > 0.7 * 1.03
+        assert not last["within_budget"] and "over" not in last["latency"]
+        return
+    over = last["latency"]["over"]
+    assert len(measured) == 2 and over["latency"] == measured[0] > 0.7 * 1.03 and over["scale"] == pytest.approx(1.25)
+    # played again aimed by its own ratio: narrower, under the aim as measured, within the budget
+    assert last["ratios"]["latency"] == measured[1] <= 0.7 / 1.05 + 1e-9 and last["within_budget"]
+    first, again = np.array(over["widths"]), np.array(last["widths"])
+    assert (again <= first).all() and (again < first).any()
+    assert over["latency_predicted"] == pytest.approx(env.cost.ratio(first))
+    assert [i["requested"] for i in infos] == [0.0] * env.n_units  # what was asked is what was asked
+    assert env.wall.aim == aim and env._latency_errors == pytest.approx([1.25, 1.25])  # both timings count
 
 
 def test_the_dense_model_is_prepared_once_for_all_episodes(tiny_task, fake_latency):

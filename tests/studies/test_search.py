@@ -218,8 +218,8 @@ def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_re
     assert f"a margin of {env.config.latency_margin:.1%}" in said and env.config.latency_margin > 0
     spec = StudyRecord.of(new.study).search.env
     assert (spec.latency_margin, spec.latency_remeasure, spec.latency_correct, spec.latency_adapt,
-            spec.latency_fill, spec.latency_refit) == (pytest.approx(env.config.latency_margin), True, True, False,
-                                                       True, False)
+            spec.latency_fill, spec.latency_refit, spec.latency_retry) == (
+        pytest.approx(env.config.latency_margin), True, True, False, True, False, True)
     for t in new.study.trials:  # each episode: how its latency was measured, and aimed at
         assert t.user_attrs["latency"]["pairs"] in (30, 90)
         assert t.user_attrs["latency"]["margin"] == pytest.approx(env.config.latency_margin)
@@ -227,14 +227,16 @@ def test_a_latency_study_records_its_margin_and_one_made_before_margins_still_re
     old = optuna.create_study(storage=storage, study_name="old", directions=new.study.directions)
     for key, value in new.study.user_attrs.items():
         if key not in ("search.latency_margin", "search.latency_remeasure", "search.latency_correct",
-                       "search.latency_adapt", "search.latency_fill", "search.latency_refit"):
+                       "search.latency_adapt", "search.latency_fill", "search.latency_refit",
+                       "search.latency_retry"):
             old.set_user_attr(key, value)
     for t in new.study.trials:
         old.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, values=t.values,
                                                 user_attrs={k: v for k, v in t.user_attrs.items() if k != "latency"}))
     spec = StudyRecord.of(old).search.env  # it aimed at the budget, by the table, measured once, did not fill
     assert (spec.latency_margin, spec.latency_remeasure, spec.latency_correct, spec.latency_adapt,
-            spec.latency_fill, spec.latency_refit) == (0.0, False, False, False, False, False)
+            spec.latency_fill, spec.latency_refit, spec.latency_retry) == (0.0, False, False, False, False, False,
+                                                                          False)
     resumed = _run(env, tmp_path, "random", episodes=4, study_name="old", resume=True)
     assert resumed.new_trials == 2 and len(resumed.study.trials) == 4 and resumed.best is not None
     assert ["latency" in t.user_attrs for t in resumed.study.trials] == [False, False, True, True]
