@@ -481,7 +481,7 @@ def best_own_replay(env: LayerSparsityEnv, study: optuna.Study, episode: Episode
     if scale is None:
         return None
     with env.aimed_by(scale):  # what the episode's steps would keep, and the fill after them
-        again = env.wall.fill(env.feasible_policy(episode.requested), env.space.groups)
+        again = env.episode_widths(episode.requested)
     return None if np.array_equal(again, o.widths) else scale
 
 

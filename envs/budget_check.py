@@ -4,8 +4,8 @@ FLOPs and params have a closed form and the wall meets them exactly. Latency is 
 median of per-pair ratios over alternated runs of the dense and the pruned model (an episode's
 first measurement takes :attr:`~autoprune.envs.EnvConfig.latency_pairs`, 30 by default), whose
 noise is about 1 % (sd) for 30 pairs on a shared CPU. So an episode counts as within a latency
-budget up to :data:`LATENCY_TOLERANCE` over it, and a measurement close enough to that line for the noise
-to put it on the wrong side is measured again with more pairs, pooled with the first.
+budget up to :data:`LATENCY_TOLERANCE` over it, and a measurement over the budget, where noise may
+put it on the wrong side of that line, is measured again with more pairs, pooled with the first.
 
 Every measurement over the budget is measured again (:data:`BORDERLINE`): below the budget the
 verdict (within) cannot flip by noise, and most episodes land there, since the wall aims under the
@@ -31,7 +31,7 @@ docstring); before ``latency_retry`` only those up to 6 % over were, where one m
 was taken not to bring an episode back."""
 
 MORE_PAIRS = 60
-"""Pairs added to a borderline measurement."""
+"""Pairs added to a measurement over the budget."""
 
 
 def within_budget(ratio: float, budget: Budget) -> bool:

@@ -218,7 +218,7 @@ class LayerSparsityEnv(gym.Env):
         self._requested[t] = self.action_to_sparsity(action) if lead == t else self._requested[lead]
         decision = self.wall.decide(self._kept, t, self._requested[t])
         self._kept[t] = decision.kept
-        if t + 1 == self.n_units and self.config.latency_fill and self.budget.metric == "latency":
+        if t + 1 == self.n_units and self._fills:
             self._kept = self.wall.fill(self._kept, self.space.groups)
         info = {"unit": self.table.units[t].name, "step": t, "requested": decision.requested,
                 "sparsity": decision.achieved, "kept": decision.kept, "clipped": decision.clipped}
@@ -291,9 +291,7 @@ class LayerSparsityEnv(gym.Env):
             return first
         scale = measured / first.ratios["latency_predicted"]
         with self.aimed_by(scale):
-            kept = self.feasible_policy(self._requested)
-            if self.config.latency_fill:
-                kept = self.wall.fill(kept, self.space.groups)
+            kept = self.episode_widths(self._requested)
         if np.array_equal(kept, first.widths):  # at the narrowest widths the wall allows already
             return first
         self._kept = kept
@@ -421,6 +419,17 @@ class LayerSparsityEnv(gym.Env):
         for t in range(self.n_units):
             kept[t] = self.wall.decide(kept, t, float(sparsity[self.space.leader[t]])).kept
         return kept
+
+    @property
+    def _fills(self) -> bool:
+        """Whether a finished episode is widened into the slack below the wall's aim."""
+        return self.config.latency_fill and self.budget.metric == "latency"
+
+    def episode_widths(self, sparsity) -> np.ndarray:
+        """The widths an episode that requests ``sparsity`` (per unit) ends at, as the wall aims
+        now: its steps (:meth:`feasible_policy`), then the fill where the env fills."""
+        kept = self.feasible_policy(sparsity)
+        return self.wall.fill(kept, self.space.groups) if self._fills else kept
 
     def width_note(self) -> str | None:
         """Which widths ``round_to="auto"`` plays, in one line; for explicit multiples under a
